@@ -1,0 +1,54 @@
+"""User-facing failures: one exception type carrying an exit code.
+
+Every error a user can cause or fix (bad input, an unreachable store, a refused mount) is raised
+as a `WsfsError` subclass with a one-sentence message that says what to do; `wsfs.cli` prints the
+message and exits with `exit_code`. The exit codes are part of the interface (docs/exit-codes.md).
+"""
+
+
+class WsfsError(Exception):
+    """A failure the user can act on; the message is one sentence with the fix."""
+
+    exit_code = 1
+
+
+class UsageError(WsfsError):
+    """Malformed arguments, options, sizes or URLs."""
+
+    exit_code = 2
+
+
+class StoreError(WsfsError):
+    """The object store cannot be reached, authenticated against, or used."""
+
+    exit_code = 3
+
+
+class NoWorkspaceError(WsfsError):
+    """The store holds no workspace, or its marker file is missing or unreadable."""
+
+    exit_code = 4
+
+
+class LeaseError(WsfsError):
+    """Another writer holds the workspace."""
+
+    exit_code = 5
+
+
+class MountError(WsfsError):
+    """The mountpoint or cache directory cannot be used, or the kernel refused the mount."""
+
+    exit_code = 6
+
+
+class FlushError(WsfsError):
+    """Dirty data could not be uploaded before the deadline; it stays in the cache dir."""
+
+    exit_code = 7
+
+
+class FormatError(WsfsError):
+    """The store was written by an incompatible (newer) wsfs format."""
+
+    exit_code = 8

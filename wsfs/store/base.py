@@ -1,0 +1,50 @@
+"""The object-store interface: the handful of operations wsfs needs from S3 or a directory.
+
+Methods are synchronous and blocking on purpose: callers above run them in worker threads
+(`trio.to_thread.run_sync` behind a `CapacityLimiter`), never in the trio thread.
+"""
+
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class NoSuchKey(KeyError):
+    """The object does not exist."""
+
+
+class ObjectStore(Protocol):
+    """A flat key → bytes namespace with atomic whole-object writes."""
+
+    url: str  # printable location, without credentials
+
+    def get(self, key: str) -> bytes:
+        """Return the whole object; raise `NoSuchKey` if it does not exist."""
+        ...
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Return `length` bytes from `start` (fewer at the end); raise `NoSuchKey`."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write the whole object atomically (readers see the old or the new object)."""
+        ...
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create the object only if no object has that key; return False if one exists."""
+        ...
+
+    def head(self, key: str) -> int | None:
+        """Return the object's size, or None if it does not exist."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing object is not an error."""
+        ...
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete several objects (batched where the store allows)."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """Yield (key, size) for every object whose key starts with `prefix`, in key order."""
+        ...
