@@ -1,0 +1,304 @@
+"""The block cache: dirty blocks (local files, never evicted) and clean blocks (diskcache, LRU).
+
+This layer knows blocks by id and nothing else: no inodes, no paths, no metadata. A block id
+names a local file `dirty/<id>` while the block is dirty, and the immutable object
+`data/<id[:2]>/<id>` once uploaded. A block's content is at most one block long; a shorter
+block reads as if padded with zeros (holes inside a block, and the tail of a file).
+
+A dirty block is *writable* until the sync layer seals it for upload; a sealed block is never
+changed again (a write to it goes to a fresh copy), so an upload reads a stable snapshot
+without locks. Writes are plain pwrite(2) into the page cache: a crash of the daemon loses
+nothing, and fsync(2) of a file fsyncs its dirty blocks.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+import diskcache  # type: ignore[import-untyped]
+import trio
+
+from ..store import NoSuchKey, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class BlockCorrupt(Exception):
+    """A downloaded block does not match its checksum, or is missing from the store."""
+
+
+def object_key(block_id: str) -> str:
+    return f"data/{block_id[:2]}/{block_id}"
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlockCache:
+    """Local storage of blocks, and their transfer to and from the object store."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        store: ObjectStore,
+        *,
+        block_size: int,
+        cache_size: int,
+        dirty_limit: int,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.store = store
+        self.block_size = block_size
+        self.dirty_limit = dirty_limit
+        self.limiter = limiter
+        self.dirty_dir = cache_dir / "dirty"
+        self.dirty_dir.mkdir(parents=True, exist_ok=True)
+        self.clean = diskcache.Cache(
+            str(cache_dir / "clean"),
+            size_limit=cache_size,
+            eviction_policy="least-recently-used",
+            cull_limit=64,
+        )
+        self._dirty: dict[str, int] = {}  # id -> length of the local file
+        self._dirty_since: dict[str, float] = {}  # id -> monotonic time it became dirty
+        self._sealed: set[str] = set()
+        self._doomed: set[str] = set()  # sealed blocks discarded while their upload ran
+        self._fds: dict[str, int] = {}
+        self._downloads: dict[str, trio.Event] = {}
+        self._room = trio.Event()
+        self.dirty_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    # -- dirty blocks ----------------------------------------------------------------------
+
+    def _path(self, block_id: str) -> Path:
+        return self.dirty_dir / block_id
+
+    def _fd(self, block_id: str) -> int:
+        fd = self._fds.get(block_id)
+        if fd is None:
+            if len(self._fds) >= 256:  # close the least recently opened
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = os.open(self._path(block_id), os.O_RDWR | os.O_CREAT, 0o600)
+            self._fds[block_id] = fd
+        return fd
+
+    def _close(self, block_id: str) -> None:
+        fd = self._fds.pop(block_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _set_length(self, block_id: str, length: int) -> None:
+        self.dirty_bytes += length - self._dirty.get(block_id, 0)
+        self._dirty[block_id] = length
+
+    def create(self, content: bytes = b"") -> str:
+        """Create a writable dirty block holding `content`; return its new id."""
+        block_id = secrets.token_hex(16)
+        fd = self._fd(block_id)
+        if content:
+            os.pwrite(fd, content, 0)
+        self._set_length(block_id, len(content))
+        self._dirty_since[block_id] = time.monotonic()
+        return block_id
+
+    def is_writable(self, block_id: str) -> bool:
+        return block_id in self._dirty and block_id not in self._sealed
+
+    def is_dirty(self, block_id: str) -> bool:
+        return block_id in self._dirty
+
+    def write(self, block_id: str, offset: int, data: bytes) -> None:
+        """Write into a writable dirty block (the caller checked `is_writable`)."""
+        os.pwrite(self._fd(block_id), data, offset)
+        end = offset + len(data)
+        if end > self._dirty[block_id]:
+            self._set_length(block_id, end)
+
+    def truncate(self, block_id: str, length: int) -> None:
+        os.ftruncate(self._fd(block_id), length)
+        self._set_length(block_id, length)
+
+    def discard(self, block_id: str) -> bool:
+        """Forget a block the metadata no longer references.
+
+        Returns True when the store may hold its object (so it is garbage to collect once a
+        checkpoint without it is published).
+        """
+        if block_id not in self._dirty:
+            self.clean.delete(block_id)
+            return True
+        if block_id in self._sealed:
+            self._doomed.add(block_id)  # its upload is running: delete when the cycle ends
+            return True
+        self._drop_dirty(block_id)
+        return False
+
+    def _drop_dirty(self, block_id: str) -> None:
+        self._close(block_id)
+        self._path(block_id).unlink(missing_ok=True)
+        self._set_length(block_id, 0)
+        del self._dirty[block_id]
+        self._dirty_since.pop(block_id, None)
+        self._wake_writers()
+
+    async def fsync(self, block_ids: list[str]) -> None:
+        """Make the given dirty blocks durable on the local disk."""
+        fds = [self._fd(b) for b in block_ids if b in self._dirty]
+        if fds:
+            await trio.to_thread.run_sync(lambda: [os.fsync(fd) for fd in fds])
+
+    def recover(self) -> list[str]:
+        """Register the dirty blocks left on disk by an earlier run; return their ids."""
+        found = []
+        for p in self.dirty_dir.iterdir():
+            if p.name.endswith(".tmp"):
+                p.unlink()
+                continue
+            self._set_length(p.name, p.stat().st_size)
+            self._dirty_since[p.name] = 0.0
+            found.append(p.name)
+        return found
+
+    # -- backpressure ----------------------------------------------------------------------
+
+    @property
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def oldest_dirty_age(self) -> float:
+        if not self._dirty_since:
+            return 0.0
+        return time.monotonic() - min(self._dirty_since.values())
+
+    async def wait_for_room(self) -> None:
+        """Block a writer while dirty data is over the hard limit (writers wait, never fail)."""
+        while self.dirty_bytes > self.dirty_limit:
+            await self._room.wait()
+
+    def _wake_writers(self) -> None:
+        if self.dirty_bytes <= self.dirty_limit:
+            self._room.set()
+            self._room = trio.Event()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_dirty(self, block_id: str, offset: int, size: int) -> bytes:
+        return os.pread(self._fd(block_id), size, offset)
+
+    async def read(self, block_id: str, csum: str | None, offset: int, size: int) -> bytes:
+        """Read up to `size` bytes of a block from `offset` (short at the block's end)."""
+        if block_id in self._dirty:
+            return self.read_dirty(block_id, offset, size)
+        data = self._cached(block_id, offset, size)
+        if data is not None:
+            self.hits += 1
+            return data
+        self.misses += 1
+        content = await self.download(block_id, csum)
+        return content[offset : offset + size]
+
+    def _cached(self, block_id: str, offset: int, size: int) -> bytes | None:
+        f = self.clean.get(block_id, default=None, read=True)
+        if f is None:
+            return None
+        if isinstance(f, bytes):  # diskcache keeps small values inline in its database
+            return f[offset : offset + size]
+        with f:
+            f.seek(offset)
+            return bytes(f.read(size))
+
+    async def download(self, block_id: str, csum: str | None) -> bytes:
+        """Fetch a clean block into the cache (once, however many readers wait for it)."""
+        while (event := self._downloads.get(block_id)) is not None:
+            await event.wait()
+        whole = self._cached(block_id, 0, self.block_size)
+        if whole is not None:
+            return whole
+        event = self._downloads[block_id] = trio.Event()
+        try:
+            return await trio.to_thread.run_sync(
+                self._download_blocking, block_id, csum, limiter=self.limiter
+            )
+        finally:
+            del self._downloads[block_id]
+            event.set()
+
+    def _download_blocking(self, block_id: str, csum: str | None) -> bytes:
+        try:
+            data = self.store.get(object_key(block_id))
+        except NoSuchKey:
+            raise BlockCorrupt(f"block {block_id} is missing from the store") from None
+        if csum is not None and checksum(data) != csum:
+            raise BlockCorrupt(f"block {block_id} does not match its checksum")
+        self.clean.set(block_id, data)
+        return data
+
+    def prefetch(self, nursery: trio.Nursery, block_id: str, csum: str | None) -> None:
+        """Start downloading a block in the background (readahead); errors are left to read."""
+        if block_id in self._dirty or block_id in self._downloads or block_id in self.clean:
+            return
+
+        async def fetch() -> None:
+            try:
+                await self.download(block_id, csum)
+            except Exception as e:  # the reader that needs it will see the error
+                log.debug("readahead of %s failed: %s", block_id, e)
+
+        nursery.start_soon(fetch)
+
+    # -- uploading (driven by the sync layer) ----------------------------------------------
+
+    def seal_all(self) -> list[str]:
+        """Freeze every dirty block for upload; later writes to them go to new blocks."""
+        ids = [b for b in self._dirty if b not in self._sealed]
+        self._sealed.update(ids)
+        return ids
+
+    async def upload(self, block_id: str) -> str:
+        """Upload a sealed block; return its checksum. Retries are the caller's business."""
+
+        def work() -> str:
+            with open(self._path(block_id), "rb") as f:
+                data = f.read()
+            self.store.put(object_key(block_id), data)
+            return checksum(data)
+
+        return await trio.to_thread.run_sync(work, limiter=self.limiter)
+
+    async def retire(self, block_id: str, uploaded: bool) -> None:
+        """End a sealed block's cycle: into the clean cache if uploaded, else writable again."""
+        if block_id in self._doomed:
+            self._doomed.discard(block_id)
+            self._sealed.discard(block_id)
+            self._drop_dirty(block_id)
+            return
+        if not uploaded:
+            self._sealed.discard(block_id)
+            return
+
+        def keep() -> None:
+            with open(self._path(block_id), "rb") as f:
+                self.clean.set(block_id, f.read())
+
+        try:
+            await trio.to_thread.run_sync(keep, limiter=self.limiter)
+        except OSError as e:  # a full cache disk only costs a later download
+            if e.errno != errno.ENOSPC:
+                raise
+        self._sealed.discard(block_id)
+        self._drop_dirty(block_id)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self.clean.close()

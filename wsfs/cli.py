@@ -1,0 +1,217 @@
+"""The command line: argument parsing, user-facing errors and exit codes.
+
+Errors are one sentence on stderr with the fix, and a distinct exit code per kind of failure
+(see docs/exit-codes.md); a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .errors import UsageError, WsfsError
+
+log = logging.getLogger(__name__)
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# FUSE and mount(8) options passed through to the kernel as they are.
+FUSE_FLAGS = {"allow_other", "allow_root", "auto_unmount", "suid", "nosuid", "dev", "nodev",
+              "exec", "noexec", "atime", "noatime", "relatime", "rw", "sync", "async",
+              "dirsync"}
+# mount(8)/fstab/systemd options that mean nothing to the filesystem itself.
+IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev",
+           "owner", "group", "comment"}
+
+
+def parse_size(text: str) -> int:
+    """Parse '10G', '512M', '1.5T', '4096' (binary units) into bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"{text!r} is not a size; write it like 512M, 10G or 1T")
+    value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise UsageError(f"the size {text!r} must be more than zero")
+    return value
+
+
+def parse_seconds(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a number of seconds, not {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise UsageError(f"{what} must be zero or more seconds, not {text!r}")
+    return value
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"the label {text!r} must be written KEY=VALUE")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="wsfs", description=__doc__.splitlines()[0] if __doc__
+                                else None, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"wsfs {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def store_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("store", metavar="STORE",
+                        help="s3://BUCKET[/PREFIX] or file:///ABS/DIR (the embedded store)")
+        sp.add_argument("--endpoint-url", default=None,
+                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL or AWS)")
+        sp.add_argument("--region", default=None, help="S3 region (default: from AWS config)")
+
+    sp = sub.add_parser("init", help="create an empty workspace in STORE", formatter_class=fmt)
+    store_args(sp)
+    sp.add_argument("--framework", default=None, help="framework recorded in the marker")
+    sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                    help="label recorded in the marker (repeatable)")
+    sp.add_argument("--owner", default=None, metavar="UID:GID",
+                    help="owner of the root directory (default: the caller)")
+
+    sp = sub.add_parser("mount", help="mount STORE on MOUNTPOINT", formatter_class=fmt)
+    store_args(sp)
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    sp.add_argument("--cache-dir", type=Path, default=None,
+                    help="local cache directory (default: /var/cache/wsfs/<hash of STORE>)")
+    sp.add_argument("--cache-size", default="10G", help="limit of the clean block cache")
+    sp.add_argument("--dirty-limit", default="2G",
+                    help="dirty bytes at which writers wait for uploads")
+    sp.add_argument("--flush-delay", default="5",
+                    help="seconds a change may wait before it is uploaded")
+    sp.add_argument("--unmount-timeout", default="600",
+                    help="seconds the final flush may retry an unreachable store")
+    sp.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                    help="comma-separated mount options: FUSE options (allow_other, ro, ...) "
+                    "and wsfs ones (cache_dir=, cache_size=, flush_delay=, fsync=local|remote, "
+                    "endpoint_url=, region=, unmount_timeout=)")
+    sp.add_argument("--init", action="store_true",
+                    help="create the workspace if STORE holds none")
+    sp.add_argument("--framework", default=None, help="with --init: framework in the marker")
+    sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --init: label in the marker")
+    sp.add_argument("--force", action="store_true",
+                    help="take the workspace over even if another mount holds its lease")
+
+    sp = sub.add_parser("unmount", help="flush everything, unmount, wait for the daemon",
+                        formatter_class=fmt)
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    sp.add_argument("--timeout", default=None,
+                    help="give up waiting after this many seconds (the daemon goes on)")
+    return p
+
+
+def apply_options(cfg: object, opts: list[str]) -> None:
+    """Fold `-o a,b=c` options into the mount configuration."""
+    from .mount import MountConfig
+
+    assert isinstance(cfg, MountConfig)
+    for group in opts:
+        for opt in filter(None, (o.strip() for o in group.split(","))):
+            key, sep, value = opt.partition("=")
+            if key in IGNORED or key.startswith("x-"):
+                continue
+            if key == "ro":
+                cfg.read_only = True
+            elif key in FUSE_FLAGS and not sep:
+                cfg.fuse_options.add(key)
+            elif key == "nonempty":
+                cfg.nonempty = True
+            elif key == "cache_dir" and sep:
+                cfg.cache_dir = Path(value)
+            elif key == "cache_size" and sep:
+                cfg.cache_size = parse_size(value)
+            elif key == "dirty_limit" and sep:
+                cfg.dirty_limit = parse_size(value)
+            elif key == "flush_delay" and sep:
+                cfg.flush_delay = parse_seconds(value, "flush_delay")
+            elif key == "unmount_timeout" and sep:
+                cfg.unmount_timeout = parse_seconds(value, "unmount_timeout")
+            elif key == "fsync" and value in ("local", "remote"):
+                cfg.fsync_remote = value == "remote"
+            elif key == "endpoint_url" and sep:
+                cfg.endpoint_url = value
+            elif key == "region" and sep:
+                cfg.region = value
+            elif key in ("fsname", "subtype") and sep:
+                continue  # wsfs names its mounts itself
+            else:
+                raise UsageError(f"unknown mount option {opt!r}; see `wsfs mount --help`")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .store import open_store, probe
+    from .workspace import create
+
+    owner = (os.getuid(), os.getgid())
+    if args.owner:
+        m = re.fullmatch(r"(\d+):(\d+)", args.owner)
+        if not m:
+            raise UsageError(f"--owner must be UID:GID in numbers, not {args.owner!r}")
+        owner = (int(m.group(1)), int(m.group(2)))
+    labels = dict(parse_label(x) for x in args.label)
+    store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
+    probe(store)
+    sb = trio.run(lambda: create(store, framework=args.framework, labels=labels, owner=owner))
+    print(f"created workspace {sb.workspace_id} in {store.url}")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import MountConfig, mount
+
+    cfg = MountConfig(
+        store_url=args.store, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
+        cache_size=parse_size(args.cache_size), dirty_limit=parse_size(args.dirty_limit),
+        flush_delay=parse_seconds(args.flush_delay, "--flush-delay"),
+        unmount_timeout=parse_seconds(args.unmount_timeout, "--unmount-timeout"),
+        foreground=args.foreground, endpoint_url=args.endpoint_url, region=args.region,
+        init=args.init, framework=args.framework,
+        labels=dict(parse_label(x) for x in args.label), force=args.force,
+    )
+    apply_options(cfg, args.options)
+    mount(cfg)
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from .mount import unmount
+
+    timeout = None if args.timeout is None else parse_seconds(args.timeout, "--timeout")
+    unmount(args.mountpoint, progress=sys.stderr.isatty(), timeout=timeout)
+    return 0
+
+
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="wsfs: %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except WsfsError as e:
+        print(f"wsfs: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("wsfs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

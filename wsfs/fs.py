@@ -1,0 +1,698 @@
+"""POSIX semantics: the pyfuse3 request handlers, and the workspace marker policy.
+
+Every handler runs in the one trio thread. Metadata statements run synchronously between
+awaits, so a handler that does not await is atomic; one that does (a read or a write that must
+download a block) takes the inode's lock first, so that two writers of one file never race on
+its block map. The kernel does the permission checks (`default_permissions`) and, with the
+writeback cache, owns mtime and size while a file is being written: it sends them back to us
+through setattr.
+
+File offsets become blocks here: block `idx` of a file covers bytes [idx*bs, (idx+1)*bs). The
+block layer never learns which file a block belongs to.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import cast
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from .blocks import BlockCache, BlockCorrupt
+from .meta import Inode, Metadata
+from .store import TransientStoreError
+
+log = logging.getLogger(__name__)
+
+ROOT = int(pyfuse3.ROOT_INODE)
+MARKER = b".workspace.initialized"
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+READAHEAD_BLOCKS = 4
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+class Operations(pyfuse3.Operations):
+    """The filesystem as the kernel sees it."""
+
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(
+        self,
+        meta: Metadata,
+        blocks: BlockCache,
+        *,
+        cache_timeout: float = 300.0,
+        read_only: bool = False,
+        remote_fsync: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.meta = meta
+        self.blocks = blocks
+        self.bs = blocks.block_size
+        self.timeout = cache_timeout
+        self.read_only = read_only
+        self.remote_fsync = remote_fsync
+        self.nursery: trio.Nursery | None = None  # for readahead; set by the mount
+        self._lookups: dict[int, int] = defaultdict(int)
+        self._open: dict[int, int] = defaultdict(int)  # inode -> open file handles
+        self._handles: dict[int, int] = {}  # fh -> inode
+        self._read_end: dict[int, int] = {}  # fh -> where the last read ended (readahead)
+        self._next_fh = 1
+        self._locks: dict[int, trio.Lock] = {}
+        self.marker_ino = meta.lookup(ROOT, MARKER)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _txn(self) -> Iterator[None]:
+        """Group a handler's statements so a crash never leaves half of them."""
+        self.meta.begin()
+        try:
+            yield
+        except BaseException:
+            self.meta.rollback()
+            raise
+        self.meta.commit()
+
+    def _node(self, ino: int) -> Inode:
+        node = self.meta.get_inode(ino)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        return node
+
+    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(node.id)
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = pyfuse3.ModeT(node.mode)
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        a.st_size = node.size
+        a.st_blksize = 128 * 1024
+        if stat.S_ISREG(node.mode) and node.size:
+            stored = min(node.size, self.meta.block_count(node.id) * self.bs)
+            a.st_blocks = (stored + 511) // 512
+        else:
+            a.st_blocks = 0
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        return a
+
+    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a new reference to the inode."""
+        self._lookups[node.id] += 1
+        return self._attr(node)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FUSEError(errno.EROFS)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+
+    def _is_marker(self, parent: int, name: bytes) -> bool:
+        return parent == ROOT and name == MARKER
+
+    def _lock(self, ino: int) -> trio.Lock:
+        lock = self._locks.get(ino)
+        if lock is None:
+            lock = self._locks[ino] = trio.Lock()
+        return lock
+
+    def _touch_dir(self, node: Inode, ts: int) -> None:
+        node.mtime_ns = node.ctime_ns = ts
+        self.meta.save_inode(node)
+
+    def _drop_blocks(self, refs: Sequence[str]) -> None:
+        """Release blocks the metadata stopped referencing (in the caller's transaction)."""
+        garbage = [b for b in refs if self.blocks.discard(b)]
+        if garbage:
+            self.meta.add_garbage(garbage)
+
+    def _maybe_delete(self, ino: int) -> None:
+        """Delete an inode once no entry names it, no handle holds it and the kernel forgot it."""
+        if self._lookups.get(ino) or self._open.get(ino):
+            return
+        node = self.meta.get_inode(ino)
+        if node is not None and node.nlink == 0:
+            with self._txn():
+                self._drop_blocks(self.meta.delete_inode(ino))
+            self._locks.pop(ino, None)
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = int(parent_inode)
+        self._check_name(name)
+        if name == b".":
+            ino: int | None = parent
+        elif name == b"..":
+            ino = ROOT if parent == ROOT else self.meta.parent_of(parent)
+        else:
+            ino = self.meta.lookup(parent, name)
+        if ino is None:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = pyfuse3.InodeT(0)
+            neg.entry_timeout = self.timeout  # the kernel caches the miss; we are the only writer
+            return neg
+        return self._entry(self._node(ino))
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for ino, n in inode_list:
+            left = self._lookups.get(int(ino), 0) - n
+            if left > 0:
+                self._lookups[int(ino)] = left
+            else:
+                self._lookups.pop(int(ino), None)
+                try:
+                    self._maybe_delete(int(ino))
+                except Exception:  # forget must not raise
+                    log.exception("could not delete inode %d", ino)
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(self._node(int(inode)))
+
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        ino = int(inode)
+        self._writable()
+        if ino == self.marker_ino:
+            raise FUSEError(errno.EPERM)
+        ts = now_ns()
+        async with self._lock(ino):
+            node = self._node(ino)
+            if fields.update_size:
+                if stat.S_ISDIR(node.mode):
+                    raise FUSEError(errno.EISDIR)
+                await self._truncate(node, attr.st_size)
+                node.mtime_ns = node.ctime_ns = ts
+            if fields.update_mode:
+                node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            if fields.update_uid:
+                node.uid = attr.st_uid
+            if fields.update_gid:
+                node.gid = attr.st_gid
+            if fields.update_atime:
+                node.atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                node.mtime_ns = attr.st_mtime_ns
+            node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else ts
+            with self._txn():
+                self.meta.save_inode(node)
+        return self._attr(node)
+
+    async def _truncate(self, node: Inode, size: int) -> None:
+        """Cut or extend a file to `size` bytes; the bytes past the old end read as zeros."""
+        if size < node.size:
+            first_gone = (size + self.bs - 1) // self.bs
+            tail = size % self.bs
+            tail_ref = self.meta.get_block(node.id, size // self.bs) if tail else None
+            content = b""
+            if tail_ref is not None and not self.blocks.is_writable(tail_ref.id):
+                content = await self._read_block(tail_ref.id, tail_ref.csum, 0, tail)
+            with self._txn():
+                self._drop_blocks([r.id for r in self.meta.remove_blocks_from(node.id, first_gone)])
+                if tail_ref is not None:
+                    if self.blocks.is_writable(tail_ref.id):
+                        self.blocks.truncate(tail_ref.id, tail)
+                    else:
+                        new_id = self.blocks.create(content)
+                        self.meta.set_block(node.id, size // self.bs, new_id, None)
+                        self._drop_blocks([tail_ref.id])
+                node.size = size
+                self.meta.save_inode(node)
+        else:
+            node.size = size
+            with self._txn():
+                self.meta.save_inode(node)
+
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(int(inode))
+        if node.target is None:
+            raise FUSEError(errno.EINVAL)
+        return node.target
+
+    # -- creating and removing names -------------------------------------------------------
+
+    def _new_node(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
+        *,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Inode:
+        self._writable()
+        self._check_name(name)
+        dir_node = self._node(parent)
+        if dir_node.nlink == 0:
+            raise FUSEError(errno.ENOENT)
+        if self.meta.lookup(parent, name) is not None:
+            raise FUSEError(errno.EEXIST)
+        gid = ctx.gid
+        if dir_node.mode & stat.S_ISGID:  # BSD group semantics for setgid directories
+            gid = dir_node.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        is_dir = stat.S_ISDIR(mode)
+        ts = now_ns()
+        with self._txn():
+            node = self.meta.create_inode(
+                mode, ctx.uid, gid, ts, nlink=2 if is_dir else 1, rdev=rdev,
+                size=len(target) if target is not None else 0, target=target,
+            )
+            self.meta.add_entry(parent, name, node.id)
+            if is_dir:
+                dir_node.nlink += 1
+            self._touch_dir(dir_node, ts)
+        return node
+
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self._new_node(int(parent_inode), name, mode, ctx, rdev=rdev))
+
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        mode = pyfuse3.ModeT(stat.S_IFDIR | stat.S_IMODE(mode))
+        return self._entry(self._new_node(int(parent_inode), name, mode, ctx))
+
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        mode = stat.S_IFLNK | 0o777
+        return self._entry(self._new_node(int(parent_inode), name, mode, ctx, target=target))
+
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self._new_node(int(parent_inode), name, mode, ctx)
+        return self._open_handle(node.id), self._entry(node)
+
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        self._check_name(new_name)
+        parent = int(new_parent_inode)
+        node = self._node(int(inode))
+        dir_node = self._node(parent)
+        if self.meta.lookup(parent, new_name) is not None:
+            raise FUSEError(errno.EEXIST)
+        ts = now_ns()
+        with self._txn():
+            node.nlink += 1
+            node.ctime_ns = ts
+            self.meta.save_inode(node)
+            self.meta.add_entry(parent, new_name, node.id)
+            self._touch_dir(dir_node, ts)
+        return self._entry(node)
+
+    def _unlink_node(self, node: Inode, ts: int) -> None:
+        """Count one name less (a directory loses its own "." too); the caller commits."""
+        if stat.S_ISDIR(node.mode):
+            node.nlink = 0
+        else:
+            node.nlink -= 1
+        node.ctime_ns = ts
+        self.meta.save_inode(node)
+
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        parent = int(parent_inode)
+        self._writable()
+        if self._is_marker(parent, name):
+            raise FUSEError(errno.EPERM)
+        ino = self.meta.lookup(parent, name)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        node = self._node(ino)
+        if stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.EISDIR)
+        ts = now_ns()
+        with self._txn():
+            self.meta.remove_entry(parent, name)
+            self._unlink_node(node, ts)
+            self._touch_dir(self._node(parent), ts)
+        self._maybe_delete(ino)
+
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        parent = int(parent_inode)
+        self._writable()
+        ino = self.meta.lookup(parent, name)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        node = self._node(ino)
+        if not stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.ENOTDIR)
+        if self.meta.has_entries(ino):
+            raise FUSEError(errno.ENOTEMPTY)
+        ts = now_ns()
+        with self._txn():
+            self.meta.remove_entry(parent, name)
+            self._unlink_node(node, ts)
+            dir_node = self._node(parent)
+            dir_node.nlink -= 1
+            self._touch_dir(dir_node, ts)
+        self._maybe_delete(ino)
+
+    async def rename(
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: pyfuse3.FileNameT,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: pyfuse3.FileNameT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old_parent, new_parent = int(parent_inode_old), int(parent_inode_new)
+        self._writable()
+        self._check_name(name_new)
+        if self._is_marker(old_parent, name_old) or self._is_marker(new_parent, name_new):
+            raise FUSEError(errno.EPERM)
+        src_ino = self.meta.lookup(old_parent, name_old)
+        if src_ino is None:
+            raise FUSEError(errno.ENOENT)
+        dst_ino = self.meta.lookup(new_parent, name_new)
+        src = self._node(src_ino)
+        ts = now_ns()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if dst_ino is None:
+                raise FUSEError(errno.ENOENT)
+            dst = self._node(dst_ino)
+            with self._txn():
+                self.meta.retarget_entry(old_parent, name_old, dst_ino)
+                self.meta.retarget_entry(new_parent, name_new, src_ino)
+                if old_parent != new_parent and stat.S_ISDIR(src.mode) != stat.S_ISDIR(dst.mode):
+                    moved_dir = 1 if stat.S_ISDIR(src.mode) else -1
+                    self._adjust_nlink(old_parent, -moved_dir, ts)
+                    self._adjust_nlink(new_parent, moved_dir, ts)
+                for n in (src, dst):
+                    n.ctime_ns = ts
+                    self.meta.save_inode(n)
+                self._touch_parents(old_parent, new_parent, ts)
+            return
+        if dst_ino is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise FUSEError(errno.EEXIST)
+        if dst_ino == src_ino:
+            return  # two names of one file: POSIX says do nothing
+        src_is_dir = stat.S_ISDIR(src.mode)
+        dst = None
+        if dst_ino is not None:
+            dst = self._node(dst_ino)
+            if stat.S_ISDIR(dst.mode):
+                if not src_is_dir:
+                    raise FUSEError(errno.EISDIR)
+                if self.meta.has_entries(dst_ino):
+                    raise FUSEError(errno.ENOTEMPTY)
+            elif src_is_dir:
+                raise FUSEError(errno.ENOTDIR)
+        with self._txn():
+            if dst is not None:
+                self.meta.remove_entry(new_parent, name_new)
+                self._unlink_node(dst, ts)
+                if stat.S_ISDIR(dst.mode):
+                    self._adjust_nlink(new_parent, -1, ts)
+            self.meta.move_entry(old_parent, name_old, new_parent, name_new)
+            if src_is_dir and old_parent != new_parent:
+                self._adjust_nlink(old_parent, -1, ts)
+                self._adjust_nlink(new_parent, 1, ts)
+            src.ctime_ns = ts
+            self.meta.save_inode(src)
+            self._touch_parents(old_parent, new_parent, ts)
+        if dst_ino is not None:
+            self._maybe_delete(dst_ino)
+
+    def _adjust_nlink(self, ino: int, delta: int, ts: int) -> None:
+        node = self._node(ino)
+        node.nlink += delta
+        self._touch_dir(node, ts)
+
+    def _touch_parents(self, a: int, b: int, ts: int) -> None:
+        for ino in {a, b}:
+            self._touch_dir(self._node(ino), ts)
+
+    # -- file data -------------------------------------------------------------------------
+
+    def _open_handle(self, ino: int) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = ino
+        self._open[ino] += 1
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        ino = int(inode)
+        if flags & WRITE_FLAGS:
+            self._writable()
+            if ino == self.marker_ino:
+                raise FUSEError(errno.EPERM)
+        self._node(ino)
+        return self._open_handle(ino)
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        ino = self._handles.pop(int(fh))
+        self._read_end.pop(int(fh), None)
+        self._open[ino] -= 1
+        if self._open[ino] <= 0:
+            del self._open[ino]
+            self._maybe_delete(ino)
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        pass
+
+    async def _read_block(self, block_id: str, csum: str | None, offset: int, size: int) -> bytes:
+        """Read part of a block, turning store and checksum failures into EIO."""
+        try:
+            return await self.blocks.read(block_id, csum, offset, size)
+        except BlockCorrupt as e:
+            log.error("%s", e)
+            raise FUSEError(errno.EIO) from None
+        except TransientStoreError as e:
+            log.error("cannot download block %s: %s", block_id, e)
+            raise FUSEError(errno.EIO) from None
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        ino = self._handles[int(fh)]
+        node = self._node(ino)
+        end = min(off + size, node.size)
+        if off >= end:
+            return b""
+        first, last = off // self.bs, (end - 1) // self.bs
+        refs = self.meta.blocks_in(ino, first, last)
+        parts = []
+        for idx in range(first, last + 1):
+            start = max(off, idx * self.bs)
+            stop = min(end, (idx + 1) * self.bs)
+            ref = refs.get(idx)
+            data = b""
+            if ref is not None:
+                data = await self._read_block(ref.id, ref.csum, start - idx * self.bs,
+                                              stop - start)
+            parts.append(data.ljust(stop - start, b"\0"))
+        if self._read_end.get(int(fh)) == off:
+            self._readahead(ino, last + 1)
+        self._read_end[int(fh)] = end
+        return b"".join(parts)
+
+    def _readahead(self, ino: int, first: int) -> None:
+        if self.nursery is None:
+            return
+        for idx, ref in self.meta.blocks_in(ino, first, first + READAHEAD_BLOCKS - 1).items():
+            self.blocks.prefetch(self.nursery, ref.id, ref.csum)
+
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        ino = self._handles[int(fh)]
+        self._writable()
+        await self.blocks.wait_for_room()
+        async with self._lock(ino):
+            pos = 0
+            while pos < len(buf):
+                idx, in_off = divmod(off + pos, self.bs)
+                piece = buf[pos : pos + self.bs - in_off]
+                await self._write_block(ino, idx, in_off, piece)
+                pos += len(piece)
+            node = self._node(ino)
+            node.size = max(node.size, off + len(buf))
+            node.mtime_ns = node.ctime_ns = now_ns()
+            self.meta.save_inode(node)
+        return len(buf)
+
+    async def _write_block(self, ino: int, idx: int, in_off: int, piece: bytes) -> None:
+        ref = self.meta.get_block(ino, idx)
+        if ref is not None and self.blocks.is_writable(ref.id):
+            self.blocks.write(ref.id, in_off, piece)
+            return
+        # Copy on write: uploaded and sealed blocks are immutable.
+        content = b""
+        if ref is not None and not (in_off == 0 and len(piece) == self.bs):
+            content = await self._read_block(ref.id, ref.csum, 0, self.bs)
+        new_id = self.blocks.create(content)
+        self.blocks.write(new_id, in_off, piece)
+        with self._txn():
+            self.meta.set_block(ino, idx, new_id, None)
+            if ref is not None:
+                self._drop_blocks([ref.id])
+
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        ino = self._handles[int(fh)]
+        await self._fsync_inode(ino)
+
+    async def _fsync_inode(self, ino: int) -> None:
+        node = self._node(ino)
+        if stat.S_ISREG(node.mode) and node.size:
+            refs = self.meta.blocks_in(ino, 0, (node.size - 1) // self.bs)
+            await self.blocks.fsync([r.id for r in refs.values()])
+        await trio.to_thread.run_sync(self.meta.sync)
+        if self.remote_fsync is not None:
+            await self.remote_fsync()
+
+    # -- directories -----------------------------------------------------------------------
+
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        node = self._node(int(inode))
+        if not stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(int(inode))
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        for cookie, name, node in self.meta.list_entries(int(fh), start_id):
+            if not pyfuse3.readdir_reply(token, cast(pyfuse3.FileNameT, name),
+                                         self._attr(node), cookie):
+                break
+            self._lookups[node.id] += 1
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        pass
+
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self._fsync_inode(int(fh))
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        files, used = self.meta.counts()
+        s = pyfuse3.StatvfsData()
+        total = 1 << 50  # an object store has no fixed size; report 1 PiB
+        s.f_bsize = self.bs
+        s.f_frsize = 4096
+        s.f_blocks = total // s.f_frsize
+        s.f_bfree = s.f_bavail = max(0, total - used) // s.f_frsize
+        s.f_files = 1 << 32
+        s.f_ffree = s.f_favail = s.f_files - files
+        s.f_namemax = NAME_MAX
+        return s
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._writable()
+        if len(name) > XATTR_NAME_MAX:
+            raise FUSEError(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FUSEError(errno.E2BIG)
+        node = self._node(int(inode))
+        with self._txn():
+            self.meta.set_xattr(node.id, name, value)
+            node.ctime_ns = now_ns()
+            self.meta.save_inode(node)
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        value = self.meta.get_xattr(int(inode), name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        return [pyfuse3.XAttrNameT(n) for n in self.meta.list_xattrs(int(inode))]
+
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self._writable()
+        node = self._node(int(inode))
+        with self._txn():
+            if not self.meta.remove_xattr(node.id, name):
+                raise FUSEError(pyfuse3.ENOATTR)
+            node.ctime_ns = now_ns()
+            self.meta.save_inode(node)
+
+    async def access(
+        self, inode: pyfuse3.InodeT, mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext
+    ) -> bool:
+        return True  # the kernel checks permissions itself (default_permissions)

@@ -1,0 +1,315 @@
+"""Typed access to the live metadata database (`meta.db`).
+
+SQLite is called synchronously from the trio thread, between awaits: each call is a few
+microseconds, and running every statement in the one thread that runs the FUSE handlers makes
+each handler atomic without locks (S3QL does the same). The database runs in WAL mode with
+`synchronous=NORMAL`: a commit survives a crash of the daemon (it is in the OS page cache), and
+`sync()` makes it survive a crash of the machine, which is what fsync(2) promises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .schema import FORMAT_VERSION, create_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Inode:
+    """One row of the inodes table (see schema.py for the meaning of each field)."""
+
+    id: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    nlink: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    target: bytes | None
+
+
+INODE_COLUMNS = "id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, target"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    """Where one block of a file lives: its id, and its checksum once uploaded."""
+
+    idx: int
+    id: str
+    csum: str | None
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open a metadata database with the settings every connection must use."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    conn.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
+    return conn
+
+
+class Metadata:
+    """The filesystem's metadata: inodes, directory entries, xattrs and the block map."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fresh = not path.exists()
+        self.conn = connect(path)
+        if fresh:
+            create_schema(self.conn)
+        fmt = int(self.get_setting("format") or 0)
+        if fmt != FORMAT_VERSION:
+            raise ValueError(f"metadata format {fmt} is not {FORMAT_VERSION}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value)
+        )
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start a write transaction; several statements then commit (or fail) together."""
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.conn.execute("ROLLBACK")
+
+    def sync(self) -> None:
+        """Make every committed change durable on disk (blocking: call from a worker thread)."""
+        wal = Path(f"{self.path}-wal")
+        for p in (wal, self.path):
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    @property
+    def total_changes(self) -> int:
+        """A counter that grows with every change: tells the flusher whether to checkpoint."""
+        return self.conn.total_changes
+
+    # -- inodes -----------------------------------------------------------------------------
+
+    def get_inode(self, ino: int) -> Inode | None:
+        row = self.conn.execute(
+            f"SELECT {INODE_COLUMNS} FROM inodes WHERE id=?", (ino,)
+        ).fetchone()
+        return None if row is None else Inode(*row)
+
+    def create_inode(
+        self,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        *,
+        nlink: int = 1,
+        rdev: int = 0,
+        size: int = 0,
+        target: bytes | None = None,
+        ino: int | None = None,
+    ) -> Inode:
+        cur = self.conn.execute(
+            "INSERT INTO inodes (id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns,"
+            " ctime_ns, target) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (ino, mode, uid, gid, size, nlink, rdev, now_ns, now_ns, now_ns, target),
+        )
+        assert cur.lastrowid is not None
+        return Inode(cur.lastrowid, mode, uid, gid, size, nlink, rdev, now_ns, now_ns, now_ns,
+                     target)
+
+    def save_inode(self, node: Inode) -> None:
+        """Write every field of `node` back (callers change the dataclass, then save it)."""
+        self.conn.execute(
+            "UPDATE inodes SET mode=?, uid=?, gid=?, size=?, nlink=?, rdev=?, atime_ns=?,"
+            " mtime_ns=?, ctime_ns=? WHERE id=?",
+            (node.mode, node.uid, node.gid, node.size, node.nlink, node.rdev, node.atime_ns,
+             node.mtime_ns, node.ctime_ns, node.id),
+        )
+
+    def delete_inode(self, ino: int) -> list[str]:
+        """Delete an inode with its xattrs and block map; return the ids of its blocks."""
+        ids = [r[0] for r in self.conn.execute("SELECT id FROM blocks WHERE inode=?", (ino,))]
+        self.conn.execute("DELETE FROM blocks WHERE inode=?", (ino,))
+        self.conn.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.conn.execute("DELETE FROM inodes WHERE id=?", (ino,))
+        return ids
+
+    def orphans(self) -> list[int]:
+        """Inodes no directory entry names (unlinked while open when the daemon stopped)."""
+        return [r[0] for r in self.conn.execute("SELECT id FROM inodes WHERE nlink=0")]
+
+    def counts(self) -> tuple[int, int]:
+        """(number of inodes, total bytes of file sizes): for statfs."""
+        row = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM inodes").fetchone()
+        return int(row[0]), int(row[1])
+
+    # -- directory entries ------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self.conn.execute(
+            "SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        self.conn.execute(
+            "INSERT INTO dentries (parent, name, inode) VALUES (?,?,?)", (parent, name, ino)
+        )
+
+    def remove_entry(self, parent: int, name: bytes) -> None:
+        self.conn.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+
+    def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
+        self.conn.execute(
+            "UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
+            (new_parent, new_name, parent, name),
+        )
+
+    def retarget_entry(self, parent: int, name: bytes, ino: int) -> None:
+        """Point an existing entry at another inode (the two halves of RENAME_EXCHANGE)."""
+        self.conn.execute(
+            "UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name)
+        )
+
+    def has_entries(self, parent: int) -> bool:
+        return (
+            self.conn.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,))
+            .fetchone() is not None
+        )
+
+    def parent_of(self, ino: int) -> int | None:
+        """The directory holding `ino` (unique for directories, one of many for hard links)."""
+        row = self.conn.execute(
+            "SELECT parent FROM dentries WHERE inode=? LIMIT 1", (ino,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def list_entries(self, parent: int, after: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """Yield (cookie, name, inode) for the entries of `parent` past cookie `after`."""
+        cols = ", ".join(f"i.{c.strip()}" for c in INODE_COLUMNS.split(","))
+        cur = self.conn.execute(
+            f"SELECT d.id, d.name, {cols} FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " WHERE d.parent=? AND d.id>? ORDER BY d.id",
+            (parent, after),
+        )
+        for row in cur:
+            yield int(row[0]), bytes(row[1]), Inode(*row[2:])
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.conn.execute(
+            "SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?,?,?)",
+            (ino, name, value),
+        )
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        cur = self.conn.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        return cur.rowcount > 0
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        return [
+            bytes(r[0])
+            for r in self.conn.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name",
+                                       (ino,))
+        ]
+
+    # -- block map --------------------------------------------------------------------------
+
+    def get_block(self, ino: int, idx: int) -> BlockRef | None:
+        row = self.conn.execute(
+            "SELECT idx, id, csum FROM blocks WHERE inode=? AND idx=?", (ino, idx)
+        ).fetchone()
+        return None if row is None else BlockRef(*row)
+
+    def blocks_in(self, ino: int, first: int, last: int) -> dict[int, BlockRef]:
+        """The blocks of `ino` with first <= idx <= last, by index (holes are absent)."""
+        return {
+            r[0]: BlockRef(*r)
+            for r in self.conn.execute(
+                "SELECT idx, id, csum FROM blocks WHERE inode=? AND idx BETWEEN ? AND ?",
+                (ino, first, last),
+            )
+        }
+
+    def set_block(self, ino: int, idx: int, block_id: str, csum: str | None) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO blocks (inode, idx, id, csum) VALUES (?,?,?,?)",
+            (ino, idx, block_id, csum),
+        )
+
+    def remove_blocks_from(self, ino: int, first: int) -> list[BlockRef]:
+        """Remove the blocks of `ino` with idx >= first; return what was removed."""
+        refs = [
+            BlockRef(*r)
+            for r in self.conn.execute(
+                "SELECT idx, id, csum FROM blocks WHERE inode=? AND idx>=?", (ino, first)
+            )
+        ]
+        self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx>=?", (ino, first))
+        return refs
+
+    def block_count(self, ino: int) -> int:
+        row = self.conn.execute("SELECT count(*) FROM blocks WHERE inode=?", (ino,)).fetchone()
+        return int(row[0])
+
+    def set_checksums(self, csums: dict[str, str]) -> None:
+        self.conn.executemany(
+            "UPDATE blocks SET csum=? WHERE id=?", [(c, i) for i, c in csums.items()]
+        )
+
+    def find_block(self, block_id: str) -> BlockRef | None:
+        """The block map entry holding `block_id`, if any still does."""
+        row = self.conn.execute(
+            "SELECT idx, id, csum FROM blocks WHERE id=? LIMIT 1", (block_id,)
+        ).fetchone()
+        return None if row is None else BlockRef(*row)
+
+    def all_block_ids(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT id FROM blocks")}
+
+    # -- garbage ----------------------------------------------------------------------------
+
+    def add_garbage(self, ids: list[str]) -> None:
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO garbage (id) VALUES (?)", [(i,) for i in ids]
+        )
+
+    def remove_garbage(self, ids: list[str]) -> None:
+        self.conn.executemany("DELETE FROM garbage WHERE id=?", [(i,) for i in ids])

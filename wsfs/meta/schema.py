@@ -1,0 +1,98 @@
+"""The metadata schema: the one canonical description of what `meta.db` holds.
+
+The database is the filesystem's metadata, and a checkpoint of it is what the store publishes.
+Every column is described here and nowhere else.
+
+inodes      one row per inode, the root is inode 1 (pyfuse3.ROOT_INODE)
+  id          inode number; never reused while the workspace exists (AUTOINCREMENT)
+  mode        st_mode: file type bits and permission bits
+  uid, gid    owner
+  size        st_size in bytes (for a symlink: the length of its target)
+  nlink       number of directory entries naming it; a directory counts "." and its parent's
+              entry and one ".." per subdirectory, i.e. 2 + subdirectories. An inode with nlink 0
+              is an unlinked file still open; it is deleted at its last release/forget, or at the
+              next mount if the daemon died first.
+  rdev        device number for character/block special files, else 0
+  atime_ns, mtime_ns, ctime_ns
+              timestamps in nanoseconds since the epoch (timestamps are data: tar and pip set them)
+  target      symlink target bytes, NULL for every other type
+
+dentries    directory entries
+  id          readdir cookie: entries are listed in id order, so a listing resumed at a cookie
+              never repeats or skips an entry that stayed put (AUTOINCREMENT: ids never reused)
+  parent      directory inode
+  name        entry name (bytes, never "." or "..")
+  inode       the inode it names
+
+xattrs      extended attributes: (inode, name) → value, names as bytes including the namespace
+
+blocks      the block map: file data, one row per non-hole block
+  inode, idx  the file and the block index (offset // block_size); a missing row is a hole
+  id          block id: the name of the local dirty file while dirty, and of the immutable object
+              data/<id[:2]>/<id> in the store once uploaded; a new id for every new content
+  csum        sha256 hex of the uploaded content, NULL while the block has never been uploaded
+              (a checkpoint never holds a NULL: the sync layer fills it in before publishing)
+
+garbage     block objects in the store that nothing references any more; deleted from the store
+            only after a checkpoint that no longer references them has been published
+  id          block id
+
+settings    key/value facts about this database (format version, the checkpoint it came from)
+"""
+
+import sqlite3
+
+FORMAT_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE inodes (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    mode     INTEGER NOT NULL,
+    uid      INTEGER NOT NULL,
+    gid      INTEGER NOT NULL,
+    size     INTEGER NOT NULL DEFAULT 0,
+    nlink    INTEGER NOT NULL,
+    rdev     INTEGER NOT NULL DEFAULT 0,
+    atime_ns INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    target   BLOB
+);
+CREATE TABLE dentries (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent INTEGER NOT NULL,
+    name   BLOB NOT NULL,
+    inode  INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX dentries_by_inode ON dentries (inode);
+CREATE TABLE xattrs (
+    inode INTEGER NOT NULL,
+    name  BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+CREATE TABLE blocks (
+    inode INTEGER NOT NULL,
+    idx   INTEGER NOT NULL,
+    id    TEXT NOT NULL,
+    csum  TEXT,
+    PRIMARY KEY (inode, idx)
+) WITHOUT ROWID;
+CREATE INDEX blocks_by_id ON blocks (id);
+CREATE TABLE garbage (
+    id TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Create every table of an empty database and record the format version."""
+    conn.executescript(SCHEMA)
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES ('format', ?)", (str(FORMAT_VERSION),)
+    )

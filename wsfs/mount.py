@@ -1,0 +1,515 @@
+"""The mount's lifecycle: lease, recovery, serving, signals, and the final flush.
+
+One trio run owns one nursery: the FUSE loop, the flusher, the lease renewer, the status
+writer and the signal watcher. Whatever ends the FUSE loop — `wsfs unmount`, `umount`,
+`fusermount3 -u`, SIGTERM or SIGINT — the same sequence follows: every dirty block uploaded, the
+final checkpoint published, the lease released, exit 0. On SIGTERM the daemon keeps serving
+while it unmounts itself, so the kernel can hand over the dirty pages it still holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pyfuse3
+import trio
+
+from .blocks import BlockCache
+from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
+from .fs import Operations
+from .lease import Lease
+from .meta import Metadata
+from .store import ObjectStore, open_store, probe
+from .sync import Flusher
+from .workspace import Superblock, create, has_marker, prepare_cache, read_superblock
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = Path(os.environ.get("WSFS_RUN_DIR", "/run/wsfs"))
+DEFAULT_CACHE_ROOT = Path("/var/cache/wsfs")
+
+
+@dataclass
+class MountConfig:
+    """Everything `wsfs mount` was told (see `wsfs mount --help` for the meaning)."""
+
+    store_url: str
+    mountpoint: Path
+    cache_dir: Path | None = None
+    cache_size: int = 10 << 30
+    dirty_limit: int = 2 << 30
+    flush_delay: float = 5.0
+    foreground: bool = False
+    fuse_options: set[str] = field(default_factory=set)
+    read_only: bool = False
+    fsync_remote: bool = False
+    unmount_timeout: float = 600.0
+    cache_timeout: float = 300.0
+    endpoint_url: str | None = None
+    region: str | None = None
+    init: bool = False
+    framework: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    force: bool = False
+    nonempty: bool = False
+
+
+def default_cache_dir(store_url: str) -> Path:
+    return DEFAULT_CACHE_ROOT / hashlib.sha256(store_url.encode()).hexdigest()[:16]
+
+
+def registry_path(mountpoint: Path) -> Path:
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return RUN_DIR / f"{key}.json"
+
+
+def is_mountpoint(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f if len(line.split()) > 1)
+
+
+# -- checks before anything is started ------------------------------------------------------
+
+
+def check_mountpoint(cfg: MountConfig) -> None:
+    mp = cfg.mountpoint
+    if not mp.exists():
+        raise MountError(f"the mountpoint {mp} does not exist; create it with `mkdir -p {mp}`")
+    if not mp.is_dir():
+        raise MountError(f"the mountpoint {mp} is not a directory")
+    if is_mountpoint(mp):
+        raise MountError(f"{mp} is already mounted; unmount it first (`wsfs unmount {mp}`)")
+    if not cfg.nonempty and any(mp.iterdir()):
+        raise MountError(
+            f"the mountpoint {mp} is not empty; empty it or pass -o nonempty to hide its files"
+        )
+
+
+def check_cache_dir(cfg: MountConfig) -> Path:
+    cache = cfg.cache_dir or default_cache_dir(cfg.store_url)
+    cache = cache.absolute()
+    mp = cfg.mountpoint
+    if cache == mp or mp in cache.parents:
+        raise MountError(f"the cache dir {cache} must not be inside the mountpoint {mp}")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe_file = cache / ".write-test"
+        probe_file.write_bytes(b"")
+        probe_file.unlink()
+    except OSError as e:
+        raise MountError(
+            f"the cache dir {cache} is not writable ({e.strerror}); choose another --cache-dir"
+        ) from None
+    return cache
+
+
+def open_checked_store(cfg: MountConfig) -> ObjectStore:
+    store = open_store(cfg.store_url, endpoint_url=cfg.endpoint_url, region=cfg.region)
+    probe(store)
+    return store
+
+
+# -- the daemon -----------------------------------------------------------------------------
+
+
+class Daemon:
+    """One mounted workspace, from the lease to the final flush."""
+
+    def __init__(self, cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+        self.ready_fd = ready_fd
+        self.state = "starting"
+        self.flusher: Flusher | None = None
+        self.blocks: BlockCache | None = None
+        self.unmounting = False
+
+    def report_ready(self, error: WsfsError | None = None) -> None:
+        """Tell the waiting `wsfs mount` (and systemd) how the start went."""
+        msg = {"ok": error is None}
+        if error is not None:
+            msg.update(code=error.exit_code, message=str(error))
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, json.dumps(msg).encode())
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        if error is None:
+            sd_notify("READY=1")
+
+    async def serve(self) -> None:
+        cfg = self.cfg
+        limiter = trio.CapacityLimiter(32)
+        store = open_checked_store(cfg)
+        try:
+            sb = read_superblock(store)
+        except NoWorkspaceError:
+            if not cfg.init:
+                raise
+            sb = await create(store, framework=cfg.framework, labels=cfg.labels,
+                              owner=(os.getuid(), os.getgid()))
+        lock = take_cache_lock(self.cache_dir)
+        lease = Lease(store, str(self.cache_dir))
+        await trio.to_thread.run_sync(lease.acquire, cfg.force)
+        try:
+            await prepare_cache(store, sb, self.cache_dir, limiter)
+            meta = Metadata(self.cache_dir / "meta.db")
+            if not has_marker(meta):
+                raise NoWorkspaceError(
+                    f"the workspace in {cfg.store_url} has no /.workspace.initialized marker, "
+                    "so it cannot be used; restore the marker or create a new workspace"
+                )
+            await self._serve(store, sb, meta, lease, limiter)
+        except BaseException:
+            await trio.to_thread.run_sync(lease.release)
+            raise
+        finally:
+            lock.close()
+
+    async def _serve(
+        self, store: ObjectStore, sb: Superblock, meta: Metadata, lease: Lease,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        cfg = self.cfg
+        blocks = self.blocks = BlockCache(
+            self.cache_dir, store, block_size=sb.block_size, cache_size=cfg.cache_size,
+            dirty_limit=cfg.dirty_limit, limiter=limiter,
+        )
+        await recover(meta, blocks)
+        flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
+                                         flush_delay=cfg.flush_delay, limiter=limiter)
+        ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
+                         read_only=cfg.read_only,
+                         remote_fsync=flusher.sync_now if cfg.fsync_remote else None)
+        options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",
+                   "default_permissions", *cfg.fuse_options}
+        if cfg.read_only:
+            options.add("ro")
+        try:
+            pyfuse3.init(ops, str(cfg.mountpoint), options)
+        except RuntimeError as e:
+            raise MountError(f"the kernel refused to mount {cfg.mountpoint}: {e}") from None
+        self.state = "serving"
+        write_registry(cfg, self.cache_dir)
+        self.report_ready()
+        log.info("mounted %s on %s", cfg.store_url, cfg.mountpoint)
+        try:
+            async with trio.open_nursery() as nursery:
+                ops.nursery = nursery
+                nursery.start_soon(flusher.run)
+                nursery.start_soon(self._renew_lease, lease)
+                nursery.start_soon(self._write_status)
+                nursery.start_soon(self._watch_signals, nursery)
+                await pyfuse3.main()
+                log.info("unmounted %s; uploading what is left", cfg.mountpoint)
+                self.state = "flushing"
+                ops.nursery = None
+                nursery.cancel_scope.cancel()
+            pyfuse3.close(unmount=False)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_status)
+                try:
+                    await flusher.flush_all(cfg.unmount_timeout)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except FlushError:
+            self.state = "failed"
+            raise
+        finally:
+            self.write_status()
+            blocks.close()
+            meta.close()
+            registry_path(cfg.mountpoint).unlink(missing_ok=True)
+        await trio.to_thread.run_sync(lease.release)
+        self.state = "done"
+        self.write_status()
+        log.info("every block is in %s; done", cfg.store_url)
+
+    async def _renew_lease(self, lease: Lease) -> None:
+        while True:
+            await trio.sleep(lease.ttl / 3)
+            try:
+                await trio.to_thread.run_sync(lease.renew)
+            except Exception as e:
+                log.warning("could not renew the lease: %s", e)
+
+    async def _write_status(self) -> None:
+        while True:
+            self.write_status()
+            await trio.sleep(0.5)
+
+    def write_status(self) -> None:
+        """Publish the daemon's figures for `wsfs status` and `wsfs unmount`'s progress."""
+        f, b = self.flusher, self.blocks
+        status = {
+            "pid": os.getpid(), "state": self.state, "store": self.cfg.store_url,
+            "mountpoint": str(self.cfg.mountpoint), "cache_dir": str(self.cache_dir),
+            "time": time.time(),
+            "dirty_bytes": b.dirty_bytes if b else 0, "dirty_blocks": b.dirty_count if b else 0,
+            "cache_hits": b.hits if b else 0, "cache_misses": b.misses if b else 0,
+            "checkpoint": f.seq if f else 0,
+            "last_checkpoint_time": f.last_publish_time if f else None,
+            "uploaded_blocks": f.uploaded_blocks if f else 0,
+            "retries": f.retries if f else 0, "last_error": f.last_error if f else None,
+        }
+        tmp = self.cache_dir / "status.json.tmp"
+        tmp.write_text(json.dumps(status))
+        tmp.replace(self.cache_dir / "status.json")
+
+    async def _watch_signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                if self.unmounting:
+                    log.warning("still unmounting; the flush continues (SIGKILL loses nothing "
+                                "already written, the next mount uploads it)")
+                    continue
+                log.info("got %s: unmounting %s", signal.Signals(signum).name,
+                         self.cfg.mountpoint)
+                self.unmounting = True
+                nursery.start_soon(self._unmount_self)
+
+    async def _unmount_self(self) -> None:
+        """Unmount while still serving, so the kernel can write back its dirty pages."""
+        mp = str(self.cfg.mountpoint)
+        try:
+            await trio.to_thread.run_sync(pyfuse3.syncfs, mp, abandon_on_cancel=True)
+        except OSError as e:
+            log.warning("syncfs(%s) failed: %s", mp, e)
+        for attempt in range(10):
+            result = await trio.run_process(["fusermount3", "-u", mp], check=False,
+                                            capture_stderr=True)
+            if result.returncode == 0:
+                return
+            log.warning("fusermount3 -u %s failed (attempt %d): %s", mp, attempt + 1,
+                        result.stderr.decode().strip())
+            await trio.sleep(1)
+        log.warning("unmounting %s lazily: processes still hold files open", mp)
+        await trio.run_process(["fusermount3", "-uz", mp], check=False)
+
+
+async def recover(meta: Metadata, blocks: BlockCache) -> None:
+    """Pick up after a crash: requeue dirty blocks, drop unreferenced ones and orphan inodes."""
+    requeued = 0
+    for block_id in blocks.recover():
+        ref = meta.find_block(block_id)
+        if ref is None:
+            blocks.discard(block_id)
+        elif ref.csum is not None:  # uploaded just before the crash
+            await blocks.retire(block_id, uploaded=True)
+        else:
+            requeued += 1
+    orphans = meta.orphans()
+    for ino in orphans:
+        meta.begin()
+        garbage = [b for b in meta.delete_inode(ino) if blocks.discard(b)]
+        meta.add_garbage(garbage)
+        meta.commit()
+    if requeued or orphans:
+        log.warning("recovered from an unclean stop: %d dirty blocks to upload, %d orphan "
+                    "inodes removed", requeued, len(orphans))
+
+
+def take_cache_lock(cache_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the cache dir: one daemon per cache dir, on any host."""
+    f = open(cache_dir / "lock", "w")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise LeaseError(
+            f"another wsfs daemon is using the cache dir {cache_dir}; unmount it first"
+        ) from None
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def write_registry(cfg: MountConfig, cache_dir: Path) -> None:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    path = registry_path(cfg.mountpoint)
+    path.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(cfg.mountpoint),
+                                "cache_dir": str(cache_dir), "store": cfg.store_url}))
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state, when it is listening."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), addr)
+        except OSError as e:
+            log.warning("could not notify systemd: %s", e)
+
+
+# -- entry points ---------------------------------------------------------------------------
+
+
+def prepare(cfg: MountConfig) -> Path:
+    """Every check that can fail before a daemon starts, so errors reach the terminal."""
+    cfg.mountpoint = cfg.mountpoint.absolute()
+    check_mountpoint(cfg)
+    cache_dir = check_cache_dir(cfg)
+    store = open_checked_store(cfg)
+    try:
+        read_superblock(store)
+    except NoWorkspaceError:
+        if not cfg.init:
+            raise  # with --init the daemon creates it (no trio before the fork)
+    return cache_dir
+
+
+def mount(cfg: MountConfig) -> None:
+    """`wsfs mount`: returns once the filesystem serves (or serves until unmounted)."""
+    cache_dir = prepare(cfg)
+    if cfg.foreground:
+        run_daemon(cfg, cache_dir, None)
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.setsid()
+        code = 0
+        try:
+            run_daemon(cfg, cache_dir, write_end, detach=True)
+        except SystemExit as e:
+            code = int(e.code or 0)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 4096):
+        chunks.append(chunk)
+    os.close(read_end)
+    if not chunks:
+        _, status = os.waitpid(pid, 0)
+        raise MountError(f"the wsfs daemon died while starting (status {status}); see "
+                         f"{cache_dir / 'wsfs.log'}")
+    msg = json.loads(b"".join(chunks))
+    if not msg["ok"]:
+        os.waitpid(pid, 0)
+        err = WsfsError(msg["message"])
+        err.exit_code = msg["code"]
+        raise err
+
+
+def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,
+               detach: bool = False) -> None:
+    """Run the mount in this process until it is unmounted and flushed."""
+    handler = logging.FileHandler(cache_dir / "wsfs.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    if detach:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+    daemon = Daemon(cfg, cache_dir, ready_fd)
+    try:
+        trio.run(daemon.serve)
+    except WsfsError as e:
+        if daemon.ready_fd is not None:
+            daemon.report_ready(e)
+            sys.exit(e.exit_code)
+        log.error("%s", e)
+        raise
+    except BaseException as e:
+        log.exception("the wsfs daemon failed")
+        if daemon.ready_fd is not None:
+            err = MountError(f"the wsfs daemon failed while starting: {e}")
+            daemon.report_ready(err)
+            sys.exit(err.exit_code)
+        raise
+
+
+def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> None:
+    """`wsfs unmount`: flush, unmount, and wait until the daemon has uploaded everything."""
+    mp = mountpoint.absolute()
+    reg_path = registry_path(mp)
+    try:
+        reg = json.loads(reg_path.read_text())
+    except (OSError, ValueError):
+        reg = None
+    if not is_mountpoint(mp):
+        raise MountError(f"{mp} is not mounted")
+    if reg is None:
+        raise MountError(f"{mp} is not a wsfs mount of this machine (no {reg_path}); "
+                         "unmount it with `fusermount3 -u`")
+    try:
+        pyfuse3.syncfs(str(mp))
+    except OSError as e:
+        log.warning("syncfs(%s) failed: %s", mp, e)
+    result = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"cannot unmount {mp}: {result.stderr.strip()}; close the files "
+                         "and shells using it and try again")
+    wait_for_daemon(int(reg["pid"]), Path(reg["cache_dir"]), progress=progress,
+                    timeout=timeout)
+
+
+def wait_for_daemon(pid: int, cache_dir: Path, *, progress: bool,
+                    timeout: float | None) -> None:
+    """Wait for the daemon to exit; succeed only if it reported every byte uploaded."""
+    status_file = cache_dir / "status.json"
+    start = time.monotonic()
+    first_dirty: int | None = None
+    while pid_alive(pid):
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise FlushError(f"the wsfs daemon (pid {pid}) is still flushing after "
+                             f"{timeout:.0f}s; it goes on alone")
+        try:
+            st = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            st = {}
+        dirty = int(st.get("dirty_bytes", 0))
+        if first_dirty is None and st:
+            first_dirty = dirty
+        if progress and st:
+            elapsed = time.monotonic() - start
+            done = (first_dirty or 0) - dirty
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = f", ~{dirty / rate:.0f}s left" if rate > 0 and dirty else ""
+            print(f"\rflushing: {dirty / 1e6:8.1f} MB left{eta}   ", end="", file=sys.stderr,
+                  flush=True)
+        time.sleep(0.2)
+    if progress:
+        print(file=sys.stderr)
+    try:
+        st = json.loads(status_file.read_text())
+    except (OSError, ValueError):
+        st = {}
+    if st.get("state") != "done":
+        raise FlushError(
+            f"the wsfs daemon stopped before everything was uploaded ({st.get('last_error')}); "
+            f"the dirty data stays in {cache_dir} and the next mount uploads it"
+        )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False

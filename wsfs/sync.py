@@ -1,0 +1,261 @@
+"""The one place that orders durability: dirty blocks up first, then the checkpoint.
+
+A flush cycle, in order:
+1. seal every dirty block and pin a read snapshot of the metadata, in the trio thread with no
+   await between them, so the snapshot references only sealed or already-uploaded blocks;
+2. copy the snapshot aside (worker thread) and release it;
+3. upload the sealed blocks in parallel, retrying with backoff; each uploaded block gets its
+   checksum recorded and moves to the clean cache at once (it is in the store, whatever
+   happens to the rest of the cycle);
+4. fill the checksums into the copy, refuse to go on if any referenced block still lacks one,
+   and publish it (pages, manifest, then HEAD);
+5. only then delete the objects that the snapshot listed as garbage.
+
+Invariant: the store always holds a consistent filesystem as of its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from .blocks import BlockCache, object_key
+from .errors import FlushError
+from .meta import Metadata
+from .meta import checkpoint as ckpt
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PRUNE_EVERY = 20
+
+
+class Flusher:
+    """Uploads dirty blocks and publishes checkpoints, continuously and on demand."""
+
+    def __init__(
+        self,
+        meta: Metadata,
+        blocks: BlockCache,
+        store: ObjectStore,
+        cache_dir: Path,
+        *,
+        flush_delay: float,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.meta = meta
+        self.blocks = blocks
+        self.store = store
+        self.cache_dir = cache_dir
+        self.flush_delay = flush_delay
+        self.limiter = limiter
+        self.soft_limit = blocks.dirty_limit // 2
+        self.seq = int(meta.get_setting("checkpoint_seq") or 0)
+        self.known_pages = self._load_pages()
+        self._published_changes = -1  # unknown at start: publish once to be sure
+        self._pending_since: float | None = None
+        self._lock = trio.Lock()
+        self._kick = trio.Event()
+        self._started = 0  # cycles started so far
+        self._ok_upto = 0  # the start number of the newest cycle that published successfully
+        self._cycle_finished = trio.Event()
+        # figures for status and tests
+        self.last_publish_time: float | None = None
+        self.uploaded_blocks = 0
+        self.uploaded_bytes = 0
+        self.retries = 0
+        self.last_error: str | None = None
+
+    # -- what is pending -------------------------------------------------------------------
+
+    def pending(self) -> bool:
+        """True while something written is not yet covered by a published checkpoint."""
+        return self.blocks.dirty_count > 0 or self.meta.total_changes != self._published_changes
+
+    def _due(self) -> bool:
+        if not self.pending():
+            self._pending_since = None
+            return False
+        now = time.monotonic()
+        if self._pending_since is None:
+            self._pending_since = now
+        age = max(now - self._pending_since, self.blocks.oldest_dirty_age())
+        return age >= self.flush_delay or self.blocks.dirty_bytes > self.soft_limit
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush continuously until cancelled; store errors are retried, never fatal."""
+        task_status.started()
+        backoff = 1.0
+        while True:
+            with trio.move_on_after(min(0.5, max(self.flush_delay / 4, 0.05))):
+                await self._kick.wait()
+            kicked = self._kick.is_set()
+            if kicked:
+                self._kick = trio.Event()
+            if not (kicked or self._due()):
+                continue
+            try:
+                await self.cycle()
+                backoff = 1.0
+            except Exception as e:
+                self.last_error = str(e)
+                log.warning("flush failed, retrying in %.0fs: %s", backoff, e)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def sync_now(self) -> None:
+        """Return once a cycle that started after this call has published successfully."""
+        target = self._started + 1
+        while self._ok_upto < target:
+            self._kick.set()
+            await self._cycle_finished.wait()
+
+    async def flush_all(self, timeout: float) -> None:
+        """Upload everything and publish the final checkpoint, or raise FlushError at timeout."""
+        deadline = trio.current_time() + timeout
+        backoff = 0.5
+        with trio.move_on_at(deadline):
+            while True:
+                try:
+                    await self.cycle()
+                except Exception as e:
+                    self.last_error = str(e)
+                    log.warning("final flush failed, retrying in %.1fs: %s", backoff, e)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 15.0)
+                    continue
+                if not self.pending():
+                    return
+        raise FlushError(
+            f"could not upload {self.blocks.dirty_bytes} dirty bytes within {timeout:.0f}s "
+            f"({self.last_error}); they stay in {self.cache_dir} and the next mount uploads them"
+        )
+
+    # -- one cycle -------------------------------------------------------------------------
+
+    async def cycle(self) -> None:
+        async with self._lock:
+            self._started += 1
+            number = self._started
+            try:
+                if self.pending():
+                    await self._cycle()
+                self._ok_upto = number
+            finally:
+                self._cycle_finished.set()
+                self._cycle_finished = trio.Event()
+
+    async def _cycle(self) -> None:
+        sealed = self.blocks.seal_all()
+        snapshot = ckpt.PinnedSnapshot(self.meta.path)
+        changes_at_pin = self.meta.total_changes
+        copy = self.cache_dir / "checkpoint.db"
+        uploaded: dict[str, str] = {}
+        try:
+            try:
+                await trio.to_thread.run_sync(snapshot.copy_to, copy, limiter=self.limiter)
+            finally:
+                snapshot.release()
+            async with trio.open_nursery() as nursery:
+                for block_id in sealed:
+                    nursery.start_soon(self._upload, block_id, uploaded)
+        finally:
+            with trio.CancelScope(shield=True):
+                for block_id in sealed:
+                    if block_id not in uploaded:
+                        await self.blocks.retire(block_id, uploaded=False)
+        own_changes = self.meta.total_changes
+        seq = self.seq + 1
+        self.meta.set_setting("pending_seq", str(seq))
+        await trio.to_thread.run_sync(self.meta.sync, limiter=self.limiter)
+        garbage = await trio.to_thread.run_sync(
+            ckpt.finalize, copy, uploaded, seq, limiter=self.limiter
+        )
+        manifest = await ckpt.publish(self.store, copy, seq, self.known_pages, self.limiter)
+        self.seq = seq
+        self.known_pages = set(manifest.pages)
+        self.meta.set_setting("checkpoint_seq", str(seq))
+        self._save_pages()
+        self.last_publish_time = time.time()
+        own_changes = self.meta.total_changes - own_changes
+        if garbage:
+            await self._collect(garbage)
+            own_changes += len(garbage)
+        self._published_changes = changes_at_pin + own_changes
+        self.last_error = None
+        log.debug("published checkpoint %d: %d blocks, %d garbage", seq, len(sealed),
+                  len(garbage))
+        if seq % PRUNE_EVERY == 0:
+            await self._retry(lambda: ckpt.prune(self.store, seq), "prune checkpoints")
+
+    async def _upload(self, block_id: str, uploaded: dict[str, str]) -> None:
+        csum = await self._retry_async(lambda: self.blocks.upload(block_id), f"upload {block_id}")
+        uploaded[block_id] = csum
+        self.meta.set_checksums({block_id: csum})
+        self.uploaded_blocks += 1
+        with trio.CancelScope(shield=True):
+            await self.blocks.retire(block_id, uploaded=True)
+
+    async def _collect(self, garbage: list[str]) -> None:
+        keys = [object_key(b) for b in garbage]
+        try:
+            await self._retry(lambda: self.store.delete_many(keys), "delete garbage", tries=3)
+        except Exception as e:  # the rows stay: a later checkpoint deletes them
+            log.warning("could not delete %d unreferenced blocks: %s", len(keys), e)
+            return
+        self.meta.remove_garbage(garbage)
+
+    async def _retry(self, fn: Callable[[], T], what: str, tries: int | None = None) -> T:
+        async def run() -> T:
+            return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+
+        return await self._retry_async(run, what, tries)
+
+    async def _retry_async(
+        self, fn: Callable[[], Awaitable[T]], what: str, tries: int | None = None
+    ) -> T:
+        """Retry with exponential backoff; callers bound the total time with cancel scopes."""
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await fn()
+            except Exception as e:
+                if tries is not None and attempt >= tries:
+                    raise
+                self.retries += 1
+                self.last_error = f"{what}: {e}"
+                log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt,
+                            delay, e)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- local record of the last manifest's pages -----------------------------------------
+
+    def _pages_file(self) -> Path:
+        return self.cache_dir / "pages.json"
+
+    def _load_pages(self) -> set[str]:
+        try:
+            data = json.loads(self._pages_file().read_text())
+        except (OSError, ValueError):
+            return set()
+        if data.get("seq") != self.seq:
+            return set()
+        return set(data["pages"])
+
+    def _save_pages(self) -> None:
+        tmp = self._pages_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seq": self.seq, "pages": sorted(self.known_pages)}))
+        tmp.replace(self._pages_file())
+

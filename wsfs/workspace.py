@@ -1,0 +1,173 @@
+"""A workspace in a store: its superblock, its creation, and bringing a cache dir up to date.
+
+`wsfs.json` (the superblock) says which format wrote the workspace and its block size. A
+workspace is created with a root directory and the marker `/.workspace.initialized`, and is
+published as checkpoint 1 through the same flush cycle every later change goes through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import stat
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .blocks import BlockCache
+from .errors import FormatError, NoWorkspaceError, WsfsError
+from .fs import MARKER, ROOT
+from .meta import Metadata
+from .meta import checkpoint as ckpt
+from .store import NoSuchKey, ObjectStore
+from .sync import Flusher
+
+log = logging.getLogger(__name__)
+
+SUPERBLOCK_KEY = "wsfs.json"
+FORMAT = 1
+DEFAULT_BLOCK_SIZE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Superblock:
+    format: int
+    workspace_id: str
+    block_size: int
+    created_ns: int
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+
+def read_superblock(store: ObjectStore) -> Superblock:
+    """The workspace's superblock, or a clear error if there is none or it is too new."""
+    try:
+        data = json.loads(store.get(SUPERBLOCK_KEY))
+    except NoSuchKey:
+        raise NoWorkspaceError(
+            f"{store.url} holds no wsfs workspace; create one with `wsfs init {store.url}` "
+            "or mount with --init"
+        ) from None
+    except ValueError:
+        raise NoWorkspaceError(
+            f"the superblock {SUPERBLOCK_KEY} in {store.url} is unreadable; restore it or "
+            "point wsfs at the right store"
+        ) from None
+    if int(data.get("format", 0)) > FORMAT:
+        raise FormatError(
+            f"{store.url} was written by a newer wsfs (format {data['format']}, this wsfs "
+            f"reads format {FORMAT}); upgrade wsfs"
+        )
+    return Superblock(int(data["format"]), str(data["workspace_id"]), int(data["block_size"]),
+                      int(data["created_ns"]))
+
+
+def marker_content(workspace_id: str, framework: str | None, labels: dict[str, str]) -> bytes:
+    return json.dumps(
+        {"workspace_id": workspace_id,
+         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         "wsfs_version": __version__, "framework": framework, "labels": labels},
+        indent=1,
+    ).encode() + b"\n"
+
+
+async def create(
+    store: ObjectStore,
+    *,
+    framework: str | None = None,
+    labels: dict[str, str] | None = None,
+    owner: tuple[int, int] = (0, 0),
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Superblock:
+    """Create a workspace: root directory, marker, checkpoint 1, then the superblock."""
+    if await trio.to_thread.run_sync(store.head, SUPERBLOCK_KEY) is not None:
+        raise WsfsError(f"{store.url} already holds a workspace; mount it instead")
+    sb = Superblock(FORMAT, uuid.uuid4().hex, block_size, time.time_ns())
+    limiter = trio.CapacityLimiter(16)
+    with tempfile.TemporaryDirectory(prefix="wsfs-init-") as tmp:
+        cache = Path(tmp)
+        meta = Metadata(cache / "meta.db")
+        blocks = BlockCache(cache, store, block_size=block_size, cache_size=1 << 26,
+                            dirty_limit=1 << 26, limiter=limiter)
+        try:
+            now = time.time_ns()
+            uid, gid = owner
+            meta.create_inode(stat.S_IFDIR | 0o755, uid, gid, now, nlink=2, ino=ROOT)
+            content = marker_content(sb.workspace_id, framework, labels or {})
+            marker = meta.create_inode(stat.S_IFREG | 0o444, uid, gid, now, size=len(content))
+            meta.add_entry(ROOT, MARKER, marker.id)
+            meta.set_block(marker.id, 0, blocks.create(content), None)
+            meta.set_setting("workspace_id", sb.workspace_id)
+            flusher = Flusher(meta, blocks, store, cache, flush_delay=0, limiter=limiter)
+            await flusher.cycle()
+        finally:
+            blocks.close()
+            meta.close()
+    await trio.to_thread.run_sync(store.put, SUPERBLOCK_KEY, sb.encode())
+    return sb
+
+
+async def prepare_cache(
+    store: ObjectStore, sb: Superblock, cache_dir: Path, limiter: trio.CapacityLimiter
+) -> None:
+    """Make `cache_dir/meta.db` the workspace's newest metadata.
+
+    A cache dir that holds this workspace as of the store's newest checkpoint (or newer: work
+    not yet published when the daemon died) is used as it is, and its dirty blocks are
+    uploaded by the next flush. A cache dir of another workspace is refused; one that is older
+    than the store (the workspace was mounted elsewhere since) is moved aside, never deleted.
+    """
+    db = cache_dir / "meta.db"
+    head = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
+    if head is None:
+        raise NoWorkspaceError(
+            f"{store.url} has a superblock but no checkpoint; its creation was interrupted, "
+            "so create it again in an empty location"
+        )
+    if db.exists():
+        meta = Metadata(db)
+        try:
+            ws = meta.get_setting("workspace_id")
+            local = {int(meta.get_setting(k) or 0) for k in ("checkpoint_seq", "pending_seq")}
+        finally:
+            meta.close()
+        if ws != sb.workspace_id:
+            raise WsfsError(
+                f"the cache dir {cache_dir} belongs to another workspace ({ws}); "
+                "use a different --cache-dir"
+            )
+        if head in local or max(local) > head:
+            log.info("using the metadata in %s (checkpoint %d)", cache_dir, max(local))
+            return
+        aside = cache_dir.with_name(f"{cache_dir.name}.stale-{int(time.time())}")
+        log.warning(
+            "the cache dir %s is older than the store (checkpoint %d < %d): moving it to %s",
+            cache_dir, max(local), head, aside,
+        )
+        shutil.move(str(cache_dir), aside)
+        cache_dir.mkdir(parents=True)
+    log.info("fetching checkpoint %d from %s", head, store.url)
+    for leftover in ("dirty", "clean", "pages.json", "checkpoint.db"):
+        p = cache_dir / leftover
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    await ckpt.fetch(store, head, db, limiter)
+    conn = Metadata(db)
+    try:
+        conn.set_setting("workspace_id", sb.workspace_id)
+    finally:
+        conn.close()
+
+
+def has_marker(meta: Metadata) -> bool:
+    ino = meta.lookup(ROOT, MARKER)
+    return ino is not None
