@@ -145,6 +145,11 @@ class Daemon:
             os.write(self.ready_fd, json.dumps(msg).encode())
             os.close(self.ready_fd)
             self.ready_fd = None
+            # Detached: let go of the caller's terminal or pipes (logs go to wsfs.log).
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
         if error is None:
             sd_notify("READY=1")
 
@@ -386,7 +391,7 @@ def mount(cfg: MountConfig) -> None:
         os.setsid()
         code = 0
         try:
-            run_daemon(cfg, cache_dir, write_end, detach=True)
+            run_daemon(cfg, cache_dir, write_end)
         except SystemExit as e:
             code = int(e.code or 0)
         except BaseException:
@@ -410,15 +415,11 @@ def mount(cfg: MountConfig) -> None:
         raise err
 
 
-def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,
-               detach: bool = False) -> None:
+def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
     """Run the mount in this process until it is unmounted and flushed."""
     handler = logging.FileHandler(cache_dir / "wsfs.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-    if detach:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
     daemon = Daemon(cfg, cache_dir, ready_fd)
     try:
         trio.run(daemon.serve)

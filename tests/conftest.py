@@ -1,0 +1,207 @@
+"""Shared test harness: real S3 servers on 127.0.0.1 and real FUSE mounts of wsfs.
+
+Every mount is made by the real command line (`python -m wsfs mount`, which daemonizes) and
+always torn down: `fusermount3 -u`, then `-uz`, then SIGKILL of the daemon. A test fails if a
+daemon logged an error or a traceback it did not expect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from s3servers import S3Server, start_moto, start_rclone
+
+WSFS = [sys.executable, "-m", "wsfs"]
+
+
+def run_wsfs(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the wsfs command line; on failure show its output in the assertion."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("WSFS_RUN_DIR", "/tmp/wsfs-test-run")
+    result = subprocess.run([*WSFS, *args], capture_output=True, text=True, env=full_env,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"wsfs {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    """Last-resort teardown: never leave a mount behind to hang later tests or CI."""
+    for args in (["-u"], ["-uz"]):
+        if not is_mounted(path):
+            return
+        subprocess.run(["fusermount3", *args, str(path)], capture_output=True, timeout=30)
+        time.sleep(0.2)
+
+
+class Workspace:
+    """One workspace in one store, mounted and unmounted by the real command line."""
+
+    def __init__(self, root: Path, store_url: str, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.store_url = store_url
+        self.env = {"WSFS_RUN_DIR": str(root / "run"), **(env or {})}
+        self.mnt = root / "mnt"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = root / "cache-0"
+        self._caches = 0
+        self.allowed_log_errors: list[str] = []
+
+    def wsfs(self, *args: str, check: bool = True, timeout: float = 120
+             ) -> subprocess.CompletedProcess[str]:
+        return run_wsfs(*args, env=self.env, check=check, timeout=timeout)
+
+    def init(self, *extra: str) -> None:
+        self.wsfs("init", self.store_url, *extra)
+
+    def mount(self, *extra: str, cache_dir: Path | None = None,
+              flush_delay: float = 1.0) -> Path:
+        if cache_dir is not None:
+            self.cache_dir = cache_dir
+        self.wsfs("mount", self.store_url, str(self.mnt), "--cache-dir", str(self.cache_dir),
+                  "--flush-delay", str(flush_delay), *extra)
+        assert is_mounted(self.mnt)
+        return self.mnt
+
+    def fresh_cache(self) -> Path:
+        """A new, empty cache dir: the next mount behaves like one on a fresh machine."""
+        self._caches += 1
+        self.cache_dir = self.root / f"cache-{self._caches}"
+        return self.cache_dir
+
+    def unmount(self) -> None:
+        self.wsfs("unmount", str(self.mnt), timeout=300)
+        assert not is_mounted(self.mnt)
+        self.check_log()
+
+    def remount(self, *, wipe_cache: bool = True, **kw: object) -> Path:
+        self.unmount()
+        if wipe_cache:
+            self.fresh_cache()
+        return self.mount(**kw)  # type: ignore[arg-type]
+
+    def status(self) -> dict[str, object]:
+        return dict(json.loads((self.cache_dir / "status.json").read_text()))
+
+    def daemon_pid(self) -> int | None:
+        try:
+            return int(self.status()["pid"])  # type: ignore[call-overload]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the daemon (SIGKILL: a crash) and clear the dead mount away."""
+        pid = self.daemon_pid()
+        assert pid is not None
+        os.kill(pid, sig)
+        if sig == signal.SIGKILL:
+            wait_pid_gone(pid)
+            force_unmount(self.mnt)
+
+    def check_log(self) -> None:
+        log = self.cache_dir / "wsfs.log"
+        if not log.exists():
+            return
+        bad = [line for line in log.read_text().splitlines()
+               if (" ERROR " in line or "Traceback" in line)
+               and not any(a in line for a in self.allowed_log_errors)]
+        assert not bad, "the daemon logged errors:\n" + "\n".join(bad[:20])
+
+    def teardown(self) -> None:
+        pid = self.daemon_pid()
+        force_unmount(self.mnt)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and pid_alive(pid):
+                    time.sleep(0.1)
+                os.kill(pid, signal.SIGKILL)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    return False
+
+
+def wait_pid_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not exit within {timeout}s")
+        time.sleep(0.05)
+
+
+# -- servers (started once per session, stopped at its end) -------------------------------
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[S3Server]:
+    server = start_moto()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_rclone(tmp_path_factory.mktemp("rclone-root"))
+    yield server
+    server.stop()
+
+
+def s3_workspace(server: S3Server, root: Path) -> Workspace:
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(bucket)
+    return Workspace(root, f"s3://{bucket}/ws", env=server.env())
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Iterator[Workspace]:
+    """An initialised workspace on the embedded file:// store, not yet mounted."""
+    w = Workspace(tmp_path, f"file://{tmp_path / 'store'}")
+    w.init()
+    yield w
+    w.teardown()
+
+
+@pytest.fixture
+def mounted(ws: Workspace) -> Iterator[Workspace]:
+    """The `ws` workspace, mounted."""
+    ws.mount()
+    yield ws
+
+
+@pytest.fixture(params=["file", "moto", "rclone"])
+def any_ws(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Workspace]:
+    """An initialised workspace on each kind of store: file://, moto and rclone serve s3."""
+    if request.param == "file":
+        w = Workspace(tmp_path, f"file://{tmp_path / 'store'}")
+    else:
+        server = request.getfixturevalue(f"{request.param}_server")
+        w = s3_workspace(server, tmp_path)
+    w.init()
+    yield w
+    w.teardown()
+
