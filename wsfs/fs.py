@@ -14,8 +14,11 @@ block layer never learns which file a block belongs to.
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections import defaultdict
@@ -696,3 +699,41 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext
     ) -> bool:
         return True  # the kernel checks permissions itself (default_permissions)
+
+
+def _guarded(fn: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+    """Turn any unexpected failure of a handler into an errno instead of a dead mount.
+
+    pyfuse3 lets an exception other than FUSEError end its main loop, which would take the
+    whole mount down for one bad request. A full disk becomes ENOSPC, any other OSError keeps
+    its errno, and everything else is logged with its traceback and answered with EIO.
+    """
+
+    @functools.wraps(fn)
+    async def handler(*args: object, **kwargs: object) -> object:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except sqlite3.OperationalError as e:
+            if "full" in str(e):
+                raise FUSEError(errno.ENOSPC) from None
+            log.exception("metadata error in %s", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FUSEError(errno.ENOSPC) from None
+            log.exception("I/O error in %s", fn.__name__)
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return handler
+
+
+for _name, _fn in list(vars(Operations).items()):
+    if _name not in ("forget",) and not _name.startswith("_") and inspect.iscoroutinefunction(
+        _fn
+    ):
+        setattr(Operations, _name, _guarded(_fn))
