@@ -138,7 +138,7 @@ class Daemon:
 
     def report_ready(self, error: WsfsError | None = None) -> None:
         """Tell the waiting `wsfs mount` (and systemd) how the start went."""
-        msg = {"ok": error is None}
+        msg: dict[str, object] = {"ok": error is None}
         if error is not None:
             msg.update(code=error.exit_code, message=str(error))
         if self.ready_fd is not None:

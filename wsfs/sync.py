@@ -60,6 +60,7 @@ class Flusher:
         self.seq = int(meta.get_setting("checkpoint_seq") or 0)
         self.known_pages = self._load_pages()
         self._published_changes = -1  # unknown at start: publish once to be sure
+        self._own_changes = 0  # changes the current cycle made itself since its pin
         self._pending_since: float | None = None
         self._lock = trio.Lock()
         self._kick = trio.Event()
@@ -158,6 +159,7 @@ class Flusher:
         sealed = self.blocks.seal_all()
         snapshot = ckpt.PinnedSnapshot(self.meta.path)
         changes_at_pin = self.meta.total_changes
+        self._own_changes = 0
         copy = self.cache_dir / "checkpoint.db"
         uploaded: dict[str, str] = {}
         try:
@@ -173,9 +175,8 @@ class Flusher:
                 for block_id in sealed:
                     if block_id not in uploaded:
                         await self.blocks.retire(block_id, uploaded=False)
-        own_changes = self.meta.total_changes
         seq = self.seq + 1
-        self.meta.set_setting("pending_seq", str(seq))
+        self._own(self.meta.set_setting, "pending_seq", str(seq))
         await trio.to_thread.run_sync(self.meta.sync, limiter=self.limiter)
         garbage = await trio.to_thread.run_sync(
             ckpt.finalize, copy, uploaded, seq, limiter=self.limiter
@@ -183,24 +184,32 @@ class Flusher:
         manifest = await ckpt.publish(self.store, copy, seq, self.known_pages, self.limiter)
         self.seq = seq
         self.known_pages = set(manifest.pages)
-        self.meta.set_setting("checkpoint_seq", str(seq))
+        self._own(self.meta.set_setting, "checkpoint_seq", str(seq))
         self._save_pages()
         self.last_publish_time = time.time()
-        own_changes = self.meta.total_changes - own_changes
         if garbage:
             await self._collect(garbage)
-            own_changes += len(garbage)
-        self._published_changes = changes_at_pin + own_changes
+        self._published_changes = changes_at_pin + self._own_changes
         self.last_error = None
         log.debug("published checkpoint %d: %d blocks, %d garbage", seq, len(sealed),
                   len(garbage))
         if seq % PRUNE_EVERY == 0:
             await self._retry(lambda: ckpt.prune(self.store, seq), "prune checkpoints")
 
+    def _own(self, write: Callable[..., None], *args: object) -> None:
+        """Make a bookkeeping change and count it, so it does not look like unpublished work.
+
+        Runs synchronously: no user change can slip in between the two counter readings, so a
+        user's change during a cycle is never mistaken for ours (and never left unpublished).
+        """
+        before = self.meta.total_changes
+        write(*args)
+        self._own_changes += self.meta.total_changes - before
+
     async def _upload(self, block_id: str, uploaded: dict[str, str]) -> None:
         csum = await self._retry_async(lambda: self.blocks.upload(block_id), f"upload {block_id}")
         uploaded[block_id] = csum
-        self.meta.set_checksums({block_id: csum})
+        self._own(self.meta.set_checksums, {block_id: csum})
         self.uploaded_blocks += 1
         with trio.CancelScope(shield=True):
             await self.blocks.retire(block_id, uploaded=True)
@@ -212,7 +221,7 @@ class Flusher:
         except Exception as e:  # the rows stay: a later checkpoint deletes them
             log.warning("could not delete %d unreferenced blocks: %s", len(keys), e)
             return
-        self.meta.remove_garbage(garbage)
+        self._own(self.meta.remove_garbage, garbage)
 
     async def _retry(self, fn: Callable[[], T], what: str, tries: int | None = None) -> T:
         async def run() -> T:

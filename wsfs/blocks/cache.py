@@ -21,7 +21,7 @@ import secrets
 import time
 from pathlib import Path
 
-import diskcache  # type: ignore[import-untyped]
+import diskcache
 import trio
 
 from ..store import NoSuchKey, ObjectStore
@@ -153,8 +153,13 @@ class BlockCache:
     async def fsync(self, block_ids: list[str]) -> None:
         """Make the given dirty blocks durable on the local disk."""
         fds = [self._fd(b) for b in block_ids if b in self._dirty]
+
+        def sync_all() -> None:
+            for fd in fds:
+                os.fsync(fd)
+
         if fds:
-            await trio.to_thread.run_sync(lambda: [os.fsync(fd) for fd in fds])
+            await trio.to_thread.run_sync(sync_all, limiter=self.limiter)
 
     def recover(self) -> list[str]:
         """Register the dirty blocks left on disk by an earlier run; return their ids."""
