@@ -72,6 +72,9 @@ class Flusher:
         self.uploaded_blocks = 0
         self.uploaded_bytes = 0
         self.retries = 0
+        self.errors = 0  # failed flush cycles
+        self.uploading_blocks = 0  # the upload queue: sealed blocks not yet in the store
+        self.uploading_bytes = 0
         self.last_error: str | None = None
 
     # -- what is pending -------------------------------------------------------------------
@@ -109,6 +112,7 @@ class Flusher:
                 backoff = 1.0
             except Exception as e:
                 self.last_error = str(e)
+                self.errors += 1
                 log.warning("flush failed, retrying in %.0fs: %s", backoff, e)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -130,6 +134,7 @@ class Flusher:
                     await self.cycle()
                 except Exception as e:
                     self.last_error = str(e)
+                    self.errors += 1
                     log.warning("final flush failed, retrying in %.1fs: %s", backoff, e)
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 15.0)
@@ -207,10 +212,19 @@ class Flusher:
         self._own_changes += self.meta.total_changes - before
 
     async def _upload(self, block_id: str, uploaded: dict[str, str]) -> None:
-        csum = await self._retry_async(lambda: self.blocks.upload(block_id), f"upload {block_id}")
+        length = self.blocks.dirty_length(block_id)
+        self.uploading_blocks += 1
+        self.uploading_bytes += length
+        try:
+            csum = await self._retry_async(lambda: self.blocks.upload(block_id),
+                                           f"upload {block_id}")
+        finally:
+            self.uploading_blocks -= 1
+            self.uploading_bytes -= length
         uploaded[block_id] = csum
         self._own(self.meta.set_checksums, {block_id: csum})
         self.uploaded_blocks += 1
+        self.uploaded_bytes += length
         with trio.CancelScope(shield=True):
             await self.blocks.retire(block_id, uploaded=True)
 

@@ -179,6 +179,10 @@ class BlockCache:
     def dirty_count(self) -> int:
         return len(self._dirty)
 
+    def dirty_length(self, block_id: str) -> int:
+        """The local length of a dirty block (0 if it is not dirty): for upload figures."""
+        return self._dirty.get(block_id, 0)
+
     def oldest_dirty_age(self) -> float:
         if not self._dirty_since:
             return 0.0

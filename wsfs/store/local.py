@@ -258,6 +258,19 @@ class LocalStore:
         except OSError as exc:
             raise self._error("list", prefix or "/", exc) from exc
 
+    def list_detailed(self, prefix: str = "") -> Iterator[tuple[str, int, float]]:
+        """Like `list`, with each object's modification time (seconds since the epoch).
+
+        Optional in the protocol: `wsfs gc` needs object ages to leave a mounted writer's
+        not-yet-published uploads alone.
+        """
+        for key, size in self.list(prefix):
+            try:
+                mtime = self._path(key).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            yield key, size, mtime
+
     def _walk(self, directory: Path, rel: str, prefix: str) -> Iterator[tuple[str, int]]:
         try:
             entries = list(os.scandir(directory))

@@ -325,7 +325,12 @@ class S3Store:
                 raise self._client_error(code, 0, message, f"delete {key!r} in {self.url}")
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """Yield (key, size) for every object whose key starts with `prefix`, in key order.
+        """Yield (key, size) for every object whose key starts with `prefix`, in key order."""
+        for key, size, _ in self.list_detailed(prefix):
+            yield key, size
+
+    def list_detailed(self, prefix: str = "") -> Iterator[tuple[str, int, float]]:
+        """Yield (key, size, LastModified as epoch seconds), in key order.
 
         S3 lists in UTF-8 byte order, which is also Python's str order. Keys outside wsfs's
         key rules (a 'dir/' marker someone made by hand) are skipped: wsfs never wrote them.
@@ -345,6 +350,6 @@ class S3Store:
                         check_key(key)
                     except ValueError:
                         continue
-                    yield key, int(obj["Size"])
+                    yield key, int(obj["Size"]), obj["LastModified"].timestamp()
         except (bex.BotoCoreError, bex.ClientError) as exc:
             self._raise(exc, "list")
