@@ -1,0 +1,101 @@
+"""Helpers shared by the POSIX tests (tests/test_posix_*.py): one mount per module, syscalls.
+
+Most POSIX checks need a mount but not a fresh one, so each test module shares one mount
+(`shared`) and every test works in a directory of its own (`d`). Tests that prove persistence
+use the function-scoped `mounted` fixture from conftest.py and remount on an empty cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Workspace
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+SYS_RENAMEAT2 = 316  # x86_64
+AT_FDCWD = -100
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    """rename(2) with flags (Python has no wrapper): raises OSError like os.rename."""
+    res = _libc.syscall(SYS_RENAMEAT2, AT_FDCWD, os.fsencode(old), AT_FDCWD,
+                        os.fsencode(new), flags)
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(old), None, str(new))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+    """One workspace mounted for a whole test module (allow_other: some tests drop root)."""
+    root = tmp_path_factory.mktemp("posix")
+    w = Workspace(root, f"file://{root / 'store'}")
+    w.init()
+    w.mount("-o", "allow_other")
+    yield w
+    try:
+        w.unmount()  # also fails the module's last test if the daemon logged an error
+    finally:
+        w.teardown()
+
+
+@pytest.fixture
+def d(shared: Workspace, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory of this test's own on the shared mount."""
+    path = shared.mnt / request.node.name.replace("/", "_")[:200]
+    path.mkdir()
+    return path
+
+
+def meta_rows(w: Workspace, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """Query the live metadata DB read-only (WAL lets a reader in beside the daemon)."""
+    conn = sqlite3.connect(f"file:{w.cache_dir / 'meta.db'}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def run_py(code: str, *, uid: int | None = None, gid: int | None = None,
+           cwd: Path | None = None, umask: int | None = None,
+           check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run Python code in a separate process, optionally as an unprivileged user.
+
+    The process starts as root, changes to `cwd` (pytest's tmp dirs are 0700, so an
+    unprivileged user could not walk there), then drops to uid/gid with no supplementary
+    groups; the code then uses paths relative to `cwd`.
+    """
+    prelude = "import os, sys, errno\n"
+    if cwd is not None:
+        prelude += f"os.chdir({str(cwd)!r})\n"
+    if umask is not None:
+        prelude += f"os.umask({umask})\n"
+    if uid is not None:
+        prelude += f"os.setgroups([]); os.setgid({gid if gid is not None else uid}); " \
+                   f"os.setuid({uid})\n"
+    result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
+                            text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def errno_of(fn: object, *args: object) -> int:
+    """The errno an OSError-raising call fails with (0 if it succeeds)."""
+    try:
+        fn(*args)  # type: ignore[operator]
+    except OSError as e:
+        return int(e.errno or 0)
+    return 0
