@@ -1,7 +1,8 @@
 """Helpers shared by the POSIX tests (tests/test_posix_*.py): one mount per module, syscalls.
 
 Most POSIX checks need a mount but not a fresh one, so each test module shares one mount
-(`shared`) and every test works in a directory of its own (`d`). Tests that prove persistence
+(`shared`) and every test works in a directory of its own (`d`); a test module imports
+`shared_fixture` and `d_fixture` to use them. Tests that prove persistence
 use the function-scoped `mounted` fixture from conftest.py and remount on an empty cache.
 """
 
@@ -17,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Workspace
 
 RENAME_NOREPLACE = 1
@@ -37,8 +37,8 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
         raise OSError(err, os.strerror(err), str(old), None, str(new))
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+@pytest.fixture(scope="module", name="shared")
+def shared_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     """One workspace mounted for a whole test module (allow_other: some tests drop root)."""
     root = tmp_path_factory.mktemp("posix")
     w = Workspace(root, f"file://{root / 'store'}")
@@ -51,10 +51,11 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
         w.teardown()
 
 
-@pytest.fixture
-def d(shared: Workspace, request: pytest.FixtureRequest) -> Path:
+@pytest.fixture(name="d")
+def d_fixture(shared: Workspace, request: pytest.FixtureRequest) -> Path:
     """A fresh directory of this test's own on the shared mount."""
-    path = shared.mnt / request.node.name.replace("/", "_")[:200]
+    name: str = request.node.name
+    path = shared.mnt / name.replace("/", "_")[:200]
     path.mkdir()
     return path
 

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Workspace
-from posix_util import d, errno_of, meta_rows, run_py, shared  # noqa: F401
+from posix_util import d_fixture, errno_of, meta_rows, run_py, shared_fixture  # noqa: F401
 
 MiB = 1 << 20
 BS = MiB  # the workspace's block size (the default of `wsfs init`)
