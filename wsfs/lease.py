@@ -2,10 +2,18 @@
 
 Two writers of one workspace would each publish checkpoints that ignore the other's, so a
 second mount is refused while a live lease names someone else. The lease is created with a
-conditional write (`put_if_absent`) where the store supports it; taking over an expired or dead
-holder's lease is an overwrite, so two mounts racing to take over the same expired lease within
-one round trip could both win: that window is documented, and `--force` exists for operators
-who know the holder is gone.
+conditional write (`put_if_absent`: S3 `If-None-Match: *` where the server honours it, a hard
+link on the directory store); on a server that ignores the header (`rclone serve s3`) it falls
+back to HEAD then PUT, which two mounts starting within one round trip could both pass.
+
+A lease is live while it has not expired and, when it names this host, its process still runs
+wsfs. So after a crash the same host takes over at once, another host after the TTL. Taking
+over is an overwrite followed by a read-back: of two mounts racing for one expired lease, the
+one whose write landed first sees the other's record and gives up, but two writes that land
+before either read-back can both win; that window is documented in docs/faults.md. `--force`
+takes over a live lease; if its holder is in fact still running, it notices at its next
+renewal, stops renewing and logs an error, but until it is unmounted both mounts publish
+checkpoints and the last one to publish wins the store (see docs/faults.md).
 """
 
 from __future__ import annotations
@@ -27,6 +35,15 @@ LEASE_KEY = "lease"
 LEASE_TTL = 60.0
 
 
+def default_ttl() -> float:
+    """The lease TTL: 60 s, or $WSFS_LEASE_TTL (tests use a few seconds)."""
+    try:
+        ttl = float(os.environ.get("WSFS_LEASE_TTL", LEASE_TTL))
+    except ValueError:
+        return LEASE_TTL
+    return ttl if ttl > 0 else LEASE_TTL
+
+
 @dataclass(frozen=True, slots=True)
 class Holder:
     host: str
@@ -36,7 +53,12 @@ class Holder:
     expires: float
 
     def alive_here(self) -> bool:
-        """Whether the holder is a live process on this host (false for other hosts)."""
+        """Whether the holder may still be running: false only for a dead wsfs on this host.
+
+        A holder on another host cannot be checked, so it counts as alive until its lease
+        expires. On this host the pid must exist and still be a wsfs process (a container
+        restarted with the same host name reuses small pids).
+        """
         if self.host != socket.gethostname():
             return True
         try:
@@ -45,7 +67,14 @@ class Holder:
             return False
         except PermissionError:
             return True
-        return True
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{self.pid}/stat") as f:
+                zombie = f.read().rsplit(") ", 1)[-1].startswith("Z")
+        except OSError:
+            return True
+        return b"wsfs" in cmdline and not zombie
 
     def describe(self) -> str:
         left = self.expires - time.time()
@@ -67,11 +96,12 @@ def read_holder(store: ObjectStore) -> Holder | None:
 class Lease:
     """This mount's claim on the workspace."""
 
-    def __init__(self, store: ObjectStore, cache_dir: str, ttl: float = LEASE_TTL) -> None:
+    def __init__(self, store: ObjectStore, cache_dir: str, ttl: float | None = None) -> None:
         self.store = store
-        self.ttl = ttl
+        self.ttl = default_ttl() if ttl is None else ttl
         self.cache_dir = cache_dir
         self.mount_id = uuid.uuid4().hex
+        self.lost = False  # another mount took the lease over (with --force or after expiry)
 
     def _record(self) -> bytes:
         holder = Holder(socket.gethostname(), os.getpid(), self.mount_id, self.cache_dir,
@@ -93,12 +123,27 @@ class Lease:
         if holder is not None:
             log.warning("taking over the lease of %s", holder.describe())
         self.store.put(LEASE_KEY, self._record())
+        now = read_holder(self.store)
+        if now is not None and now.mount_id != self.mount_id:
+            raise LeaseError(
+                f"another mount took this workspace over at the same moment ({now.describe()}); "
+                "unmount it there first"
+            )
 
     def renew(self) -> None:
-        """Extend the lease; if someone else took it, say so loudly and keep going."""
+        """Extend the lease; if someone else took it over, say so loudly and leave it to them.
+
+        Stealing it back would make the two mounts alternate as holders forever; leaving it
+        makes the other mount the one that the next `wsfs mount` sees.
+        """
+        if self.lost:
+            return
         holder = read_holder(self.store)
         if holder is not None and holder.mount_id != self.mount_id:
-            log.error("another mount took over this workspace's lease (%s)", holder.describe())
+            self.lost = True
+            log.error("another mount took over this workspace's lease (%s); unmount this one: "
+                      "its later changes may be overwritten in the store", holder.describe())
+            return
         self.store.put(LEASE_KEY, self._record())
 
     def release(self) -> None:

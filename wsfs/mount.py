@@ -327,14 +327,19 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
 
 def take_cache_lock(cache_dir: Path) -> IO[str]:
     """Hold an exclusive lock on the cache dir: one daemon per cache dir, on any host."""
-    f = open(cache_dir / "lock", "w")  # noqa: SIM115 - held for the daemon's lifetime
+    # "a+", not "w": truncating before the lock is ours would erase the holder's pid.
+    f = open(cache_dir / "lock", "a+")  # noqa: SIM115 - held for the daemon's lifetime
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
         f.close()
         raise LeaseError(
-            f"another wsfs daemon is using the cache dir {cache_dir}; unmount it first"
+            f"another wsfs daemon (pid {holder} on this host) is using the cache dir "
+            f"{cache_dir}; unmount it first or choose another --cache-dir"
         ) from None
+    f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
     return f

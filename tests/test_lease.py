@@ -1,0 +1,195 @@
+"""One writer per workspace: the lease in the store and the lock on the cache dir.
+
+A second mount of the same store is refused (exit 5, LeaseError) with a message naming the
+holder, whether it uses another cache dir, the same cache dir, or runs on "another host" (a
+lease object written with a foreign host name). A dead holder on this host is taken over at
+once, a foreign one once its lease expires, and a live one only with --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Workspace, is_mounted, s3_workspace, wait_pid_gone
+from s3servers import S3Server
+
+from wsfs.errors import LeaseError
+from wsfs.store import LocalStore, S3Store
+
+TTL = "3"  # seconds: WSFS_LEASE_TTL for every mount here, so expiry tests take seconds
+
+
+@pytest.fixture
+def lws(tmp_path: Path) -> Iterator[Workspace]:
+    """A file:// workspace whose mounts use a short lease TTL."""
+    w = Workspace(tmp_path / "a", f"file://{tmp_path / 'store'}", env={"WSFS_LEASE_TTL": TTL})
+    w.init()
+    yield w
+    w.teardown()
+
+
+@pytest.fixture
+def other(lws: Workspace) -> Iterator[Workspace]:
+    """A second client of the same store: its own mountpoint, cache dir and run dir."""
+    w = Workspace(lws.root.parent / "b", lws.store_url, env=dict(lws.env))
+    w.env["WSFS_RUN_DIR"] = str(w.root / "run")
+    yield w
+    w.teardown()
+
+
+def lease_of(ws: Workspace) -> dict[str, object] | None:
+    path = Path(ws.store_url.removeprefix("file://")) / "lease"
+    if not path.exists():
+        return None
+    return dict(json.loads(path.read_bytes()))
+
+
+def write_foreign_lease(ws: Workspace, host: str, expires_in: float) -> None:
+    store = LocalStore(Path(ws.store_url.removeprefix("file://")))
+    store.put("lease", json.dumps({
+        "host": host, "pid": 4242, "mount_id": "f" * 32, "cache_dir": "/var/cache/wsfs/x",
+        "expires": time.time() + expires_in,
+    }).encode())
+
+
+def mount_refused(ws: Workspace, *extra: str) -> str:
+    """Try to mount `ws`; assert it is refused as a second writer; return stderr."""
+    r = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.cache_dir),
+                *extra, check=False, timeout=60)
+    assert r.returncode == LeaseError.exit_code, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not is_mounted(ws.mnt)
+    return r.stderr
+
+
+def test_second_mount_other_cache_dir_refused_names_holder(lws: Workspace,
+                                                           other: Workspace) -> None:
+    mnt = lws.mount()
+    (mnt / "f").write_text("mine")
+    pid = lws.daemon_pid()
+    err = mount_refused(other)
+    assert f"pid {pid}" in err and socket.gethostname() in err and str(lws.cache_dir) in err
+    assert "already mounted" in err
+    # The refused mount changed nothing: the first one still holds the lease and serves.
+    lease = lease_of(lws)
+    assert lease is not None and lease["pid"] == pid
+    assert (mnt / "f").read_text() == "mine"
+    lws.unmount()
+    assert lease_of(lws) is None, "unmount must release the lease"
+    other.mount()
+    assert (other.mnt / "f").read_text() == "mine"
+    other.unmount()
+
+
+def test_second_mount_same_cache_dir_refused(lws: Workspace, other: Workspace) -> None:
+    lws.mount()
+    pid = lws.daemon_pid()
+    other.cache_dir = lws.cache_dir
+    err = mount_refused(other)
+    assert f"pid {pid}" in err and str(lws.cache_dir) in err
+    # The refused daemon must not have erased the holder's pid from the lock file.
+    assert (lws.cache_dir / "lock").read_text().strip() == str(pid)
+    lws.unmount()
+
+
+def test_dead_holder_on_this_host_taken_over_at_once(lws: Workspace, other: Workspace) -> None:
+    mnt = lws.mount()
+    (mnt / "f").write_bytes(b"x" * 1000)
+    os.fsync(os.open(mnt / "f", os.O_RDONLY))
+    lws.kill()  # SIGKILL: the lease in the store still names the dead pid, unexpired
+    lease = lease_of(lws)
+    assert lease is not None and float(lease["expires"]) > time.time()  # type: ignore[arg-type]
+    start = time.monotonic()
+    lws.mount()  # same cache dir, same host: the dead pid is detected, no wait for expiry
+    assert time.monotonic() - start < float(TTL)
+    assert (lws.mnt / "f").read_bytes() == b"x" * 1000
+    assert "taking over the lease" in (lws.cache_dir / "wsfs.log").read_text()
+    lws.unmount()
+
+
+def test_foreign_host_refused_until_expiry(lws: Workspace) -> None:
+    write_foreign_lease(lws, "notebook-7.elsewhere", expires_in=4)
+    err = mount_refused(lws)
+    assert "notebook-7.elsewhere" in err and "pid 4242" in err
+    time.sleep(4.5)
+    lws.mount()
+    lease = lease_of(lws)
+    assert lease is not None and lease["host"] == socket.gethostname()
+    assert lease["pid"] == lws.daemon_pid()
+    lws.unmount()
+
+
+def test_force_takes_over_a_live_foreign_lease(lws: Workspace) -> None:
+    write_foreign_lease(lws, "notebook-7.elsewhere", expires_in=3600)
+    mount_refused(lws)
+    lws.mount("--force")
+    lease = lease_of(lws)
+    assert lease is not None and lease["pid"] == lws.daemon_pid()
+    assert "taking over the lease of host notebook-7.elsewhere" in (
+        lws.cache_dir / "wsfs.log").read_text()
+    lws.unmount()
+
+
+def test_force_against_a_live_mount_the_old_one_yields(lws: Workspace,
+                                                       other: Workspace) -> None:
+    """The --force risk, observed: the old holder notices, stops renewing, logs an error."""
+    lws.mount()
+    other.mount("--force")
+    new_pid = other.daemon_pid()
+    lws.allowed_log_errors.append("another mount took over this workspace's lease")
+    deadline = time.monotonic() + 10
+    log = lws.cache_dir / "wsfs.log"
+    while "another mount took over" not in log.read_text():
+        assert time.monotonic() < deadline, "the old holder never noticed the takeover"
+        time.sleep(0.2)
+    time.sleep(float(TTL))  # several renewal periods: the old mount must not steal it back
+    lease = lease_of(lws)
+    assert lease is not None and lease["pid"] == new_pid
+    lws.unmount()  # releasing must not delete the new holder's lease
+    lease = lease_of(lws)
+    assert lease is not None and lease["pid"] == new_pid
+    other.unmount()
+    assert lease_of(lws) is None
+
+
+@pytest.mark.parametrize("kind", ["moto", "rclone"])
+def test_s3_second_mount_refused(kind: str, request: pytest.FixtureRequest,
+                                 tmp_path: Path) -> None:
+    """On S3 too; moto honours If-None-Match, rclone serve s3 ignores it (HEAD+PUT fallback)."""
+    server: S3Server = request.getfixturevalue(f"{kind}_server")
+    a = s3_workspace(server, tmp_path / "a")
+    b = Workspace(tmp_path / "b", a.store_url, env=server.env())
+    try:
+        a.init()
+        a.mount()
+        pid = a.daemon_pid()
+        err = mount_refused(b)
+        assert f"pid {pid}" in err
+        a.kill(signal.SIGKILL)
+        assert pid is not None
+        wait_pid_gone(pid)
+        b.mount()  # dead holder on this host: taken over at once, from another cache dir
+        b.unmount()
+    finally:
+        a.teardown()
+        b.teardown()
+    # What the store does with conditional writes (S3Store detects it on first use).
+    old = dict(os.environ)
+    os.environ.update(server.env())
+    try:
+        bucket = a.store_url.removeprefix("s3://").split("/")[0]
+        store = S3Store(bucket, "probe", endpoint_url=server.endpoint_url, path_style=True)
+        assert store.put_if_absent("k", b"1") is True
+        second = store.put_if_absent("k", b"2")
+        assert second is False  # the HEAD fallback still refuses a sequential second create
+        assert store.conditional_writes is (kind == "moto")
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
