@@ -12,11 +12,15 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from . import __version__
 from .errors import UsageError, WsfsError
+
+if TYPE_CHECKING:
+    from .mount import MountConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --init: label in the marker")
     sp.add_argument("--force", action="store_true",
                     help="take the workspace over even if another mount holds its lease")
+    mount_parser = sp
 
     sp = sub.add_parser("unmount", help="flush everything, unmount, wait for the daemon",
                         formatter_class=fmt)
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     sp.add_argument("--timeout", default=None,
                     help="give up waiting after this many seconds (the daemon goes on)")
+    from .entrypoint import add_parser as add_run_parser
+
+    add_run_parser(sub, mount_parser, fmt)
     return p
 
 
@@ -170,8 +178,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import MountConfig, mount
+def mount_config(args: argparse.Namespace) -> MountConfig:
+    """The mount configuration from `wsfs mount` (or `wsfs run`) arguments and -o options."""
+    from .mount import MountConfig
 
     cfg = MountConfig(
         store_url=args.store, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
@@ -183,8 +192,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
         labels=dict(parse_label(x) for x in args.label), force=args.force,
     )
     apply_options(cfg, args.options)
-    mount(cfg)
+    return cfg
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount
+
+    mount(mount_config(args))
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .entrypoint import run
+
+    return run(args)
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
@@ -195,7 +216,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount}
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

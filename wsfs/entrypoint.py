@@ -1,0 +1,379 @@
+"""`wsfs run`: the container entrypoint that owns /workspace for the notebook's whole life.
+
+It mounts the workspace, prepares /data as a plain local directory, runs the notebook command as
+its child and forwards signals to it. On SIGTERM (what `docker stop` and Kubernetes send) it
+stops the child (SIGTERM, then SIGKILL after `--stop-timeout`), flushes every dirty block,
+unmounts, waits for the daemon, and exits 0 — or 7 if the flush failed. If the child exits by
+itself, the same unmount follows and the entrypoint exits with the child's status.
+
+The entrypoint may be PID 1: it handles every signal it cares about (the kernel drops unhandled
+signals sent to PID 1) and reaps every orphan, like tini. Secrets stay in the environment or in
+a 0600 file: never on a command line, never in a log, and by default not in the child's
+environment either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from types import FrameType
+
+import pyfuse3
+
+from .errors import FlushError, MountError, UsageError, WsfsError
+
+log = logging.getLogger(__name__)
+
+# Signals passed on to the notebook as they are; SIGTERM means "stop the container".
+FORWARDED = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGWINCH)
+# Variables that carry S3 credentials: the daemon needs them, the notebook must not see them.
+SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_SECURITY_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "WSFS_CREDENTIALS_FILE")
+PR_SET_CHILD_SUBREAPER = 36
+PROGRESS_EVERY = 2.0  # seconds between two progress lines while flushing
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               mount_parser: argparse.ArgumentParser,
+               fmt: type[argparse.HelpFormatter]) -> None:
+    """Add `wsfs run`, taking every option of `wsfs mount` as it is."""
+    sp = sub.add_parser(
+        "run", formatter_class=fmt,
+        usage="wsfs run --mount STORE MOUNTPOINT [--data-dir DIR] [mount options] -- COMMAND...",
+        help="container entrypoint: mount, run COMMAND, flush and unmount when it ends or on "
+        "SIGTERM")
+    sp.add_argument("--mount", nargs=2, required=True, metavar=("STORE", "MOUNTPOINT"),
+                    help="the workspace to mount and where")
+    sp.add_argument("--data-dir", type=Path, default=Path("/data"), metavar="DIR",
+                    help="plain local directory to create for the notebook (never mounted or "
+                    "uploaded); '' for none")
+    sp.add_argument("--data-owner", default=None, metavar="UID:GID",
+                    help="chown the data dir to this owner (unset: left as it is)")
+    sp.add_argument("--stop-timeout", default="10", metavar="SECONDS",
+                    help="seconds the child may take to exit after SIGTERM before SIGKILL")
+    sp.add_argument("--credentials-file", type=Path, default=None, metavar="FILE",
+                    help="AWS shared-credentials file (mode 0600) with the store's keys")
+    sp.add_argument("--keep-credentials", action="store_true",
+                    help="also pass the AWS credential variables to COMMAND, which otherwise "
+                    "does not see them")
+    for action in mount_parser._actions:
+        if action.option_strings and action.dest != "help" and action.dest != "foreground":
+            sp._add_action(action)
+    sp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                    help="the notebook command and its arguments")
+
+
+def use_credentials_file(path: Path) -> None:
+    """Point boto3 at a shared-credentials file after checking nobody else can read it."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise UsageError(f"cannot read the credentials file {path} ({e.strerror}); "
+                         "check the path") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"the credentials file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise UsageError(f"the credentials file {path} is readable by others (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`")
+    if st.st_uid not in (0, os.geteuid()):
+        raise UsageError(f"the credentials file {path} belongs to uid {st.st_uid}; "
+                         "it must belong to root or to the user running wsfs")
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path.absolute())
+
+
+def fstype_of(path: Path) -> str:
+    """The filesystem type of the mount that holds `path` (longest matching mountpoint)."""
+    best, fstype = "", "?"
+    target = str(path.resolve())
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mp = fields[1].replace("\\040", " ")
+            if (target == mp or target.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                best, fstype = mp, fields[2]
+    return fstype
+
+
+def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> None:
+    """Create /data as an ordinary local directory, outside the workspace and any wsfs mount."""
+    data = data_dir.absolute()
+    mp = mountpoint.absolute()
+    if data == mp or mp in data.parents or data in mp.parents:
+        raise UsageError(f"the data dir {data} and the workspace {mp} must not contain each "
+                         "other; pick separate directories")
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MountError(f"cannot create the data dir {data} ({e.strerror}); "
+                         "choose another --data-dir") from None
+    if fstype_of(data).startswith("fuse.wsfs"):
+        raise UsageError(f"the data dir {data} is on a wsfs mount; it must be local disk")
+    if owner:
+        m = re.fullmatch(r"(\d+):(\d+)", owner)
+        if not m:
+            raise UsageError(f"--data-owner must be UID:GID in numbers, not {owner!r}")
+        os.chown(data, int(m.group(1)), int(m.group(2)))
+    log.info("data dir %s is plain local disk (%s)", data, fstype_of(data))
+
+
+class Supervisor:
+    """The child, the signals, and the mount's final flush."""
+
+    def __init__(self, mountpoint: Path, daemon_pid: int, cache_dir: Path) -> None:
+        self.mountpoint = mountpoint
+        self.daemon_pid = daemon_pid
+        self.cache_dir = cache_dir
+        self.pending: deque[int] = deque()
+        self.child: subprocess.Popen[bytes] | None = None
+        self.child_status: int | None = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)
+
+    def install_signals(self) -> None:
+        """Record signals instead of dying of them (PID 1 has no default actions anyway)."""
+        for sig in (signal.SIGTERM, signal.SIGCHLD, *FORWARDED):
+            signal.signal(sig, self._on_signal)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    def wait_for_event(self, timeout: float) -> None:
+        select.select([self.wake_r], [], [], timeout)
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- processes --------------------------------------------------------------------------
+
+    def start_child(self, command: list[str], env: dict[str, str]) -> None:
+        """Run the notebook in its own process group, so signals reach all of its processes."""
+        try:
+            self.child = subprocess.Popen(command, env=env, process_group=0)
+        except OSError as e:
+            raise UsageError(f"cannot run {command[0]!r} ({e.strerror}); check the command "
+                             "and PATH") from None
+        log.info("started %s (pid %d)", command[0], self.child.pid)
+        if os.isatty(0):  # give the terminal to the child, as a shell would
+            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            try:
+                with contextlib.suppress(OSError):
+                    os.tcsetpgrp(0, self.child.pid)
+            finally:
+                signal.signal(signal.SIGTTOU, old)
+
+    def reap(self) -> None:
+        """Collect every exited child: ours, the daemon, and orphans handed to us."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.child is not None and pid == self.child.pid:
+                self.child_status = os.waitstatus_to_exitcode(status)
+                self.child.returncode = self.child_status
+                if self.child_status < 0:
+                    log.info("the command was killed by %s",
+                             signal.Signals(-self.child_status).name)
+                else:
+                    log.info("the command exited with status %d", self.child_status)
+
+    def child_alive(self) -> bool:
+        self.reap()
+        return self.child is not None and self.child_status is None
+
+    def signal_child(self, sig: int) -> None:
+        if self.child is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.child.pid, sig)
+
+    def stop_child(self, grace: float) -> None:
+        """SIGTERM to the child's group, SIGKILL after `grace` seconds."""
+        if self.child_alive():
+            log.info("stopping the command: SIGTERM, SIGKILL in %.0fs", grace)
+            self.signal_child(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while self.child_alive() and time.monotonic() < deadline:
+                self.wait_for_event(0.1)
+            if self.child_alive():
+                log.warning("the command did not stop within %.0fs: SIGKILL", grace)
+        # Whatever is left of its process group would keep files open in the workspace.
+        self.signal_child(signal.SIGKILL)
+        while self.child_alive():
+            self.wait_for_event(0.1)
+
+    def daemon_alive(self) -> bool:
+        self.reap()
+        from .mount import pid_alive
+
+        return pid_alive(self.daemon_pid)
+
+    # -- the main loop ----------------------------------------------------------------------
+
+    def supervise(self, grace: float) -> int | None:
+        """Run until the child exits (its status) or SIGTERM stops it (None)."""
+        while True:
+            while self.pending:
+                sig = self.pending.popleft()
+                if sig == signal.SIGTERM:
+                    log.info("got SIGTERM: stopping the command, then flushing the workspace")
+                    self.stop_child(grace)
+                    return None
+                if sig != signal.SIGCHLD:
+                    self.signal_child(sig)
+            if not self.child_alive():
+                assert self.child_status is not None
+                self.signal_child(signal.SIGKILL)  # leftovers of its process group
+                return self.child_status
+            if not self.daemon_alive():
+                log.error("the wsfs daemon died; see %s; stopping the command",
+                          self.cache_dir / "wsfs.log")
+                self.stop_child(grace)
+                raise MountError(f"the wsfs daemon serving {self.mountpoint} died; see "
+                                 f"{self.cache_dir / 'wsfs.log'}")
+            self.wait_for_event(1.0)
+
+    def unmount(self) -> None:
+        """`wsfs unmount`: sync, unmount, wait for the daemon's last upload, logging progress."""
+        from .mount import is_mountpoint
+
+        mp = str(self.mountpoint)
+        if is_mountpoint(self.mountpoint):
+            log.info("unmounting %s", mp)
+            try:
+                pyfuse3.syncfs(mp)
+            except OSError as e:
+                log.warning("syncfs(%s) failed: %s", mp, e)
+            for attempt in range(10):
+                result = subprocess.run(["fusermount3", "-u", mp], capture_output=True,
+                                        text=True)
+                if result.returncode == 0 or not is_mountpoint(self.mountpoint):
+                    break
+                log.warning("fusermount3 -u %s failed (attempt %d): %s", mp, attempt + 1,
+                            result.stderr.strip())
+                self.wait_for_event(1.0)
+            else:
+                log.warning("files in %s are still open: asking the daemon to unmount", mp)
+                os.kill(self.daemon_pid, signal.SIGTERM)
+        status_file = self.cache_dir / "status.json"
+        next_report = time.monotonic()
+        status: dict[str, object] = {}
+        while self.daemon_alive():
+            status = read_status(status_file) or status
+            if time.monotonic() >= next_report and status:
+                log.info("flushing: %.1f MB in %s blocks left, %s blocks uploaded, "
+                         "checkpoint %s", int(str(status.get("dirty_bytes", 0))) / 1e6,
+                         status.get("dirty_blocks"), status.get("uploaded_blocks"),
+                         status.get("checkpoint"))
+                next_report = time.monotonic() + PROGRESS_EVERY
+            self.pending.clear()  # further SIGTERMs: the flush goes on
+            self.wait_for_event(0.2)
+        status = read_status(status_file) or status
+        if status.get("state") != "done":
+            raise FlushError(
+                f"the wsfs daemon stopped before everything was uploaded "
+                f"({status.get('last_error')}); the dirty data stays in {self.cache_dir} "
+                "and the next mount with that cache dir uploads it")
+        log.info("every block is in the store (checkpoint %s); %s is unmounted",
+                 status.get("checkpoint"), mp)
+
+
+def read_status(path: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def child_env(keep_credentials: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    if not keep_credentials:
+        for name in SECRET_VARS:
+            env.pop(name, None)
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    """`wsfs run`: see the module docstring."""
+    from .cli import mount_config, parse_seconds
+    from .mount import mount, registry_path
+
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("wsfs run needs the command to run after `--`, e.g. "
+                         "`wsfs run --mount STORE /workspace -- jupyter lab`")
+    grace = parse_seconds(args.stop_timeout, "--stop-timeout")
+    args.store, mountpoint = args.mount
+    args.mountpoint = Path(mountpoint).absolute()
+    args.foreground = False
+    if args.credentials_file is not None:
+        use_credentials_file(args.credentials_file)
+    cfg = mount_config(args)
+    if str(args.data_dir):
+        prepare_data_dir(args.data_dir, args.mountpoint, args.data_owner)
+
+    if os.getpid() != 1:  # orphans of the notebook come to us, as they would to PID 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # A SIGTERM while mounting must not kill us with a daemon left behind: record it.
+    early: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: early.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    log.info("mounting %s on %s", cfg.store_url, cfg.mountpoint)
+    try:
+        mount(cfg)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    reg = json.loads(registry_path(cfg.mountpoint).read_text())
+    sup = Supervisor(cfg.mountpoint, int(reg["pid"]), Path(reg["cache_dir"]))
+    sup.install_signals()
+    sup.pending.extend(early)
+    log.info("mounted (daemon pid %d, cache %s)", sup.daemon_pid, sup.cache_dir)
+
+    status: int | None = None
+    try:
+        if signal.SIGTERM not in early:
+            sup.start_child(command, child_env(args.keep_credentials))
+            status = sup.supervise(grace)
+    finally:
+        try:
+            sup.unmount()
+        except WsfsError as e:
+            log.error("%s", e)
+            raise
+    if status is None:
+        log.info("stopped cleanly")
+        return 0
+    return status if status >= 0 else 128 - status
+
+
+def main() -> None:  # pragma: no cover - `python -m wsfs.entrypoint` convenience
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["run", *sys.argv[1:]]))
