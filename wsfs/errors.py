@@ -52,3 +52,9 @@ class FormatError(WsfsError):
     """The store was written by an incompatible (newer) wsfs format."""
 
     exit_code = 8
+
+
+class DamageError(WsfsError):
+    """`wsfs fsck` found damage: blocks missing or corrupt, or inconsistent metadata."""
+
+    exit_code = 9
