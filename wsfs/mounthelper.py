@@ -1,0 +1,146 @@
+"""`mount.wsfs` / `mount.fuse.wsfs` / `umount.fuse.wsfs`: what mount(8) and umount(8) call.
+
+With `/sbin/mount.fuse.wsfs` installed (packaging/install-mount-helper.sh), an fstab line like
+
+    s3://bucket/ws  /workspace  fuse.wsfs  _netdev,allow_other,cache_dir=/var/cache/wsfs/ws  0 0
+
+works with `mount /workspace`: util-linux runs `mount.fuse.wsfs SOURCE MOUNTPOINT -o OPTIONS`,
+and this helper turns that into `wsfs mount SOURCE MOUNTPOINT -o OPTIONS`, which returns once
+the filesystem serves. Options only mount(8) or systemd care about (`_netdev`, `noauto`,
+`nofail`, `x-systemd.*`, ...) are ignored by `wsfs mount` itself. Two options are the helper's:
+`credentials_file=PATH` (an AWS shared-credentials file, mode 0600; default
+/etc/wsfs/credentials when it exists and the environment has no keys) and `profile=NAME`.
+
+Installed as `/sbin/umount.fuse.wsfs`, the same script makes `umount /workspace` wait for the
+final upload like `wsfs unmount` does; without it (or with `umount -i`, `fusermount3 -u`) the
+kernel unmounts at once and the daemon finishes its upload alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import UsageError, WsfsError
+
+DEFAULT_CREDENTIALS = Path("/etc/wsfs/credentials")
+# The helper's own options: they configure the environment, not the mount.
+HELPER_OPTIONS = ("credentials_file", "profile")
+
+
+def parse_mount_args(argv: list[str]) -> tuple[str, str, list[str], bool, bool]:
+    """Parse `SOURCE MOUNTPOINT [-sfnv] [-N NS] [-o OPTS] [-t TYPE]` as mount(8) passes them.
+
+    Returns the source, mountpoint, options, verbose and fake (`-f`: do nothing).
+    """
+    positional: list[str] = []
+    options: list[str] = []
+    verbose = fake = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-o", "-t", "-N"):
+            if i + 1 >= len(argv):
+                raise UsageError(f"{arg} needs a value")
+            if arg == "-o":
+                options.append(argv[i + 1])
+            elif arg == "-N":
+                raise UsageError("wsfs cannot mount in another namespace (-N); run mount "
+                                 "inside that namespace instead")
+            i += 2
+            continue
+        if arg.startswith("-o") and len(arg) > 2:
+            options.append(arg[2:])
+        elif arg.startswith("-") and len(arg) > 1:
+            for flag in arg[1:]:
+                if flag == "v":
+                    verbose = True
+                elif flag == "f":
+                    fake = True
+                elif flag not in "sn":  # -s sloppy, -n no mtab: nothing to do for wsfs
+                    raise UsageError(f"unknown mount helper flag -{flag}")
+        else:
+            positional.append(arg)
+        i += 1
+    if len(positional) != 2:
+        raise UsageError("usage: mount.wsfs STORE MOUNTPOINT [-o OPTIONS]")
+    source, mountpoint = positional
+    source = source.removeprefix("wsfs#")  # the old `fuse` type's "subtype#source" form
+    return source, mountpoint, options, verbose, fake
+
+
+def take_helper_options(options: list[str]) -> list[str]:
+    """Apply credentials_file= and profile= to the environment; return the other options."""
+    rest: list[str] = []
+    creds: str | None = None
+    for group in options:
+        for opt in filter(None, (o.strip() for o in group.split(","))):
+            key, _, value = opt.partition("=")
+            if key == "credentials_file":
+                creds = value
+            elif key == "profile":
+                os.environ["AWS_PROFILE"] = value
+            else:
+                rest.append(opt)
+    from .entrypoint import use_credentials_file
+
+    if creds:
+        use_credentials_file(Path(creds))
+    elif (DEFAULT_CREDENTIALS.exists() and "AWS_ACCESS_KEY_ID" not in os.environ
+          and "AWS_SHARED_CREDENTIALS_FILE" not in os.environ):
+        use_credentials_file(DEFAULT_CREDENTIALS)
+    return rest
+
+
+def mount_main(argv: list[str]) -> int:
+    from .cli import main as cli_main
+
+    try:
+        source, mountpoint, options, verbose, fake = parse_mount_args(argv)
+        rest = take_helper_options(options)
+    except WsfsError as e:
+        print(f"mount.wsfs: {e}", file=sys.stderr)
+        return e.exit_code
+    if fake:
+        return 0
+    args = ["-v"] if verbose else []
+    args += ["mount", source, mountpoint]
+    if rest:
+        args += ["-o", ",".join(rest)]
+    return cli_main(args)
+
+
+def umount_main(argv: list[str]) -> int:
+    """`umount.fuse.wsfs MOUNTPOINT [-flnrv] [-N NS] [-t TYPE]`: unmount and wait for the flush."""
+    from .cli import main as cli_main
+    from .mount import registry_path
+
+    positional = [a for i, a in enumerate(argv)
+                  if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("-t", "-N"))]
+    flags = "".join(a[1:] for a in argv if a.startswith("-") and a not in ("-t", "-N"))
+    if len(positional) != 1:
+        print("umount.wsfs: usage: umount.wsfs MOUNTPOINT", file=sys.stderr)
+        return UsageError.exit_code
+    mountpoint = Path(positional[0]).absolute()
+    if "l" in flags:  # lazy: detach now, the daemon uploads alone
+        return subprocess.run(["fusermount3", "-uz", str(mountpoint)]).returncode
+    if not registry_path(mountpoint).exists():
+        # Mounted under another WSFS_RUN_DIR, or not by wsfs: unmount without waiting.
+        print(f"umount.wsfs: {mountpoint} is not registered in {registry_path(mountpoint).parent}"
+              "; unmounting without waiting for the upload", file=sys.stderr)
+        return subprocess.run(["fusermount3", "-u", str(mountpoint)]).returncode
+    return cli_main((["-v"] if "v" in flags else []) + ["unmount", str(mountpoint)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch on the name we were called by: mount.* or umount.*."""
+    argv = sys.argv if argv is None else argv
+    if Path(argv[0]).name.startswith("umount."):
+        return umount_main(argv[1:])
+    return mount_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
