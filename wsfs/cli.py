@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
@@ -62,9 +62,16 @@ def parse_label(text: str) -> tuple[str, str]:
     return key, value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `wsfs: ...` sentence and exit 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(UsageError.exit_code, f"wsfs: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="wsfs", description=__doc__.splitlines()[0] if __doc__
+    p = _Parser(prog="wsfs", description=__doc__.splitlines()[0] if __doc__
                                 else None, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"wsfs {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")

@@ -21,7 +21,7 @@ import trio
 
 from . import __version__
 from .blocks import BlockCache
-from .errors import FormatError, NoWorkspaceError, WsfsError
+from .errors import FormatError, MountError, NoWorkspaceError, WsfsError
 from .fs import MARKER, ROOT
 from .meta import Metadata
 from .meta import checkpoint as ckpt
@@ -139,7 +139,7 @@ async def prepare_cache(
         finally:
             meta.close()
         if ws != sb.workspace_id:
-            raise WsfsError(
+            raise MountError(
                 f"the cache dir {cache_dir} belongs to another workspace ({ws}); "
                 "use a different --cache-dir"
             )
