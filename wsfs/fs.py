@@ -665,6 +665,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
             raise FUSEError(errno.E2BIG)
+        if name.startswith(b"system.posix_acl_"):
+            # We do not enforce ACLs, so storing one would only hide the mode it carries:
+            # `cp -a` sets modes through the ACL and falls back to chmod on ENOTSUP.
+            raise FUSEError(errno.ENOTSUP)
         node = self._node(int(inode))
         with self._txn():
             self.meta.set_xattr(node.id, name, value)
