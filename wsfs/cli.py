@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 else None, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"wsfs {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log line format (terminal and the daemon's wsfs.log)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def store_args(sp: argparse.ArgumentParser) -> None:
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --init: label in the marker")
     sp.add_argument("--force", action="store_true",
                     help="take the workspace over even if another mount holds its lease")
+    sp.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                    help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default)")
     mount_parser = sp
 
     sp = sub.add_parser("unmount", help="flush everything, unmount, wait for the daemon",
@@ -126,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .entrypoint import add_parser as add_run_parser
 
     add_run_parser(sub, mount_parser, fmt)
+    from .admin.commands import add_parsers as add_admin_parsers
+
+    COMMANDS.update(add_admin_parsers(sub, store_args, fmt))
     return p
 
 
@@ -161,6 +168,8 @@ def apply_options(cfg: object, opts: list[str]) -> None:
                 cfg.endpoint_url = value
             elif key == "region" and sep:
                 cfg.region = value
+            elif key == "metrics" and sep:
+                cfg.metrics = value
             elif key in ("fsname", "subtype") and sep:
                 continue  # wsfs names its mounts itself
             else:
@@ -198,6 +207,7 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         init=args.init, framework=args.framework,
         labels=dict(parse_label(x) for x in args.label), force=args.force,
     )
+    cfg.metrics = getattr(args, "metrics", None)
     apply_options(cfg, args.options)
     return cfg
 
@@ -229,8 +239,9 @@ COMMANDS = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount, "run":
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="wsfs: %(levelname)s %(name)s: %(message)s")
+    from .logs import configure
+
+    configure(args.verbose, args.log_format)
     try:
         return COMMANDS[args.command](args)
     except WsfsError as e:

@@ -9,6 +9,7 @@ while it unmounts itself, so the kernel can hand over the dirty pages it still h
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -26,11 +27,14 @@ from typing import IO
 import pyfuse3
 import trio
 
+from . import __version__, control, logs, metrics
 from .blocks import BlockCache
 from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
 from .fs import Operations
 from .lease import Lease
 from .meta import Metadata
+from .metrics import RateMeter
+from .progress import Progress
 from .store import ObjectStore, open_store, probe
 from .sync import Flusher
 from .workspace import Superblock, create, has_marker, prepare_cache, read_superblock
@@ -64,6 +68,7 @@ class MountConfig:
     labels: dict[str, str] = field(default_factory=dict)
     force: bool = False
     nonempty: bool = False
+    metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint, off when None
 
 
 def default_cache_dir(store_url: str) -> Path:
@@ -135,6 +140,16 @@ class Daemon:
         self.flusher: Flusher | None = None
         self.blocks: BlockCache | None = None
         self.unmounting = False
+        # figures for `wsfs status` and --metrics (see status())
+        self.started = time.time()
+        self.rate = RateMeter()
+        self.upload_rate = 0.0
+        self.cache_bytes = 0
+        self.lease: Lease | None = None
+        self.lease_renewed: float | None = None
+        self.lease_error: str | None = None
+        self.syncs = 0
+
 
     def report_ready(self, error: WsfsError | None = None) -> None:
         """Tell the waiting `wsfs mount` (and systemd) how the start went."""
@@ -167,6 +182,7 @@ class Daemon:
         lock = take_cache_lock(self.cache_dir)
         lease = Lease(store, str(self.cache_dir))
         await trio.to_thread.run_sync(lease.acquire, cfg.force)
+        self.lease, self.lease_renewed = lease, time.time()
         try:
             await prepare_cache(store, sb, self.cache_dir, limiter)
             meta = Metadata(self.cache_dir / "meta.db")
@@ -201,6 +217,7 @@ class Daemon:
                    "default_permissions", *cfg.fuse_options}
         if cfg.read_only:
             options.add("ro")
+        listeners = await metrics.open_listeners(cfg.metrics) if cfg.metrics else []
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), options)
         except RuntimeError as e:
@@ -216,6 +233,8 @@ class Daemon:
                 nursery.start_soon(self._renew_lease, lease)
                 nursery.start_soon(self._write_status)
                 nursery.start_soon(self._watch_signals, nursery)
+                if listeners:
+                    nursery.start_soon(metrics.serve, listeners, self.status)
                 await pyfuse3.main()
                 log.info("unmounted %s; uploading what is left", cfg.mountpoint)
                 self.state = "flushing"
@@ -224,6 +243,7 @@ class Daemon:
             pyfuse3.close(unmount=False)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_status)
+                nursery.start_soon(self._show_flush_progress)
                 try:
                     await flusher.flush_all(cfg.unmount_timeout)
                 finally:
@@ -246,35 +266,75 @@ class Daemon:
             await trio.sleep(lease.ttl / 3)
             try:
                 await trio.to_thread.run_sync(lease.renew)
+                self.lease_renewed, self.lease_error = time.time(), None
             except Exception as e:
+                self.lease_error = str(e)
                 log.warning("could not renew the lease: %s", e)
 
     async def _write_status(self) -> None:
         while True:
+            f, b = self.flusher, self.blocks
+            if f is not None:
+                self.upload_rate = self.rate.sample(f.uploaded_bytes)
+            if b is not None:
+                with contextlib.suppress(Exception):  # a figure, never worth failing for
+                    self.cache_bytes = int(b.clean.volume())
             self.write_status()
             await trio.sleep(0.5)
 
-    def write_status(self) -> None:
-        """Publish the daemon's figures for `wsfs status` and `wsfs unmount`'s progress."""
+    async def _show_flush_progress(self) -> None:
+        """The final flush's progress: a live line at a terminal (-f), and the log."""
         f, b = self.flusher, self.blocks
-        status = {
+        assert f is not None and b is not None
+        progress = Progress(f"flushing {self.cfg.mountpoint}", tty=sys.stderr.isatty())
+        try:
+            while True:
+                progress.update(b.dirty_bytes, self.upload_rate, b.dirty_count,
+                                note=f.last_error)
+                await trio.sleep(0.5)
+        finally:
+            progress.finish()
+
+    def status(self) -> dict[str, object]:
+        """The daemon's figures, for `wsfs status`, `wsfs unmount`'s progress and --metrics."""
+        f, b = self.flusher, self.blocks
+        lease = self.lease
+        return {
             "pid": os.getpid(), "state": self.state, "store": self.cfg.store_url,
             "mountpoint": str(self.cfg.mountpoint), "cache_dir": str(self.cache_dir),
-            "time": time.time(),
+            "time": time.time(), "started": self.started, "version": __version__,
             "dirty_bytes": b.dirty_bytes if b else 0, "dirty_blocks": b.dirty_count if b else 0,
+            "dirty_limit": self.cfg.dirty_limit,
             "cache_hits": b.hits if b else 0, "cache_misses": b.misses if b else 0,
+            "cache_bytes": self.cache_bytes, "cache_limit": self.cfg.cache_size,
             "checkpoint": f.seq if f else 0,
             "last_checkpoint_time": f.last_publish_time if f else None,
             "uploaded_blocks": f.uploaded_blocks if f else 0,
-            "retries": f.retries if f else 0, "last_error": f.last_error if f else None,
+            "uploaded_bytes": f.uploaded_bytes if f else 0,
+            "uploading_blocks": f.uploading_blocks if f else 0,
+            "uploading_bytes": f.uploading_bytes if f else 0,
+            "upload_rate": self.upload_rate,
+            "retries": f.retries if f else 0, "errors": f.errors if f else 0,
+            "last_error": f.last_error if f else None,
+            "lease": None if lease is None else {
+                "host": socket.gethostname(), "pid": os.getpid(), "mount_id": lease.mount_id,
+                "renewed": self.lease_renewed, "ttl": lease.ttl, "error": self.lease_error},
+            "syncs": self.syncs, "metrics": self.cfg.metrics,
         }
+
+    def write_status(self) -> None:
+        """Publish status() to cache_dir/status.json (atomically) every half second."""
         tmp = self.cache_dir / "status.json.tmp"
-        tmp.write_text(json.dumps(status))
+        tmp.write_text(json.dumps(self.status()))
         tmp.replace(self.cache_dir / "status.json")
 
     async def _watch_signals(self, nursery: trio.Nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                       control.SYNC_SIGNAL) as sigs:
             async for signum in sigs:
+                if signum == control.SYNC_SIGNAL:  # `wsfs sync`
+                    nursery.start_soon(self._answer_sync_requests)
+                    continue
                 if self.unmounting:
                     log.warning("still unmounting; the flush continues (SIGKILL loses nothing "
                                 "already written, the next mount uploads it)")
@@ -283,6 +343,10 @@ class Daemon:
                          self.cfg.mountpoint)
                 self.unmounting = True
                 nursery.start_soon(self._unmount_self)
+
+    async def _answer_sync_requests(self) -> None:
+        assert self.flusher is not None
+        self.syncs += await control.answer_requests(self.cache_dir, self.flusher.sync_now)
 
     async def _unmount_self(self) -> None:
         """Unmount while still serving, so the kernel can write back its dirty pages."""
@@ -422,9 +486,9 @@ def mount(cfg: MountConfig) -> None:
 
 def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
     """Run the mount in this process until it is unmounted and flushed."""
-    handler = logging.FileHandler(cache_dir / "wsfs.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    logs.add_file_handler(cache_dir / "wsfs.log")
+    # `wsfs sync`'s signal must never kill the daemon, even outside the signal watcher's life.
+    signal.signal(control.SYNC_SIGNAL, signal.SIG_IGN)
     daemon = Daemon(cfg, cache_dir, ready_fd)
     try:
         trio.run(daemon.serve)
@@ -470,10 +534,13 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
 
 def wait_for_daemon(pid: int, cache_dir: Path, *, progress: bool,
                     timeout: float | None) -> None:
-    """Wait for the daemon to exit; succeed only if it reported every byte uploaded."""
+    """Wait for the daemon to exit; succeed only if it reported every byte uploaded.
+
+    `progress`: redraw a progress line on stderr (a terminal); it is logged either way.
+    """
     status_file = cache_dir / "status.json"
     start = time.monotonic()
-    first_dirty: int | None = None
+    display = Progress("flushing", tty=progress)
     while pid_alive(pid):
         if timeout is not None and time.monotonic() - start > timeout:
             raise FlushError(f"the wsfs daemon (pid {pid}) is still flushing after "
@@ -482,19 +549,11 @@ def wait_for_daemon(pid: int, cache_dir: Path, *, progress: bool,
             st = json.loads(status_file.read_text())
         except (OSError, ValueError):
             st = {}
-        dirty = int(st.get("dirty_bytes", 0))
-        if first_dirty is None and st:
-            first_dirty = dirty
-        if progress and st:
-            elapsed = time.monotonic() - start
-            done = (first_dirty or 0) - dirty
-            rate = done / elapsed if elapsed > 0 else 0.0
-            eta = f", ~{dirty / rate:.0f}s left" if rate > 0 and dirty else ""
-            print(f"\rflushing: {dirty / 1e6:8.1f} MB left{eta}   ", end="", file=sys.stderr,
-                  flush=True)
+        if st:
+            display.update(int(st.get("dirty_bytes", 0)), float(st.get("upload_rate", 0)),
+                           int(st.get("dirty_blocks", 0)), note=st.get("last_error"))
         time.sleep(0.2)
-    if progress:
-        print(file=sys.stderr)
+    display.finish()
     try:
         st = json.loads(status_file.read_text())
     except (OSError, ValueError):

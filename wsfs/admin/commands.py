@@ -1,0 +1,170 @@
+"""The command-line verbs that observe and manage workspaces: status, sync, du, ls, gc, destroy.
+
+Kept apart from `wsfs.cli` (which owns parsing of the mount verbs and error printing) so each
+verb's arguments sit next to the code that runs it; `wsfs.cli` adds these parsers and commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError, WsfsError
+from ..store import ObjectStore
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class Aborted(WsfsError):
+    """The user did not confirm a destructive command."""
+
+    exit_code = 1
+
+
+def _seconds(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a number of seconds, not {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{what} must be zero or more seconds, not {text!r}")
+    return value
+
+
+def _open(args: argparse.Namespace) -> ObjectStore:
+    from ..store import open_store, probe
+
+    store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
+    probe(store)
+    return store
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=1, default=str))
+
+
+def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
+                fmt: type[argparse.HelpFormatter]) -> dict[str, Command]:
+    """Add this module's verbs to the `wsfs` parser; return their command functions."""
+    sp = sub.add_parser("status", formatter_class=fmt,
+                        help="what a mount has not saved yet (all mounts without MOUNTPOINT)")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?", default=None)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser("sync", formatter_class=fmt,
+                        help="upload everything written to MOUNTPOINT so far, and wait")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    sp.add_argument("--timeout", default=None,
+                    help="fail after this many seconds (the daemon keeps trying)")
+
+    sp = sub.add_parser("du", formatter_class=fmt,
+                        help="logical and stored size of a workspace, and its largest "
+                        "directories (no mount needed)")
+    store_args(sp)
+    sp.add_argument("--top", type=int, default=15, help="how many directories to show")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser("ls", formatter_class=fmt,
+                        help="every workspace under s3://BUCKET[/PREFIX], its size and last use")
+    store_args(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser("gc", formatter_class=fmt,
+                        help="delete objects no kept checkpoint references (safe while mounted)")
+    store_args(sp)
+    sp.add_argument("--min-age", default="3600",
+                    help="seconds an unreferenced object must have existed before it is "
+                    "deleted: a mounted writer's uploads are unreferenced until it publishes")
+    sp.add_argument("--dry-run", action="store_true", help="say what would be deleted, only")
+    sp.add_argument("--force", action="store_true",
+                    help="collect even though the last mount stopped uncleanly (its cache dir "
+                    "is known to be gone)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser("destroy", formatter_class=fmt,
+                        help="delete a workspace and all its objects (asks for its id)")
+    store_args(sp)
+    sp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sp.add_argument("--force", action="store_true",
+                    help="destroy even though a lease says it is mounted (the holder is gone)")
+    return {"status": cmd_status, "sync": cmd_sync, "du": cmd_du, "ls": cmd_ls, "gc": cmd_gc,
+            "destroy": cmd_destroy}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..status import show
+
+    print(show(args.mountpoint, as_json=args.json))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ..status import sync
+
+    timeout = None if args.timeout is None else _seconds(args.timeout, "--timeout")
+    summary = sync(args.mountpoint, progress=sys.stderr.isatty(), timeout=timeout)
+    if sys.stderr.isatty():
+        print(summary, file=sys.stderr)
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    from .du import du, format_report
+
+    report = du(_open(args), top=args.top)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .listing import format_table, list_workspaces, to_json
+
+    infos = list_workspaces(_open(args))
+    if args.json:
+        _print_json(to_json(infos))
+    else:
+        print(format_table(infos))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .gc import format_report, gc
+
+    report = gc(_open(args), min_age=_seconds(args.min_age, "--min-age"),
+                dry_run=args.dry_run, force=args.force)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from . import destroy as d
+
+    store = _open(args)
+
+    def confirm(workspace_id: str) -> bool:
+        if args.yes:
+            return True
+        print(f"This deletes workspace {workspace_id} and every object of it in {store.url}; "
+              "it cannot be undone.", file=sys.stderr)
+        print("Type the workspace id to confirm: ", end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline().strip()
+        return answer == workspace_id
+
+    try:
+        report = d.destroy(store, confirm=confirm, force=args.force)
+    except d.Aborted:
+        raise Aborted("nothing deleted: the workspace id was not confirmed (type it exactly, "
+                      "or pass --yes)") from None
+    print(f"destroyed workspace {report.workspace_id}: deleted {report.objects} objects "
+          f"from {report.store}")
+    return 0

@@ -1,0 +1,161 @@
+"""`wsfs gc STORE`: delete objects that no checkpoint references, safely beside a writer.
+
+What is live (never deleted):
+- every data block referenced by any checkpoint whose manifest is kept (the newest
+  `KEEP_MANIFESTS`, and any newer one), so the kept checkpoints stay restorable;
+- every metadata page those manifests name;
+- every object younger than `min_age` (default one hour), whatever references it;
+- everything that is not a block, page or old manifest (superblock, HEAD, lease, unknown keys).
+
+Why the grace period makes gc safe while a writer is mounted: a mounted writer uploads a
+cycle's blocks and pages *before* it publishes the checkpoint that references them, so for a
+moment they are in the store and referenced by nothing gc can see. A cycle publishes within
+seconds of its uploads (the flusher retries without end), so those objects are always young.
+And a block a new checkpoint references is either one of those young uploads, or was already
+referenced by the checkpoint gc read: block ids are never reused, so a block that left the
+tree never comes back. The same holds for pages (a manifest reuses only pages of the previous
+manifest, which gc keeps). Object ages come from the store's clock (LastModified).
+
+The one writer the grace period cannot protect is one that crashed (or failed its final
+flush) after uploading blocks it never published: its cache dir still references them and
+the next mount from it publishes them, however much later. Such a writer leaves its lease
+behind, so gc refuses to delete data while an expired lease is in the store, unless --force.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import LeaseError, NoWorkspaceError, WsfsError
+from ..lease import read_holder
+from ..meta import checkpoint as ckpt
+from ..progress import human_bytes, human_seconds
+from ..store import ObjectStore
+from ..workspace import read_superblock
+from . import block_ids, fetch_databases, list_detailed, manifest_seqs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_AGE = 3600.0
+BLOCK_PREFIX = "data/"
+READ_ATTEMPTS = 5
+
+
+@dataclass
+class GcReport:
+    store: str
+    dry_run: bool
+    min_age: float
+    checkpoints_kept: list[int] = field(default_factory=list)
+    live_blocks: int = 0
+    blocks_deleted: int = 0
+    block_bytes_deleted: int = 0
+    pages_deleted: int = 0
+    page_bytes_deleted: int = 0
+    manifests_deleted: int = 0
+    young_kept: int = 0  # unreferenced, but younger than min_age: maybe a writer's upload
+    young_bytes_kept: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = False,
+       force: bool = False) -> GcReport:
+    """Collect the garbage of the workspace in `store` (blocking)."""
+    read_superblock(store)
+    holder = read_holder(store)
+    if holder is not None and not force and (holder.expires < time.time()
+                                             or not holder.alive_here()):
+        raise LeaseError(
+            f"the last mount of {store.url} did not stop cleanly ({holder.describe()}), so its "
+            "cache dir may hold uploads no checkpoint references yet; mount and unmount it "
+            "once to publish them, or pass --force if that cache dir is gone for good"
+        )
+    if getattr(store, "list_detailed", None) is None and min_age > 0:
+        raise WsfsError(f"the store {store.url} cannot tell object ages, so gc cannot leave a "
+                        "mounted writer's fresh uploads alone; pass --min-age 0 if no one "
+                        "mounts the workspace")
+    start = time.time()
+    report = GcReport(store.url, dry_run, min_age)
+    head = ckpt.read_head(store)
+    if head is None:
+        raise NoWorkspaceError(f"{store.url} has a superblock but no checkpoint; nothing to "
+                               "collect")
+    for _attempt in range(READ_ATTEMPTS):
+        seqs = manifest_seqs(store)
+        kept = [s for s in seqs if s > head - ckpt.KEEP_MANIFESTS]
+        old = [s for s in seqs if s <= head - ckpt.KEEP_MANIFESTS]
+        live_blocks: set[str] = set()
+        live_pages: set[str] = set()
+        with tempfile.TemporaryDirectory(prefix="wsfs-gc-") as tmp:
+            fetched = fetch_databases(store, kept, Path(tmp))
+            for manifest, db in fetched.values():
+                live_pages.update(manifest.pages)
+                live_blocks |= block_ids(db)
+        if head in fetched:
+            break
+        # a busy writer published and pruned past `head` while we read: start over from its
+        # new HEAD (the pages and blocks read so far prove nothing about the newer manifests)
+        head = ckpt.read_head(store) or head
+    else:
+        raise WsfsError(f"the checkpoints of {store.url} changed faster than gc could read "
+                        "them; run gc again")
+    report.checkpoints_kept = sorted(fetched)
+    report.live_blocks = len(live_blocks)
+
+    def old_enough(mtime: float | None) -> bool:
+        return min_age <= 0 or (mtime is not None and start - mtime >= min_age)
+
+    doomed_blocks: list[str] = []
+    for key, size, mtime in list_detailed(store, BLOCK_PREFIX):
+        if key.rsplit("/", 1)[-1] in live_blocks:
+            continue
+        if not old_enough(mtime):
+            report.young_kept += 1
+            report.young_bytes_kept += size
+            continue
+        doomed_blocks.append(key)
+        report.blocks_deleted += 1
+        report.block_bytes_deleted += size
+    doomed_pages: list[str] = []
+    for key, size, mtime in list_detailed(store, ckpt.PAGE_PREFIX):
+        if key[len(ckpt.PAGE_PREFIX):] in live_pages:
+            continue
+        if not old_enough(mtime):
+            report.young_kept += 1
+            report.young_bytes_kept += size
+            continue
+        doomed_pages.append(key)
+        report.pages_deleted += 1
+        report.page_bytes_deleted += size
+    report.manifests_deleted = len(old)
+    if not dry_run:
+        # manifests first: a page is only ever deleted once no kept manifest names it
+        store.delete_many([ckpt.manifest_key(s) for s in old])
+        store.delete_many(doomed_pages)
+        store.delete_many(doomed_blocks)
+    log.info("gc store=%s dry_run=%s blocks_deleted=%d pages_deleted=%d manifests_deleted=%d "
+             "young_kept=%d", store.url, dry_run, report.blocks_deleted, report.pages_deleted,
+             report.manifests_deleted, report.young_kept)
+    return report
+
+
+def format_report(r: GcReport) -> str:
+    verb = "would delete" if r.dry_run else "deleted"
+    lines = [
+        f"{r.store}: {verb} {r.blocks_deleted} unreferenced blocks "
+        f"({human_bytes(r.block_bytes_deleted)}), {r.pages_deleted} metadata pages "
+        f"({human_bytes(r.page_bytes_deleted)}) and {r.manifests_deleted} old manifests",
+        f"  kept checkpoints {', '.join(f'#{s}' for s in r.checkpoints_kept)} and the "
+        f"{r.live_blocks} blocks they reference",
+    ]
+    if r.young_kept:
+        lines.append(f"  kept {r.young_kept} unreferenced objects "
+                     f"({human_bytes(r.young_bytes_kept)}) younger than "
+                     f"{human_seconds(r.min_age)}: a mounted writer may be about to publish them")
+    return "\n".join(lines)
