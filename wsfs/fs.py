@@ -24,7 +24,6 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import cast
 
 import pyfuse3
 import trio
@@ -99,7 +98,11 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)
         return node
 
-    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+    def _attr(self, node: Inode, nblocks: int | None = None) -> pyfuse3.EntryAttributes:
+        """The attributes the kernel caches for `timeout` seconds (we are the only writer).
+
+        `nblocks` is the number of stored blocks of a regular file, if the caller has it.
+        """
         a = pyfuse3.EntryAttributes()
         a.st_ino = pyfuse3.InodeT(node.id)
         a.generation = 0
@@ -113,8 +116,9 @@ class Operations(pyfuse3.Operations):
         a.st_size = node.size
         a.st_blksize = 128 * 1024
         if stat.S_ISREG(node.mode) and node.size:
-            stored = min(node.size, self.meta.block_count(node.id) * self.bs)
-            a.st_blocks = (stored + 511) // 512
+            if nblocks is None:
+                nblocks = self.meta.block_count(node.id)
+            a.st_blocks = (min(node.size, nblocks * self.bs) + 511) // 512
         else:
             a.st_blocks = 0
         a.st_atime_ns = node.atime_ns
@@ -431,6 +435,8 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         old_parent, new_parent = int(parent_inode_old), int(parent_inode_new)
         self._writable()
+        if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
+            raise FUSEError(errno.EINVAL)  # RENAME_WHITEOUT: overlayfs only
         self._check_name(name_new)
         if self._is_marker(old_parent, name_old) or self._is_marker(new_parent, name_new):
             raise FUSEError(errno.EPERM)
@@ -443,15 +449,15 @@ class Operations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             if dst_ino is None:
                 raise FUSEError(errno.ENOENT)
-            dst = self._node(dst_ino)
+            other = self._node(dst_ino)
             with self._txn():
                 self.meta.retarget_entry(old_parent, name_old, dst_ino)
                 self.meta.retarget_entry(new_parent, name_new, src_ino)
-                if old_parent != new_parent and stat.S_ISDIR(src.mode) != stat.S_ISDIR(dst.mode):
+                if old_parent != new_parent and stat.S_ISDIR(src.mode) != stat.S_ISDIR(other.mode):
                     moved_dir = 1 if stat.S_ISDIR(src.mode) else -1
                     self._adjust_nlink(old_parent, -moved_dir, ts)
                     self._adjust_nlink(new_parent, moved_dir, ts)
-                for n in (src, dst):
+                for n in (src, other):
                     n.ctime_ns = ts
                     self.meta.save_inode(n)
                 self._touch_parents(old_parent, new_parent, ts)
@@ -564,7 +570,7 @@ class Operations(pyfuse3.Operations):
     def _readahead(self, ino: int, first: int) -> None:
         if self.nursery is None:
             return
-        for idx, ref in self.meta.blocks_in(ino, first, first + READAHEAD_BLOCKS - 1).items():
+        for ref in self.meta.blocks_in(ino, first, first + READAHEAD_BLOCKS - 1).values():
             self.blocks.prefetch(self.nursery, ref.id, ref.csum)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
@@ -579,9 +585,14 @@ class Operations(pyfuse3.Operations):
                 await self._write_block(ino, idx, in_off, piece)
                 pos += len(piece)
             node = self._node(ino)
-            node.size = max(node.size, off + len(buf))
-            node.mtime_ns = node.ctime_ns = now_ns()
-            self.meta.save_inode(node)
+            if off + len(buf) > node.size or not self.enable_writeback_cache:
+                node.size = max(node.size, off + len(buf))
+                if not self.enable_writeback_cache:
+                    # With the writeback cache the kernel stamps mtime/ctime at write(2) time
+                    # and sends them through setattr; a write arriving here (seconds later)
+                    # must not overwrite them with the time of its writeback.
+                    node.mtime_ns = node.ctime_ns = now_ns()
+                self.meta.save_inode(node)
         return len(buf)
 
     async def _write_block(self, ino: int, idx: int, in_off: int, piece: bytes) -> None:
@@ -626,11 +637,34 @@ class Operations(pyfuse3.Operations):
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
-        for cookie, name, node in self.meta.list_entries(int(fh), start_id):
-            if not pyfuse3.readdir_reply(token, cast(pyfuse3.FileNameT, name),
-                                         self._attr(node), cookie):
+        """List "." (cookie 1), ".." (cookie 2), then the entries (cookie: dentry id + 2).
+
+        pyfuse3 always answers with readdirplus, and the kernel counts a lookup for every
+        entry it links, except "." and ".." (fuse_direntplus_link skips them; libfuse says
+        the same): so those two are not counted here, and every other entry is.
+        """
+        ino = int(fh)
+        if start_id < 2:
+            dots = [(b".", ino, 1), (b"..", self._parent_dir(ino), 2)][start_id:]
+            for name, dot_ino, cookie in dots:
+                node = self.meta.get_inode(dot_ino)
+                if node is None:
+                    continue
+                if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name),
+                                             self._attr(node), cookie):
+                    return
+        for dentry_id, name, node, nblocks in self.meta.list_entries(ino, max(0, start_id - 2)):
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name),
+                                         self._attr(node, nblocks), dentry_id + 2):
                 break
             self._lookups[node.id] += 1
+
+    def _parent_dir(self, ino: int) -> int:
+        """The parent of directory `ino` (itself for the root, and for a removed directory)."""
+        if ino == ROOT:
+            return ROOT
+        parent = self.meta.parent_of(ino)
+        return ino if parent is None else parent
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         pass

@@ -72,6 +72,8 @@ class Metadata:
         fmt = int(self.get_setting("format") or 0)
         if fmt != FORMAT_VERSION:
             raise ValueError(f"metadata format {fmt} is not {FORMAT_VERSION}")
+        # Databases created before this index existed (schema.py) get it on open.
+        self.conn.execute("CREATE INDEX IF NOT EXISTS dentries_by_parent ON dentries (parent)")
 
     def close(self) -> None:
         self.conn.close()
@@ -214,16 +216,20 @@ class Metadata:
         ).fetchone()
         return None if row is None else int(row[0])
 
-    def list_entries(self, parent: int, after: int) -> Iterator[tuple[int, bytes, Inode]]:
-        """Yield (cookie, name, inode) for the entries of `parent` past cookie `after`."""
+    def list_entries(self, parent: int, after: int) -> Iterator[tuple[int, bytes, Inode, int]]:
+        """Yield (dentry id, name, inode, stored blocks) for the entries of `parent` past
+        dentry id `after`. The block count (for st_blocks) comes in the same query, so a
+        listing costs one statement, not one per entry."""
         cols = ", ".join(f"i.{c.strip()}" for c in INODE_COLUMNS.split(","))
         cur = self.conn.execute(
-            f"SELECT d.id, d.name, {cols} FROM dentries d JOIN inodes i ON i.id = d.inode"
+            f"SELECT d.id, d.name, {cols},"
+            " (SELECT count(*) FROM blocks b WHERE b.inode = i.id)"
+            " FROM dentries d JOIN inodes i ON i.id = d.inode"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id",
             (parent, after),
         )
         for row in cur:
-            yield int(row[0]), bytes(row[1]), Inode(*row[2:])
+            yield int(row[0]), bytes(row[1]), Inode(*row[2:-1]), int(row[-1])
 
     # -- extended attributes ----------------------------------------------------------------
 
