@@ -60,6 +60,8 @@ class MountConfig:
     read_only: bool = False
     fsync_remote: bool = False
     unmount_timeout: float = 600.0
+    read_timeout: float = 60.0
+    enospc_timeout: float = 60.0
     cache_timeout: float = 300.0
     endpoint_url: str | None = None
     region: str | None = None
@@ -150,7 +152,6 @@ class Daemon:
         self.lease_error: str | None = None
         self.syncs = 0
 
-
     def report_ready(self, error: WsfsError | None = None) -> None:
         """Tell the waiting `wsfs mount` (and systemd) how the start went."""
         msg: dict[str, object] = {"ok": error is None}
@@ -193,7 +194,10 @@ class Daemon:
                 )
             await self._serve(store, sb, meta, lease, limiter)
         except BaseException:
-            await trio.to_thread.run_sync(lease.release)
+            try:
+                await trio.to_thread.run_sync(lease.release)
+            except Exception as e:  # the store is down (an outage at unmount): keep the cause
+                log.warning("could not release the lease (it expires by itself): %s", e)
             raise
         finally:
             lock.close()
@@ -205,7 +209,8 @@ class Daemon:
         cfg = self.cfg
         blocks = self.blocks = BlockCache(
             self.cache_dir, store, block_size=sb.block_size, cache_size=cfg.cache_size,
-            dirty_limit=cfg.dirty_limit, limiter=limiter,
+            dirty_limit=cfg.dirty_limit, limiter=limiter, read_timeout=cfg.read_timeout,
+            full_timeout=cfg.enospc_timeout,
         )
         await recover(meta, blocks)
         flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
@@ -241,13 +246,20 @@ class Daemon:
                 ops.nursery = None
                 nursery.cancel_scope.cancel()
             pyfuse3.close(unmount=False)
+            # FlushError is taken out of the nursery by hand: raised inside it, it would
+            # arrive wrapped in an ExceptionGroup and miss the handler below.
+            flush_error: FlushError | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_status)
                 nursery.start_soon(self._show_flush_progress)
                 try:
                     await flusher.flush_all(cfg.unmount_timeout)
+                except FlushError as e:
+                    flush_error = e
                 finally:
                     nursery.cancel_scope.cancel()
+            if flush_error is not None:
+                raise flush_error
         except FlushError:
             self.state = "failed"
             raise
@@ -375,7 +387,7 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
         if ref is None:
             blocks.discard(block_id)
         elif ref.csum is not None:  # uploaded just before the crash
-            await blocks.retire(block_id, uploaded=True)
+            blocks.retire(block_id, uploaded=True)  # in the store already
         else:
             requeued += 1
     orphans = meta.orphans()

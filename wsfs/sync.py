@@ -16,6 +16,7 @@ Invariant: the store always holds a consistent filesystem as of its newest check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from typing import TypeVar
 import trio
 
 from .blocks import BlockCache, object_key
+from .blocks.cache import MIN_RESERVE
 from .errors import FlushError
 from .meta import Metadata
 from .meta import checkpoint as ckpt
@@ -64,6 +66,7 @@ class Flusher:
         self._pending_since: float | None = None
         self._lock = trio.Lock()
         self._kick = trio.Event()
+        blocks.on_full = self.kick  # a full cache disk wants its dirty blocks gone now
         self._started = 0  # cycles started so far
         self._ok_upto = 0  # the start number of the newest cycle that published successfully
         self._cycle_finished = trio.Event()
@@ -100,6 +103,7 @@ class Flusher:
         task_status.started()
         backoff = 1.0
         while True:
+            self.meta.flush()
             with trio.move_on_after(min(0.5, max(self.flush_delay / 4, 0.05))):
                 await self._kick.wait()
             kicked = self._kick.is_set()
@@ -160,7 +164,21 @@ class Flusher:
                 self._cycle_finished.set()
                 self._cycle_finished = trio.Event()
 
+    def kick(self) -> None:
+        """Start a cycle now instead of at the next due time."""
+        self._kick.set()
+
+    def _update_reserve(self) -> None:
+        """Keep room on the cache disk for the database, its WAL and the checkpoint copy."""
+        size = 0
+        for p in (self.meta.path, Path(f"{self.meta.path}-wal")):
+            with contextlib.suppress(OSError):
+                size += p.stat().st_size
+        self.blocks.reserve = max(MIN_RESERVE, 2 * size + MIN_RESERVE // 2)
+
     async def _cycle(self) -> None:
+        self._update_reserve()
+        self.meta.flush()
         sealed = self.blocks.seal_all()
         snapshot = ckpt.PinnedSnapshot(self.meta.path)
         changes_at_pin = self.meta.total_changes
@@ -176,12 +194,12 @@ class Flusher:
                 for block_id in sealed:
                     nursery.start_soon(self._upload, block_id, uploaded)
         finally:
-            with trio.CancelScope(shield=True):
-                for block_id in sealed:
-                    if block_id not in uploaded:
-                        await self.blocks.retire(block_id, uploaded=False)
+            for block_id in sealed:
+                if block_id not in uploaded:
+                    self.blocks.retire(block_id, uploaded=False)
         seq = self.seq + 1
         self._own(self.meta.set_setting, "pending_seq", str(seq))
+        self.meta.flush()
         await trio.to_thread.run_sync(self.meta.sync, limiter=self.limiter)
         garbage = await trio.to_thread.run_sync(
             ckpt.finalize, copy, uploaded, seq, limiter=self.limiter
@@ -225,8 +243,7 @@ class Flusher:
         self._own(self.meta.set_checksums, {block_id: csum})
         self.uploaded_blocks += 1
         self.uploaded_bytes += length
-        with trio.CancelScope(shield=True):
-            await self.blocks.retire(block_id, uploaded=True)
+        self.blocks.retire(block_id, uploaded=True)
 
     async def _collect(self, garbage: list[str]) -> None:
         keys = [object_key(b) for b in garbage]

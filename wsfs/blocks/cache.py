@@ -18,19 +18,43 @@ import hashlib
 import logging
 import os
 import secrets
+import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import diskcache
 import trio
 
-from ..store import NoSuchKey, ObjectStore
+from ..store import NoSuchKey, ObjectStore, TransientStoreError
 
 log = logging.getLogger(__name__)
+
+# Free space kept on the cache disk for the metadata (meta.db, its WAL and the checkpoint
+# copy): dirty data may not eat into it, so a disk full of dirty data can still commit
+# metadata and publish the checkpoint that lets the dirty blocks go. The sync layer raises it
+# as the database grows.
+MIN_RESERVE = 8 << 20
 
 
 class BlockCorrupt(Exception):
     """A downloaded block does not match its checksum, or is missing from the store."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failure means the cache disk is full (OSError or SQLite's own wording)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite(2) all of `data`: a nearly full disk takes part of it and fails the rest."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
 
 def object_key(block_id: str) -> str:
@@ -53,11 +77,26 @@ class BlockCache:
         cache_size: int,
         dirty_limit: int,
         limiter: trio.CapacityLimiter,
+        read_timeout: float = 60.0,
+        full_timeout: float = 60.0,
     ) -> None:
+        """`read_timeout`: seconds a download may retry an unreachable store before the read
+        fails (EIO). `full_timeout`: seconds a writer waits on a full cache disk without any
+        space being freed before it gets ENOSPC."""
         self.store = store
         self.block_size = block_size
         self.dirty_limit = dirty_limit
         self.limiter = limiter
+        # Downloads may be abandoned at their deadline while their thread still waits on a
+        # stalled connection (holding a token until it ends): a limiter of their own keeps
+        # those from starving uploads.
+        self.fetch_limiter = trio.CapacityLimiter(16)
+        self.read_timeout = read_timeout
+        self.full_timeout = full_timeout
+        self.reserve = MIN_RESERVE
+        self.on_full: Callable[[], None] | None = None  # asks the sync layer to flush now
+        self._disk_full_since: float | None = None  # a writer got ENOSPC; no space since
+        self._last_fetch_error: str | None = None
         self.dirty_dir = cache_dir / "dirty"
         self.dirty_dir.mkdir(parents=True, exist_ok=True)
         self.clean = diskcache.Cache(
@@ -104,8 +143,13 @@ class BlockCache:
         """Create a writable dirty block holding `content`; return its new id."""
         block_id = secrets.token_hex(16)
         fd = self._fd(block_id)
-        if content:
-            os.pwrite(fd, content, 0)
+        try:
+            if content:
+                _pwrite_all(fd, content, 0)
+        except BaseException:  # a full disk: leave no unaccounted file behind
+            self._close(block_id)
+            self._path(block_id).unlink(missing_ok=True)
+            raise
         self._set_length(block_id, len(content))
         self._dirty_since[block_id] = time.monotonic()
         return block_id
@@ -118,7 +162,15 @@ class BlockCache:
 
     def write(self, block_id: str, offset: int, data: bytes) -> None:
         """Write into a writable dirty block (the caller checked `is_writable`)."""
-        os.pwrite(self._fd(block_id), data, offset)
+        fd = self._fd(block_id)
+        try:
+            _pwrite_all(fd, data, offset)
+        except OSError:
+            # Failed half-way (a full disk): the file may have grown; count what is there.
+            size = os.fstat(fd).st_size
+            if size > self._dirty[block_id]:
+                self._set_length(block_id, size)
+            raise
         end = offset + len(data)
         if end > self._dirty[block_id]:
             self._set_length(block_id, end)
@@ -188,10 +240,86 @@ class BlockCache:
             return 0.0
         return time.monotonic() - min(self._dirty_since.values())
 
-    async def wait_for_room(self) -> None:
-        """Block a writer while dirty data is over the hard limit (writers wait, never fail)."""
+    async def wait_for_room(self, size: int = 0) -> None:
+        """Block a writer while dirty data is over the hard limit or the cache disk is full.
+
+        Over the dirty limit writers wait, they never fail. On a full disk they wait while
+        clean blocks are evicted and uploads free dirty ones; only when no space has been
+        freed for `full_timeout` seconds (the disk is full of dirty data that cannot be
+        uploaded) does the write fail with ENOSPC, and later writes fail at once until space
+        is freed.
+        """
         while self.dirty_bytes > self.dirty_limit:
             await self._room.wait()
+        if self.disk_free() >= self._needed(size):
+            self._disk_full_since = None
+            return
+        await self._wait_for_disk(size)
+
+    def disk_free(self) -> int:
+        st = os.statvfs(self.dirty_dir)
+        return st.f_bavail * st.f_frsize
+
+    def _needed(self, size: int) -> int:
+        # A write may also copy a whole block (copy on write) before writing into it.
+        return self.reserve + size + 2 * self.block_size
+
+    def room_to_keep(self, size: int) -> bool:
+        """Whether a clean copy of `size` bytes fits without eating into the writers' room."""
+        return self.disk_free() >= self._needed(size)
+
+    async def _wait_for_disk(self, size: int) -> None:
+        need = self._needed(size)
+        await self.evict_clean(need - self.disk_free())
+        if self.disk_free() >= need:
+            return
+        if self._disk_full_since is not None:
+            raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
+        log.warning("the cache disk is full (%d bytes free, %d dirty): writers wait for uploads",
+                    self.disk_free(), self.dirty_bytes)
+        if self.on_full is not None:
+            self.on_full()
+        last_free, last_dirty = self.disk_free(), self.dirty_bytes
+        last_progress = trio.current_time()
+        while True:
+            await trio.sleep(0.1)
+            free = self.disk_free()
+            if free >= need:
+                self._disk_full_since = None
+                return
+            if free > last_free or self.dirty_bytes < last_dirty:
+                last_progress = trio.current_time()
+            last_free, last_dirty = free, self.dirty_bytes
+            if self._disk_full_since is not None:  # another writer already gave up
+                raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
+            if trio.current_time() - last_progress > self.full_timeout:
+                self._disk_full_since = trio.current_time()
+                log.error("the cache disk is full of dirty data that cannot be uploaded "
+                          "(%d bytes dirty): writes fail with ENOSPC until uploads or "
+                          "deletions free space", self.dirty_bytes)
+                raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
+            await self.evict_clean(need - free)
+
+    async def evict_clean(self, amount: int) -> None:
+        """Free `amount` bytes of the cache disk from the clean cache, if it holds them.
+
+        The clean cache's limit is lowered for the rest of the mount: the disk cannot hold
+        what --cache-size asked for.
+        """
+        if amount <= 0:
+            return
+
+        def work() -> tuple[int, int]:
+            volume = int(self.clean.volume())
+            limit = max(0, volume - amount - self.block_size)
+            if limit < int(self.clean.size_limit):
+                self.clean.reset("size_limit", limit)
+                self.clean.cull()
+            return volume, limit
+
+        volume, limit = await trio.to_thread.run_sync(work, limiter=self.limiter)
+        if limit < volume:
+            log.warning("the cache disk is full: clean cache limit lowered to %d bytes", limit)
 
     def _wake_writers(self) -> None:
         if self.dirty_bytes <= self.dirty_limit:
@@ -226,6 +354,20 @@ class BlockCache:
             return bytes(f.read(size))
 
     async def download(self, block_id: str, csum: str | None) -> bytes:
+        """Fetch a clean block into the cache, retrying an unreachable store until the
+        read deadline (`read_timeout`), then raise TransientStoreError (the reader gets EIO).
+
+        The worker thread is abandoned at the deadline: a stalled connection must not hold a
+        reader longer than that, and an abandoned download has no effect but a cache entry.
+        """
+        with trio.move_on_after(self.read_timeout):
+            return await self._download(block_id, csum)
+        raise TransientStoreError(
+            f"block {block_id} could not be downloaded within {self.read_timeout:g}s "
+            f"({self._last_fetch_error or 'no answer from the store'})"
+        )
+
+    async def _download(self, block_id: str, csum: str | None) -> bytes:
         """Fetch a clean block into the cache (once, however many readers wait for it)."""
         while (event := self._downloads.get(block_id)) is not None:
             await event.wait()
@@ -233,10 +375,20 @@ class BlockCache:
         if whole is not None:
             return whole
         event = self._downloads[block_id] = trio.Event()
+        delay = 0.2
         try:
-            return await trio.to_thread.run_sync(
-                self._download_blocking, block_id, csum, limiter=self.limiter
-            )
+            while True:
+                try:
+                    return await trio.to_thread.run_sync(
+                        self._download_blocking, block_id, csum, limiter=self.fetch_limiter,
+                        abandon_on_cancel=True,
+                    )
+                except TransientStoreError as e:
+                    self._last_fetch_error = str(e)
+                    log.warning("download of block %s failed, retrying in %.1fs: %s",
+                                block_id, delay, e)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
         finally:
             del self._downloads[block_id]
             event.set()
@@ -248,7 +400,11 @@ class BlockCache:
             raise BlockCorrupt(f"block {block_id} is missing from the store") from None
         if csum is not None and checksum(data) != csum:
             raise BlockCorrupt(f"block {block_id} does not match its checksum")
-        self.clean.set(block_id, data)
+        try:
+            self.clean.set(block_id, data)
+        except (OSError, sqlite3.OperationalError) as e:  # a full disk only costs the caching
+            if not disk_full(e):
+                raise
         return data
 
     def prefetch(self, nursery: trio.Nursery, block_id: str, csum: str | None) -> None:
@@ -273,38 +429,36 @@ class BlockCache:
         return ids
 
     async def upload(self, block_id: str) -> str:
-        """Upload a sealed block; return its checksum. Retries are the caller's business."""
+        """Upload a sealed block and keep a clean copy; return its checksum.
+
+        Retries are the caller's business. The clean copy is made from the bytes already in
+        memory, so a block is read from disk once however it ends.
+        """
 
         def work() -> str:
             with open(self._path(block_id), "rb") as f:
                 data = f.read()
             self.store.put(object_key(block_id), data)
+            # Near a full disk the copy would take the room this upload is about to free.
+            if self.room_to_keep(len(data)):
+                try:
+                    self.clean.set(block_id, data)
+                except (OSError, sqlite3.OperationalError) as e:  # costs a later download
+                    if not disk_full(e):
+                        raise
             return checksum(data)
 
         return await trio.to_thread.run_sync(work, limiter=self.limiter)
 
-    async def retire(self, block_id: str, uploaded: bool) -> None:
-        """End a sealed block's cycle: into the clean cache if uploaded, else writable again."""
+    def retire(self, block_id: str, uploaded: bool) -> None:
+        """End a sealed block's cycle: dropped if uploaded (its clean copy serves reads) or
+        discarded meanwhile, else writable again."""
+        self._sealed.discard(block_id)
         if block_id in self._doomed:
             self._doomed.discard(block_id)
-            self._sealed.discard(block_id)
             self._drop_dirty(block_id)
-            return
-        if not uploaded:
-            self._sealed.discard(block_id)
-            return
-
-        def keep() -> None:
-            with open(self._path(block_id), "rb") as f:
-                self.clean.set(block_id, f.read())
-
-        try:
-            await trio.to_thread.run_sync(keep, limiter=self.limiter)
-        except OSError as e:  # a full cache disk only costs a later download
-            if e.errno != errno.ENOSPC:
-                raise
-        self._sealed.discard(block_id)
-        self._drop_dirty(block_id)
+        elif uploaded:
+            self._drop_dirty(block_id)
 
     def close(self) -> None:
         for fd in self._fds.values():

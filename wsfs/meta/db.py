@@ -74,8 +74,10 @@ class Metadata:
             raise ValueError(f"metadata format {fmt} is not {FORMAT_VERSION}")
         # Databases created before this index existed (schema.py) get it on open.
         self.conn.execute("CREATE INDEX IF NOT EXISTS dentries_by_parent ON dentries (parent)")
+        self.conn.isolation_level = "DEFERRED"  # writes open a transaction; flush() commits
 
     def close(self) -> None:
+        self.flush()
         self.conn.close()
 
     # -- settings ---------------------------------------------------------------------------
@@ -91,18 +93,33 @@ class Metadata:
 
     # -- transactions -----------------------------------------------------------------------
 
+    # Group commit: changes accumulate in one open transaction that `flush()` commits (the
+    # flusher calls it every tick, and before every snapshot and fsync). A commit per FUSE
+    # request would write several WAL pages per request; a crash can only lose what no
+    # fsync(2) acknowledged, and a lost transaction loses metadata and the dirty blocks it
+    # referenced together (recovery deletes unreferenced dirty blocks).
+
     def begin(self) -> None:
-        """Start a write transaction; several statements then commit (or fail) together."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        """Start a group of statements that apply (or roll back) together: a savepoint."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+        self.conn.execute("SAVEPOINT op")
 
     def commit(self) -> None:
-        self.conn.execute("COMMIT")
+        self.conn.execute("RELEASE op")
 
     def rollback(self) -> None:
-        self.conn.execute("ROLLBACK")
+        self.conn.execute("ROLLBACK TO op")
+        self.conn.execute("RELEASE op")
+
+    def flush(self) -> None:
+        """Commit everything so far: durable against a daemon crash, visible to snapshots."""
+        if self.conn.in_transaction:
+            self.conn.commit()
 
     def sync(self) -> None:
-        """Make every committed change durable on disk (blocking: call from a worker thread)."""
+        """Make every committed change durable on disk (blocking: call from a worker thread
+        after `flush()` in the trio thread)."""
         wal = Path(f"{self.path}-wal")
         for p in (wal, self.path):
             try:
