@@ -1,0 +1,159 @@
+"""The layers under the filesystem, one at a time and without the kernel: metadata,
+checkpoints, the block cache and the flusher's durability order, on the embedded store."""
+
+from __future__ import annotations
+
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from wsfs.blocks import BlockCache, object_key
+from wsfs.meta import Metadata
+from wsfs.meta import checkpoint as ckpt
+from wsfs.store import LocalStore, NoSuchKey
+from wsfs.sync import Flusher
+
+BS = 1 << 20
+
+
+class RecordingStore(LocalStore):
+    """A LocalStore that remembers the order of its writes (to check durability order)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.puts: list[str] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        super().put(key, data)
+        self.puts.append(key)
+
+
+def make(tmp_path: Path) -> tuple[RecordingStore, Metadata, BlockCache, Flusher]:
+    store = RecordingStore(tmp_path / "store")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    meta = Metadata(cache / "meta.db")
+    limiter = trio.CapacityLimiter(4)
+    blocks = BlockCache(cache, store, block_size=BS, cache_size=1 << 26, dirty_limit=1 << 26,
+                        limiter=limiter)
+    meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, time.time_ns(), nlink=2, ino=1)
+    flusher = Flusher(meta, blocks, store, cache, flush_delay=0, limiter=limiter)
+    return store, meta, blocks, flusher
+
+
+def add_file(meta: Metadata, blocks: BlockCache, name: bytes, content: bytes) -> int:
+    node = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns(), size=len(content))
+    meta.add_entry(1, name, node.id)
+    for idx in range(0, max(len(content), 1), BS):
+        meta.set_block(node.id, idx // BS, blocks.create(content[idx : idx + BS]), None)
+    return node.id
+
+
+def test_checkpoint_is_published_after_every_block_it_references(tmp_path: Path) -> None:
+    store, meta, blocks, flusher = make(tmp_path)
+    add_file(meta, blocks, b"a", b"x" * (BS + 10))
+    add_file(meta, blocks, b"b", b"small")
+    trio.run(flusher.cycle)
+    head_at = store.puts.index(ckpt.HEAD_KEY)
+    data_puts = [i for i, k in enumerate(store.puts) if k.startswith("data/")]
+    assert len(data_puts) == 3
+    assert max(data_puts) < head_at
+    assert blocks.dirty_count == 0 and not flusher.pending()
+
+
+def test_fetched_checkpoint_reproduces_the_database(tmp_path: Path) -> None:
+    store, meta, blocks, flusher = make(tmp_path)
+    ino = add_file(meta, blocks, b"f", b"hello")
+    meta.set_xattr(ino, b"user.k", b"v")
+    trio.run(flusher.cycle)
+    target = tmp_path / "restored.db"
+    seq = ckpt.read_head(store)
+    assert seq == 1
+    trio.run(ckpt.fetch, store, seq, target, trio.CapacityLimiter(4))
+    restored = Metadata(target)
+    assert restored.lookup(1, b"f") == ino
+    assert restored.get_xattr(ino, b"user.k") == b"v"
+    ref = restored.get_block(ino, 0)
+    assert ref is not None and ref.csum is not None
+    assert store.get(object_key(ref.id)) == b"hello"
+
+
+def test_unchanged_pages_are_not_uploaded_again(tmp_path: Path) -> None:
+    store, meta, blocks, flusher = make(tmp_path)
+    for i in range(2000):  # a database of several pages
+        add_file(meta, blocks, f"file-{i}".encode(), b"")
+    trio.run(flusher.cycle)
+    first = sum(1 for k in store.puts if k.startswith(ckpt.PAGE_PREFIX))
+    store.puts.clear()
+    meta.set_setting("touch", "1")
+    trio.run(flusher.cycle)
+    second = sum(1 for k in store.puts if k.startswith(ckpt.PAGE_PREFIX))
+    assert first >= 4
+    assert 1 <= second < first
+
+
+def test_garbage_is_deleted_only_after_the_checkpoint_without_it(tmp_path: Path) -> None:
+    store, meta, blocks, flusher = make(tmp_path)
+    ino = add_file(meta, blocks, b"f", b"old content")
+    trio.run(flusher.cycle)
+    old = meta.get_block(ino, 0)
+    assert old is not None
+    # overwrite: the old object becomes garbage in the same transaction
+    meta.set_block(ino, 0, blocks.create(b"new content"), None)
+    assert blocks.discard(old.id)
+    meta.add_garbage([old.id])
+    assert store.head(object_key(old.id)) is not None
+    trio.run(flusher.cycle)
+    with pytest.raises(NoSuchKey):
+        store.get(object_key(old.id))
+
+
+def test_finalize_refuses_a_checkpoint_with_a_block_not_in_the_store(tmp_path: Path) -> None:
+    _, meta, blocks, _ = make(tmp_path)
+    add_file(meta, blocks, b"f", b"never uploaded")
+    meta.flush()
+    snap = ckpt.PinnedSnapshot(meta.path)
+    copy = tmp_path / "copy.db"
+    snap.copy_to(copy)
+    snap.release()
+    with pytest.raises(RuntimeError, match="not in the store"):
+        ckpt.finalize(copy, {}, 1)
+
+
+class GatedStore(RecordingStore):
+    """Holds every data upload until the test opens the gate."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("data/"):
+            self.waiting.set()
+            self.gate.wait(30)
+        super().put(key, data)
+
+
+def test_a_write_during_a_cycle_is_not_taken_as_published(tmp_path: Path) -> None:
+    _, meta, blocks, flusher = make(tmp_path)
+    store = GatedStore(tmp_path / "gated")
+    blocks.store = flusher.store = store
+    add_file(meta, blocks, b"f", b"data")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flusher.cycle)
+            while not store.waiting.is_set():  # the cycle has pinned and is uploading
+                await trio.sleep(0.01)
+            meta.set_setting("user-change", "1")
+            store.gate.set()
+        assert flusher.pending()
+        await flusher.cycle()
+        assert not flusher.pending()
+
+    trio.run(main)
