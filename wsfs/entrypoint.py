@@ -30,6 +30,7 @@ import time
 from collections import deque
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import pyfuse3
 
@@ -47,7 +48,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PROGRESS_EVERY = 2.0  # seconds between two progress lines while flushing
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+def add_parser(sub: argparse._SubParsersAction[Any],
                mount_parser: argparse.ArgumentParser,
                fmt: type[argparse.HelpFormatter]) -> None:
     """Add `wsfs run`, taking every option of `wsfs mount` as it is."""
@@ -130,6 +131,10 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
             raise UsageError(f"--data-owner must be UID:GID in numbers, not {owner!r}")
         os.chown(data, int(m.group(1)), int(m.group(2)))
     log.info("data dir %s is plain local disk (%s)", data, fstype_of(data))
+
+
+class DaemonDied(MountError):
+    """The daemon serving the workspace died under the running command."""
 
 
 class Supervisor:
@@ -251,8 +256,10 @@ class Supervisor:
                 log.error("the wsfs daemon died; see %s; stopping the command",
                           self.cache_dir / "wsfs.log")
                 self.stop_child(grace)
-                raise MountError(f"the wsfs daemon serving {self.mountpoint} died; see "
-                                 f"{self.cache_dir / 'wsfs.log'}")
+                raise DaemonDied(
+                    f"the wsfs daemon serving {self.mountpoint} died; its unsaved changes "
+                    f"stay in {self.cache_dir} and the next mount with that cache dir uploads "
+                    f"them (see {self.cache_dir / 'wsfs.log'})")
             self.wait_for_event(1.0)
 
     def unmount(self) -> None:
@@ -315,12 +322,24 @@ def child_env(keep_credentials: bool) -> dict[str, str]:
     return env
 
 
+def show_progress() -> None:
+    """The entrypoint's own lines (mount, stop, flush progress) always reach the container log."""
+    from .logs import formatter
+
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(formatter(stream=True))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
+
+
 def run(args: argparse.Namespace) -> int:
     """`wsfs run`: see the module docstring."""
     from .cli import mount_config, parse_seconds
     from .mount import mount, registry_path
 
-    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+    show_progress()
     command = list(args.argv)
     if command and command[0] == "--":
         command = command[1:]
@@ -361,12 +380,18 @@ def run(args: argparse.Namespace) -> int:
         if signal.SIGTERM not in early:
             sup.start_child(command, child_env(args.keep_credentials))
             status = sup.supervise(grace)
-    finally:
-        try:
-            sup.unmount()
-        except WsfsError as e:
-            log.error("%s", e)
-            raise
+    except DaemonDied:
+        # Nothing left to flush from here: clear the dead mount away for the next start.
+        subprocess.run(["fusermount3", "-uz", str(cfg.mountpoint)], capture_output=True)
+        raise
+    except BaseException:
+        sup.unmount()
+        raise
+    try:
+        sup.unmount()
+    except WsfsError as e:
+        log.error("%s", e)
+        raise
     if status is None:
         log.info("stopped cleanly")
         return 0

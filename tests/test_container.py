@@ -1,0 +1,378 @@
+"""The container entrypoint (`wsfs run`, packaging/container/entrypoint.sh) run as a plain process.
+
+There is no container engine here, so each test does what `docker run` / `docker stop` would:
+start the entrypoint, let its child (the "notebook") write through the mount and into /data,
+send SIGTERM, and check that every byte is in the store by mounting it again on an empty cache,
+that nothing written to /data reached the store, and that no secret shows in `ps` or a log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Workspace, is_mounted, pid_alive, wait_pid_gone
+from s3servers import S3Server, _start_with_retries, rclone_binary
+
+from wsfs import errors
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRYPOINT_SH = ROOT / "packaging" / "container" / "entrypoint.sh"
+BIN_DIR = Path(sys.executable).parent  # where the `wsfs` console script is
+
+# The "notebook": writes through the mount and into the data dir, records itself, then waits.
+# argv: MODE WORKSPACE DATA_DIR OUT_DIR; MODE is trap (SIGTERM: write goodbye, exit 0),
+# ignore (SIGTERM is ignored: the entrypoint must SIGKILL it) or exit3 (exit 3 by itself).
+CHILD = r'''
+import os, signal, sys, time
+mode, ws, data, out = sys.argv[1:5]
+def save(rel, content):
+    for root in (ws, os.path.join(out, "expected")):
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content)
+save("big.bin", os.urandom(3 * 1024 * 1024 + 12345))
+for i in range(20):
+    save(f"proj/src/m{i}.py", (f"# module {i}\n" + "x = %d\n" % i * i).encode())
+token = open(os.path.join(out, "data-token")).read()
+with open(os.path.join(data, "only-in-data-" + token), "w") as f:
+    f.write(("DATA " + token + "\n") * 5000)
+with open(os.path.join(out, "env.txt"), "w") as f:
+    f.write("\n".join(f"{k}={v}" for k, v in sorted(os.environ.items())))
+def on_usr1(signum, frame):
+    open(os.path.join(out, "got-usr1"), "w").close()
+def on_term(signum, frame):
+    save("goodbye.txt", b"written while stopping\n")
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, on_usr1)
+if mode == "trap":
+    signal.signal(signal.SIGTERM, on_term)
+elif mode == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(os.path.join(out, "ready"), "w").close()
+if mode == "exit3":
+    sys.exit(3)
+while True:
+    time.sleep(0.1)
+'''
+
+
+class Entrypoint:
+    """One run of the entrypoint as a plain process, with its output in a file."""
+
+    def __init__(self, ws: Workspace, mode: str) -> None:
+        self.ws = ws
+        self.out = ws.root / "out"
+        self.out.mkdir(exist_ok=True)
+        self.data = ws.root / "data"
+        self.token = uuid.uuid4().hex
+        (self.out / "data-token").write_text(self.token)
+        (self.out / "child.py").write_text(CHILD)
+        self.child = [sys.executable, str(self.out / "child.py"), mode, str(ws.mnt),
+                      str(self.data), str(self.out)]
+        self.log = ws.root / "entrypoint.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start_run(self, *extra: str, env: dict[str, str] | None = None) -> None:
+        """`wsfs run --mount STORE MNT ... -- CHILD`."""
+        argv = [sys.executable, "-m", "wsfs", "run", "--mount", self.ws.store_url,
+                str(self.ws.mnt), "--data-dir", str(self.data), "--cache-dir",
+                str(self.ws.cache_dir), "--flush-delay", "30", *extra, "--", *self.child]
+        self._start(argv, {**os.environ, **self.ws.env, **(env or {})})
+
+    def start_script(self, env: dict[str, str]) -> None:
+        """packaging/container/entrypoint.sh CHILD, configured by the environment only."""
+        full = {**env, "PATH": f"{BIN_DIR}:{env.get('PATH', os.environ['PATH'])}",
+                "WSFS_RUN_DIR": self.ws.env["WSFS_RUN_DIR"]}
+        self._start([str(ENTRYPOINT_SH), *self.child], full)
+
+    def _start(self, argv: list[str], env: dict[str, str]) -> None:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while not (self.out / "ready").exists():
+            assert self.proc.poll() is None, f"entrypoint exited early:\n{self.output()}"
+            assert time.monotonic() < deadline, f"the child never got ready:\n{self.output()}"
+            time.sleep(0.05)
+
+    def wait(self, timeout: float = 120) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"entrypoint still running:\n{self.output()}") from None
+
+    def stop(self) -> None:
+        """Teardown: never leave the entrypoint, its child or the mount behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(60)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self.ws.teardown()
+
+    def expected_files(self) -> dict[str, str]:
+        root = self.out / "expected"
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in root.rglob("*") if p.is_file()}
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def store_contains(store_dir: Path, needle: bytes) -> bool:
+    """Whether any object of a file:// store holds `needle`, as it is or zlib-compressed."""
+    for path in store_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if needle in data:
+            return True
+        with contextlib.suppress(zlib.error):
+            if needle in zlib.decompress(data):
+                return True
+    return False
+
+
+def verify_on_empty_cache(ep: Entrypoint, *, goodbye: bool) -> Path:
+    """Mount the store on a fresh cache: every file the child wrote, byte for byte."""
+    ws = ep.ws
+    assert not is_mounted(ws.mnt)
+    mnt = ws.mount(cache_dir=ws.fresh_cache())
+    got = tree_digests(mnt)
+    expected = ep.expected_files()
+    assert ("goodbye.txt" in expected) == goodbye
+    assert {k: v for k, v in got.items() if k != ".workspace.initialized"} == expected
+    return mnt
+
+
+@pytest.fixture
+def entry(ws: Workspace) -> Iterator[Entrypoint]:
+    ep = Entrypoint(ws, "trap")
+    yield ep
+    ep.stop()
+
+
+def test_sigterm_stops_the_command_flushes_everything_and_exits_0(entry: Entrypoint) -> None:
+    entry.start_run("--stop-timeout", "20")
+    entry.wait_ready()
+    assert entry.proc is not None
+    assert is_mounted(entry.ws.mnt)
+    entry.proc.send_signal(signal.SIGUSR1)  # forwarded to the child as it is
+    deadline = time.monotonic() + 10
+    while not (entry.out / "got-usr1").exists():
+        assert time.monotonic() < deadline, "SIGUSR1 was not forwarded"
+        time.sleep(0.05)
+    # flush_delay 30: the data is still dirty, so the stop below is what uploads it.
+    deadline = time.monotonic() + 5
+    while not entry.ws.status()["dirty_bytes"]:
+        assert time.monotonic() < deadline, entry.ws.status()
+        time.sleep(0.1)
+    entry.proc.send_signal(signal.SIGTERM)
+    assert entry.wait() == 0, entry.output()
+    out = entry.output()
+    assert "flushing:" in out and "every block is in the store" in out, out
+    assert not is_mounted(entry.ws.mnt)
+    assert entry.ws.status()["state"] == "done"
+    entry.ws.check_log()
+    verify_on_empty_cache(entry, goodbye=True)
+    entry.ws.unmount()
+
+
+def test_command_ignoring_sigterm_is_killed_after_the_stop_timeout(ws: Workspace) -> None:
+    ep = Entrypoint(ws, "ignore")
+    try:
+        ep.start_run("--stop-timeout", "1.5")
+        ep.wait_ready()
+        assert ep.proc is not None
+        start = time.monotonic()
+        ep.proc.send_signal(signal.SIGTERM)
+        assert ep.wait() == 0, ep.output()
+        assert time.monotonic() - start >= 1.5
+        assert "SIGKILL" in ep.output()
+        verify_on_empty_cache(ep, goodbye=False)
+        ws.unmount()
+    finally:
+        ep.stop()
+
+
+def test_command_exit_status_passes_through_and_data_stays_local(ws: Workspace) -> None:
+    ep = Entrypoint(ws, "exit3")
+    try:
+        ep.start_run()
+        assert ep.wait() == 3, ep.output()
+        assert "every block is in the store" in ep.output()
+        assert not is_mounted(ws.mnt)
+        # /data: an ordinary local directory, whose files stay there and nowhere else.
+        data_file = ep.data / f"only-in-data-{ep.token}"
+        assert data_file.read_text().startswith(f"DATA {ep.token}")
+        assert os.stat(ep.data).st_dev == os.stat(ws.root).st_dev
+        store_dir = Path(ws.store_url.removeprefix("file://"))
+        assert store_contains(store_dir, b"# module 7\n"), "control: workspace data is found"
+        assert not store_contains(store_dir, ep.token.encode())
+        mnt = verify_on_empty_cache(ep, goodbye=False)
+        assert not any(ep.token in p.name for p in mnt.rglob("*"))
+        ws.unmount()
+    finally:
+        ep.stop()
+
+
+def test_data_dir_inside_the_workspace_is_refused(ws: Workspace) -> None:
+    result = ws.wsfs("run", "--mount", ws.store_url, str(ws.mnt), "--data-dir",
+                     str(ws.mnt / "data"), "--cache-dir", str(ws.cache_dir), "--", "true",
+                     check=False)
+    assert result.returncode == errors.UsageError.exit_code, result.stderr
+    assert "must not contain each other" in result.stderr
+    assert not is_mounted(ws.mnt)
+
+
+def test_store_without_workspace_never_starts_the_command(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    ws = Workspace(tmp_path, f"file://{tmp_path / 'store'}")
+    ep = Entrypoint(ws, "trap")
+    try:
+        ep.start_run()
+        assert ep.wait() == errors.NoWorkspaceError.exit_code, ep.output()
+        assert "no wsfs workspace" in ep.output()
+        assert not (ep.out / "ready").exists()
+        assert not is_mounted(ws.mnt)
+    finally:
+        ep.stop()
+
+
+# -- the shell entrypoint, S3 and credentials ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def secret_rclone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """`rclone serve s3` with keys of its own (it checks them), so a leaked secret is ours."""
+    access, secret = f"ak{uuid.uuid4().hex[:10]}", f"sk-wsfs-secret-{uuid.uuid4().hex}"
+    root = tmp_path_factory.mktemp("rclone-secret")
+    server = _start_with_retries(
+        "rclone", lambda port: [rclone_binary(), "serve", "s3", "--auth-key",
+                                f"{access},{secret}", "--addr", f"127.0.0.1:{port}",
+                                str(root)], access, secret)
+    yield server
+    server.stop()
+
+
+def ps_lines_with(secret: str, server: S3Server) -> list[str]:
+    """`ps -eo args` lines that show the secret, apart from the S3 server's own."""
+    assert server.process is not None
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True,
+                         check=True).stdout
+    return [line for line in out.splitlines()
+            if secret in line and line.split()[0] != str(server.process.pid)]
+
+
+def write_credentials(path: Path, server: S3Server, mode: int) -> None:
+    path.write_text(f"[default]\naws_access_key_id = {server.access_key}\n"
+                    f"aws_secret_access_key = {server.secret_key}\n")
+    path.chmod(mode)
+
+
+def keyless_env(server: S3Server) -> dict[str, str]:
+    """The server's environment without its keys: they must come from the credentials file."""
+    env = server.env()
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    return env
+
+
+@pytest.mark.timeout(240)
+def test_entrypoint_script_on_s3_with_a_credentials_file(
+        secret_rclone: S3Server, tmp_path: Path) -> None:
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    secret_rclone.create_bucket(bucket)
+    ws = Workspace(tmp_path, f"s3://{bucket}/nb", env=secret_rclone.env())
+    creds = tmp_path / "s3.credentials"
+    write_credentials(creds, secret_rclone, 0o600)
+    ep = Entrypoint(ws, "trap")
+    env = {**keyless_env(secret_rclone),
+           "WSFS_STORE": ws.store_url, "WSFS_MOUNTPOINT": str(ws.mnt),
+           "WSFS_DATA_DIR": str(ep.data), "WSFS_CACHE_DIR": str(ws.cache_dir),
+           "WSFS_CACHE_SIZE": "64M", "WSFS_FLUSH_DELAY": "30", "WSFS_STOP_TIMEOUT": "20",
+           "WSFS_ENDPOINT_URL": secret_rclone.endpoint_url, "WSFS_INIT": "1",
+           "WSFS_FRAMEWORK": "miniconda", "WSFS_LABELS": "team=ml,tier=gpu",
+           "WSFS_CREDENTIALS_FILE": str(creds), "WSFS_VERBOSE": "1"}
+    env.pop("AWS_ENDPOINT_URL")  # WSFS_ENDPOINT_URL must be what points wsfs at the server
+    try:
+        ep.start_script(env)
+        ep.wait_ready()
+        secret = secret_rclone.secret_key
+        assert ps_lines_with(secret, secret_rclone) == []
+        child_env = (ep.out / "env.txt").read_text()
+        assert secret not in child_env
+        assert "AWS_SHARED_CREDENTIALS_FILE" not in child_env
+        assert ep.proc is not None
+        ep.proc.send_signal(signal.SIGTERM)
+        assert ep.wait() == 0, ep.output()
+        for text in (ep.output(), (ws.cache_dir / "wsfs.log").read_text()):
+            assert secret not in text
+            assert secret_rclone.access_key not in text
+        assert "every block is in the store" in ep.output()
+        mnt = verify_on_empty_cache(ep, goodbye=True)  # with the keys from the environment
+        assert ps_lines_with(secret, secret_rclone) == []
+        marker = (mnt / ".workspace.initialized").read_text()
+        assert '"miniconda"' in marker and '"tier": "gpu"' in marker
+        ws.unmount()
+    finally:
+        ep.stop()
+
+
+def test_credentials_file_readable_by_others_is_refused(
+        secret_rclone: S3Server, tmp_path: Path) -> None:
+    ws = Workspace(tmp_path, "s3://no-such-bucket-needed/nb", env=keyless_env(secret_rclone))
+    creds = tmp_path / "s3.credentials"
+    write_credentials(creds, secret_rclone, 0o644)
+    result = ws.wsfs("run", "--mount", ws.store_url, str(ws.mnt), "--data-dir",
+                     str(tmp_path / "data"), "--credentials-file", str(creds), "--", "true",
+                     check=False)
+    assert result.returncode == errors.UsageError.exit_code, result.stderr
+    assert f"chmod 600 {creds}" in result.stderr
+    assert secret_rclone.secret_key not in result.stderr
+    assert not is_mounted(ws.mnt)
+
+
+def test_entrypoint_script_needs_a_store(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSFS_")}
+    result = subprocess.run([str(ENTRYPOINT_SH), "true"], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert result.returncode == 2
+    assert "WSFS_STORE" in result.stderr
+
+
+def test_daemon_death_stops_the_command(ws: Workspace) -> None:
+    ep = Entrypoint(ws, "trap")
+    try:
+        ep.start_run("--stop-timeout", "5")
+        ep.wait_ready()
+        pid = ws.daemon_pid()
+        assert pid is not None and pid_alive(pid)
+        os.kill(pid, signal.SIGKILL)
+        wait_pid_gone(pid)
+        assert ep.wait() == errors.MountError.exit_code, ep.output()
+        assert "daemon" in ep.output() and "died" in ep.output()
+        assert not is_mounted(ws.mnt)
+    finally:
+        ep.stop()
