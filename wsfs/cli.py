@@ -55,6 +55,14 @@ def parse_seconds(text: str, what: str) -> float:
     return value
 
 
+def parse_timeout(text: str, what: str) -> float:
+    """Seconds that must be more than zero (a zero read timeout would fail every read)."""
+    value = parse_seconds(text, what)
+    if value <= 0:
+        raise UsageError(f"{what} must be more than zero seconds, not {text!r}")
+    return value
+
+
 def parse_label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -106,11 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a change may wait before it is uploaded")
     sp.add_argument("--unmount-timeout", default="600",
                     help="seconds the final flush may retry an unreachable store")
+    sp.add_argument("--read-timeout", default="60",
+                    help="seconds a read of uncached data may wait for an unreachable store "
+                    "before it fails with EIO")
+    sp.add_argument("--enospc-timeout", default="60",
+                    help="seconds a writer waits on a full cache disk, with no space freed, "
+                    "before it gets ENOSPC")
     sp.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                     help="comma-separated mount options: FUSE options (allow_other, ro, ...) "
                     "and wsfs ones (cache_dir=, cache_size=, flush_delay=, fsync=local|remote, "
-                    "endpoint_url=, region=, unmount_timeout=)")
+                    "endpoint_url=, region=, unmount_timeout=, read_timeout=, enospc_timeout=)")
     sp.add_argument("--init", action="store_true",
                     help="create the workspace if STORE holds none")
     sp.add_argument("--framework", default=None, help="with --init: framework in the marker")
@@ -127,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     sp.add_argument("--timeout", default=None,
                     help="give up waiting after this many seconds (the daemon goes on)")
+
+    sp = sub.add_parser("fsck", help="check STORE's newest checkpoint against its objects "
+                        "(no mount needed)", formatter_class=fmt)
+    store_args(sp)
+    sp.add_argument("--verify-data", action="store_true",
+                    help="also download every block and check its checksum")
     from .entrypoint import add_parser as add_run_parser
 
     add_run_parser(sub, mount_parser, fmt)
@@ -162,6 +182,10 @@ def apply_options(cfg: object, opts: list[str]) -> None:
                 cfg.flush_delay = parse_seconds(value, "flush_delay")
             elif key == "unmount_timeout" and sep:
                 cfg.unmount_timeout = parse_seconds(value, "unmount_timeout")
+            elif key == "read_timeout" and sep:
+                cfg.read_timeout = parse_timeout(value, "read_timeout")
+            elif key == "enospc_timeout" and sep:
+                cfg.enospc_timeout = parse_seconds(value, "enospc_timeout")
             elif key == "fsync" and value in ("local", "remote"):
                 cfg.fsync_remote = value == "remote"
             elif key == "endpoint_url" and sep:
@@ -203,6 +227,8 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         cache_size=parse_size(args.cache_size), dirty_limit=parse_size(args.dirty_limit),
         flush_delay=parse_seconds(args.flush_delay, "--flush-delay"),
         unmount_timeout=parse_seconds(args.unmount_timeout, "--unmount-timeout"),
+        read_timeout=parse_timeout(args.read_timeout, "--read-timeout"),
+        enospc_timeout=parse_seconds(args.enospc_timeout, "--enospc-timeout"),
         foreground=args.foreground, endpoint_url=args.endpoint_url, region=args.region,
         init=args.init, framework=args.framework,
         labels=dict(parse_label(x) for x in args.label), force=args.force,
@@ -233,7 +259,24 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount, "run": cmd_run}
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from .errors import DamageError
+    from .fsck import check
+    from .store import open_store, probe
+
+    store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
+    probe(store)
+    report = trio.run(lambda: check(store, verify_data=args.verify_data))
+    print(report.render())
+    if not report.clean:
+        raise DamageError(f"{store.url} is damaged ({len(report.damage)} problems, "
+                          f"{len(report.damaged_paths)} files): restore the damaged files "
+                          "from elsewhere, or delete them to silence their EIO")
+    return 0
+
+
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount, "run": cmd_run,
+            "fsck": cmd_fsck}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -576,7 +576,7 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         ino = self._handles[int(fh)]
         self._writable()
-        await self.blocks.wait_for_room()
+        await self.blocks.wait_for_room(len(buf))
         async with self._lock(ino):
             pos = 0
             while pos < len(buf):
@@ -605,7 +605,11 @@ class Operations(pyfuse3.Operations):
         if ref is not None and not (in_off == 0 and len(piece) == self.bs):
             content = await self._read_block(ref.id, ref.csum, 0, self.bs)
         new_id = self.blocks.create(content)
-        self.blocks.write(new_id, in_off, piece)
+        try:
+            self.blocks.write(new_id, in_off, piece)
+        except BaseException:  # a full disk: the new block must not linger unreferenced
+            self.blocks.discard(new_id)
+            raise
         with self._txn():
             self.meta.set_block(ino, idx, new_id, None)
             if ref is not None:

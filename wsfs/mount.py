@@ -193,6 +193,10 @@ class Daemon:
                     "so it cannot be used; restore the marker or create a new workspace"
                 )
             await self._serve(store, sb, meta, lease, limiter)
+        except FlushError:
+            # Not released: the newest data is in this cache dir, and the store is likely
+            # unreachable anyway. The lease expires by itself; this host retakes it at once.
+            raise
         except BaseException:
             try:
                 await trio.to_thread.run_sync(lease.release)

@@ -1,0 +1,215 @@
+"""S3 faults, injected by a proxy between wsfs and a real (moto) S3 server.
+
+Each test writes real files through a real mount while the proxy answers 500/503/SlowDown,
+resets connections, stalls, or refuses every connection, and then checks every byte on a fresh
+machine (a remount on an empty cache). The promises: the mount keeps accepting writes and
+serving cached data; reads of data that is not cached fail with EIO after --read-timeout,
+never hang; when the store is back, everything drains; an unmount during an outage gives up
+after --unmount-timeout with exit 7 and the next mount uploads what was left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Workspace, is_mounted, pid_alive, s3_workspace
+from faultproxy import FaultProxy
+from s3servers import S3Server
+
+
+def payload(name: str, size: int) -> bytes:
+    return random.Random(name).randbytes(size)
+
+
+@pytest.fixture
+def proxied(moto_server: S3Server, tmp_path: Path) -> Iterator[tuple[Workspace, FaultProxy]]:
+    """An initialised workspace in moto, reached only through a fault proxy."""
+    proxy = FaultProxy(moto_server.endpoint_url).start()
+    w = s3_workspace(moto_server, tmp_path)
+    w.env["AWS_ENDPOINT_URL"] = proxy.url
+    w.init()
+    yield w, proxy
+    proxy.pass_through()
+    w.teardown()
+    proxy.stop()
+
+
+def write_files(mnt: Path, prefix: str, sizes: list[int]) -> dict[str, bytes]:
+    files = {}
+    for i, size in enumerate(sizes):
+        name = f"{prefix}-{i}.bin"
+        data = payload(name, size)
+        (mnt / name).write_bytes(data)
+        files[name] = data
+    return files
+
+
+def check_files(mnt: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        got = (mnt / name).read_bytes()
+        assert got == data, f"{name}: {len(got)} bytes read, {len(data)} written"
+
+
+def wait_drained(ws: Workspace, after_checkpoint: int, timeout: float) -> float:
+    """Wait until nothing is dirty and a checkpoint newer than `after_checkpoint` is out."""
+    start = time.monotonic()
+    while True:
+        st = ws.status()
+        if st["dirty_bytes"] == 0 and int(st["checkpoint"]) > after_checkpoint:  # type: ignore[call-overload]
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout, f"not drained after {timeout}s: {st}"
+        time.sleep(0.2)
+
+
+def checkpoint(ws: Workspace) -> int:
+    return int(ws.status()["checkpoint"])  # type: ignore[call-overload]
+
+
+def uncached_setup(ws: Workspace, *mount_args: str) -> tuple[Path, dict[str, bytes]]:
+    """Write files, unmount, and remount on an empty cache: those files are not cached."""
+    mnt = ws.mount()
+    old = write_files(mnt, "old", [300_000, 2_500_000, 50_000])
+    ws.unmount()
+    ws.fresh_cache()
+    return ws.mount(*mount_args), old
+
+
+def read_errno(path: Path) -> tuple[int | None, float]:
+    """Read a whole file; return (errno or None, seconds taken)."""
+    start = time.monotonic()
+    try:
+        path.read_bytes()
+    except OSError as e:
+        return e.errno, time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault", ["InternalError", "ServiceUnavailable", "SlowDown", "reset"])
+def test_errors_and_resets_are_retried(proxied: tuple[Workspace, FaultProxy],
+                                       fault: str) -> None:
+    """Half the requests fail: reads of uncached data and uploads still succeed, by retrying."""
+    ws, proxy = proxied
+    mnt, old = uncached_setup(ws, "--read-timeout", "60")
+    before = checkpoint(ws)
+    if fault == "reset":
+        proxy.resets(0.5)
+    else:
+        proxy.errors(0.5, code=fault)
+    check_files(mnt, old)  # downloads through the faults
+    new = write_files(mnt, "new", [200_000] * 8 + [3_000_000])
+    (mnt / "dir").mkdir()
+    (mnt / "dir" / "moved.bin").write_bytes(new["new-0.bin"])
+    wait_drained(ws, before, timeout=120)
+    injected = proxy.stats["error" if fault != "reset" else "reset"]
+    assert injected >= 5, proxy.stats
+    proxy.pass_through()
+    mnt = ws.remount(wipe_cache=True)
+    check_files(mnt, old | new)
+    assert (mnt / "dir" / "moved.bin").read_bytes() == new["new-0.bin"]
+    ws.unmount()
+
+
+@pytest.mark.timeout(180)
+def test_stall_bounds_uncached_reads_and_keeps_writes(
+    proxied: tuple[Workspace, FaultProxy],
+) -> None:
+    """A store that accepts requests and never answers: EIO after --read-timeout, not a hang."""
+    ws, proxy = proxied
+    ws.allowed_log_errors.append("could not be downloaded within")
+    mnt, old = uncached_setup(ws, "--read-timeout", "3")
+    cached = write_files(mnt, "cached", [400_000])
+    before = checkpoint(ws)
+    proxy.stall(30)
+    err, took = read_errno(mnt / "old-1.bin")
+    assert err == errno.EIO, err
+    assert 2.5 <= took <= 10, f"an uncached read took {took:.1f}s to fail (read timeout 3s)"
+    start = time.monotonic()
+    check_files(mnt, cached)
+    new = write_files(mnt, "during", [100_000] * 5)
+    assert {p.name for p in mnt.iterdir()} >= set(old | new | cached)
+    assert time.monotonic() - start < 5, "cached reads and writes were held up by the stall"
+    assert proxy.stats["stall"] >= 1, proxy.stats
+    proxy.pass_through()
+    check_files(mnt, old)  # readable again once the store answers
+    wait_drained(ws, before, timeout=120)
+    mnt = ws.remount(wipe_cache=True)
+    check_files(mnt, old | cached | new)
+    ws.unmount()
+
+
+@pytest.mark.timeout(400)
+def test_outage_of_60s(proxied: tuple[Workspace, FaultProxy]) -> None:
+    """Every connection refused for 60 s: writes go on, cached reads too, uncached ones fail
+    with EIO within the read timeout, and everything drains when the store is back."""
+    ws, proxy = proxied
+    ws.allowed_log_errors.append("could not be downloaded within")
+    mnt, old = uncached_setup(ws, "--read-timeout", "5")
+    check_files(mnt, {"old-0.bin": old["old-0.bin"]})  # now cached
+    before = checkpoint(ws)
+    proxy.outage(60)
+    t0 = time.monotonic()
+    written: dict[str, bytes] = {}
+    eio_times = []
+    round_ = 0
+    while proxy.outage_active() and time.monotonic() - t0 < 50:
+        written |= write_files(mnt, f"outage{round_}", [150_000, 1_200_000])
+        check_files(mnt, {"old-0.bin": old["old-0.bin"]})
+        err, took = read_errno(mnt / "old-1.bin")
+        assert err == errno.EIO, err
+        eio_times.append(took)
+        round_ += 1
+    assert max(eio_times) <= 12, f"uncached reads took up to {max(eio_times):.1f}s to fail"
+    st = ws.status()
+    assert st["dirty_bytes"] > 0 and st["state"] == "serving", st  # type: ignore[operator]
+    assert checkpoint(ws) == before, "a checkpoint was published during the outage"
+    while proxy.outage_active():
+        time.sleep(0.2)
+    drained_in = wait_drained(ws, before, timeout=120)
+    print(f"outage 60s: {round_} rounds, {sum(map(len, written.values()))} bytes written, "
+          f"uncached reads failed after {min(eio_times):.1f}-{max(eio_times):.1f}s, "
+          f"drained {drained_in:.1f}s after the store came back")
+    check_files(mnt, old)
+    mnt = ws.remount(wipe_cache=True)
+    check_files(mnt, old | written)
+    ws.unmount()
+
+
+@pytest.mark.timeout(240)
+def test_unmount_during_outage_keeps_dirty_data(proxied: tuple[Workspace, FaultProxy]) -> None:
+    """`wsfs unmount` gives up after --unmount-timeout with exit 7; the next mount uploads."""
+    ws, proxy = proxied
+    ws.allowed_log_errors.append("could not upload")
+    mnt = ws.mount("--unmount-timeout", "5")
+    files = write_files(mnt, "early", [100_000, 1_500_000])
+    wait_drained(ws, 0, timeout=60)
+    proxy.outage(3600)
+    files |= write_files(mnt, "late", [200_000, 2_100_000, 10])
+    pid = ws.daemon_pid()
+    assert pid is not None
+    start = time.monotonic()
+    result = ws.wsfs("unmount", str(mnt), check=False, timeout=120)
+    took = time.monotonic() - start
+    assert result.returncode == 7, (result.returncode, result.stderr)
+    assert str(ws.cache_dir) in result.stderr and "next mount" in result.stderr, result.stderr
+    assert result.stderr.count("\n") <= 2 and "Traceback" not in result.stderr
+    assert 4 <= took <= 30, f"unmount took {took:.1f}s with --unmount-timeout 5"
+    assert not is_mounted(mnt)
+    assert not pid_alive(pid)
+    st = json.loads((ws.cache_dir / "status.json").read_text())
+    assert st["state"] == "failed" and st["dirty_bytes"] > 0, st
+    assert any((ws.cache_dir / "dirty").iterdir()), "the dirty blocks left the cache dir"
+    print(f"unmount during outage: exit 7 after {took:.1f}s, {st['dirty_bytes']} bytes kept")
+    proxy.pass_through()
+    ws.mount(cache_dir=ws.cache_dir)  # the same cache dir: it uploads what was left
+    wait_drained(ws, int(st["checkpoint"]), timeout=60)
+    mnt = ws.remount(wipe_cache=True)
+    check_files(mnt, files)
+    ws.unmount()

@@ -1,0 +1,263 @@
+"""`wsfs fsck STORE`: check the newest checkpoint against the store, without a mount.
+
+It fetches the newest checkpoint (the one the next mount would use) into a temporary
+directory and checks it read-only, so it is safe to run while the workspace is mounted
+elsewhere (objects uploaded since that checkpoint then show up as unreferenced):
+
+- the database itself (SQLite integrity_check), the root directory and the marker;
+- every directory entry names an inode that exists, inside a directory that exists;
+- link counts: a file's nlink is the number of entries naming it, a directory's is
+  2 + its subdirectories; every linked inode is reachable from the root;
+- every block in the block map has a checksum, its object exists in the store and is no
+  longer than its place in the file allows; with `verify_data`, its content matches the
+  checksum (this downloads every block).
+
+Damage (what makes reads fail or the tree wrong) is reported per file, by path, and makes
+`wsfs fsck` exit with `DamageError.exit_code`. Objects that no block references and inodes
+unlinked while open (orphans, removed by the next mount) are garbage, not damage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import stat
+import tempfile
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .blocks import object_key
+from .meta import checkpoint as ckpt
+from .store import NoSuchKey, ObjectStore
+from .workspace import read_superblock
+
+log = logging.getLogger(__name__)
+
+ROOT = 1
+MARKER = b".workspace.initialized"
+DATA_PREFIX = "data/"
+
+
+@dataclass
+class Report:
+    """What fsck found; `damage` lines name the file by path."""
+
+    store: str
+    seq: int | None = None
+    damage: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    inodes: int = 0
+    blocks: int = 0
+    block_bytes: int = 0
+    verified_bytes: int = 0
+    damaged_paths: set[str] = field(default_factory=set)
+    garbage_objects: int = 0
+    garbage_bytes: int = 0
+    orphans: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.damage
+
+    def render(self) -> str:
+        lines = [f"checkpoint {self.seq} of {self.store}: {self.inodes} inodes, "
+                 f"{self.blocks} blocks ({self.block_bytes} bytes in the store"
+                 + (f", {self.verified_bytes} verified against their checksums" if
+                    self.verified_bytes else "") + ")"]
+        lines += [f"DAMAGED {d}" for d in self.damage]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.orphans:
+            lines.append(f"garbage: {self.orphans} inodes unlinked while open (orphans); the "
+                         "next mount removes them")
+        if self.garbage_objects:
+            lines.append(f"garbage: {self.garbage_objects} unreferenced block objects "
+                         f"({self.garbage_bytes} bytes): uploads newer than this checkpoint, "
+                         "or left by an interrupted flush; they harm nothing")
+        if self.clean:
+            lines.append("clean: every referenced block is in the store and the metadata is "
+                         "consistent")
+        else:
+            lines.append(f"{len(self.damage)} problems, {len(self.damaged_paths)} damaged "
+                         "files: their unreadable parts fail with EIO, everything else reads "
+                         "normally")
+        return "\n".join(lines)
+
+
+class _Tree:
+    """The checkpoint's inodes and entries, with every path of every inode."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.inodes: dict[int, tuple[int, int, int]] = {
+            r[0]: (r[1], r[2], r[3])
+            for r in conn.execute("SELECT id, mode, nlink, size FROM inodes")
+        }
+        self.entries = conn.execute("SELECT parent, name, inode FROM dentries").fetchall()
+        self.children: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
+        for parent, name, ino in self.entries:
+            self.children[parent].append((bytes(name), ino))
+        self.paths: dict[int, list[str]] = defaultdict(list)
+        self.paths[ROOT].append("/")
+        todo = [(ROOT, "")]
+        seen = {ROOT}
+        while todo:
+            parent, prefix = todo.pop()
+            for name, ino in self.children.get(parent, []):
+                path = f"{prefix}/{os.fsdecode(name)}"
+                self.paths[ino].append(path)
+                mode = self.inodes.get(ino, (0, 0, 0))[0]
+                if stat.S_ISDIR(mode) and ino not in seen:
+                    seen.add(ino)
+                    todo.append((ino, path))
+
+    def name(self, ino: int) -> str:
+        paths = self.paths.get(ino)
+        return " = ".join(sorted(paths)) if paths else f"(inode {ino}, no path)"
+
+
+def _check_tree(tree: _Tree, report: Report) -> None:
+    inodes = tree.inodes
+    root = inodes.get(ROOT)
+    if root is None or not stat.S_ISDIR(root[0]):
+        report.damage.append("/: the root directory is missing")
+    if MARKER not in {n for n, _ in tree.children.get(ROOT, [])}:
+        report.damage.append(f"/{MARKER.decode()}: the workspace marker is missing (mounts are "
+                             "refused)")
+    named: dict[int, int] = defaultdict(int)
+    subdirs: dict[int, int] = defaultdict(int)
+    for parent, name, ino in tree.entries:
+        where = f"{tree.name(parent).split(' = ')[0].rstrip('/')}/{os.fsdecode(bytes(name))}"
+        parent_node = inodes.get(parent)
+        if parent_node is None or not stat.S_ISDIR(parent_node[0]):
+            report.damage.append(f"{where}: its directory (inode {parent}) does not exist")
+        if ino not in inodes:
+            report.damage.append(f"{where}: dangling entry, inode {ino} does not exist")
+            report.damaged_paths.add(where)
+            continue
+        named[ino] += 1
+        if stat.S_ISDIR(inodes[ino][0]):
+            subdirs[parent] += 1
+    for ino, (mode, nlink, _size) in inodes.items():
+        if ino == ROOT:
+            expected = 2 + subdirs[ino]
+        elif named[ino] == 0:
+            if nlink == 0:
+                report.orphans += 1
+            else:
+                report.damage.append(f"inode {ino}: linked ({nlink}) but no entry names it "
+                                     "(lost)")
+            continue
+        elif stat.S_ISDIR(mode):
+            if named[ino] > 1:
+                report.damage.append(f"{tree.name(ino)}: a directory with {named[ino]} names")
+            expected = 2 + subdirs[ino]
+        else:
+            expected = named[ino]
+        if nlink != expected:
+            report.damage.append(f"{tree.name(ino)}: link count {nlink}, should be {expected}")
+        elif ino != ROOT and not tree.paths.get(ino):
+            report.damage.append(f"inode {ino}: not reachable from the root directory")
+
+
+async def _check_blocks(
+    store: ObjectStore, conn: sqlite3.Connection, tree: _Tree, block_size: int,
+    verify_data: bool, report: Report, limiter: trio.CapacityLimiter,
+) -> None:
+    objects = dict(await trio.to_thread.run_sync(
+        lambda: list(store.list(DATA_PREFIX)), limiter=limiter))
+    referenced: set[str] = set()
+    to_verify: list[tuple[int, int, str, str]] = []
+
+    def damaged(ino: int, what: str) -> None:
+        name = tree.name(ino)
+        report.damage.append(f"{name}: {what}")
+        report.damaged_paths.add(name)
+
+    for ino, idx, block_id, csum in conn.execute(
+        "SELECT inode, idx, id, csum FROM blocks ORDER BY inode, idx"
+    ):
+        report.blocks += 1
+        key = object_key(block_id)
+        referenced.add(key)
+        node = tree.inodes.get(ino)
+        if node is None or not stat.S_ISREG(node[0]):
+            report.notes.append(f"block {block_id} belongs to inode {ino}, which is not a file")
+            continue
+        size = objects.get(key)
+        if size is None:
+            damaged(ino, f"block {idx} (object {key}) is missing from the store")
+            continue
+        report.block_bytes += size
+        room = min(block_size, node[2] - idx * block_size)
+        if room <= 0:
+            report.notes.append(f"{tree.name(ino)}: block {idx} lies past the end of the file")
+        elif size > room:
+            damaged(ino, f"block {idx} (object {key}) has {size} bytes, more than the "
+                    f"{room} its place in the file holds")
+        if csum is None:
+            damaged(ino, f"block {idx} (object {key}) has no checksum in the metadata")
+        elif verify_data:
+            to_verify.append((ino, idx, key, csum))
+    for key, size in objects.items():
+        if key not in referenced:
+            report.garbage_objects += 1
+            report.garbage_bytes += size
+    if not to_verify:
+        return
+
+    async def verify(ino: int, idx: int, key: str, csum: str) -> None:
+        def work() -> tuple[str, int] | None:
+            try:
+                data = store.get(key)
+            except NoSuchKey:
+                return None
+            return hashlib.sha256(data).hexdigest(), len(data)
+
+        got = await trio.to_thread.run_sync(work, limiter=limiter)
+        if got is None:
+            damaged(ino, f"block {idx} (object {key}) disappeared from the store")
+        elif got[0] != csum:
+            damaged(ino, f"block {idx} (object {key}) does not match its checksum (corrupt)")
+        else:
+            report.verified_bytes += got[1]
+
+    async with trio.open_nursery() as nursery:
+        for args in to_verify:
+            nursery.start_soon(verify, *args)
+
+
+async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
+    """Check the newest checkpoint of `store` against the store's objects."""
+    limiter = trio.CapacityLimiter(16)
+    sb = await trio.to_thread.run_sync(read_superblock, store)
+    report = Report(store.url)
+    report.seq = await trio.to_thread.run_sync(ckpt.read_head, store)
+    if report.seq is None:
+        report.damage.append("the store holds no checkpoint (meta/HEAD is missing)")
+        return report
+    with tempfile.TemporaryDirectory(prefix="wsfs-fsck-") as tmp:
+        db = Path(tmp) / "meta.db"
+        try:
+            await ckpt.fetch(store, report.seq, db, limiter)
+        except (NoSuchKey, ckpt.CorruptCheckpoint, zlib.error, ValueError, KeyError) as e:
+            report.damage.append(f"checkpoint {report.seq} cannot be read ({type(e).__name__}: "
+                                 f"{e}); the whole workspace is unreadable")
+            return report
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            verdict = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            if verdict != "ok":
+                report.damage.append(f"the metadata database is corrupt: {verdict}")
+                return report
+            tree = _Tree(conn)
+            report.inodes = len(tree.inodes)
+            _check_tree(tree, report)
+            await _check_blocks(store, conn, tree, sb.block_size, verify_data, report, limiter)
+        finally:
+            conn.close()
+    return report
