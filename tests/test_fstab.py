@@ -1,0 +1,193 @@
+"""fstab and mount(8): util-linux `mount --fstab FILE`, `mount -t fuse.wsfs` and `umount` through
+the helpers that packaging/install-mount-helper.sh installs (/sbin/mount.fuse.wsfs, ...).
+
+The install is part of each run (the documented install, done by the tests themselves).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Workspace, is_mounted, pid_alive, wait_pid_gone
+from s3servers import S3Server
+from test_container import keyless_env, ps_lines_with, secret_rclone, write_credentials
+
+from wsfs import errors
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL = ROOT / "packaging" / "install-mount-helper.sh"
+SBIN = Path("/sbin")
+
+__all__ = ["secret_rclone"]  # the fixture, shared with test_container
+
+
+@pytest.fixture(scope="module")
+def helpers() -> None:
+    """Install the mount helpers the documented way; skip if /sbin cannot be written."""
+    if not os.access(SBIN, os.W_OK):
+        pytest.skip("installing /sbin/mount.fuse.wsfs needs root")
+    result = subprocess.run(["sh", str(INSTALL)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    script = Path(sys.executable).parent / "mount.wsfs"
+    for name in ("mount.fuse.wsfs", "mount.wsfs", "umount.fuse.wsfs"):
+        assert (SBIN / name).resolve() == script.resolve(), name
+
+
+def run(argv: list[str], env: dict[str, str], timeout: float = 120
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def mount_env(ws: Workspace, base: dict[str, str] | None = None) -> dict[str, str]:
+    return {**(base if base is not None else os.environ), **ws.env}
+
+
+def write_tree(mnt: Path) -> dict[str, bytes]:
+    files = {"notebook.ipynb": b'{"cells": []}\n' * 100, "data/blob.bin": os.urandom(1_500_000),
+             "deep/a/b/c.txt": b"c\n"}
+    for rel, content in files.items():
+        (mnt / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mnt / rel).write_bytes(content)
+    return files
+
+
+def check_tree(ws: Workspace, files: dict[str, bytes]) -> None:
+    """Mount on an empty cache with the CLI and compare every byte."""
+    mnt = ws.mount(cache_dir=ws.fresh_cache())
+    for rel, content in files.items():
+        assert (mnt / rel).read_bytes() == content, rel
+    ws.unmount()
+
+
+def test_fstab_line_mounts_and_umount_waits_for_the_upload(
+        helpers: None, ws: Workspace) -> None:
+    fstab = ws.root / "fstab"
+    fstab.write_text(
+        "# a comment line\n"
+        f"{ws.store_url} {ws.mnt} fuse.wsfs cache_dir={ws.cache_dir},flush_delay=60,"
+        "allow_other,_netdev,noauto,nofail,x-systemd.automount,x-systemd.requires=network"
+        "-online.target 0 0\n")
+    result = run(["mount", "--fstab", str(fstab), str(ws.mnt)], mount_env(ws))
+    assert result.returncode == 0, result.stderr
+    assert is_mounted(ws.mnt)
+    mounts = Path("/proc/self/mounts").read_text()
+    line = next(x for x in mounts.splitlines() if x.split()[1] == str(ws.mnt))
+    assert line.split()[2] == "fuse.wsfs" and "allow_other" in line
+    files = write_tree(ws.mnt)
+    pid = ws.daemon_pid()
+    assert pid is not None
+    result = run(["umount", str(ws.mnt)], mount_env(ws))
+    assert result.returncode == 0, result.stderr
+    # umount.fuse.wsfs waited like `wsfs unmount`: the daemon has uploaded and exited.
+    assert not pid_alive(pid)
+    assert ws.status()["state"] == "done"
+    ws.check_log()
+    check_tree(ws, files)
+
+
+def test_fstab_on_s3_with_endpoint_and_credentials_file(
+        helpers: None, secret_rclone: S3Server, tmp_path: Path) -> None:
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    secret_rclone.create_bucket(bucket)
+    ws = Workspace(tmp_path, f"s3://{bucket}/ws", env=secret_rclone.env())
+    try:
+        ws.init("--framework", "pytorch")
+        creds = tmp_path / "ws.credentials"
+        write_credentials(creds, secret_rclone, 0o600)
+        fstab = tmp_path / "fstab"
+        fstab.write_text(
+            f"{ws.store_url}\t{ws.mnt}\tfuse.wsfs\t_netdev,nofail,cache_dir={ws.cache_dir},"
+            f"cache_size=64M,flush_delay=1,fsync=remote,"
+            f"endpoint_url={secret_rclone.endpoint_url},credentials_file={creds}\t0\t0\n")
+        env = keyless_env(secret_rclone)
+        env.pop("AWS_ENDPOINT_URL")  # endpoint_url= in fstab is what must point at the server
+        result = run(["mount", "--fstab", str(fstab), str(ws.mnt)], mount_env(ws, env))
+        assert result.returncode == 0, result.stderr
+        files = write_tree(ws.mnt)
+        assert ps_lines_with(secret_rclone.secret_key, secret_rclone) == []
+        pid = ws.daemon_pid()
+        assert pid is not None
+        # `umount -i` skips the helper, like any plain unmount: it returns before the
+        # daemon's last upload, so wait for the daemon before looking at the store.
+        result = run(["umount", "-i", str(ws.mnt)], mount_env(ws, env))
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(ws.mnt)
+        wait_pid_gone(pid, timeout=60)
+        assert ws.status()["state"] == "done"
+        log = (ws.cache_dir / "wsfs.log").read_text()
+        assert secret_rclone.secret_key not in log
+        ws.check_log()
+        check_tree(ws, files)  # the CLI mount takes the keys from the environment
+    finally:
+        ws.teardown()
+
+
+def test_mount_t_fuse_wsfs_read_only(helpers: None, ws: Workspace) -> None:
+    mnt = ws.mount()
+    (mnt / "kept.txt").write_text("kept\n")
+    ws.unmount()
+    result = run(["mount", "-t", "fuse.wsfs", "-o", f"ro,cache_dir={ws.fresh_cache()}",
+                  ws.store_url, str(ws.mnt)], mount_env(ws))
+    assert result.returncode == 0, result.stderr
+    try:
+        assert (ws.mnt / "kept.txt").read_text() == "kept\n"
+        with pytest.raises(OSError) as exc:
+            (ws.mnt / "new.txt").write_text("no\n")
+        assert exc.value.errno == errno.EROFS
+    finally:
+        result = run(["umount", str(ws.mnt)], mount_env(ws))
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(ws.mnt)
+
+
+def test_helper_errors_reach_mount(helpers: None, ws: Workspace, tmp_path: Path) -> None:
+    result = run(["mount", "-t", "fuse.wsfs", "-o", f"cache_dir={ws.cache_dir},bogus=1",
+                  ws.store_url, str(ws.mnt)], mount_env(ws))
+    assert result.returncode != 0
+    assert "unknown mount option 'bogus=1'" in result.stderr
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    result = run(["mount", "-t", "fuse.wsfs", "-o", f"cache_dir={tmp_path / 'c2'}",
+                  f"file://{empty}", str(ws.mnt)], mount_env(ws))
+    assert result.returncode != 0
+    assert "no wsfs workspace" in result.stderr
+    assert not is_mounted(ws.mnt)
+
+
+def test_helper_called_directly_returns_the_wsfs_exit_code(ws: Workspace,
+                                                            tmp_path: Path) -> None:
+    """`mount.wsfs SOURCE DIR -o OPTS` as mount(8) calls it, no install needed."""
+    helper = Path(sys.executable).parent / "mount.wsfs"
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    result = run([str(helper), f"file://{empty}", str(ws.mnt), "-o",
+                  f"cache_dir={tmp_path / 'c'},_netdev"], mount_env(ws))
+    assert result.returncode == errors.NoWorkspaceError.exit_code, result.stderr
+    creds = tmp_path / "open.credentials"
+    creds.write_text("[default]\n")
+    creds.chmod(0o644)
+    result = run([str(helper), ws.store_url, str(ws.mnt), "-o",
+                  f"credentials_file={creds}"], mount_env(ws))
+    assert result.returncode == errors.UsageError.exit_code
+    assert "chmod 600" in result.stderr
+    # -f (fake) does nothing, successfully
+    result = run([str(helper), ws.store_url, str(ws.mnt), "-f", "-o", "rw"], mount_env(ws))
+    assert result.returncode == 0 and not is_mounted(ws.mnt)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_mount(tmp_path: Path) -> Iterator[None]:
+    yield
+    mnt = tmp_path / "mnt"
+    if is_mounted(mnt):
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        time.sleep(0.2)
