@@ -1,0 +1,183 @@
+"""systemd: the unit files pass `systemd-analyze verify`, and the Type=notify contract holds
+without systemd — `wsfs mount --foreground` sends READY=1 to $NOTIFY_SOCKET only once the
+mount serves, never when the mount is refused, and ExecStop's `wsfs unmount` returns only after
+the daemon (the service's main process) has uploaded everything and exited.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import WSFS, Workspace, is_mounted
+
+from wsfs import errors
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "packaging" / "systemd"
+INSTALLED_WSFS = "/usr/local/bin/wsfs"
+
+
+def analyze(unit_dir: Path, unit: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    return subprocess.run([exe, "verify", str(unit_dir / unit)], capture_output=True,
+                          text=True, timeout=60, cwd=unit_dir)
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    """The units as installed here: ExecStart= pointing at this machine's `wsfs`."""
+    wsfs_exe = Path(sys.executable).parent / "wsfs"
+    assert wsfs_exe.exists()
+    for unit in UNITS.iterdir():
+        (tmp_path / unit.name).write_text(
+            unit.read_text().replace(INSTALLED_WSFS, str(wsfs_exe)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("unit", ["wsfs@workspace.service", "workspace.mount"])
+def test_units_pass_systemd_analyze_verify(unit_dir: Path, unit: str) -> None:
+    result = analyze(unit_dir, unit)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and output == "", output
+
+
+def test_verify_catches_a_broken_unit(unit_dir: Path) -> None:
+    """Control: the check above really parses our files."""
+    broken = unit_dir / "broken@.service"
+    broken.write_text((unit_dir / "wsfs@.service").read_text()
+                      .replace("Type=notify", "Type=notifyy"))
+    result = analyze(unit_dir, "broken@x.service")
+    assert "notifyy" in result.stdout + result.stderr
+
+
+def test_service_unit_contract() -> None:
+    text = (UNITS / "wsfs@.service").read_text()
+    lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in text.splitlines()
+             if "=" in line and not line.startswith("#")}
+    assert lines["Type"] == "notify"
+    assert "mount --foreground" in lines["ExecStart"]
+    assert lines["ExecStop"].endswith("unmount %f")
+    assert lines["TimeoutStopSec"] == "15min"
+    # The final flush's own deadline fits in systemd's.
+    assert "--unmount-timeout 840" in lines["ExecStart"] and 840 < 15 * 60
+    assert "LoadCredential" in lines
+    assert "Environment=AWS_SHARED_CREDENTIALS_FILE=%d/s3" in text
+    assert "AWS_SECRET" not in text
+    mount_unit = (UNITS / "workspace.mount").read_text()
+    assert "Type=fuse.wsfs" in mount_unit and "credentials_file=" in mount_unit
+
+
+class NotifySocket:
+    """A unix datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+
+    def receive(self) -> str | None:
+        try:
+            return self.sock.recv(4096).decode()
+        except TimeoutError:
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    s = NotifySocket(tmp_path / "notify.sock")
+    yield s
+    s.close()
+
+
+def start_foreground(ws: Workspace, notify: NotifySocket) -> subprocess.Popen[str]:
+    env = {**os.environ, **ws.env, "NOTIFY_SOCKET": str(notify.path)}
+    return subprocess.Popen([*WSFS, "mount", "--foreground", ws.store_url, str(ws.mnt),
+                             "--cache-dir", str(ws.cache_dir), "--flush-delay", "60"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(proc: subprocess.Popen[str], notify: NotifySocket, mnt: Path) -> None:
+    """Wait for READY=1; when it arrives the filesystem must already be mounted and serving."""
+    deadline = time.monotonic() + 60
+    while True:
+        msg = notify.receive()
+        if msg is not None and "READY=1" in msg.split("\n"):
+            assert is_mounted(mnt), "READY=1 came before the mount"
+            assert (mnt / ".workspace.initialized").stat().st_size > 0
+            return
+        if msg is None:
+            assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no READY=1"
+
+
+def test_ready_once_serving_and_execstop_waits_for_the_flush(
+        ws: Workspace, notify: NotifySocket) -> None:
+    proc = start_foreground(ws, notify)
+    try:
+        wait_ready(proc, notify, ws.mnt)
+        payload = os.urandom(2_000_000)
+        (ws.mnt / "model.bin").write_bytes(payload)
+        assert proc.poll() is None, "--foreground must keep serving"
+        # ExecStop=wsfs unmount %f: returns once the main process has flushed and exited.
+        ws.wsfs("unmount", str(ws.mnt), timeout=120)
+        assert proc.poll() is not None or proc.wait(5) is not None
+        assert proc.returncode == 0, proc.communicate()
+        assert ws.status()["state"] == "done"
+        mnt = ws.mount(cache_dir=ws.fresh_cache())
+        assert (mnt / "model.bin").read_bytes() == payload
+        ws.unmount()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_sigterm_to_the_service_flushes_and_exits_0(ws: Workspace,
+                                                     notify: NotifySocket) -> None:
+    """What systemd does when ExecStop gives up (KillMode=mixed): SIGTERM to the main process."""
+    proc = start_foreground(ws, notify)
+    try:
+        wait_ready(proc, notify, ws.mnt)
+        (ws.mnt / "notes.md").write_text("# notes\n" * 1000)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, proc.communicate()
+        assert not is_mounted(ws.mnt)
+        mnt = ws.mount(cache_dir=ws.fresh_cache())
+        assert (mnt / "notes.md").read_text() == "# notes\n" * 1000
+        ws.unmount()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_refused_mount_never_notifies_ready(tmp_path: Path, notify: NotifySocket) -> None:
+    (tmp_path / "store").mkdir()
+    ws = Workspace(tmp_path, f"file://{tmp_path / 'store'}")
+    proc = start_foreground(ws, notify)
+    try:
+        assert proc.wait(60) == errors.NoWorkspaceError.exit_code
+        messages = []
+        while (msg := notify.receive()) is not None:
+            messages.append(msg)
+        assert not any("READY=1" in m for m in messages), messages
+        assert not is_mounted(ws.mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
