@@ -216,11 +216,11 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         ino = int(inode)
         self._writable()
-        if ino == self.marker_ino:
-            raise FUSEError(errno.EPERM)
         ts = now_ns()
         async with self._lock(ino):
             node = self._node(ino)
+            if ino == self.marker_ino and not self._is_time_flush(node, attr, fields):
+                raise FUSEError(errno.EPERM)
             if fields.update_size:
                 if stat.S_ISDIR(node.mode):
                     raise FUSEError(errno.EISDIR)
@@ -240,6 +240,23 @@ class Operations(pyfuse3.Operations):
             with self._txn():
                 self.meta.save_inode(node)
         return self._attr(node)
+
+    @staticmethod
+    def _is_time_flush(
+        node: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> bool:
+        """Whether a setattr only hands back the kernel's ctime (and an unchanged mtime).
+
+        Under the writeback cache the kernel stamps ctime itself (a link to or from the
+        marker, say) and flushes it with a setattr at close; refusing that one would turn
+        the reader's close(2) into EIO. Anything that changes content, mode, owner, atime
+        or mtime of the marker is still refused.
+        """
+        return not (
+            fields.update_size or fields.update_mode or fields.update_uid
+            or fields.update_gid or fields.update_atime
+            or (fields.update_mtime and attr.st_mtime_ns != node.mtime_ns)
+        )
 
     async def _truncate(self, node: Inode, size: int) -> None:
         """Cut or extend a file to `size` bytes; the bytes past the old end read as zeros."""
