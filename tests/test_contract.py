@@ -11,6 +11,7 @@ import re
 import sqlite3
 import stat
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,38 @@ def test_exit_codes_are_documented() -> None:
     assert rows == classes
     assert re.search(r"^\|\s*0\s*\|", doc, re.MULTILINE)
     assert re.search(r"^\|\s*130\s*\|", doc, re.MULTILINE)
+
+
+# -- credentials: from the environment, never on a command line or in a log -----------------
+
+from s3servers import S3Server  # noqa: E402
+from test_container import ps_lines_with, secret_rclone  # noqa: E402
+
+__all__ = ["secret_rclone"]  # the fixture, shared with test_container
+
+
+def test_env_credentials_never_show_in_ps_or_logs(secret_rclone: S3Server,
+                                                   tmp_path: Path) -> None:
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    secret_rclone.create_bucket(bucket)
+    ws = Workspace(tmp_path, f"s3://{bucket}/ws", env=secret_rclone.env())
+    secret = secret_rclone.secret_key
+    try:
+        init = ws.wsfs("-v", "init", ws.store_url)
+        mnt = ws.mount()
+        (mnt / "f.txt").write_text("x\n")
+        assert ps_lines_with(secret, secret_rclone) == []
+        ws.unmount()
+        assert secret not in init.stdout + init.stderr
+        assert secret not in (ws.cache_dir / "wsfs.log").read_text()
+        # A wrong secret: refused (exit 3) without echoing it.
+        wrong = f"wrong-{uuid.uuid4().hex}"
+        bad = Workspace(tmp_path / "bad", ws.store_url,
+                        env={**secret_rclone.env(), "AWS_SECRET_ACCESS_KEY": wrong})
+        result = bad.wsfs("-vv", "mount", bad.store_url, str(bad.mnt), "--cache-dir",
+                          str(bad.cache_dir), check=False)
+        assert result.returncode == errors.StoreError.exit_code, result.stderr
+        assert wrong not in result.stdout + result.stderr
+        assert not is_mounted(bad.mnt)
+    finally:
+        ws.teardown()
