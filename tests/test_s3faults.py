@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Workspace, is_mounted, pid_alive, s3_workspace
 from faultproxy import FaultProxy
 from s3servers import S3Server

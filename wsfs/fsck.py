@@ -231,6 +231,17 @@ async def _check_blocks(
             nursery.start_soon(verify, *args)
 
 
+# What a damaged checkpoint (as opposed to an unreachable store) raises while it is fetched.
+UNREADABLE = (NoSuchKey, ckpt.CorruptCheckpoint, zlib.error, ValueError, KeyError)
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups of trio nurseries."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
     """Check the newest checkpoint of `store` against the store's objects."""
     limiter = trio.CapacityLimiter(16)
@@ -244,9 +255,13 @@ async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
         db = Path(tmp) / "meta.db"
         try:
             await ckpt.fetch(store, report.seq, db, limiter)
-        except (NoSuchKey, ckpt.CorruptCheckpoint, zlib.error, ValueError, KeyError) as e:
-            report.damage.append(f"checkpoint {report.seq} cannot be read ({type(e).__name__}: "
-                                 f"{e}); the whole workspace is unreadable")
+        except Exception as e:
+            leaf = _first_leaf(e)
+            if not isinstance(leaf, UNREADABLE):
+                raise leaf from None  # the store failed (a StoreError says how), or a bug
+            report.damage.append(f"checkpoint {report.seq} cannot be read "
+                                 f"({type(leaf).__name__}: {leaf}); the whole workspace is "
+                                 "unreadable")
             return report
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
