@@ -303,3 +303,25 @@ def test_listed_then_removed_directory_is_deleted(shared: Workspace, d: Path) ->
         assert time.monotonic() < deadline, f"inodes {left} outlived their names"
         time.sleep(0.05)
     assert ls_a(d) == {".": d.stat().st_ino, "..": d.parent.stat().st_ino}
+
+
+def test_cached_misses_never_hide_new_names(d: Path) -> None:
+    """Misses are cached by the kernel for long: every way of making a name must clear them."""
+    (d / "src").write_text("s")
+    (d / "srcdir").mkdir()
+    makers = {
+        "created": lambda p: p.write_text("c"),
+        "made-dir": lambda p: p.mkdir(),
+        "symlinked": lambda p: os.symlink("src", p),
+        "linked": lambda p: os.link(d / "src", p),
+        "renamed-to": lambda p: os.rename(d / "srcdir", p),
+        "fifo": lambda p: os.mkfifo(p),
+    }
+    for name, make in makers.items():
+        p = d / name
+        assert errno_of(os.stat, p) == errno.ENOENT  # now a cached miss
+        assert run_py(f"print(os.path.lexists({str(p)!r}))").stdout.strip() == "False"
+        make(p)
+        assert run_py(f"print(os.path.lexists({str(p)!r}))").stdout.strip() == "True", name
+    os.unlink(d / "created")
+    assert run_py(f"print(os.path.lexists({str(d / 'created')!r}))").stdout.strip() == "False"

@@ -176,18 +176,17 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = int(parent_inode)
         self._check_name(name)
-        if name == b".":
-            ino: int | None = parent
-        elif name == b"..":
-            ino = ROOT if parent == ROOT else self.meta.parent_of(parent)
+        if name == b"." or name == b"..":
+            found = self.meta.get_inode_blocks(parent if name == b"." else self._parent_dir(parent))
         else:
-            ino = self.meta.lookup(parent, name)
-        if ino is None:
+            found = self.meta.lookup_inode(parent, name)
+        if found is None:
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = pyfuse3.InodeT(0)
             neg.entry_timeout = self.timeout  # the kernel caches the miss; we are the only writer
             return neg
-        return self._entry(self._node(ino))
+        self._lookups[found[0].id] += 1
+        return self._attr(*found)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         for ino, n in inode_list:
@@ -204,7 +203,10 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        return self._attr(self._node(int(inode)))
+        found = self.meta.get_inode_blocks(int(inode))
+        if found is None:
+            raise FUSEError(errno.ENOENT)
+        return self._attr(*found)
 
     async def setattr(
         self,

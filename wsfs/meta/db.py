@@ -144,6 +144,27 @@ class Metadata:
         ).fetchone()
         return None if row is None else Inode(*row)
 
+    # getattr and lookup are the hottest requests: one statement each, block count included
+    # (for st_blocks), instead of two or three.
+    _BLOCKS = "(SELECT count(*) FROM blocks b WHERE b.inode = i.id)"
+    _LOOKUP = (
+        "SELECT " + ", ".join(f"i.{c.strip()}" for c in INODE_COLUMNS.split(",")) + ", "
+        + _BLOCKS + " FROM dentries d JOIN inodes i ON i.id = d.inode"
+        " WHERE d.parent=? AND d.name=?"
+    )
+
+    def get_inode_blocks(self, ino: int) -> tuple[Inode, int] | None:
+        """An inode with the number of its stored blocks."""
+        row = self.conn.execute(
+            f"SELECT {INODE_COLUMNS}, {self._BLOCKS} FROM inodes i WHERE id=?", (ino,)
+        ).fetchone()
+        return None if row is None else (Inode(*row[:-1]), int(row[-1]))
+
+    def lookup_inode(self, parent: int, name: bytes) -> tuple[Inode, int] | None:
+        """The inode `name` names in `parent`, with the number of its stored blocks."""
+        row = self.conn.execute(self._LOOKUP, (parent, name)).fetchone()
+        return None if row is None else (Inode(*row[:-1]), int(row[-1]))
+
     def create_inode(
         self,
         mode: int,
