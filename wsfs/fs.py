@@ -539,6 +539,12 @@ class Operations(pyfuse3.Operations):
             if ino == self.marker_ino:
                 raise FUSEError(errno.EPERM)
         self._node(ino)
+        if flags & os.O_TRUNC:  # FUSE_ATOMIC_O_TRUNC: the kernel sends no setattr for it
+            async with self._lock(ino):
+                node = self._node(ino)
+                if node.size:
+                    node.mtime_ns = node.ctime_ns = now_ns()
+                    await self._truncate(node, 0)
         return self._open_handle(ino)
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
