@@ -105,9 +105,13 @@ def test_truncate_persists_after_remount(mounted: Workspace) -> None:
     f.write_bytes(rand_bytes(2 * MiB + 500, 2))
     os.truncate(f, MiB + 7)
     os.truncate(f, 3 * MiB)
+    g = mounted.mnt / "rewritten"  # open(O_TRUNC) reaches the daemon as an open flag
+    g.write_bytes(b"long old contents " * 100_000)
+    g.write_bytes(b"short")
     mounted.remount(wipe_cache=True)
     assert f.stat().st_size == 3 * MiB
     check_shrink_grow(f)
+    assert g.read_bytes() == b"short"
     mounted.unmount()
 
 
