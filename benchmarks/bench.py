@@ -918,6 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Results()
     started = time.time()
     load_start = os.getloadavg()
+    wsfs_ver = wsfs_version()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         tar, tar_files = make_tarball(scratch)
@@ -952,6 +953,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Linux "
                        f"{platform.release()}, Python {platform.python_version()}",
             "peers": f"{peer_versions()}",
+            "wsfs": wsfs_ver,
             "store": "moto server on 127.0.0.1 (in-memory), one fresh bucket per workload",
             "load average": f"{load_start[0]:.1f} at start, {load_end[0]:.1f} at end "
                             "(other jobs share these 2 cores: compare ratios, not seconds)",
@@ -975,6 +977,18 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"written: {args.out / stamp}.md, .json" + (", .png" if has_chart else ""))
     return 0
+
+
+def wsfs_version() -> str:
+    """The commit the wsfs columns ran, and whether the working tree differed from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "wsfs"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return f"commit {head}" + (" with uncommitted changes in wsfs/" if dirty else "")
 
 
 def peer_versions() -> str:
