@@ -1,0 +1,213 @@
+"""`wsfs status`, `wsfs sync`, `--metrics` and the unmount progress, through real mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from conftest import WSFS, Workspace, is_mounted
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def status_json(ws: Workspace, *args: str) -> object:
+    return json.loads(ws.wsfs("status", *args, "--json").stdout)
+
+
+def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_status_shows_unsaved_data_and_sync_publishes_it(ws: Workspace) -> None:
+    """What status reports is true, and after `wsfs sync` a crash loses nothing."""
+    mnt = ws.mount("--cache-size", "64M", flush_delay=300)
+    big = os.urandom(2 * MiB + 123)
+    (mnt / "big.bin").write_bytes(big)
+    (mnt / "note.txt").write_text("not yet saved\n")
+    os.sync()  # the kernel hands its cached pages to the daemon
+    st = status_json(ws, str(mnt))
+    assert isinstance(st, dict)
+    assert st["state"] == "serving" and st["alive"] and not st["stale"]
+    assert st["dirty_bytes"] >= len(big) and st["dirty_blocks"] >= 3
+    assert st["store"] == ws.store_url
+    assert st["cache_limit"] == 64 * MiB
+    assert st["lease"]["pid"] == st["pid"] == ws.daemon_pid()
+    before = st["checkpoint"]
+    human = ws.wsfs("status", str(mnt)).stdout
+    assert "unsaved:" in human and "2.0 MiB" in human and ws.store_url in human
+
+    result = ws.wsfs("sync", str(mnt), "--timeout", "60")
+    assert result.returncode == 0
+    st = status_json(ws, str(mnt))
+    assert isinstance(st, dict)
+    assert st["dirty_bytes"] == 0 and st["dirty_blocks"] == 0
+    assert st["checkpoint"] > before
+    assert st["uploaded_bytes"] >= len(big)
+    assert st["checkpoint_age"] < 30
+
+    # a crash right after the sync: a fresh machine sees everything that was synced
+    ws.kill()
+    assert not is_mounted(mnt)
+    ws.fresh_cache()
+    mnt = ws.mount()
+    assert (mnt / "big.bin").read_bytes() == big
+    assert (mnt / "note.txt").read_text() == "not yet saved\n"
+    ws.unmount()
+
+
+def test_status_lists_mounts_and_refuses_non_mounts(ws: Workspace, tmp_path: Path) -> None:
+    empty = ws.wsfs("status").stdout
+    assert str(ws.mnt) not in empty
+    mnt = ws.mount()
+    rows = status_json(ws)
+    assert isinstance(rows, list)
+    mine = [r for r in rows if r["mountpoint"] == str(mnt)]
+    assert len(mine) == 1 and mine[0]["state"] == "serving"
+    assert str(mnt) in ws.wsfs("status").stdout
+    other = tmp_path / "not-a-mount"
+    other.mkdir()
+    for verb in ("status", "sync"):
+        r = ws.wsfs(verb, str(other), check=False)
+        assert r.returncode == 6, r.stderr
+        assert "not a wsfs mount" in r.stderr and "Traceback" not in r.stderr
+    ws.unmount()
+
+
+def test_sync_with_nothing_to_do_and_repeated(mounted: Workspace) -> None:
+    mnt = mounted.mnt
+    for i in range(3):
+        (mnt / f"f{i}").write_text(str(i))
+        assert mounted.wsfs("sync", str(mnt)).returncode == 0
+    assert mounted.wsfs("sync", str(mnt)).returncode == 0
+    st = status_json(mounted, str(mnt))
+    assert isinstance(st, dict) and st["dirty_bytes"] == 0 and st["syncs"] >= 4
+    mounted.unmount()
+
+
+def scrape(port: int, path: str = "/metrics") -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_labels, value = line.rsplit(" ", 1)
+            values[name_labels.split("{")[0]] = float(value)
+    return values
+
+
+def test_metrics_endpoint(ws: Workspace) -> None:
+    port = free_port()
+    mnt = ws.mount("--metrics", f"127.0.0.1:{port}", flush_delay=300)
+    data = os.urandom(MiB)
+    (mnt / "m.bin").write_bytes(data)
+    os.sync()
+    m = scrape(port)
+    assert m["wsfs_up"] == 1
+    assert m["wsfs_dirty_bytes"] >= MiB and m["wsfs_dirty_blocks"] >= 1
+    for name in ("wsfs_uploaded_bytes_total", "wsfs_retries_total", "wsfs_errors_total",
+                 "wsfs_cache_hits_total", "wsfs_cache_misses_total", "wsfs_checkpoint_seq",
+                 "wsfs_cache_limit_bytes", "wsfs_upload_rate_bytes"):
+        assert name in m, name
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=10)
+        raise AssertionError("expected a 404")
+    except urllib.error.HTTPError as e:
+        assert e.code == 404
+    ws.wsfs("sync", str(mnt))
+    m = scrape(port)
+    assert m["wsfs_dirty_bytes"] == 0 and m["wsfs_uploaded_bytes_total"] >= MiB
+    assert 0 <= m["wsfs_checkpoint_age_seconds"] < 30
+
+    # on a fresh cache a read misses the cache, and the port is free again after unmount
+    ws.unmount()
+    ws.fresh_cache()
+    mnt = ws.mount("-o", f"metrics=127.0.0.1:{port}")
+    assert (mnt / "m.bin").read_bytes() == data
+    m = scrape(port)
+    assert m["wsfs_cache_misses_total"] >= 1
+    ws.unmount()
+
+
+def test_metrics_port_in_use_fails_the_mount(ws: Workspace) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.cache_dir),
+                    "--metrics", f"127.0.0.1:{port}", check=False)
+    assert r.returncode == 6, r.stderr
+    assert "metrics" in r.stderr and "Traceback" not in r.stderr
+    assert not is_mounted(ws.mnt)
+    bad = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--metrics", "nonsense", check=False)
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+
+
+def test_unmount_progress_at_a_terminal_and_in_the_log(ws: Workspace) -> None:
+    """At a terminal `wsfs unmount` draws bytes left; in a pipe it is quiet; the log has it."""
+    mnt = ws.mount(flush_delay=300)
+    (mnt / "a.bin").write_bytes(os.urandom(3 * MiB))
+    os.sync()
+    master, slave = pty.openpty()
+    env = {**os.environ, **ws.env}
+    proc = subprocess.Popen([*WSFS, "unmount", str(mnt)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = out.decode(errors="replace")
+    assert "flushing" in text and "left" in text, text
+    assert "\r" in text  # redrawn in place, then cleared
+    assert not is_mounted(mnt)
+    log = (ws.cache_dir / "wsfs.log").read_text()
+    assert "progress what='flushing" in log and "every block is in" in log
+
+    # not a terminal: nothing on stderr, still logged
+    mnt = ws.mount(flush_delay=300)
+    (mnt / "b.bin").write_bytes(os.urandom(MiB))
+    r = ws.wsfs("unmount", str(mnt))
+    assert r.stderr == "" and r.stdout == ""
+    assert (ws.cache_dir / "wsfs.log").read_text().count("progress what='flushing") >= 2
+    ws.check_log()
+
+
+def test_json_log_format(ws: Workspace) -> None:
+    ws.wsfs("--log-format", "json", "mount", ws.store_url, str(ws.mnt), "--cache-dir",
+            str(ws.cache_dir))
+    (ws.mnt / "x").write_text("x")
+    ws.unmount()
+    lines = (ws.cache_dir / "wsfs.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert any(r["msg"].startswith("mounted ") and r["level"] == "info" for r in records)
+    assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)
