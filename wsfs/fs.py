@@ -41,6 +41,7 @@ NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 READAHEAD_BLOCKS = 4
+STATFS_CACHE_SECONDS = 5.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -76,6 +77,8 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, int] = {}  # fh -> inode
         self._read_end: dict[int, int] = {}  # fh -> where the last read ended (readahead)
         self._next_fh = 1
+        self._statfs_at = -STATFS_CACHE_SECONDS
+        self._statfs_counts = (0, 0, 0)
         self._locks: dict[int, trio.Lock] = {}
         self.marker_ino = meta.lookup(ROOT, MARKER)
 
@@ -649,6 +652,7 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISREG(node.mode) and node.size:
             refs = self.meta.blocks_in(ino, 0, (node.size - 1) // self.bs)
             await self.blocks.fsync([r.id for r in refs.values()])
+        self.meta.flush()
         await trio.to_thread.run_sync(self.meta.sync)
         if self.remote_fsync is not None:
             await self.remote_fsync()
@@ -702,7 +706,12 @@ class Operations(pyfuse3.Operations):
         await self._fsync_inode(int(fh))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        files, used = self.meta.counts()
+        now = time.monotonic()
+        if now - self._statfs_at > STATFS_CACHE_SECONDS:  # counting scans whole tables
+            self._statfs_counts = self.meta.counts()
+            self._statfs_at = now
+        files, sizes, stored_blocks = self._statfs_counts
+        used = min(sizes, stored_blocks * self.bs)  # sparse files use only what they store
         s = pyfuse3.StatvfsData()
         total = 1 << 50  # an object store has no fixed size; report 1 PiB
         s.f_bsize = self.bs

@@ -169,5 +169,9 @@ async def prepare_cache(
 
 
 def has_marker(meta: Metadata) -> bool:
+    """Whether the root holds a usable marker: a non-empty regular file with its data block."""
     ino = meta.lookup(ROOT, MARKER)
-    return ino is not None
+    node = None if ino is None else meta.get_inode(ino)
+    if node is None or not stat.S_ISREG(node.mode) or node.size == 0:
+        return False
+    return meta.get_block(node.id, 0) is not None

@@ -208,10 +208,12 @@ class Metadata:
         """Inodes no directory entry names (unlinked while open when the daemon stopped)."""
         return [r[0] for r in self.conn.execute("SELECT id FROM inodes WHERE nlink=0")]
 
-    def counts(self) -> tuple[int, int]:
-        """(number of inodes, total bytes of file sizes): for statfs."""
-        row = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM inodes").fetchone()
-        return int(row[0]), int(row[1])
+    def counts(self) -> tuple[int, int, int]:
+        """(inodes, total bytes of file sizes, stored blocks): for statfs (full scans: cache)."""
+        row = self.conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0), (SELECT count(*) FROM blocks) FROM inodes"
+        ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     # -- directory entries ------------------------------------------------------------------
 
