@@ -7,6 +7,7 @@ import json
 import os
 import random
 import secrets
+import subprocess
 import threading
 import time
 import uuid
@@ -15,8 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from conftest import Workspace, s3_workspace
+from conftest import WSFS, Workspace, s3_workspace
 from s3servers import S3Server
 
 MiB = 1 << 20
@@ -279,9 +279,6 @@ def test_destroy_needs_confirmation_and_no_mount(ws: Workspace) -> None:
     assert set(store_files(ws)) == before
 
     wsid = json.loads((root / "wsfs.json").read_text())["workspace_id"]
-    import subprocess
-
-    from conftest import WSFS
     done = subprocess.run([*WSFS, "destroy", ws.store_url], input=wsid + "\n", text=True,
                           capture_output=True, env={**os.environ, **ws.env}, timeout=60)
     assert done.returncode == 0, done.stderr
