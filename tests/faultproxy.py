@@ -216,7 +216,8 @@ class FaultProxy:
                 client.sendall(_error_response(rule.code))
                 return
             if rule.kind == "stall":
-                while time.monotonic() < rule.until and not self._stop.is_set():
+                while (time.monotonic() < rule.until and self._rule is rule
+                       and not self._stop.is_set()):
                     time.sleep(0.05)
             _reset(client)
             return

@@ -122,14 +122,14 @@ def test_stall_bounds_uncached_reads_and_keeps_writes(
 ) -> None:
     """A store that accepts requests and never answers: EIO after --read-timeout, not a hang."""
     ws, proxy = proxied
-    ws.allowed_log_errors.append("could not be downloaded within")
+    ws.allowed_log_errors.append("could not be downloaded")
     mnt, old = uncached_setup(ws, "--read-timeout", "3")
     cached = write_files(mnt, "cached", [400_000])
     before = checkpoint(ws)
     proxy.stall(30)
     err, took = read_errno(mnt / "old-1.bin")
     assert err == errno.EIO, err
-    assert 2.5 <= took <= 10, f"an uncached read took {took:.1f}s to fail (read timeout 3s)"
+    assert 2.5 <= took <= 6, f"an uncached read took {took:.1f}s to fail (read timeout 3s)"
     start = time.monotonic()
     check_files(mnt, cached)
     new = write_files(mnt, "during", [100_000] * 5)
@@ -137,6 +137,7 @@ def test_stall_bounds_uncached_reads_and_keeps_writes(
     assert time.monotonic() - start < 5, "cached reads and writes were held up by the stall"
     assert proxy.stats["stall"] >= 1, proxy.stats
     proxy.pass_through()
+    time.sleep(1.5)  # a block that just timed out fails at once for a second
     check_files(mnt, old)  # readable again once the store answers
     wait_drained(ws, before, timeout=120)
     mnt = ws.remount(wipe_cache=True)
@@ -149,7 +150,7 @@ def test_outage_of_60s(proxied: tuple[Workspace, FaultProxy]) -> None:
     """Every connection refused for 60 s: writes go on, cached reads too, uncached ones fail
     with EIO within the read timeout, and everything drains when the store is back."""
     ws, proxy = proxied
-    ws.allowed_log_errors.append("could not be downloaded within")
+    ws.allowed_log_errors.append("could not be downloaded")
     mnt, old = uncached_setup(ws, "--read-timeout", "5")
     check_files(mnt, {"old-0.bin": old["old-0.bin"]})  # now cached
     before = checkpoint(ws)
@@ -165,7 +166,8 @@ def test_outage_of_60s(proxied: tuple[Workspace, FaultProxy]) -> None:
         assert err == errno.EIO, err
         eio_times.append(took)
         round_ += 1
-    assert max(eio_times) <= 12, f"uncached reads took up to {max(eio_times):.1f}s to fail"
+        time.sleep(2)  # a steady trickle, not a disk-filling flood
+    assert max(eio_times) <= 8, f"uncached reads took up to {max(eio_times):.1f}s to fail"
     st = ws.status()
     assert st["dirty_bytes"] > 0 and st["state"] == "serving", st  # type: ignore[operator]
     assert checkpoint(ws) == before, "a checkpoint was published during the outage"

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # metadata and publish the checkpoint that lets the dirty blocks go. The sync layer raises it
 # as the database grows.
 MIN_RESERVE = 8 << 20
+# Seconds a block whose download just timed out fails at once instead of waiting again.
+RECENT_FAILURE = 1.0
 
 
 class BlockCorrupt(Exception):
@@ -97,6 +99,7 @@ class BlockCache:
         self.on_full: Callable[[], None] | None = None  # asks the sync layer to flush now
         self._disk_full_since: float | None = None  # a writer got ENOSPC; no space since
         self._last_fetch_error: str | None = None
+        self._timed_out: dict[str, float] = {}  # block id -> when its download timed out
         self.dirty_dir = cache_dir / "dirty"
         self.dirty_dir.mkdir(parents=True, exist_ok=True)
         self.clean = diskcache.Cache(
@@ -361,13 +364,24 @@ class BlockCache:
         reader longer than that, and an abandoned download has no effect but a cache entry.
         """
         with trio.move_on_after(self.read_timeout):
-            return await self._download(block_id, csum)
+            data = await self._download(block_id, csum)
+            self._timed_out.pop(block_id, None)
+            return data
+        self._timed_out[block_id] = trio.current_time()
+        A block that just timed out fails at once for a few seconds: the kernel retries a
+        failed readahead page by page, which would otherwise make one read(2) wait twice.
+        if len(self._timed_out) > 1024:
+            self._timed_out.pop(next(iter(self._timed_out)))
         raise TransientStoreError(
             f"block {block_id} could not be downloaded within {self.read_timeout:g}s "
             f"({self._last_fetch_error or 'no answer from the store'})"
         )
 
     async def _download(self, block_id: str, csum: str | None) -> bytes:
+        failed_at = self._timed_out.get(block_id)
+        if failed_at is not None and trio.current_time() - failed_at < RECENT_FAILURE:
+            raise TransientStoreError(f"block {block_id} could not be downloaded (it timed "
+                                      f"out a moment ago: {self._last_fetch_error or 'no answer'})")
         """Fetch a clean block into the cache (once, however many readers wait for it)."""
         while (event := self._downloads.get(block_id)) is not None:
             await event.wait()
