@@ -362,14 +362,18 @@ class BlockCache:
 
         The worker thread is abandoned at the deadline: a stalled connection must not hold a
         reader longer than that, and an abandoned download has no effect but a cache entry.
+        A block that just timed out fails at once for a few seconds: the kernel retries a
+        failed readahead page by page, which would otherwise make one read(2) wait twice.
         """
+        failed_at = self._timed_out.get(block_id)
+        if failed_at is not None and trio.current_time() - failed_at < RECENT_FAILURE:
+            raise TransientStoreError(f"block {block_id} could not be downloaded (it timed "
+                                      f"out a moment ago: {self._last_fetch_error or 'no answer'})")
         with trio.move_on_after(self.read_timeout):
             data = await self._download(block_id, csum)
             self._timed_out.pop(block_id, None)
             return data
         self._timed_out[block_id] = trio.current_time()
-        A block that just timed out fails at once for a few seconds: the kernel retries a
-        failed readahead page by page, which would otherwise make one read(2) wait twice.
         if len(self._timed_out) > 1024:
             self._timed_out.pop(next(iter(self._timed_out)))
         raise TransientStoreError(
@@ -378,10 +382,6 @@ class BlockCache:
         )
 
     async def _download(self, block_id: str, csum: str | None) -> bytes:
-        failed_at = self._timed_out.get(block_id)
-        if failed_at is not None and trio.current_time() - failed_at < RECENT_FAILURE:
-            raise TransientStoreError(f"block {block_id} could not be downloaded (it timed "
-                                      f"out a moment ago: {self._last_fetch_error or 'no answer'})")
         """Fetch a clean block into the cache (once, however many readers wait for it)."""
         while (event := self._downloads.get(block_id)) is not None:
             await event.wait()
