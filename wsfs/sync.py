@@ -241,6 +241,10 @@ class Flusher:
             self.uploading_bytes -= length
         uploaded[block_id] = csum
         self._own(self.meta.set_checksums, {block_id: csum})
+        # Commit the checksum before the dirty file goes: a daemon crash in between would
+        # leave the metadata naming a block with neither a checksum nor a local copy, and no
+        # later checkpoint could be published (tests/test_crash.py found it).
+        self.meta.flush()
         self.uploaded_blocks += 1
         self.uploaded_bytes += length
         self.blocks.retire(block_id, uploaded=True)

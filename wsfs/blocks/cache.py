@@ -207,11 +207,17 @@ class BlockCache:
 
     async def fsync(self, block_ids: list[str]) -> None:
         """Make the given dirty blocks durable on the local disk."""
-        fds = [self._fd(b) for b in block_ids if b in self._dirty]
+        # Duplicates: the trio thread may close a block's fd while the worker fsyncs it (an
+        # upload retiring the block, or the fd LRU), which made fsync(2) fail with EBADF.
+        fds = [os.dup(self._fd(b)) for b in block_ids if b in self._dirty]
 
         def sync_all() -> None:
-            for fd in fds:
-                os.fsync(fd)
+            try:
+                for fd in fds:
+                    os.fsync(fd)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
         if fds:
             await trio.to_thread.run_sync(sync_all, limiter=self.limiter)
