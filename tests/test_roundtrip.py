@@ -123,14 +123,18 @@ def wait_status(w: Workspace, after: float) -> dict[str, object]:
     deadline = time.monotonic() + 10
     while True:
         st = w.status()
-        if float(st["time"]) > after:  # type: ignore[arg-type]
+        written = st["time"]
+        assert isinstance(written, (int, float))
+        if written > after:
             return st
         assert time.monotonic() < deadline, "status.json stopped being refreshed"
         time.sleep(0.1)
 
 
 def misses(w: Workspace) -> int:
-    return int(wait_status(w, time.time())["cache_misses"])  # type: ignore[call-overload]
+    count = wait_status(w, time.time())["cache_misses"]
+    assert isinstance(count, int)
+    return count
 
 
 def block_bytes(cache_dir: Path) -> int:

@@ -1,10 +1,11 @@
 """Random operations on a wsfs mount and on a local directory must leave the same tree.
 
 A Hypothesis state machine applies each operation (create, write at offsets around the block
-boundary and past EOF, truncate, rename, link, symlink, unlink, mkdir, rmdir, chmod, xattrs)
-to both a directory on the real disk and a directory on the mount. Both must fail with the
-same errno or both succeed, and after every step the two trees must be equal in everything but
-inode numbers and times. Now and then, and at the end of every run, the workspace is remounted
+boundary and past EOF, truncate, rename (also with NOREPLACE and EXCHANGE), link, symlink,
+unlink, mkdir, rmdir, chmod, xattrs, and I/O through handles kept open meanwhile) to both a
+directory on the real disk and a directory on the mount. Both must fail with the same errno or
+both succeed, and after every step the two trees must be equal in everything but inode
+numbers and times. Now and then, and at the end of every run, the workspace is remounted
 on an empty cache dir, and the tree must still be equal.
 
 Shrinking is off by default (each example costs remounts); set WSFS_SHRINK=1 to shrink a
@@ -13,6 +14,7 @@ failure to its shortest program, and WSFS_STATEFUL_EXAMPLES=N to run more exampl
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
@@ -49,8 +51,21 @@ modes = st.sampled_from([0o644, 0o600, 0o755, 0o700, 0o444, 0o2775, 0o4755, 0o17
 xattr_names = st.sampled_from(["user.a", "user.b"])
 
 
+MAX_OPEN = 3  # file descriptors kept open across steps (one pair per open file)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+AT_FDCWD = -100
+libc = ctypes.CDLL(None, use_errno=True)
+
+
 def data(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> None:
+    """rename(2) with flags, which Python's os module does not offer."""
+    if libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(src))
 
 
 class FsMachine(RuleBasedStateMachine):
@@ -67,6 +82,7 @@ class FsMachine(RuleBasedStateMachine):
         self.local = self.local_root / name
         self.remote = self.ws.mnt / name
         self.since_remount = 0
+        self.fds: list[tuple[int, int]] = []  # (local fd, wsfs fd) of one file, opened together
 
     @initialize()
     def make_roots(self) -> None:
@@ -160,10 +176,67 @@ class FsMachine(RuleBasedStateMachine):
     def removexattr(self, path: str, name: str) -> None:
         self.both(f"removexattr {path} {name}", lambda root: os.removexattr(root / path, name))
 
+    @rule(src=paths, dst=paths, flags=st.sampled_from([RENAME_NOREPLACE, RENAME_EXCHANGE]))
+    def rename2(self, src: str, dst: str, flags: int) -> None:
+        what = "noreplace" if flags == RENAME_NOREPLACE else "exchange"
+        self.both(f"rename {src} to {dst} ({what})",
+                  lambda root: renameat2(root / src, root / dst, flags))
+
+    # -- open files: written, read and truncated while renamed or unlinked by other steps ------
+
+    @precondition(lambda self: len(self.fds) < MAX_OPEN)
+    @rule(path=paths)
+    def open_file(self, path: str) -> None:
+        opened: list[int] = []
+        self.both(f"open {path}",
+                  lambda root: opened.append(os.open(root / path, os.O_RDWR)))
+        if len(opened) == 2:
+            self.fds.append((opened[0], opened[1]))
+        else:
+            for fd in opened:
+                os.close(fd)
+
+    def _pair(self, i: int) -> tuple[int, int]:
+        return self.fds[i % len(self.fds)]
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, MAX_OPEN - 1), offset=offsets, seed=st.integers(0, 255), size=sizes)
+    def fd_write(self, i: int, offset: int, seed: int, size: int) -> None:
+        buf = data(seed, size)
+        for fd in self._pair(i):
+            assert os.pwrite(fd, buf, offset) == size
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, MAX_OPEN - 1), size=truncate_sizes)
+    def fd_truncate(self, i: int, size: int) -> None:
+        for fd in self._pair(i):
+            os.ftruncate(fd, size)
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, MAX_OPEN - 1), offset=offsets, size=sizes)
+    def fd_read(self, i: int, offset: int, size: int) -> None:
+        """Read through the open handle, even when no name leads to the file any more."""
+        local, remote = self._pair(i)
+        assert os.pread(remote, size, offset) == os.pread(local, size, offset)
+        ls, rs = os.fstat(local), os.fstat(remote)
+        assert (rs.st_size, rs.st_nlink, rs.st_mode) == (ls.st_size, ls.st_nlink, ls.st_mode)
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, MAX_OPEN - 1))
+    def close_file(self, i: int) -> None:
+        for fd in self.fds.pop(i % len(self.fds)):
+            os.close(fd)
+
+    def close_all(self) -> None:
+        while self.fds:
+            for fd in self.fds.pop():
+                os.close(fd)
+
     @precondition(lambda self: self.since_remount >= REMOUNT_EVERY)
     @rule()
     def remount(self) -> None:
         """A fresh machine mid-run: everything so far must come back from the store."""
+        self.close_all()
         self.ws.remount(wipe_cache=True)
         self.since_remount = 0
 
@@ -177,6 +250,7 @@ class FsMachine(RuleBasedStateMachine):
                     what="local disk vs wsfs")
 
     def teardown(self) -> None:
+        self.close_all()
         if not self.local.exists():
             return
         self.ws.remount(wipe_cache=True)
@@ -199,7 +273,7 @@ def test_random_operations_match_a_local_disk(ws: Workspace, tmp_path: Path) -> 
 
     Machine.ws = ws
     Machine.local_root = tmp_path / "local"
-    run_state_machine_as_test(
+    run_state_machine_as_test(  # type: ignore[no-untyped-call]
         Machine,
         settings=settings(max_examples=EXAMPLES, stateful_step_count=30, deadline=None,
                           database=None, phases=PHASES, print_blob=True,
