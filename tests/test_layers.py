@@ -157,3 +157,24 @@ def test_a_write_during_a_cycle_is_not_taken_as_published(tmp_path: Path) -> Non
         assert not flusher.pending()
 
     trio.run(main)
+
+
+def test_recovery_adopts_or_drops_a_block_with_no_checksum_and_no_local_copy(
+    tmp_path: Path,
+) -> None:
+    """A crash between an upload and the commit of its checksum must not wedge checkpoints."""
+    from wsfs.mount import recover
+
+    store, meta, blocks, flusher = make(tmp_path)
+    ino = add_file(meta, blocks, b"f", b"x" * (BS + 5))
+    in_store, lost = meta.get_block(ino, 0), meta.get_block(ino, 1)
+    assert in_store is not None and lost is not None
+    store.put(object_key(in_store.id), b"x" * BS)  # uploaded, checksum never committed
+    for ref in (in_store, lost):  # neither has a local copy any more
+        blocks.retire(ref.id, uploaded=True)
+    trio.run(recover, meta, blocks)
+    adopted = meta.get_block(ino, 0)
+    assert adopted is not None and adopted.csum is not None
+    assert meta.get_block(ino, 1) is None  # a hole, not a wedge
+    trio.run(flusher.cycle)
+    assert ckpt.read_head(store) == 1

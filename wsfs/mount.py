@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 
 from . import __version__, control, logs, metrics
-from .blocks import BlockCache
+from .blocks import BlockCache, BlockCorrupt, checksum
 from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
 from .fs import Operations
 from .lease import Lease
@@ -384,9 +384,16 @@ class Daemon:
 
 
 async def recover(meta: Metadata, blocks: BlockCache) -> None:
-    """Pick up after a crash: requeue dirty blocks, drop unreferenced ones and orphan inodes."""
+    """Pick up after a crash: requeue dirty blocks, drop unreferenced ones and orphan inodes.
+
+    A block the metadata references must be either dirty here or uploaded with a checksum;
+    anything else would stop every later checkpoint (the flusher refuses to publish a block
+    without a checksum). Such a block is looked up in the store and adopted if it is there,
+    and otherwise becomes a hole, loudly: it can only be data that no fsync acknowledged.
+    """
     requeued = 0
-    for block_id in blocks.recover():
+    dirty = set(blocks.recover())
+    for block_id in dirty:
         ref = meta.find_block(block_id)
         if ref is None:
             blocks.discard(block_id)
@@ -394,12 +401,24 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
             blocks.retire(block_id, uploaded=True)  # in the store already
         else:
             requeued += 1
+    for ino, idx, block_id in meta.blocks_without_checksum():
+        if block_id in dirty:
+            continue
+        try:
+            content = await blocks.download(block_id, None)
+        except BlockCorrupt:
+            log.error("inode %d lost block %d (%s) in a crash before it was saved: it reads "
+                      "as zeros", ino, idx, block_id)
+            meta.remove_block(ino, idx)
+        else:
+            meta.set_checksums({block_id: checksum(content)})
     orphans = meta.orphans()
     for ino in orphans:
         meta.begin()
         garbage = [b for b in meta.delete_inode(ino) if blocks.discard(b)]
         meta.add_garbage(garbage)
         meta.commit()
+    meta.flush()
     if requeued or orphans:
         log.warning("recovered from an unclean stop: %d dirty blocks to upload, %d orphan "
                     "inodes removed", requeued, len(orphans))

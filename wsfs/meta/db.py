@@ -331,6 +331,14 @@ class Metadata:
         self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx>=?", (ino, first))
         return refs
 
+    def blocks_without_checksum(self) -> list[tuple[int, int, str]]:
+        """(inode, idx, id) of every block never recorded as uploaded (recovery checks them)."""
+        return [(int(r[0]), int(r[1]), str(r[2])) for r in self.conn.execute(
+            "SELECT inode, idx, id FROM blocks WHERE csum IS NULL")]
+
+    def remove_block(self, ino: int, idx: int) -> None:
+        self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx=?", (ino, idx))
+
     def block_count(self, ino: int) -> int:
         row = self.conn.execute("SELECT count(*) FROM blocks WHERE inode=?", (ino,)).fetchone()
         return int(row[0])
