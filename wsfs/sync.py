@@ -234,11 +234,15 @@ class Flusher:
         self.uploading_blocks += 1
         self.uploading_bytes += length
         try:
-            csum = await self._retry_async(lambda: self.blocks.upload(block_id),
-                                           f"upload {block_id}")
+            csum = await self._upload_retrying(block_id)
         finally:
             self.uploading_blocks -= 1
             self.uploading_bytes -= length
+        if csum is None:
+            # Deleted while its upload kept failing: free its disk space now. This cycle's
+            # snapshot still names it, so the cycle fails and the next one goes without it.
+            self.blocks.retire(block_id, uploaded=False)
+            return
         uploaded[block_id] = csum
         self._own(self.meta.set_checksums, {block_id: csum})
         # Commit the checksum before the dirty file goes: a daemon crash in between would
@@ -248,6 +252,31 @@ class Flusher:
         self.uploaded_blocks += 1
         self.uploaded_bytes += length
         self.blocks.retire(block_id, uploaded=True)
+
+    async def _upload_retrying(self, block_id: str) -> str | None:
+        """Upload with backoff like `_retry_async`; None once the block was deleted meanwhile.
+
+        A block deleted while its upload keeps failing (an outage) must not keep its disk
+        space until the store returns: on a full cache disk that space is what writers wait
+        for (tests/test_fullcache.py).
+        """
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.blocks.upload(block_id)
+            except Exception as e:
+                self.retries += 1
+                self.last_error = f"upload {block_id}: {e}"
+                log.warning("upload %s failed (attempt %d), retrying in %.1fs: %s", block_id,
+                            attempt, delay, e)
+            deadline = trio.current_time() + delay
+            while (left := deadline - trio.current_time()) > 0:
+                if self.blocks.is_doomed(block_id):
+                    return None
+                await trio.sleep(min(0.2, left))
+            delay = min(delay * 2, 30.0)
 
     async def _collect(self, garbage: list[str]) -> None:
         keys = [object_key(b) for b in garbage]

@@ -197,6 +197,10 @@ class BlockCache:
         self._drop_dirty(block_id)
         return False
 
+    def is_doomed(self, block_id: str) -> bool:
+        """Whether a sealed block was discarded while its upload ran."""
+        return block_id in self._doomed
+
     def _drop_dirty(self, block_id: str) -> None:
         self._close(block_id)
         self._path(block_id).unlink(missing_ok=True)
