@@ -214,3 +214,17 @@ def test_fsck_unreadable_checkpoint_and_bad_store(ws: Workspace, tmp_path: Path)
     # no workspace at all: the usual one-sentence error and its exit code
     r = ws.wsfs("fsck", f"file://{tmp_path / 'nothing'}", check=False)
     assert r.returncode == 4 and "holds no wsfs workspace" in r.stderr, r.stderr
+
+
+def test_mount_on_a_damaged_checkpoint_is_refused_clearly(ws: Workspace) -> None:
+    """A fresh machine cannot fetch a checkpoint with a corrupt page: one sentence, exit 9."""
+    store_dir = Path(ws.store_url.removeprefix("file://"))
+    pages = sorted((store_dir / "meta" / "pages").iterdir())
+    assert pages
+    for page in pages:
+        page.write_bytes(b"not a page")
+    r = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.cache_dir),
+                check=False)
+    assert r.returncode == 9, r.stderr
+    assert "damaged" in r.stderr and "wsfs fsck" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -193,3 +193,23 @@ def test_s3_second_mount_refused(kind: str, request: pytest.FixtureRequest,
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+def test_a_taken_over_mount_stops_publishing(lws: Workspace, other: Workspace) -> None:
+    """After --force elsewhere, the old mount must not overwrite the new holder's checkpoints:
+    its later changes stay in its cache dir and its unmount says so (exit 7)."""
+    lws.mount()
+    other.mount("--force")
+    (other.mnt / "from-new-holder").write_text("kept")
+    other.wsfs("sync", str(other.mnt))
+    (lws.mnt / "from-old-holder").write_text("must not reach the store")
+    lws.allowed_log_errors.append("another mount took over")
+    r = lws.wsfs("unmount", str(lws.mnt), check=False, timeout=120)
+    assert r.returncode == 7, r.stderr
+    assert "took over" in r.stderr
+    other.unmount()
+    other.fresh_cache()
+    mnt = other.mount()
+    assert (mnt / "from-new-holder").read_text() == "kept"
+    assert not (mnt / "from-old-holder").exists()
+    other.unmount()

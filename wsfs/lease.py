@@ -102,6 +102,7 @@ class Lease:
         self.cache_dir = cache_dir
         self.mount_id = uuid.uuid4().hex
         self.lost = False  # another mount took the lease over (with --force or after expiry)
+        self.usurper = ""  # who took it over, for messages
 
     def _record(self) -> bytes:
         holder = Holder(socket.gethostname(), os.getpid(), self.mount_id, self.cache_dir,
@@ -141,10 +142,29 @@ class Lease:
         holder = read_holder(self.store)
         if holder is not None and holder.mount_id != self.mount_id:
             self.lost = True
+            self.usurper = holder.describe()
             log.error("another mount took over this workspace's lease (%s); unmount this one: "
                       "its later changes may be overwritten in the store", holder.describe())
             return
         self.store.put(LEASE_KEY, self._record())
+
+    def check(self) -> None:
+        """Raise LeaseError if another mount holds the lease now (blocking: one GET).
+
+        The flusher calls this before publishing each checkpoint, so a mount that was taken
+        over (`--force` elsewhere, or its lease expired during an outage) stops publishing
+        instead of overwriting the new holder's checkpoints.
+        """
+        if not self.lost:
+            holder = read_holder(self.store)
+            if holder is None or holder.mount_id == self.mount_id:
+                return
+            self.lost = True
+            self.usurper = holder.describe()
+        raise LeaseError(
+            f"another mount took over this workspace ({self.usurper}); this mount no longer "
+            "publishes: its unsaved changes stay in its cache dir"
+        )
 
     def release(self) -> None:
         holder = read_holder(self.store)

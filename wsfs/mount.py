@@ -219,6 +219,7 @@ class Daemon:
         await recover(meta, blocks)
         flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
                                          flush_delay=cfg.flush_delay, limiter=limiter)
+        flusher.before_publish = lease.check
         ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
                          read_only=cfg.read_only,
                          remote_fsync=flusher.sync_now if cfg.fsync_remote else None)
@@ -264,8 +265,9 @@ class Daemon:
                     nursery.cancel_scope.cancel()
             if flush_error is not None:
                 raise flush_error
-        except FlushError:
+        except FlushError as e:
             self.state = "failed"
+            flusher.last_error = str(e)  # what `wsfs unmount` reports
             raise
         finally:
             self.write_status()

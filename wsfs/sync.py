@@ -28,7 +28,7 @@ import trio
 
 from .blocks import BlockCache, object_key
 from .blocks.cache import MIN_RESERVE
-from .errors import FlushError
+from .errors import FlushError, LeaseError
 from .meta import Metadata
 from .meta import checkpoint as ckpt
 from .store import ObjectStore
@@ -58,10 +58,19 @@ class Flusher:
         self.cache_dir = cache_dir
         self.flush_delay = flush_delay
         self.limiter = limiter
+        # Called (in a worker thread) before each publish; raises LeaseError once another
+        # mount holds the workspace, which fences this one off for good.
+        self.before_publish: Callable[[], None] | None = None
+        self.fenced: LeaseError | None = None
         self.soft_limit = blocks.dirty_limit // 2
         self.seq = int(meta.get_setting("checkpoint_seq") or 0)
         self.known_pages = self._load_pages()
         self._published_changes = -1  # unknown at start: publish once to be sure
+        if meta.get_setting("clean_unmount") == "1" and blocks.dirty_count == 0:
+            # The last run published everything and stopped cleanly: nothing is pending.
+            meta.set_setting("clean_unmount", "0")
+            meta.flush()
+            self._published_changes = meta.total_changes
         self._own_changes = 0  # changes the current cycle made itself since its pin
         self._pending_since: float | None = None
         self._lock = trio.Lock()
@@ -125,6 +134,8 @@ class Flusher:
         """Return once a cycle that started after this call has published successfully."""
         target = self._started + 1
         while self._ok_upto < target:
+            if self.fenced is not None:
+                raise self.fenced
             self._kick.set()
             await self._cycle_finished.wait()
 
@@ -136,6 +147,8 @@ class Flusher:
             while True:
                 try:
                     await self.cycle()
+                except LeaseError as e:
+                    raise FlushError(str(e)) from None
                 except Exception as e:
                     self.last_error = str(e)
                     self.errors += 1
@@ -144,6 +157,8 @@ class Flusher:
                     backoff = min(backoff * 2, 15.0)
                     continue
                 if not self.pending():
+                    self.meta.set_setting("clean_unmount", "1")
+                    self.meta.flush()
                     return
         raise FlushError(
             f"could not upload {self.blocks.dirty_bytes} dirty bytes within {timeout:.0f}s "
@@ -204,6 +219,12 @@ class Flusher:
         garbage = await trio.to_thread.run_sync(
             ckpt.finalize, copy, uploaded, seq, limiter=self.limiter
         )
+        if self.before_publish is not None:
+            try:
+                await trio.to_thread.run_sync(self.before_publish, limiter=self.limiter)
+            except LeaseError as e:
+                self.fenced = e
+                raise
         manifest = await ckpt.publish(self.store, copy, seq, self.known_pages, self.limiter)
         self.seq = seq
         self.known_pages = set(manifest.pages)

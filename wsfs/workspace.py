@@ -21,7 +21,14 @@ import trio
 
 from . import __version__
 from .blocks import BlockCache
-from .errors import FormatError, MountError, NoWorkspaceError, WsfsError
+from .errors import (
+    DamageError,
+    FormatError,
+    MountError,
+    NoWorkspaceError,
+    StoreError,
+    WsfsError,
+)
 from .fs import MARKER, ROOT
 from .meta import Metadata
 from .meta import checkpoint as ckpt
@@ -160,10 +167,19 @@ async def prepare_cache(
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    await ckpt.fetch(store, head, db, limiter)
+    try:
+        await ckpt.fetch(store, head, db, limiter)
+    except* (NoSuchKey, ckpt.CorruptCheckpoint) as group:
+        raise DamageError(
+            f"checkpoint {head} of {store.url} is damaged ({group.exceptions[0]}); "
+            f"run `wsfs fsck {store.url}` to see what is left"
+        ) from None
+    except* StoreError as group:
+        raise group.exceptions[0] from None
     conn = Metadata(db)
     try:
         conn.set_setting("workspace_id", sb.workspace_id)
+        conn.set_setting("clean_unmount", "1")  # exactly the checkpoint: nothing pending
     finally:
         conn.close()
 

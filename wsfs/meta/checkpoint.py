@@ -186,7 +186,10 @@ async def fetch(
 
     async def get_page(digest: str) -> None:
         def work() -> bytes:
-            data = zlib.decompress(store.get(page_key(digest)))
+            try:
+                data = zlib.decompress(store.get(page_key(digest)))
+            except zlib.error:
+                raise CorruptCheckpoint(f"metadata page {digest} is corrupt") from None
             if hashlib.sha256(data).hexdigest() != digest:
                 raise CorruptCheckpoint(f"metadata page {digest} is corrupt")
             return data
