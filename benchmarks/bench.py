@@ -198,6 +198,7 @@ class Config:
     scale_files: int
     scale_dirs: int
     profile: bool = False
+    wsfs_args: list[str] = field(default_factory=list)
 
 
 class System:
@@ -397,7 +398,8 @@ class Wsfs(System):
     def mount(self) -> None:
         _live_mounts.add(self.mnt)
         run([sys.executable, "-m", "wsfs", "mount", self.url, str(self.mnt),
-             "--cache-dir", str(self.cache_dir())], timeout=120, env=self.env, cwd=REPO)
+             "--cache-dir", str(self.cache_dir()), *self.cfg.wsfs_args], timeout=120,
+            env=self.env, cwd=REPO)
         key = hashlib.sha256(str(self.mnt).encode()).hexdigest()[:16]
         reg = json.loads((self.root / "run" / f"{key}.json").read_text())
         self.pid = int(reg["pid"])
@@ -661,7 +663,8 @@ def wl_g(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
     if s.can_remount:
         s.remount_cold()
     run(["ls", str(s.mnt / "tree")], timeout=T)
-    rec(step("g.first_ls", "g. mount on empty cache + first ls"), time.perf_counter() - t)
+    if s.can_remount:  # the floor cannot mount on an empty cache: its data is its memory
+        rec(step("g.first_ls", "g. mount on empty cache + first ls"), time.perf_counter() - t)
     rec(step("g.ls_R", f"g. ls -R {n:,} files (cold)"),
         run(["ls", "-R", str(s.mnt / "tree")], timeout=T))
     s.sample_rss()
@@ -749,6 +752,10 @@ def targets(key: str) -> list[tuple[str, str, float]]:
     out: list[tuple[str, str, float]] = []
     if key.startswith(("g.rss",)):
         return out
+    if key.endswith(".durable"):
+        # s3fs uploads inside the workload itself (on close), so its durable step is ~0:
+        # the issue's target is rclone's time to durable.
+        return [("no slower than rclone", "rclone", 1.0)]
     out.append(("beat best peer", "peer", 1.0))
     if key in ("a.extract", "b.cold", "e.create", "e.stat", "e.ls", "e.delete", "e.rename",
                "f.commit", "f.status"):
@@ -896,13 +903,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step-timeout", type=float, help="seconds before a step counts as hung")
     p.add_argument("--profile", action="store_true",
                    help="record py-spy profiles of the wsfs daemon into benchmarks/results/")
+    p.add_argument("--wsfs-args", default="",
+                   help="extra `wsfs mount` arguments, e.g. '--flush-delay 600' (A/B tests)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    p.add_argument("--rerender", type=Path, metavar="JSON",
+                   help="only write the .md and .png of a saved run's .json again")
     p.add_argument("--keep-scratch", action="store_true", help="keep the scratch directory")
     return p.parse_args(argv)
 
 
+def rerender(path: Path) -> int:
+    """Write the .md and .png of a saved .json again (after a change to the report)."""
+    data = json.loads(path.read_text())
+    STEPS[:] = [Step(s["key"], s["label"]) for s in data["steps"]]
+    results = Results(times=data["times"], rss=data["rss_mb"])
+    if "floor" in results.times:
+        results.times["floor"].pop("g.first_ls", None)  # runs before the floor rule above
+    md = report(results, data["meta"], data["systems"])
+    path.with_suffix(".md").write_text(md)
+    chart(results, data["systems"], path.with_suffix(".png"))
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rerender is not None:
+        return rerender(args.rerender)
     full = args.full
 
     def pick(value: int | None, quick: int, big: int) -> int:
@@ -934,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
             meta_files=pick(args.meta_files, 1000, 5000), meta_dirs=pick(args.meta_dirs, 10, 50),
             rename_files=pick(args.rename_files, 300, 1000),
             scale_files=pick(args.scale_files, 10000, 100000), scale_dirs=100,
-            profile=args.profile,
+            profile=args.profile, wsfs_args=args.wsfs_args.split(),
         )
         for wl in workloads:
             for name in systems:
@@ -953,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Linux "
                        f"{platform.release()}, Python {platform.python_version()}",
             "peers": f"{peer_versions()}",
-            "wsfs": wsfs_ver,
+            "wsfs": wsfs_ver + (f", mounted with {args.wsfs_args}" if args.wsfs_args else ""),
             "store": "moto server on 127.0.0.1 (in-memory), one fresh bucket per workload",
             "load average": f"{load_start[0]:.1f} at start, {load_end[0]:.1f} at end "
                             "(other jobs share these 2 cores: compare ratios, not seconds)",
