@@ -841,7 +841,7 @@ def chart(results: Results, systems: list[str], path: Path) -> bool:
     cols = [n for n in systems if n != "local"]
     if not rows or not cols:
         return False
-    fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.9), 6))
+    fig, ax = plt.subplots(figsize=(min(16, max(10, len(rows) * 0.6)), 7.5))
     width = 0.8 / len(cols)
     colors = {"floor": "#999999", "s3fs": "#e08a3c", "rclone": "#4c8bd6", "wsfs": "#2ca25f"}
     for i, n in enumerate(cols):
