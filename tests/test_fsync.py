@@ -104,12 +104,30 @@ def test_local_fsync_does_not_reach_the_store(ws: Workspace) -> None:
     kill_now(ws)
     mnt = ws.mount(cache_dir=ws.fresh_cache(), flush_delay=NEVER)
     assert not (mnt / "local-only").exists()
+    (mnt / "elsewhere").write_text("a change published from another cache dir")
     ws.unmount()
     # The old cache dir is now older than the store: a mount on it moves it aside, never
     # deletes it, so the fsynced bytes can still be recovered by hand.
     ws.mount(cache_dir=old_cache, flush_delay=NEVER)
     stale = list(old_cache.parent.glob(f"{old_cache.name}.stale-*"))
     assert len(stale) == 1 and list((stale[0] / "dirty").iterdir())
+    ws.unmount()
+
+
+def test_unpublished_work_is_recovered_when_nothing_was_published_since(ws: Workspace) -> None:
+    """If no other mount published in between, the crashed cache dir is still current: its
+    fsynced work comes back and is uploaded, even after a mount elsewhere that changed nothing."""
+    mnt = ws.mount(flush_delay=NEVER)
+    write_and_fsync(mnt / "local-only", b"not uploaded yet")
+    old_cache = ws.cache_dir
+    kill_now(ws)
+    mnt = ws.mount(cache_dir=ws.fresh_cache(), flush_delay=NEVER)
+    assert not (mnt / "local-only").exists()
+    ws.unmount()
+    mnt = ws.mount(cache_dir=old_cache, flush_delay=NEVER)
+    assert (mnt / "local-only").read_bytes() == b"not uploaded yet"
+    mnt = ws.remount(wipe_cache=True)
+    assert (mnt / "local-only").read_bytes() == b"not uploaded yet"
     ws.unmount()
 
 

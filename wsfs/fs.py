@@ -170,6 +170,7 @@ class Operations(pyfuse3.Operations):
         if node is not None and node.nlink == 0:
             with self._txn():
                 self._drop_blocks(self.meta.delete_inode(ino))
+            self._statfs_at = -STATFS_CACHE_SECONDS  # the inode count changed
             self._locks.pop(ino, None)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -264,23 +265,24 @@ class Operations(pyfuse3.Operations):
         )
 
     async def _truncate(self, node: Inode, size: int) -> None:
-        """Cut or extend a file to `size` bytes; the bytes past the old end read as zeros."""
+        """Cut or extend a file to `size` bytes; the bytes past the old end read as zeros.
+
+        A cut block is copied, never cut in place: until the new size is committed, the old
+        metadata must still find the old bytes (a crash in between comes back to them).
+        """
         if size < node.size:
             first_gone = (size + self.bs - 1) // self.bs
             tail = size % self.bs
             tail_ref = self.meta.get_block(node.id, size // self.bs) if tail else None
             content = b""
-            if tail_ref is not None and not self.blocks.is_writable(tail_ref.id):
+            if tail_ref is not None:
                 content = await self._read_block(tail_ref.id, tail_ref.csum, 0, tail)
             with self._txn():
                 self._drop_blocks([r.id for r in self.meta.remove_blocks_from(node.id, first_gone)])
                 if tail_ref is not None:
-                    if self.blocks.is_writable(tail_ref.id):
-                        self.blocks.truncate(tail_ref.id, tail)
-                    else:
-                        new_id = self.blocks.create(content)
-                        self.meta.set_block(node.id, size // self.bs, new_id, None)
-                        self._drop_blocks([tail_ref.id])
+                    new_id = self.blocks.create(content)
+                    self.meta.set_block(node.id, size // self.bs, new_id, None)
+                    self._drop_blocks([tail_ref.id])
                 node.size = size
                 self.meta.save_inode(node)
         else:
@@ -321,6 +323,7 @@ class Operations(pyfuse3.Operations):
         is_dir = stat.S_ISDIR(mode)
         ts = now_ns()
         with self._txn():
+            self._statfs_at = -STATFS_CACHE_SECONDS  # the inode count changes
             node = self.meta.create_inode(
                 mode, ctx.uid, gid, ts, nlink=2 if is_dir else 1, rdev=rdev,
                 size=len(target) if target is not None else 0, target=target,

@@ -216,6 +216,7 @@ class Daemon:
             dirty_limit=cfg.dirty_limit, limiter=limiter, read_timeout=cfg.read_timeout,
             full_timeout=cfg.enospc_timeout,
         )
+        meta.after_commit = blocks.release_discarded
         await recover(meta, blocks)
         flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
                                          flush_delay=cfg.flush_delay, limiter=limiter)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PRUNE_EVERY = 20
+COMMIT_INTERVAL = 0.5  # seconds of un-fsynced metadata a daemon crash can lose
 
 
 class Flusher:
@@ -109,10 +110,24 @@ class Flusher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Flush continuously until cancelled; store errors are retried, never fatal."""
-        task_status.started()
-        backoff = 1.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._commit_loop)
+            task_status.started()
+            await self._flush_loop()
+
+    async def _commit_loop(self) -> None:
+        """Commit the metadata every COMMIT_INTERVAL, whatever the store is doing.
+
+        Independent of the flush cycles: during a store outage a cycle can retry for minutes,
+        and metadata changes (and the files of the blocks they drop) must not wait for it.
+        """
         while True:
             self.meta.flush()
+            await trio.sleep(COMMIT_INTERVAL)
+
+    async def _flush_loop(self) -> None:
+        backoff = 1.0
+        while True:
             with trio.move_on_after(min(0.5, max(self.flush_delay / 4, 0.05))):
                 await self._kick.wait()
             kicked = self._kick.is_set()

@@ -111,7 +111,8 @@ class BlockCache:
         self._dirty: dict[str, int] = {}  # id -> length of the local file
         self._dirty_since: dict[str, float] = {}  # id -> monotonic time it became dirty
         self._sealed: set[str] = set()
-        self._doomed: set[str] = set()  # sealed blocks discarded while their upload ran
+        self._doomed: set[str] = set()
+        self._unlink_after_commit: list[Path] = []  # sealed blocks discarded while their upload ran
         self._fds: dict[str, int] = {}
         self._downloads: dict[str, trio.Event] = {}
         self._room = trio.Event()
@@ -178,10 +179,6 @@ class BlockCache:
         if end > self._dirty[block_id]:
             self._set_length(block_id, end)
 
-    def truncate(self, block_id: str, length: int) -> None:
-        os.ftruncate(self._fd(block_id), length)
-        self._set_length(block_id, length)
-
     def discard(self, block_id: str) -> bool:
         """Forget a block the metadata no longer references.
 
@@ -194,16 +191,30 @@ class BlockCache:
         if block_id in self._sealed:
             self._doomed.add(block_id)  # its upload is running: delete when the cycle ends
             return True
-        self._drop_dirty(block_id)
+        self._drop_dirty(block_id, after_commit=True)
         return False
+
+    def release_discarded(self) -> None:
+        """Delete the files of blocks discarded before the metadata commit that just ran.
+
+        A discarded block's file outlives the transaction that dropped its reference: if the
+        daemon dies before that commit, the metadata that comes back still names the block,
+        and its data must still be there (called by the metadata's commit hook).
+        """
+        for path in self._unlink_after_commit:
+            path.unlink(missing_ok=True)
+        self._unlink_after_commit.clear()
 
     def is_doomed(self, block_id: str) -> bool:
         """Whether a sealed block was discarded while its upload ran."""
         return block_id in self._doomed
 
-    def _drop_dirty(self, block_id: str) -> None:
+    def _drop_dirty(self, block_id: str, after_commit: bool = False) -> None:
         self._close(block_id)
-        self._path(block_id).unlink(missing_ok=True)
+        if after_commit:
+            self._unlink_after_commit.append(self._path(block_id))
+        else:
+            self._path(block_id).unlink(missing_ok=True)
         self._set_length(block_id, 0)
         del self._dirty[block_id]
         self._dirty_since.pop(block_id, None)
@@ -286,7 +297,7 @@ class BlockCache:
         await self.evict_clean(need - self.disk_free())
         if self.disk_free() >= need:
             return
-        if self._disk_full_since is not None:
+        if self._disk_full_since is not None and not self._unlink_after_commit:
             raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
         log.warning("the cache disk is full (%d bytes free, %d dirty): writers wait for uploads",
                     self.disk_free(), self.dirty_bytes)
@@ -303,7 +314,8 @@ class BlockCache:
             if free > last_free or self.dirty_bytes < last_dirty:
                 last_progress = trio.current_time()
             last_free, last_dirty = free, self.dirty_bytes
-            if self._disk_full_since is not None:  # another writer already gave up
+            # another writer already gave up (unless deletions are about to free space)
+            if self._disk_full_since is not None and not self._unlink_after_commit:
                 raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
             if trio.current_time() - last_progress > self.full_timeout:
                 self._disk_full_since = trio.current_time()
@@ -480,7 +492,7 @@ class BlockCache:
         self._sealed.discard(block_id)
         if block_id in self._doomed:
             self._doomed.discard(block_id)
-            self._drop_dirty(block_id)
+            self._drop_dirty(block_id, after_commit=True)
         elif uploaded:
             self._drop_dirty(block_id)
 

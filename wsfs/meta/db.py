@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,9 @@ class Metadata:
         # Databases created before this index existed (schema.py) get it on open.
         self.conn.execute("CREATE INDEX IF NOT EXISTS dentries_by_parent ON dentries (parent)")
         self.conn.isolation_level = "DEFERRED"  # writes open a transaction; flush() commits
+        # Runs after every commit: the block layer deletes the files of blocks whose last
+        # reference this commit removed (set by the mount; meta itself knows no blocks).
+        self.after_commit: Callable[[], None] | None = None
 
     def close(self) -> None:
         self.flush()
@@ -116,6 +119,8 @@ class Metadata:
         """Commit everything so far: durable against a daemon crash, visible to snapshots."""
         if self.conn.in_transaction:
             self.conn.commit()
+        if self.after_commit is not None:
+            self.after_commit()
 
     def sync(self) -> None:
         """Make every committed change durable on disk (blocking: call from a worker thread
