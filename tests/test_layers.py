@@ -163,7 +163,7 @@ def test_recovery_adopts_or_drops_a_block_with_no_checksum_and_no_local_copy(
     tmp_path: Path,
 ) -> None:
     """A crash between an upload and the commit of its checksum must not wedge checkpoints."""
-    from wsfs.mount import recover
+    from wsfs.daemon import recover
 
     store, meta, blocks, flusher = make(tmp_path)
     ino = add_file(meta, blocks, b"f", b"x" * (BS + 5))
@@ -172,6 +172,7 @@ def test_recovery_adopts_or_drops_a_block_with_no_checksum_and_no_local_copy(
     store.put(object_key(in_store.id), b"x" * BS)  # uploaded, checksum never committed
     for ref in (in_store, lost):  # neither has a local copy any more
         blocks.retire(ref.id, uploaded=True)
+        (tmp_path / "cache" / "dirty" / ref.id).unlink()
     trio.run(recover, meta, blocks)
     adopted = meta.get_block(ino, 0)
     assert adopted is not None and adopted.csum is not None

@@ -20,7 +20,7 @@ from . import __version__
 from .errors import UsageError, WsfsError
 
 if TYPE_CHECKING:
-    from .mount import MountConfig
+    from .config import MountConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_options(cfg: object, opts: list[str]) -> None:
     """Fold `-o a,b=c` options into the mount configuration."""
-    from .mount import MountConfig
+    from .config import MountConfig
 
     assert isinstance(cfg, MountConfig)
     for group in opts:
@@ -220,7 +220,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def mount_config(args: argparse.Namespace) -> MountConfig:
     """The mount configuration from `wsfs mount` (or `wsfs run`) arguments and -o options."""
-    from .mount import MountConfig
+    from .config import MountConfig
 
     cfg = MountConfig(
         store_url=args.store, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
@@ -252,7 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from .mount import unmount
+    from .unmount import unmount
 
     timeout = None if args.timeout is None else parse_seconds(args.timeout, "--timeout")
     unmount(args.mountpoint, progress=sys.stderr.isatty(), timeout=timeout)

@@ -231,7 +231,7 @@ class Supervisor:
 
     def daemon_alive(self) -> bool:
         self.reap()
-        from .mount import pid_alive
+        from .runtime import pid_alive
 
         return pid_alive(self.daemon_pid)
 
@@ -264,7 +264,7 @@ class Supervisor:
 
     def unmount(self) -> None:
         """`wsfs unmount`: sync, unmount, wait for the daemon's last upload, logging progress."""
-        from .mount import is_mountpoint
+        from .runtime import is_mountpoint
 
         mp = str(self.mountpoint)
         if is_mountpoint(self.mountpoint):
@@ -337,7 +337,8 @@ def show_progress() -> None:
 def run(args: argparse.Namespace) -> int:
     """`wsfs run`: see the module docstring."""
     from .cli import mount_config, parse_seconds
-    from .mount import mount, registry_path
+    from .mount import mount
+    from .runtime import registry_path
 
     show_progress()
     command = list(args.argv)

@@ -115,7 +115,7 @@ def mount_main(argv: list[str]) -> int:
 def umount_main(argv: list[str]) -> int:
     """`umount.fuse.wsfs MOUNTPOINT [-flnrv] [-N NS] [-t TYPE]`: unmount and wait for the flush."""
     from .cli import main as cli_main
-    from .mount import registry_path
+    from .runtime import registry_path
 
     positional = [a for i, a in enumerate(argv)
                   if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("-t", "-N"))]

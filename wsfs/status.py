@@ -16,8 +16,8 @@ from typing import Any
 
 from .control import SyncRequest
 from .errors import FlushError, MountError
-from .mount import RUN_DIR, is_mountpoint, pid_alive, registry_path
 from .progress import Progress, human_bytes, human_seconds
+from .runtime import RUN_DIR, is_mountpoint, pid_alive, registry_path
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,390 @@
+"""The running daemon: lease, recovery, serving, signals, and the final flush.
+
+One trio run owns one nursery: the FUSE loop, the flusher, the lease renewer, the status
+writer and the signal watcher. Whatever ends the FUSE loop — `wsfs unmount`, `umount`,
+`fusermount3 -u`, SIGTERM or SIGINT — the same sequence follows: every dirty block uploaded, the
+final checkpoint published, the lease released, exit 0. On SIGTERM the daemon keeps serving
+while it unmounts itself, so the kernel can hand over the dirty pages it still holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import pyfuse3
+import trio
+
+from . import __version__, control, logs, metrics
+from .blocks import BlockCache, BlockCorrupt, checksum
+from .config import MountConfig
+from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
+from .fs import Operations
+from .lease import Lease
+from .meta import Metadata
+from .metrics import RateMeter
+from .progress import Progress
+from .runtime import registry_path, sd_notify, write_registry
+from .store import ObjectStore, open_store, probe
+from .sync import Flusher
+from .workspace import Superblock, create, has_marker, prepare_cache, read_superblock
+
+log = logging.getLogger(__name__)
+
+
+def open_checked_store(cfg: MountConfig) -> ObjectStore:
+    store = open_store(cfg.store_url, endpoint_url=cfg.endpoint_url, region=cfg.region)
+    probe(store)
+    return store
+
+
+class Daemon:
+    """One mounted workspace, from the lease to the final flush."""
+
+    def __init__(self, cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+        self.ready_fd = ready_fd
+        self.state = "starting"
+        self.flusher: Flusher | None = None
+        self.blocks: BlockCache | None = None
+        self.unmounting = False
+        # figures for `wsfs status` and --metrics (see status())
+        self.started = time.time()
+        self.rate = RateMeter()
+        self.upload_rate = 0.0
+        self.cache_bytes = 0
+        self.lease: Lease | None = None
+        self.lease_renewed: float | None = None
+        self.lease_error: str | None = None
+        self.syncs = 0
+
+    def report_ready(self, error: WsfsError | None = None) -> None:
+        """Tell the waiting `wsfs mount` (and systemd) how the start went."""
+        msg: dict[str, object] = {"ok": error is None}
+        if error is not None:
+            msg.update(code=error.exit_code, message=str(error))
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, json.dumps(msg).encode())
+            os.close(self.ready_fd)
+            self.ready_fd = None
+            # Detached: let go of the caller's terminal or pipes (logs go to wsfs.log).
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+        if error is None:
+            sd_notify("READY=1")
+
+    async def serve(self) -> None:
+        cfg = self.cfg
+        limiter = trio.CapacityLimiter(32)
+        store = open_checked_store(cfg)
+        try:
+            sb = read_superblock(store)
+        except NoWorkspaceError:
+            if not cfg.init:
+                raise
+            sb = await create(store, framework=cfg.framework, labels=cfg.labels,
+                              owner=(os.getuid(), os.getgid()))
+        lock = take_cache_lock(self.cache_dir)
+        lease = Lease(store, str(self.cache_dir))
+        await trio.to_thread.run_sync(lease.acquire, cfg.force)
+        self.lease, self.lease_renewed = lease, time.time()
+        try:
+            await prepare_cache(store, sb, self.cache_dir, limiter)
+            meta = Metadata(self.cache_dir / "meta.db")
+            if not has_marker(meta):
+                raise NoWorkspaceError(
+                    f"the workspace in {cfg.store_url} has no /.workspace.initialized marker, "
+                    "so it cannot be used; restore the marker or create a new workspace"
+                )
+            await self._serve(store, sb, meta, lease, limiter)
+        except FlushError:
+            # Not released: the newest data is in this cache dir, and the store is likely
+            # unreachable anyway. The lease expires by itself; this host retakes it at once.
+            raise
+        except BaseException:
+            try:
+                await trio.to_thread.run_sync(lease.release)
+            except Exception as e:  # the store is down (an outage at unmount): keep the cause
+                log.warning("could not release the lease (it expires by itself): %s", e)
+            raise
+        finally:
+            lock.close()
+
+    async def _serve(
+        self, store: ObjectStore, sb: Superblock, meta: Metadata, lease: Lease,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        cfg = self.cfg
+        blocks = self.blocks = BlockCache(
+            self.cache_dir, store, block_size=sb.block_size, cache_size=cfg.cache_size,
+            dirty_limit=cfg.dirty_limit, limiter=limiter, read_timeout=cfg.read_timeout,
+            full_timeout=cfg.enospc_timeout,
+        )
+        await recover(meta, blocks)
+        flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
+                                         flush_delay=cfg.flush_delay, limiter=limiter)
+        flusher.before_publish = lease.check
+        ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
+                         read_only=cfg.read_only,
+                         remote_fsync=flusher.sync_now if cfg.fsync_remote else None)
+        options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",
+                   "default_permissions", *cfg.fuse_options}
+        if cfg.read_only:
+            options.add("ro")
+        listeners = await metrics.open_listeners(cfg.metrics) if cfg.metrics else []
+        try:
+            pyfuse3.init(ops, str(cfg.mountpoint), options)
+        except RuntimeError as e:
+            raise MountError(f"the kernel refused to mount {cfg.mountpoint}: {e}") from None
+        self.state = "serving"
+        write_registry(cfg.mountpoint, self.cache_dir, cfg.store_url)
+        self.report_ready()
+        log.info("mounted %s on %s", cfg.store_url, cfg.mountpoint)
+        try:
+            async with trio.open_nursery() as nursery:
+                ops.nursery = nursery
+                nursery.start_soon(flusher.run)
+                nursery.start_soon(blocks.maintain)
+                nursery.start_soon(self._renew_lease, lease)
+                nursery.start_soon(self._write_status)
+                nursery.start_soon(self._watch_signals, nursery)
+                if listeners:
+                    nursery.start_soon(metrics.serve, listeners, self.status)
+                await pyfuse3.main()
+                log.info("unmounted %s; uploading what is left", cfg.mountpoint)
+                self.state = "flushing"
+                ops.nursery = None
+                nursery.cancel_scope.cancel()
+            pyfuse3.close(unmount=False)
+            # FlushError is taken out of the nursery by hand: raised inside it, it would
+            # arrive wrapped in an ExceptionGroup and miss the handler below.
+            flush_error: FlushError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_status)
+                nursery.start_soon(self._show_flush_progress)
+                try:
+                    await flusher.flush_all(cfg.unmount_timeout)
+                except FlushError as e:
+                    flush_error = e
+                finally:
+                    nursery.cancel_scope.cancel()
+            if flush_error is not None:
+                raise flush_error
+        except FlushError as e:
+            self.state = "failed"
+            flusher.last_error = str(e)  # what `wsfs unmount` reports
+            raise
+        finally:
+            self.write_status()
+            meta.close()  # its last commit releases discarded blocks, which close() deletes
+            blocks.close()
+            registry_path(cfg.mountpoint).unlink(missing_ok=True)
+        await trio.to_thread.run_sync(lease.release)
+        self.state = "done"
+        self.write_status()
+        log.info("every block is in %s; done", cfg.store_url)
+
+    async def _renew_lease(self, lease: Lease) -> None:
+        while True:
+            await trio.sleep(lease.ttl / 3)
+            try:
+                await trio.to_thread.run_sync(lease.renew)
+                self.lease_renewed, self.lease_error = time.time(), None
+            except Exception as e:
+                self.lease_error = str(e)
+                log.warning("could not renew the lease: %s", e)
+
+    async def _write_status(self) -> None:
+        while True:
+            f, b = self.flusher, self.blocks
+            if f is not None:
+                self.upload_rate = self.rate.sample(f.uploaded_bytes)
+            if b is not None:
+                with contextlib.suppress(Exception):  # a figure, never worth failing for
+                    self.cache_bytes = int(b.clean.volume())
+            self.write_status()
+            await trio.sleep(0.5)
+
+    async def _show_flush_progress(self) -> None:
+        """The final flush's progress: a live line at a terminal (-f), and the log."""
+        f, b = self.flusher, self.blocks
+        assert f is not None and b is not None
+        progress = Progress(f"flushing {self.cfg.mountpoint}", tty=sys.stderr.isatty())
+        try:
+            while True:
+                progress.update(b.dirty_bytes, self.upload_rate, b.dirty_count,
+                                note=f.last_error)
+                await trio.sleep(0.5)
+        finally:
+            progress.finish()
+
+    def status(self) -> dict[str, object]:
+        """The daemon's figures, for `wsfs status`, `wsfs unmount`'s progress and --metrics."""
+        f, b = self.flusher, self.blocks
+        lease = self.lease
+        return {
+            "pid": os.getpid(), "state": self.state, "store": self.cfg.store_url,
+            "mountpoint": str(self.cfg.mountpoint), "cache_dir": str(self.cache_dir),
+            "time": time.time(), "started": self.started, "version": __version__,
+            "dirty_bytes": b.dirty_bytes if b else 0, "dirty_blocks": b.dirty_count if b else 0,
+            "dirty_limit": self.cfg.dirty_limit,
+            "cache_hits": b.hits if b else 0, "cache_misses": b.misses if b else 0,
+            "downloads": b.downloads if b else 0,
+            "cache_bytes": self.cache_bytes, "cache_limit": self.cfg.cache_size,
+            "checkpoint": f.seq if f else 0,
+            "last_checkpoint_time": f.last_publish_time if f else None,
+            "uploaded_blocks": f.uploaded_blocks if f else 0,
+            "uploaded_bytes": f.uploaded_bytes if f else 0,
+            "uploading_blocks": f.uploading_blocks if f else 0,
+            "uploading_bytes": f.uploading_bytes if f else 0,
+            "upload_rate": self.upload_rate,
+            "retries": f.retries if f else 0, "errors": f.errors if f else 0,
+            "last_error": f.last_error if f else None,
+            "lease": None if lease is None else {
+                "host": socket.gethostname(), "pid": os.getpid(), "mount_id": lease.mount_id,
+                "renewed": self.lease_renewed, "ttl": lease.ttl, "error": self.lease_error},
+            "syncs": self.syncs, "metrics": self.cfg.metrics,
+        }
+
+    def write_status(self) -> None:
+        """Publish status() to cache_dir/status.json (atomically) every half second."""
+        tmp = self.cache_dir / "status.json.tmp"
+        try:
+            tmp.write_text(json.dumps(self.status()))
+            tmp.replace(self.cache_dir / "status.json")
+        except OSError as e:  # a full cache disk must not take the mount down with it
+            log.debug("cannot write the status file: %s", e)
+
+    async def _watch_signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                       control.SYNC_SIGNAL) as sigs:
+            async for signum in sigs:
+                if signum == control.SYNC_SIGNAL:  # `wsfs sync`
+                    nursery.start_soon(self._answer_sync_requests)
+                    continue
+                if self.unmounting:
+                    log.warning("still unmounting; the flush continues (SIGKILL loses nothing "
+                                "already written, the next mount uploads it)")
+                    continue
+                log.info("got %s: unmounting %s", signal.Signals(signum).name,
+                         self.cfg.mountpoint)
+                self.unmounting = True
+                nursery.start_soon(self._unmount_self)
+
+    async def _answer_sync_requests(self) -> None:
+        assert self.flusher is not None
+        self.syncs += await control.answer_requests(self.cache_dir, self.flusher.sync_now)
+
+    async def _unmount_self(self) -> None:
+        """Unmount while still serving, so the kernel can write back its dirty pages."""
+        mp = str(self.cfg.mountpoint)
+        try:
+            await trio.to_thread.run_sync(pyfuse3.syncfs, mp, abandon_on_cancel=True)
+        except OSError as e:
+            log.warning("syncfs(%s) failed: %s", mp, e)
+        for attempt in range(10):
+            result = await trio.run_process(["fusermount3", "-u", mp], check=False,
+                                            capture_stderr=True)
+            if result.returncode == 0:
+                return
+            log.warning("fusermount3 -u %s failed (attempt %d): %s", mp, attempt + 1,
+                        result.stderr.decode().strip())
+            await trio.sleep(1)
+        log.warning("unmounting %s lazily: processes still hold files open", mp)
+        await trio.run_process(["fusermount3", "-uz", mp], check=False)
+
+
+async def recover(meta: Metadata, blocks: BlockCache) -> None:
+    """Pick up after a crash: requeue dirty blocks, drop unreferenced ones and orphan inodes.
+
+    A block the metadata references must be either dirty here or uploaded with a checksum;
+    anything else would stop every later checkpoint (the flusher refuses to publish a block
+    without a checksum). Such a block is looked up in the store and adopted if it is there,
+    and otherwise becomes a hole, loudly: it can only be data that no fsync acknowledged.
+    """
+    requeued = 0
+    dirty = set(blocks.recover())
+    for block_id in dirty:
+        ref = meta.find_block(block_id)
+        if ref is None:
+            blocks.discard(block_id)
+        elif ref.csum is not None:  # uploaded just before the crash
+            blocks.retire(block_id, uploaded=True)  # in the store already
+        else:
+            requeued += 1
+    for ino, idx, block_id in meta.blocks_without_checksum():
+        if block_id in dirty:
+            continue
+        try:
+            content = await blocks.download(block_id, None)
+        except BlockCorrupt:
+            log.error("inode %d lost block %d (%s) in a crash before it was saved: it reads "
+                      "as zeros", ino, idx, block_id)
+            meta.remove_block(ino, idx)
+        else:
+            meta.set_checksums({block_id: checksum(content)})
+    orphans = meta.orphans()
+    for ino in orphans:
+        meta.begin()
+        garbage = [b for b in meta.delete_inode(ino) if blocks.discard(b)]
+        meta.add_garbage(garbage)
+        meta.commit()
+    meta.flush()
+    if requeued or orphans:
+        log.warning("recovered from an unclean stop: %d dirty blocks to upload, %d orphan "
+                    "inodes removed", requeued, len(orphans))
+
+
+def take_cache_lock(cache_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the cache dir: one daemon per cache dir, on any host."""
+    # "a+", not "w": truncating before the lock is ours would erase the holder's pid.
+    f = open(cache_dir / "lock", "a+")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise LeaseError(
+            f"another wsfs daemon (pid {holder} on this host) is using the cache dir "
+            f"{cache_dir}; unmount it first or choose another --cache-dir"
+        ) from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
+    """Run the mount in this process until it is unmounted and flushed."""
+    logs.add_file_handler(cache_dir / "wsfs.log")
+    # `wsfs sync`'s signal must never kill the daemon, even outside the signal watcher's life.
+    signal.signal(control.SYNC_SIGNAL, signal.SIG_IGN)
+    daemon = Daemon(cfg, cache_dir, ready_fd)
+    try:
+        trio.run(daemon.serve)
+    except WsfsError as e:
+        if daemon.ready_fd is not None:
+            daemon.report_ready(e)
+            sys.exit(e.exit_code)
+        log.error("%s", e)
+        raise
+    except BaseException as e:
+        log.exception("the wsfs daemon failed")
+        if daemon.ready_fd is not None:
+            err = MountError(f"the wsfs daemon failed while starting: {e}")
+            daemon.report_ready(err)
+            sys.exit(err.exit_code)
+        raise

@@ -1,0 +1,66 @@
+"""What this machine knows about its wsfs mounts: the registry of running daemons.
+
+A mounted daemon records itself in RUN_DIR (one small JSON file per mountpoint: pid, cache
+dir, store) so that `wsfs unmount`, `wsfs status`, `wsfs sync` and the helpers can find the
+daemon behind a mountpoint, wait for it, and read its status file in the cache dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = Path(os.environ.get("WSFS_RUN_DIR", "/run/wsfs"))
+
+
+def registry_path(mountpoint: Path) -> Path:
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return RUN_DIR / f"{key}.json"
+
+
+def write_registry(mountpoint: Path, cache_dir: Path, store_url: str) -> None:
+    """Record this process as the daemon serving `mountpoint`."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    registry_path(mountpoint).write_text(json.dumps(
+        {"pid": os.getpid(), "mountpoint": str(mountpoint), "cache_dir": str(cache_dir),
+         "store": store_url}))
+
+
+def is_mountpoint(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f if len(line.split()) > 1)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state, when it is listening."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), addr)
+        except OSError as e:
+            log.warning("could not notify systemd: %s", e)
