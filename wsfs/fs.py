@@ -41,6 +41,7 @@ NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 READAHEAD_BLOCKS = 4
+PREFETCH_FILES = 64  # small files of a directory fetched together after a cache miss
 STATFS_CACHE_SECONDS = 5.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
@@ -77,6 +78,8 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, int] = {}  # fh -> inode
         self._read_end: dict[int, int] = {}  # fh -> where the last read ended (readahead)
         self._next_fh = 1
+        self._prefetched_dirs: set[int] = set()
+        self._synced_changes = -1  # metadata changes counted at the last completed fsync
         self._statfs_at = -STATFS_CACHE_SECONDS
         self._statfs_counts = (0, 0, 0)
         self._locks: dict[int, trio.Lock] = {}
@@ -583,6 +586,7 @@ class Operations(pyfuse3.Operations):
             return b""
         first, last = off // self.bs, (end - 1) // self.bs
         refs = self.meta.blocks_in(ino, first, last)
+        misses = self.blocks.misses
         parts = []
         for idx in range(first, last + 1):
             start = max(off, idx * self.bs)
@@ -595,6 +599,8 @@ class Operations(pyfuse3.Operations):
             parts.append(data.ljust(stop - start, b"\0"))
         if self._read_end.get(int(fh)) == off:
             self._readahead(ino, last + 1)
+        elif self.blocks.misses != misses and node.size <= self.bs:
+            self._prefetch_siblings(ino)
         self._read_end[int(fh)] = end
         return b"".join(parts)
 
@@ -603,6 +609,20 @@ class Operations(pyfuse3.Operations):
             return
         for ref in self.meta.blocks_in(ino, first, first + READAHEAD_BLOCKS - 1).values():
             self.blocks.prefetch(self.nursery, ref.id, ref.csum)
+
+    def _prefetch_siblings(self, ino: int) -> None:
+        """A small file missed the cache: fetch the other small files of its directory too.
+
+        On an empty cache, `import` or `git status` read many small files of a directory
+        one after another, each waiting for its own download; fetching them together turns
+        that chain of round trips into one wave. Once per directory and mount, bounded.
+        """
+        parent = self.meta.parent_of(ino)
+        if self.nursery is None or parent is None or parent in self._prefetched_dirs:
+            return
+        self._prefetched_dirs.add(parent)
+        for block_id, csum in self.meta.small_file_blocks(parent, self.bs, PREFETCH_FILES):
+            self.blocks.prefetch(self.nursery, block_id, csum)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         ino = self._handles[int(fh)]
@@ -655,8 +675,11 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISREG(node.mode) and node.size:
             refs = self.meta.blocks_in(ino, 0, (node.size - 1) // self.bs)
             await self.blocks.fsync([r.id for r in refs.values()])
-        self.meta.flush()
-        await trio.to_thread.run_sync(self.meta.sync)
+        changes = self.meta.total_changes
+        if changes != self._synced_changes:  # else the last fsync covered everything
+            self.meta.flush()
+            await trio.to_thread.run_sync(self.meta.sync)
+            self._synced_changes = changes
         if self.remote_fsync is not None:
             await self.remote_fsync()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -62,6 +63,9 @@ class Flusher:
         # Called (in a worker thread) before each publish; raises LeaseError once another
         # mount holds the workspace, which fences this one off for good.
         self.before_publish: Callable[[], None] | None = None
+        self._awaiting_commit: list[str] = []  # uploaded; their checksums not yet committed
+        meta.after_commit = self._after_commit
+        meta.before_commit = blocks.make_commit_room
         self.fenced: LeaseError | None = None
         self.soft_limit = blocks.dirty_limit // 2
         self.seq = int(meta.get_setting("checkpoint_seq") or 0)
@@ -122,7 +126,10 @@ class Flusher:
         and metadata changes (and the files of the blocks they drop) must not wait for it.
         """
         while True:
-            self.meta.flush()
+            try:
+                self.meta.flush()
+            except (OSError, sqlite3.OperationalError) as e:  # a full disk: try again soon
+                log.warning("cannot commit the metadata yet: %s", e)
             await trio.sleep(COMMIT_INTERVAL)
 
     async def _flush_loop(self) -> None:
@@ -223,6 +230,7 @@ class Flusher:
             async with trio.open_nursery() as nursery:
                 for block_id in sealed:
                     nursery.start_soon(self._upload, block_id, uploaded)
+            self.meta.flush()  # commits the checksums: the uploaded blocks' files may go
         finally:
             for block_id in sealed:
                 if block_id not in uploaded:
@@ -255,6 +263,18 @@ class Flusher:
         if seq % PRUNE_EVERY == 0:
             await self._retry(lambda: ckpt.prune(self.store, seq), "prune checkpoints")
 
+    def _after_commit(self) -> None:
+        """After every metadata commit: let go of the blocks whose state it made durable.
+
+        Checked, not assumed: if an earlier commit failed and SQLite rolled it back (a full
+        disk), a block's checksum may be gone, and the block must then be uploaded again.
+        """
+        for block_id in self._awaiting_commit:
+            ref = self.meta.find_block(block_id)
+            self.blocks.retire(block_id, uploaded=ref is None or ref.csum is not None)
+        self._awaiting_commit.clear()
+        self.blocks.release_discarded()
+
     def _own(self, write: Callable[..., None], *args: object) -> None:
         """Make a bookkeeping change and count it, so it does not look like unpublished work.
 
@@ -281,13 +301,12 @@ class Flusher:
             return
         uploaded[block_id] = csum
         self._own(self.meta.set_checksums, {block_id: csum})
-        # Commit the checksum before the dirty file goes: a daemon crash in between would
-        # leave the metadata naming a block with neither a checksum nor a local copy, and no
-        # later checkpoint could be published (tests/test_crash.py found it).
-        self.meta.flush()
+        # The dirty file goes only after the checksum is committed (`_after_commit`): a crash
+        # in between would leave the metadata naming a block with neither a checksum nor a
+        # local copy (tests/test_crash.py found it). Batched: one commit per cycle or tick.
+        self._awaiting_commit.append(block_id)
         self.uploaded_blocks += 1
         self.uploaded_bytes += length
-        self.blocks.retire(block_id, uploaded=True)
 
     async def _upload_retrying(self, block_id: str) -> str | None:
         """Upload with backoff like `_retry_async`; None once the block was deleted meanwhile.

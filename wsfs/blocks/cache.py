@@ -13,13 +13,16 @@ nothing, and fsync(2) of a file fsyncs its dirty blocks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +38,17 @@ log = logging.getLogger(__name__)
 # metadata and publish the checkpoint that lets the dirty blocks go. The sync layer raises it
 # as the database grows.
 MIN_RESERVE = 8 << 20
+# A file of this size is kept in the cache dir as ballast and deleted the moment a metadata
+# commit finds the disk nearly full: writers that overshoot the reserve together (several
+# in-flight writes pass the check at once) must never make a commit fail, because SQLite
+# rolls a failed commit back and with it every change of the group.
+BALLAST = 4 << 20
 # Seconds a block whose download just timed out fails at once instead of waiting again.
 RECENT_FAILURE = 1.0
+POOL_SIZE = 64  # empty dirty files kept ready
+RECENT_BLOCKS = 8  # whole clean blocks kept in memory for sequential readers
+MAX_OPEN_FILES = 256
+SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the whole block
 
 
 class BlockCorrupt(Exception):
@@ -67,6 +79,26 @@ def checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def open_clean_cache(path: Path, size_limit: int) -> diskcache.Cache:
+    """Open the clean-block cache; on a cache disk full of dirty data, empty it first.
+
+    Clean blocks are copies of what the store holds. A daemon that stopped with its disk full
+    must still start, so it can upload the dirty blocks that fill it.
+    """
+    def cache() -> diskcache.Cache:
+        return diskcache.Cache(str(path), size_limit=size_limit,
+                               eviction_policy="least-recently-used", cull_limit=64)
+
+    try:
+        return cache()
+    except (OSError, sqlite3.OperationalError) as e:
+        if not disk_full(e):
+            raise
+        log.warning("the cache disk is full: emptying the clean cache %s to start", path)
+        shutil.rmtree(path, ignore_errors=True)
+        return cache()
+
+
 class BlockCache:
     """Local storage of blocks, and their transfer to and from the object store."""
 
@@ -93,6 +125,7 @@ class BlockCache:
         # stalled connection (holding a token until it ends): a limiter of their own keeps
         # those from starving uploads.
         self.fetch_limiter = trio.CapacityLimiter(16)
+        self._prefetching = trio.Semaphore(8)
         self.read_timeout = read_timeout
         self.full_timeout = full_timeout
         self.reserve = MIN_RESERVE
@@ -100,25 +133,31 @@ class BlockCache:
         self._disk_full_since: float | None = None  # a writer got ENOSPC; no space since
         self._last_fetch_error: str | None = None
         self._timed_out: dict[str, float] = {}  # block id -> when its download timed out
+        self.ballast = cache_dir / "ballast"
         self.dirty_dir = cache_dir / "dirty"
         self.dirty_dir.mkdir(parents=True, exist_ok=True)
-        self.clean = diskcache.Cache(
-            str(cache_dir / "clean"),
-            size_limit=cache_size,
-            eviction_policy="least-recently-used",
-            cull_limit=64,
-        )
+        self.clean = open_clean_cache(cache_dir / "clean", cache_size)
         self._dirty: dict[str, int] = {}  # id -> length of the local file
         self._dirty_since: dict[str, float] = {}  # id -> monotonic time it became dirty
         self._sealed: set[str] = set()
         self._doomed: set[str] = set()
-        self._unlink_after_commit: list[Path] = []  # sealed blocks discarded while their upload ran
+        # Files of discarded blocks: kept until the commit that drops their reference, then
+        # deleted in batches by `maintain` in a worker thread (never in the FUSE thread).
+        self._unlink_after_commit: list[Path] = []
+        self._unlink_ready: list[Path] = []
+        # Empty files made ahead of need by `maintain`: creating a file costs the FUSE thread
+        # more than writing it, and a new small file needs one.
+        self._pool: list[tuple[str, int]] = []
+        # The last few whole blocks read from the clean cache: a sequential reader asks for
+        # 128 KiB at a time, and each clean-cache lookup is a query plus an open(2).
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._fds: dict[str, int] = {}
         self._downloads: dict[str, trio.Event] = {}
         self._room = trio.Event()
         self.dirty_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.downloads = 0  # blocks fetched from the store, readahead and prefetch included
 
     # -- dirty blocks ----------------------------------------------------------------------
 
@@ -128,11 +167,14 @@ class BlockCache:
     def _fd(self, block_id: str) -> int:
         fd = self._fds.get(block_id)
         if fd is None:
-            if len(self._fds) >= 256:  # close the least recently opened
-                os.close(self._fds.pop(next(iter(self._fds))))
             fd = os.open(self._path(block_id), os.O_RDWR | os.O_CREAT, 0o600)
-            self._fds[block_id] = fd
+            self._keep_fd(block_id, fd)
         return fd
+
+    def _keep_fd(self, block_id: str, fd: int) -> None:
+        if len(self._fds) >= MAX_OPEN_FILES:  # close the least recently opened
+            os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[block_id] = fd
 
     def _close(self, block_id: str) -> None:
         fd = self._fds.pop(block_id, None)
@@ -145,8 +187,12 @@ class BlockCache:
 
     def create(self, content: bytes = b"") -> str:
         """Create a writable dirty block holding `content`; return its new id."""
-        block_id = secrets.token_hex(16)
-        fd = self._fd(block_id)
+        if self._pool:
+            block_id, fd = self._pool.pop()
+            self._keep_fd(block_id, fd)
+        else:
+            block_id = secrets.token_hex(16)
+            fd = self._fd(block_id)
         try:
             if content:
                 _pwrite_all(fd, content, 0)
@@ -186,6 +232,7 @@ class BlockCache:
         checkpoint without it is published).
         """
         if block_id not in self._dirty:
+            self._recent.pop(block_id, None)
             self.clean.delete(block_id)
             return True
         if block_id in self._sealed:
@@ -195,15 +242,58 @@ class BlockCache:
         return False
 
     def release_discarded(self) -> None:
-        """Delete the files of blocks discarded before the metadata commit that just ran.
+        """Let go of the files of blocks discarded before the metadata commit that just ran.
 
         A discarded block's file outlives the transaction that dropped its reference: if the
         daemon dies before that commit, the metadata that comes back still names the block,
         and its data must still be there (called by the metadata's commit hook).
         """
-        for path in self._unlink_after_commit:
-            path.unlink(missing_ok=True)
+        self._unlink_ready.extend(self._unlink_after_commit)
         self._unlink_after_commit.clear()
+
+    def make_commit_room(self) -> None:
+        """Before a metadata commit: if the disk is nearly full, give up the ballast."""
+        if self.disk_free() < BALLAST and self.ballast.exists():
+            log.warning("the cache disk is full: releasing its %d MiB ballast for the metadata",
+                        BALLAST >> 20)
+            self.ballast.unlink(missing_ok=True)
+
+    def _keep_ballast(self) -> None:
+        """(Re)create the ballast once there is room for it beside the reserve (blocking)."""
+        if not self.ballast.exists() and self.disk_free() > self.reserve + 4 * BALLAST:
+            tmp = self.ballast.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, BALLAST)
+            tmp.replace(self.ballast)
+
+    def space_coming(self) -> bool:
+        """Whether deleted blocks are about to free disk space (a full disk waits for it)."""
+        return bool(self._unlink_after_commit or self._unlink_ready)
+
+    async def maintain(self) -> None:
+        """Background upkeep in worker threads: delete released files, refill the pool."""
+        while True:
+            doomed, self._unlink_ready = self._unlink_ready, []
+            need = POOL_SIZE - len(self._pool) if len(self._pool) < POOL_SIZE // 2 else 0
+
+            def work(doomed: list[Path] = doomed, need: int = need) -> list[tuple[str, int]]:
+                for path in doomed:
+                    path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self._keep_ballast()
+                made = []
+                for _ in range(need):
+                    block_id = secrets.token_hex(16)
+                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+                    made.append((block_id, os.open(self._path(block_id), flags, 0o600)))
+                return made
+
+            if doomed or need or not self.ballast.exists():
+                try:
+                    self._pool.extend(await trio.to_thread.run_sync(work, limiter=self.limiter))
+                except OSError as e:  # a full disk: writers create their own files
+                    log.debug("cannot prepare dirty files: %s", e)
+            await trio.sleep(0.05)
 
     def is_doomed(self, block_id: str) -> bool:
         """Whether a sealed block was discarded while its upload ran."""
@@ -211,10 +301,9 @@ class BlockCache:
 
     def _drop_dirty(self, block_id: str, after_commit: bool = False) -> None:
         self._close(block_id)
-        if after_commit:
-            self._unlink_after_commit.append(self._path(block_id))
-        else:
-            self._path(block_id).unlink(missing_ok=True)
+        # after the next commit, or as soon as the background deletes run
+        (self._unlink_after_commit if after_commit else self._unlink_ready).append(
+            self._path(block_id))
         self._set_length(block_id, 0)
         del self._dirty[block_id]
         self._dirty_since.pop(block_id, None)
@@ -297,7 +386,7 @@ class BlockCache:
         await self.evict_clean(need - self.disk_free())
         if self.disk_free() >= need:
             return
-        if self._disk_full_since is not None and not self._unlink_after_commit:
+        if self._disk_full_since is not None and not self.space_coming():
             raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
         log.warning("the cache disk is full (%d bytes free, %d dirty): writers wait for uploads",
                     self.disk_free(), self.dirty_bytes)
@@ -315,7 +404,7 @@ class BlockCache:
                 last_progress = trio.current_time()
             last_free, last_dirty = free, self.dirty_bytes
             # another writer already gave up (unless deletions are about to free space)
-            if self._disk_full_since is not None and not self._unlink_after_commit:
+            if self._disk_full_since is not None and not self.space_coming():
                 raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
             if trio.current_time() - last_progress > self.full_timeout:
                 self._disk_full_since = trio.current_time()
@@ -369,14 +458,27 @@ class BlockCache:
         return content[offset : offset + size]
 
     def _cached(self, block_id: str, offset: int, size: int) -> bytes | None:
+        recent = self._recent.get(block_id)
+        if recent is not None:
+            self._recent.move_to_end(block_id)
+            return recent[offset : offset + size]
         f = self.clean.get(block_id, default=None, read=True)
         if f is None:
             return None
         if isinstance(f, bytes):  # diskcache keeps small values inline in its database
             return f[offset : offset + size]
         with f:
-            f.seek(offset)
-            return bytes(f.read(size))
+            if size < SEQUENTIAL_READ:  # a random reader: read just the range
+                f.seek(offset)
+                return bytes(f.read(size))
+            whole = bytes(f.read())
+        self._remember(block_id, whole)
+        return whole[offset : offset + size]
+
+    def _remember(self, block_id: str, content: bytes) -> None:
+        self._recent[block_id] = content
+        if len(self._recent) > RECENT_BLOCKS:
+            self._recent.popitem(last=False)
 
     async def download(self, block_id: str, csum: str | None) -> bytes:
         """Fetch a clean block into the cache, retrying an unreachable store until the
@@ -394,6 +496,7 @@ class BlockCache:
         with trio.move_on_after(self.read_timeout):
             data = await self._download(block_id, csum)
             self._timed_out.pop(block_id, None)
+            self._remember(block_id, data)
             return data
         self._timed_out[block_id] = trio.current_time()
         if len(self._timed_out) > 1024:
@@ -436,6 +539,7 @@ class BlockCache:
             raise BlockCorrupt(f"block {block_id} is missing from the store") from None
         if csum is not None and checksum(data) != csum:
             raise BlockCorrupt(f"block {block_id} does not match its checksum")
+        self.downloads += 1
         try:
             self.clean.set(block_id, data)
         except (OSError, sqlite3.OperationalError) as e:  # a full disk only costs the caching
@@ -450,7 +554,8 @@ class BlockCache:
 
         async def fetch() -> None:
             try:
-                await self.download(block_id, csum)
+                async with self._prefetching:  # leaves download slots to readers
+                    await self.download(block_id, csum)
             except Exception as e:  # the reader that needs it will see the error
                 log.debug("readahead of %s failed: %s", block_id, e)
 
@@ -497,6 +602,13 @@ class BlockCache:
             self._drop_dirty(block_id)
 
     def close(self) -> None:
+        for block_id, fd in self._pool:
+            os.close(fd)
+            self._path(block_id).unlink(missing_ok=True)
+        self._pool.clear()
+        for path in self._unlink_ready:
+            path.unlink(missing_ok=True)
+        self._unlink_ready.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -21,6 +21,10 @@ from .schema import FORMAT_VERSION, create_schema
 log = logging.getLogger(__name__)
 
 
+class CommitLost(sqlite3.OperationalError):
+    """A group commit failed and SQLite rolled it back: its changes are gone."""
+
+
 @dataclass(slots=True)
 class Inode:
     """One row of the inodes table (see schema.py for the meaning of each field)."""
@@ -78,6 +82,7 @@ class Metadata:
         # Runs after every commit: the block layer deletes the files of blocks whose last
         # reference this commit removed (set by the mount; meta itself knows no blocks).
         self.after_commit: Callable[[], None] | None = None
+        self.before_commit: Callable[[], None] | None = None  # makes room on the disk
 
     def close(self) -> None:
         self.flush()
@@ -116,25 +121,38 @@ class Metadata:
         self.conn.execute("RELEASE op")
 
     def flush(self) -> None:
-        """Commit everything so far: durable against a daemon crash, visible to snapshots."""
+        """Commit everything so far: durable against a daemon crash, visible to snapshots.
+
+        Raises CommitLost if the commit failed and SQLite rolled the group back (a full
+        disk): the caller must not act as if those changes were durable.
+        """
         if self.conn.in_transaction:
-            self.conn.commit()
+            if self.before_commit is not None:
+                self.before_commit()
+            try:
+                self.conn.commit()
+            except sqlite3.Error as e:
+                if not self.conn.in_transaction:
+                    raise CommitLost(f"the metadata commit failed and was rolled back: {e}") from e
+                raise
         if self.after_commit is not None:
             self.after_commit()
 
     def sync(self) -> None:
         """Make every committed change durable on disk (blocking: call from a worker thread
-        after `flush()` in the trio thread)."""
-        wal = Path(f"{self.path}-wal")
-        for p in (wal, self.path):
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        after `flush()` in the trio thread).
+
+        Only the WAL holds commits that are not yet durable: SQLite fsyncs the database file
+        itself whenever it checkpoints the WAL into it (synchronous=NORMAL).
+        """
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @property
     def total_changes(self) -> int:
@@ -343,6 +361,16 @@ class Metadata:
 
     def remove_block(self, ino: int, idx: int) -> None:
         self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx=?", (ino, idx))
+
+    def small_file_blocks(self, parent: int, max_size: int, limit: int
+                          ) -> list[tuple[str, str | None]]:
+        """(id, csum) of the first block of up to `limit` regular files of at most
+        `max_size` bytes in directory `parent`: what a prefetch of the directory fetches."""
+        return [(str(r[0]), r[1]) for r in self.conn.execute(
+            "SELECT b.id, b.csum FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " JOIN blocks b ON b.inode = d.inode AND b.idx = 0"
+            " WHERE d.parent=? AND i.size<=? AND (i.mode & 61440) = 32768 LIMIT ?",
+            (parent, max_size, limit))]
 
     def block_count(self, ino: int) -> int:
         row = self.conn.execute("SELECT count(*) FROM blocks WHERE inode=?", (ino,)).fetchone()
