@@ -42,6 +42,8 @@ def test_status_shows_unsaved_data_and_sync_publishes_it(ws: Workspace) -> None:
     (mnt / "big.bin").write_bytes(big)
     (mnt / "note.txt").write_text("not yet saved\n")
     os.sync()  # the kernel hands its cached pages to the daemon
+    # status.json is rewritten every half second: wait for the snapshot after the writes
+    wait_for(lambda: ws.status()["dirty_bytes"] >= len(big))  # type: ignore[operator]
     st = status_json(ws, str(mnt))
     assert isinstance(st, dict)
     assert st["state"] == "serving" and st["alive"] and not st["stale"]
