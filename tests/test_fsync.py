@@ -131,14 +131,21 @@ def test_unpublished_work_is_recovered_when_nothing_was_published_since(ws: Work
     ws.unmount()
 
 
+def workspace_of(kind: str, ws: Workspace, request: pytest.FixtureRequest,
+                 tmp_path: Path) -> Workspace:
+    """The file:// workspace `ws`, or a fresh one on the session's moto server."""
+    if kind == "file":
+        return ws
+    server: S3Server = request.getfixturevalue("moto_server")
+    w = s3_workspace(server, tmp_path / "s3")
+    w.init()
+    return w
+
+
 @pytest.mark.parametrize("kind", ["file", "moto"])
 def test_remote_fsync_is_in_the_store(kind: str, ws: Workspace, request: pytest.FixtureRequest,
                                       tmp_path: Path) -> None:
-    w = ws
-    if kind == "moto":
-        server: S3Server = request.getfixturevalue("moto_server")
-        w = s3_workspace(server, tmp_path / "s3")
-        w.init()
+    w = workspace_of(kind, ws, request, tmp_path)
     try:
         mnt = w.mount("-o", "fsync=remote", flush_delay=NEVER)
         expected = scenario(mnt)
@@ -170,11 +177,7 @@ def fsync_latencies(mnt: Path, n: int, size: int) -> list[float]:
 def test_fsync_latency(kind: str, ws: Workspace, request: pytest.FixtureRequest,
                        tmp_path: Path) -> None:
     """Measure (and report) fsync latency of a 64 KiB write in both modes."""
-    w = ws
-    if kind == "moto":
-        server: S3Server = request.getfixturevalue("moto_server")
-        w = s3_workspace(server, tmp_path / "s3")
-        w.init()
+    w = workspace_of(kind, ws, request, tmp_path)
     report = {}
     try:
         for mode in ("local", "remote"):
