@@ -85,11 +85,6 @@ class SyncRequest:
         self.req.write_text(str(time.time()))
         os.kill(pid, SYNC_SIGNAL)
 
-    def resend(self, pid: int) -> None:
-        """Signal again (cheap, and harmless: the daemon answers pending requests only)."""
-        if self.req.exists():
-            os.kill(pid, SYNC_SIGNAL)
-
     def answer(self) -> tuple[bool, str] | None:
         """(ok, error) once the daemon answered, else None."""
         for suffix, ok in ((".ok", True), (".err", False)):

@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-FORMATS = ("text", "json")
 _state = {"format": "text"}
 _CHATTY = ("botocore", "boto3", "urllib3", "s3transfer")
 

@@ -27,7 +27,6 @@ from .errors import UsageError, WsfsError
 
 DEFAULT_CREDENTIALS = Path("/etc/wsfs/credentials")
 # The helper's own options: they configure the environment, not the mount.
-HELPER_OPTIONS = ("credentials_file", "profile")
 
 
 def parse_mount_args(argv: list[str]) -> tuple[str, str, list[str], bool, bool]:

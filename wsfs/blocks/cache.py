@@ -207,9 +207,6 @@ class BlockCache:
     def is_writable(self, block_id: str) -> bool:
         return block_id in self._dirty and block_id not in self._sealed
 
-    def is_dirty(self, block_id: str) -> bool:
-        return block_id in self._dirty
-
     def write(self, block_id: str, offset: int, data: bytes) -> None:
         """Write into a writable dirty block (the caller checked `is_writable`)."""
         fd = self._fd(block_id)

@@ -388,9 +388,6 @@ class Metadata:
         ).fetchone()
         return None if row is None else BlockRef(*row)
 
-    def all_block_ids(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT id FROM blocks")}
-
     # -- garbage ----------------------------------------------------------------------------
 
     def add_garbage(self, ids: list[str]) -> None:
