@@ -1,0 +1,295 @@
+"""POSIX semantics: the pyfuse3 request handlers, and the workspace marker policy.
+
+The handlers are grouped by what they change: `base` (shared state and helpers), `names`
+(directory entries), `data` (file contents); lookups, attributes, listings and xattrs are
+here. See `base` for the concurrency rules every handler follows.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import logging
+import sqlite3
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from ..meta import Inode
+from .base import (
+    MARKER,
+    NAME_MAX,
+    ROOT,
+    STATFS_CACHE_SECONDS,
+    XATTR_NAME_MAX,
+    XATTR_SIZE_MAX,
+    now_ns,
+)
+from .data import DataOps
+from .names import NameOps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MARKER", "ROOT", "Operations"]
+
+
+class Operations(NameOps, DataOps):
+    """The filesystem as the kernel sees it."""
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = int(parent_inode)
+        self._check_name(name)
+        if name == b"." or name == b"..":
+            found = self.meta.get_inode_blocks(parent if name == b"." else self._parent_dir(parent))
+        else:
+            found = self.meta.lookup_inode(parent, name)
+        if found is None:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = pyfuse3.InodeT(0)
+            neg.entry_timeout = self.timeout  # the kernel caches the miss; we are the only writer
+            return neg
+        self._lookups[found[0].id] += 1
+        return self._attr(*found)
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for ino, n in inode_list:
+            left = self._lookups.get(int(ino), 0) - n
+            if left > 0:
+                self._lookups[int(ino)] = left
+            else:
+                self._lookups.pop(int(ino), None)
+                try:
+                    self._maybe_delete(int(ino))
+                except Exception:  # forget must not raise
+                    log.exception("could not delete inode %d", ino)
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        found = self.meta.get_inode_blocks(int(inode))
+        if found is None:
+            raise FUSEError(errno.ENOENT)
+        return self._attr(*found)
+
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        ino = int(inode)
+        self._writable()
+        ts = now_ns()
+        async with self._lock(ino):
+            node = self._node(ino)
+            if ino == self.marker_ino and not self._is_time_flush(node, attr, fields):
+                raise FUSEError(errno.EPERM)
+            if fields.update_size:
+                if stat.S_ISDIR(node.mode):
+                    raise FUSEError(errno.EISDIR)
+                await self._truncate(node, attr.st_size)
+                node.mtime_ns = node.ctime_ns = ts
+            if fields.update_mode:
+                node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            if fields.update_uid:
+                node.uid = attr.st_uid
+            if fields.update_gid:
+                node.gid = attr.st_gid
+            if fields.update_atime:
+                node.atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                node.mtime_ns = attr.st_mtime_ns
+            node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else ts
+            with self._txn():
+                self.meta.save_inode(node)
+        return self._attr(node)
+
+    @staticmethod
+    def _is_time_flush(
+        node: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> bool:
+        """Whether a setattr only hands back the kernel's ctime (and an unchanged mtime).
+
+        Under the writeback cache the kernel stamps ctime itself (a link to or from the
+        marker, say) and flushes it with a setattr at close; refusing that one would turn
+        the reader's close(2) into EIO. Anything that changes content, mode, owner, atime
+        or mtime of the marker is still refused.
+        """
+        return not (
+            fields.update_size or fields.update_mode or fields.update_uid
+            or fields.update_gid or fields.update_atime
+            or (fields.update_mtime and attr.st_mtime_ns != node.mtime_ns)
+        )
+
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(int(inode))
+        if node.target is None:
+            raise FUSEError(errno.EINVAL)
+        return node.target
+
+    # -- directories -----------------------------------------------------------------------
+
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        node = self._node(int(inode))
+        if not stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(int(inode))
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        """List "." (cookie 1), ".." (cookie 2), then the entries (cookie: dentry id + 2).
+
+        pyfuse3 always answers with readdirplus, and the kernel counts a lookup for every
+        entry it links, except "." and ".." (fuse_direntplus_link skips them; libfuse says
+        the same): so those two are not counted here, and every other entry is.
+        """
+        ino = int(fh)
+        if start_id < 2:
+            dots = [(b".", ino, 1), (b"..", self._parent_dir(ino), 2)][start_id:]
+            for name, dot_ino, cookie in dots:
+                node = self.meta.get_inode(dot_ino)
+                if node is None:
+                    continue
+                if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name),
+                                             self._attr(node), cookie):
+                    return
+        for dentry_id, name, node, nblocks in self.meta.list_entries(ino, max(0, start_id - 2)):
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name),
+                                         self._attr(node, nblocks), dentry_id + 2):
+                break
+            self._lookups[node.id] += 1
+
+    def _parent_dir(self, ino: int) -> int:
+        """The parent of directory `ino` (itself for the root, and for a removed directory)."""
+        if ino == ROOT:
+            return ROOT
+        parent = self.meta.parent_of(ino)
+        return ino if parent is None else parent
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        pass
+
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self._fsync_inode(int(fh))
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        now = time.monotonic()
+        if now - self._statfs_at > STATFS_CACHE_SECONDS:  # counting scans whole tables
+            self._statfs_counts = self.meta.counts()
+            self._statfs_at = now
+        files, sizes, stored_blocks = self._statfs_counts
+        used = min(sizes, stored_blocks * self.bs)  # sparse files use only what they store
+        s = pyfuse3.StatvfsData()
+        total = 1 << 50  # an object store has no fixed size; report 1 PiB
+        s.f_bsize = self.bs
+        s.f_frsize = 4096
+        s.f_blocks = total // s.f_frsize
+        s.f_bfree = s.f_bavail = max(0, total - used) // s.f_frsize
+        s.f_files = 1 << 32
+        s.f_ffree = s.f_favail = s.f_files - files
+        s.f_namemax = NAME_MAX
+        return s
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._writable()
+        if len(name) > XATTR_NAME_MAX:
+            raise FUSEError(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FUSEError(errno.E2BIG)
+        if name.startswith(b"system.posix_acl_"):
+            # We do not enforce ACLs, so storing one would only hide the mode it carries:
+            # `cp -a` sets modes through the ACL and falls back to chmod on ENOTSUP.
+            raise FUSEError(errno.ENOTSUP)
+        node = self._node(int(inode))
+        with self._txn():
+            self.meta.set_xattr(node.id, name, value)
+            node.ctime_ns = now_ns()
+            self.meta.save_inode(node)
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        value = self.meta.get_xattr(int(inode), name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        return [pyfuse3.XAttrNameT(n) for n in self.meta.list_xattrs(int(inode))]
+
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self._writable()
+        node = self._node(int(inode))
+        with self._txn():
+            if not self.meta.remove_xattr(node.id, name):
+                raise FUSEError(pyfuse3.ENOATTR)
+            node.ctime_ns = now_ns()
+            self.meta.save_inode(node)
+
+    async def access(
+        self, inode: pyfuse3.InodeT, mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext
+    ) -> bool:
+        return True  # the kernel checks permissions itself (default_permissions)
+
+def _guarded(fn: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+    """Turn any unexpected failure of a handler into an errno instead of a dead mount.
+
+    pyfuse3 lets an exception other than FUSEError end its main loop, which would take the
+    whole mount down for one bad request. A full disk becomes ENOSPC, any other OSError keeps
+    its errno, and everything else is logged with its traceback and answered with EIO.
+    """
+
+    @functools.wraps(fn)
+    async def handler(*args: object, **kwargs: object) -> object:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except sqlite3.OperationalError as e:
+            if "full" in str(e):
+                raise FUSEError(errno.ENOSPC) from None
+            log.exception("metadata error in %s", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FUSEError(errno.ENOSPC) from None
+            log.exception("I/O error in %s", fn.__name__)
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return handler
+
+
+for _name in dir(Operations):
+    _fn = getattr(Operations, _name)
+    if _name not in ("forget",) and not _name.startswith("_") and inspect.iscoroutinefunction(
+        _fn
+    ):
+        setattr(Operations, _name, _guarded(_fn))

@@ -1,0 +1,180 @@
+"""POSIX semantics: the pyfuse3 request handlers, and the workspace marker policy.
+
+Every handler runs in the one trio thread. Metadata statements run synchronously between
+awaits, so a handler that does not await is atomic; one that does (a read or a write that must
+download a block) takes the inode's lock first, so that two writers of one file never race on
+its block map. The kernel does the permission checks (`default_permissions`) and, with the
+writeback cache, owns mtime and size while a file is being written: it sends them back to us
+through setattr.
+
+File offsets become blocks here: block `idx` of a file covers bytes [idx*bs, (idx+1)*bs). The
+block layer never learns which file a block belongs to.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from ..blocks import BlockCache
+from ..meta import Inode, Metadata
+
+log = logging.getLogger(__name__)
+
+ROOT = int(pyfuse3.ROOT_INODE)
+MARKER = b".workspace.initialized"
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+READAHEAD_BLOCKS = 4
+PREFETCH_FILES = 64  # small files of a directory fetched together after a cache miss
+STATFS_CACHE_SECONDS = 5.0
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+class Base(pyfuse3.Operations):
+    """The state every handler shares, and the helpers they use."""
+
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(
+        self,
+        meta: Metadata,
+        blocks: BlockCache,
+        *,
+        cache_timeout: float = 300.0,
+        read_only: bool = False,
+        remote_fsync: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.meta = meta
+        self.blocks = blocks
+        self.bs = blocks.block_size
+        self.timeout = cache_timeout
+        self.read_only = read_only
+        self.remote_fsync = remote_fsync
+        self.nursery: trio.Nursery | None = None  # for readahead; set by the mount
+        self._lookups: dict[int, int] = defaultdict(int)
+        self._open: dict[int, int] = defaultdict(int)  # inode -> open file handles
+        self._handles: dict[int, int] = {}  # fh -> inode
+        self._read_end: dict[int, int] = {}  # fh -> where the last read ended (readahead)
+        self._next_fh = 1
+        self._prefetched_dirs: set[int] = set()
+        self._synced_changes = -1  # metadata changes counted at the last completed fsync
+        self._statfs_at = -STATFS_CACHE_SECONDS
+        self._statfs_counts = (0, 0, 0)
+        self._locks: dict[int, trio.Lock] = {}
+        self.marker_ino = meta.lookup(ROOT, MARKER)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _txn(self) -> Iterator[None]:
+        """Group a handler's statements so a crash never leaves half of them."""
+        self.meta.begin()
+        try:
+            yield
+        except BaseException:
+            self.meta.rollback()
+            raise
+        self.meta.commit()
+
+    def _node(self, ino: int) -> Inode:
+        node = self.meta.get_inode(ino)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        return node
+
+    def _attr(self, node: Inode, nblocks: int | None = None) -> pyfuse3.EntryAttributes:
+        """The attributes the kernel caches for `timeout` seconds (we are the only writer).
+
+        `nblocks` is the number of stored blocks of a regular file, if the caller has it.
+        """
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(node.id)
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = pyfuse3.ModeT(node.mode)
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        a.st_size = node.size
+        a.st_blksize = 128 * 1024
+        if stat.S_ISREG(node.mode) and node.size:
+            if nblocks is None:
+                nblocks = self.meta.block_count(node.id)
+            a.st_blocks = (min(node.size, nblocks * self.bs) + 511) // 512
+        else:
+            a.st_blocks = 0
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        return a
+
+    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a new reference to the inode."""
+        self._lookups[node.id] += 1
+        return self._attr(node)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FUSEError(errno.EROFS)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+
+    def _is_marker(self, parent: int, name: bytes) -> bool:
+        return parent == ROOT and name == MARKER
+
+    def _lock(self, ino: int) -> trio.Lock:
+        lock = self._locks.get(ino)
+        if lock is None:
+            lock = self._locks[ino] = trio.Lock()
+        return lock
+
+    def _touch_dir(self, node: Inode, ts: int) -> None:
+        node.mtime_ns = node.ctime_ns = ts
+        self.meta.save_inode(node)
+
+    def _drop_blocks(self, refs: Sequence[str]) -> None:
+        """Release blocks the metadata stopped referencing (in the caller's transaction)."""
+        garbage = [b for b in refs if self.blocks.discard(b)]
+        if garbage:
+            self.meta.add_garbage(garbage)
+
+    def _maybe_delete(self, ino: int) -> None:
+        """Delete an inode once no entry names it, no handle holds it and the kernel forgot it."""
+        if self._lookups.get(ino) or self._open.get(ino):
+            return
+        node = self.meta.get_inode(ino)
+        if node is not None and node.nlink == 0:
+            with self._txn():
+                self._drop_blocks(self.meta.delete_inode(ino))
+            self._statfs_at = -STATFS_CACHE_SECONDS  # the inode count changed
+            self._locks.pop(ino, None)
+
+    def _open_handle(self, ino: int) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = ino
+        self._open[ino] += 1
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)

@@ -1,0 +1,201 @@
+"""File data: open, read, write, truncate and fsync, mapped onto blocks."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from ..blocks import BlockCorrupt
+from ..meta import Inode
+from ..store import TransientStoreError
+from .base import (
+    PREFETCH_FILES,
+    READAHEAD_BLOCKS,
+    WRITE_FLAGS,
+    Base,
+    now_ns,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DataOps(Base):
+    """Handlers that move file data between the kernel and the block cache."""
+
+    # -- file data -------------------------------------------------------------------------
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        ino = int(inode)
+        if flags & WRITE_FLAGS:
+            self._writable()
+            if ino == self.marker_ino:
+                raise FUSEError(errno.EPERM)
+        self._node(ino)
+        if flags & os.O_TRUNC:  # FUSE_ATOMIC_O_TRUNC: the kernel sends no setattr for it
+            async with self._lock(ino):
+                node = self._node(ino)
+                if node.size:
+                    node.mtime_ns = node.ctime_ns = now_ns()
+                    await self._truncate(node, 0)
+        return self._open_handle(ino)
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        ino = self._handles.pop(int(fh))
+        self._read_end.pop(int(fh), None)
+        self._open[ino] -= 1
+        if self._open[ino] <= 0:
+            del self._open[ino]
+            self._maybe_delete(ino)
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        pass
+
+    async def _read_block(self, block_id: str, csum: str | None, offset: int, size: int) -> bytes:
+        """Read part of a block, turning store and checksum failures into EIO."""
+        try:
+            return await self.blocks.read(block_id, csum, offset, size)
+        except BlockCorrupt as e:
+            log.error("%s", e)
+            raise FUSEError(errno.EIO) from None
+        except TransientStoreError as e:
+            log.error("cannot download block %s: %s", block_id, e)
+            raise FUSEError(errno.EIO) from None
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        ino = self._handles[int(fh)]
+        node = self._node(ino)
+        end = min(off + size, node.size)
+        if off >= end:
+            return b""
+        first, last = off // self.bs, (end - 1) // self.bs
+        refs = self.meta.blocks_in(ino, first, last)
+        misses = self.blocks.misses
+        parts = []
+        for idx in range(first, last + 1):
+            start = max(off, idx * self.bs)
+            stop = min(end, (idx + 1) * self.bs)
+            ref = refs.get(idx)
+            data = b""
+            if ref is not None:
+                data = await self._read_block(ref.id, ref.csum, start - idx * self.bs,
+                                              stop - start)
+            parts.append(data.ljust(stop - start, b"\0"))
+        if self._read_end.get(int(fh)) == off:
+            self._readahead(ino, last + 1)
+        elif self.blocks.misses != misses and node.size <= self.bs:
+            self._prefetch_siblings(ino)
+        self._read_end[int(fh)] = end
+        return b"".join(parts)
+
+    def _readahead(self, ino: int, first: int) -> None:
+        if self.nursery is None:
+            return
+        for ref in self.meta.blocks_in(ino, first, first + READAHEAD_BLOCKS - 1).values():
+            self.blocks.prefetch(self.nursery, ref.id, ref.csum)
+
+    def _prefetch_siblings(self, ino: int) -> None:
+        """A small file missed the cache: fetch the other small files of its directory too.
+
+        On an empty cache, `import` or `git status` read many small files of a directory
+        one after another, each waiting for its own download; fetching them together turns
+        that chain of round trips into one wave. Once per directory and mount, bounded.
+        """
+        parent = self.meta.parent_of(ino)
+        if self.nursery is None or parent is None or parent in self._prefetched_dirs:
+            return
+        self._prefetched_dirs.add(parent)
+        for block_id, csum in self.meta.small_file_blocks(parent, self.bs, PREFETCH_FILES):
+            self.blocks.prefetch(self.nursery, block_id, csum)
+
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        ino = self._handles[int(fh)]
+        self._writable()
+        await self.blocks.wait_for_room(len(buf))
+        async with self._lock(ino):
+            pos = 0
+            while pos < len(buf):
+                idx, in_off = divmod(off + pos, self.bs)
+                piece = buf[pos : pos + self.bs - in_off]
+                await self._write_block(ino, idx, in_off, piece)
+                pos += len(piece)
+            node = self._node(ino)
+            if off + len(buf) > node.size or not self.enable_writeback_cache:
+                node.size = max(node.size, off + len(buf))
+                if not self.enable_writeback_cache:
+                    # With the writeback cache the kernel stamps mtime/ctime at write(2) time
+                    # and sends them through setattr; a write arriving here (seconds later)
+                    # must not overwrite them with the time of its writeback.
+                    node.mtime_ns = node.ctime_ns = now_ns()
+                self.meta.save_inode(node)
+        return len(buf)
+
+    async def _write_block(self, ino: int, idx: int, in_off: int, piece: bytes) -> None:
+        ref = self.meta.get_block(ino, idx)
+        if ref is not None and self.blocks.is_writable(ref.id):
+            self.blocks.write(ref.id, in_off, piece)
+            return
+        # Copy on write: uploaded and sealed blocks are immutable.
+        content = b""
+        if ref is not None and not (in_off == 0 and len(piece) == self.bs):
+            content = await self._read_block(ref.id, ref.csum, 0, self.bs)
+        new_id = self.blocks.create(content)
+        try:
+            self.blocks.write(new_id, in_off, piece)
+        except BaseException:  # a full disk: the new block must not linger unreferenced
+            self.blocks.discard(new_id)
+            raise
+        with self._txn():
+            self.meta.set_block(ino, idx, new_id, None)
+            if ref is not None:
+                self._drop_blocks([ref.id])
+
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        ino = self._handles[int(fh)]
+        await self._fsync_inode(ino)
+
+    async def _fsync_inode(self, ino: int) -> None:
+        node = self._node(ino)
+        if stat.S_ISREG(node.mode) and node.size:
+            refs = self.meta.blocks_in(ino, 0, (node.size - 1) // self.bs)
+            await self.blocks.fsync([r.id for r in refs.values()])
+        changes = self.meta.total_changes
+        if changes != self._synced_changes:  # else the last fsync covered everything
+            self.meta.flush()
+            await trio.to_thread.run_sync(self.meta.sync)
+            self._synced_changes = changes
+        if self.remote_fsync is not None:
+            await self.remote_fsync()
+
+    async def _truncate(self, node: Inode, size: int) -> None:
+        """Cut or extend a file to `size` bytes; the bytes past the old end read as zeros.
+
+        A cut block is copied, never cut in place: until the new size is committed, the old
+        metadata must still find the old bytes (a crash in between comes back to them).
+        """
+        if size < node.size:
+            first_gone = (size + self.bs - 1) // self.bs
+            tail = size % self.bs
+            tail_ref = self.meta.get_block(node.id, size // self.bs) if tail else None
+            content = b""
+            if tail_ref is not None:
+                content = await self._read_block(tail_ref.id, tail_ref.csum, 0, tail)
+            with self._txn():
+                self._drop_blocks([r.id for r in self.meta.remove_blocks_from(node.id, first_gone)])
+                if tail_ref is not None:
+                    new_id = self.blocks.create(content)
+                    self.meta.set_block(node.id, size // self.bs, new_id, None)
+                    self._drop_blocks([tail_ref.id])
+                node.size = size
+                self.meta.save_inode(node)
+        else:
+            node.size = size
+            with self._txn():
+                self.meta.save_inode(node)
