@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                     help="comma-separated mount options: FUSE options (allow_other, ro, ...) "
                     "and wsfs ones (cache_dir=, cache_size=, flush_delay=, fsync=local|remote, "
-                    "endpoint_url=, region=, unmount_timeout=, read_timeout=, enospc_timeout=)")
+                    "endpoint_url=, region=, unmount_timeout=, read_timeout=, enospc_timeout=, "
+                    "dirty_limit=, metrics=)")
     sp.add_argument("--init", action="store_true",
                     help="create the workspace if STORE holds none")
     sp.add_argument("--framework", default=None, help="with --init: framework in the marker")
