@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faultproxy import FaultProxy
 from s3servers import S3Server, start_moto, start_rclone
 
 WSFS = [sys.executable, "-m", "wsfs"]
@@ -203,3 +204,15 @@ def any_ws(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Workspace
     yield w
     w.teardown()
 
+
+@pytest.fixture
+def proxied(moto_server: S3Server, tmp_path: Path) -> Iterator[tuple[Workspace, FaultProxy]]:
+    """An initialised workspace in moto, reached only through a fault proxy."""
+    proxy = FaultProxy(moto_server.endpoint_url).start()
+    w = s3_workspace(moto_server, tmp_path)
+    w.env["AWS_ENDPOINT_URL"] = proxy.url
+    w.init()
+    yield w, proxy
+    proxy.pass_through()
+    w.teardown()
+    proxy.stop()

@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, s3_workspace
+from conftest import Workspace
 from faultproxy import FaultProxy
-from s3servers import S3Server
 
 DISK = 64 << 20
 FILE = 4 << 20
@@ -94,17 +93,6 @@ def test_writers_wait_for_uploads_and_eviction(ws: Workspace, small_disk: Path) 
         assert (mnt / name).read_bytes() == data, name
     ws.unmount()
 
-
-@pytest.fixture
-def proxied(moto_server: S3Server, tmp_path: Path) -> Iterator[tuple[Workspace, FaultProxy]]:
-    proxy = FaultProxy(moto_server.endpoint_url).start()
-    w = s3_workspace(moto_server, tmp_path)
-    w.env["AWS_ENDPOINT_URL"] = proxy.url
-    w.init()
-    yield w, proxy
-    proxy.pass_through()
-    w.teardown()
-    proxy.stop()
 
 
 @pytest.mark.timeout(300)

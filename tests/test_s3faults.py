@@ -14,30 +14,16 @@ import errno
 import json
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, is_mounted, pid_alive, s3_workspace
+from conftest import Workspace, is_mounted, pid_alive
 from faultproxy import FaultProxy
-from s3servers import S3Server
 
 
 def payload(name: str, size: int) -> bytes:
     return random.Random(name).randbytes(size)
 
-
-@pytest.fixture
-def proxied(moto_server: S3Server, tmp_path: Path) -> Iterator[tuple[Workspace, FaultProxy]]:
-    """An initialised workspace in moto, reached only through a fault proxy."""
-    proxy = FaultProxy(moto_server.endpoint_url).start()
-    w = s3_workspace(moto_server, tmp_path)
-    w.env["AWS_ENDPOINT_URL"] = proxy.url
-    w.init()
-    yield w, proxy
-    proxy.pass_through()
-    w.teardown()
-    proxy.stop()
 
 
 def write_files(mnt: Path, prefix: str, sizes: list[int]) -> dict[str, bytes]:
