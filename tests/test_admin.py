@@ -70,8 +70,10 @@ def test_du_sizes_and_largest_directories(fm_ws: Workspace, request: pytest.Fixt
     marker = (mnt / ".workspace.initialized").stat().st_size
     assert r["logical_bytes"] == 3 * MiB + 5 * 600 + marker
     assert r["files"] == 7 and r["symlinks"] == 1 and r["directories"] == 5
-    assert r["missing_blocks"] == 0
-    assert r["referenced_blocks"] == 3 + 5 + 1
+    assert r["missing_objects"] == 0
+    # the marker (uploaded alone at init), then the wheel's three blocks and the five small
+    # files in one or two packs (more only if flush cycles split them)
+    assert 2 <= r["referenced_objects"] <= 1 + 3 + 5
     paths = [d["path"] for d in r["largest"]]
     assert paths[:3] == ["/.cache", "/.cache/pip", "/.cache/pip/wheels"]
     assert r["largest"][0]["bytes"] == 3 * MiB and "/src" in paths
@@ -159,19 +161,19 @@ def test_gc_deletes_only_old_unreferenced_objects(ws: Workspace) -> None:
     before = set(store_files(ws))
 
     dry = as_json(ws, "gc", ws.store_url, "--dry-run")
-    assert isinstance(dry, dict) and dry["blocks_deleted"] == 3 and dry["pages_deleted"] == 1
+    assert isinstance(dry, dict) and dry["objects_deleted"] == 3 and dry["pages_deleted"] == 1
     assert set(store_files(ws)) == before
 
     r = as_json(ws, "gc", ws.store_url)  # default --min-age: one hour
     assert isinstance(r, dict)
-    assert r["blocks_deleted"] == 3 and r["pages_deleted"] == 1 and r["young_kept"] == 4
+    assert r["objects_deleted"] == 3 and r["pages_deleted"] == 1 and r["young_kept"] == 4
     after = set(store_files(ws))
     assert after == before - set(old)
     assert set(young) <= after
     expected = tree(mnt)
     ws.unmount()
     du = as_json(ws, "du", ws.store_url)
-    assert isinstance(du, dict) and du["missing_blocks"] == 0
+    assert isinstance(du, dict) and du["missing_objects"] == 0
     ws.fresh_cache()
     mnt = ws.mount()
     assert tree(mnt) == expected
@@ -237,12 +239,12 @@ def test_gc_while_mounted_and_writing_loses_nothing(ws: Workspace) -> None:
         thread.join(timeout=60)
     assert not errors, errors
     assert len(runs) >= 2
-    assert sum(r["blocks_deleted"] for r in runs) >= 3  # type: ignore[index]
+    assert sum(r["objects_deleted"] for r in runs) >= 3  # type: ignore[index]
     assert not any((root / k).exists() for k in orphans)
     expected = tree(mnt)
     ws.unmount()
     du = as_json(ws, "du", ws.store_url)
-    assert isinstance(du, dict) and du["missing_blocks"] == 0
+    assert isinstance(du, dict) and du["missing_objects"] == 0
     ws.fresh_cache()
     mnt = ws.mount()
     assert tree(mnt) == expected

@@ -19,6 +19,7 @@ import pytest
 import trio
 from conftest import Workspace
 
+from wsfs.blocks import pack as packs
 from wsfs.meta import checkpoint as ckpt
 from wsfs.store import LocalStore
 
@@ -54,9 +55,30 @@ class Checkpoint:
         return ino
 
     def block_keys(self, path: str) -> list[str]:
-        rows = self.conn.execute("SELECT id FROM blocks WHERE inode=? ORDER BY idx",
-                                 (self.inode(path),)).fetchall()
+        """The store object of each block of a file: its own, or the pack holding it."""
+        rows = self.conn.execute("SELECT coalesce(pack, id) FROM blocks WHERE inode=? "
+                                 "ORDER BY idx", (self.inode(path),)).fetchall()
         return [f"data/{r[0][:2]}/{r[0]}" for r in rows]
+
+    def flip_block(self, path: str, idx: int) -> None:
+        """Flip one byte in the middle of a block's content in the store, wherever it lives:
+        an object of its own, or its stretch of a pack (the pack's other members intact)."""
+        block_id, pack = self.conn.execute("SELECT id, pack FROM blocks WHERE inode=? AND idx=?",
+                                           (self.inode(path), idx)).fetchone()
+        obj = Path(self.store.root) / f"data/{(pack or block_id)[:2]}/{pack or block_id}"
+        blob = bytearray(obj.read_bytes())
+        pos, length = 0, len(blob)
+        if pack is not None:
+            start = len(packs.MAGIC) + 4
+            pos = start + int.from_bytes(blob[len(packs.MAGIC):start], "big")
+            for member, length, _ in json.loads(blob[start:pos]):
+                if member == block_id:
+                    break
+                pos += length
+            else:
+                raise AssertionError(f"{path} block {idx} is not in its pack")
+        blob[pos + length // 2] ^= 0xFF
+        obj.write_bytes(bytes(blob))
 
     def publish_as_next(self) -> None:
         """Publish this (tampered) database as the store's newest checkpoint."""
@@ -81,7 +103,9 @@ def checkpoint(ws: Workspace) -> Iterator[Callable[[], Checkpoint]]:
         yield open_newest
 
 
-FILES = {"a.bin": 2 * BS + 12345, "b.bin": 300_000, "c.bin": BS + 1, "d/e.txt": 5000}
+# Written together, a.bin, c.bin and d/e.txt go up in packs (blocks/pack.py); b.bin is
+# written alone in its own flush cycle, so it is an object of its own.
+FILES = {"a.bin": 2 * BS + 12345, "c.bin": BS + 1, "d/e.txt": 5000, "b.bin": 300_000}
 
 
 def write_tree(ws: Workspace) -> dict[str, bytes]:
@@ -90,16 +114,11 @@ def write_tree(ws: Workspace) -> dict[str, bytes]:
     files = {}
     for name, size in FILES.items():
         files[name] = payload(name, size)
+        if name == "b.bin":
+            ws.wsfs("sync", str(mnt))
         (mnt / name).write_bytes(files[name])
     ws.unmount()
     return files
-
-
-def flip_bytes(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    for i in (0, len(data) // 2, len(data) - 1):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def fsck(ws: Workspace, *args: str) -> tuple[int, str]:
@@ -112,11 +131,14 @@ def test_damaged_blocks_give_eio_for_that_file_only(ws: Workspace,
         checkpoint: Callable[[], Checkpoint]) -> None:
     files = write_tree(ws)
     cp = checkpoint()
-    a_keys, b_keys = cp.block_keys("a.bin"), cp.block_keys("b.bin")
-    assert len(a_keys) == 3 and len(b_keys) == 1
-    root = store_dir(ws)
-    flip_bytes(root / a_keys[1])  # the middle block of a.bin: same size, wrong bytes
-    (root / b_keys[0]).unlink()  # b.bin's only block: gone
+    a_ids = [r[0] for r in cp.conn.execute("SELECT id FROM blocks WHERE inode=? ORDER BY idx",
+                                           (cp.inode("a.bin"),))]
+    b_keys = cp.block_keys("b.bin")
+    assert len(a_ids) == 3 and len(b_keys) == 1
+    assert b_keys[0].endswith(cp.conn.execute("SELECT id FROM blocks WHERE inode=?",
+                                              (cp.inode("b.bin"),)).fetchone()[0])
+    cp.flip_block("a.bin", 1)  # the middle block of a.bin: same size, wrong bytes
+    (store_dir(ws) / b_keys[0]).unlink()  # b.bin's only block: gone
     ws.allowed_log_errors += ["does not match its checksum", "is missing from the store"]
     ws.fresh_cache()
     mnt = ws.mount()  # a fresh machine: every block is downloaded
@@ -140,7 +162,7 @@ def test_damaged_blocks_give_eio_for_that_file_only(ws: Workspace,
     assert sorted(p.name for p in mnt.iterdir()) == sorted(
         [".workspace.initialized", "a.bin", "b.bin", "c.bin", "d", "new.txt"])
     log = (ws.cache_dir / "wsfs.log").read_text()
-    assert f"block {a_keys[1].rsplit('/', 1)[1]} does not match its checksum" in log
+    assert f"block {a_ids[1]} does not match its checksum" in log
     assert f"block {b_keys[0].rsplit('/', 1)[1]} is missing from the store" in log
     ws.unmount()
 
@@ -160,23 +182,54 @@ def test_fsck_clean_and_damaged_data(ws: Workspace,
     assert "1 unreferenced block objects (9 bytes)" in out
 
     cp = checkpoint()
-    root = store_dir(ws)
-    flip_bytes(root / cp.block_keys("a.bin")[2])
-    (root / cp.block_keys("d/e.txt")[0]).unlink()
+    cp.flip_block("a.bin", 1)
+    (store_dir(ws) / cp.block_keys("b.bin")[0]).unlink()
     # without --verify-data only what is missing is seen; the exit code says "damaged"
     code, out = fsck(ws)
     assert code == 9, out
-    assert "/d/e.txt: block 0" in out and "missing" in out
+    assert "/b.bin: block 0" in out and "missing" in out
     assert "/a.bin" not in out and "/c.bin" not in out
     # with it, the corrupt block too, and nothing else
     code, out = fsck(ws, "--verify-data")
     assert code == 9, out
     damaged = [ln for ln in out.splitlines() if ln.startswith("DAMAGED")]
     assert len(damaged) == 2, out
-    assert any("/a.bin: block 2" in ln and "checksum" in ln for ln in damaged), out
-    assert any("/d/e.txt: block 0" in ln for ln in damaged), out
+    assert any("/a.bin: block 1" in ln and "checksum" in ln for ln in damaged), out
+    assert any("/b.bin: block 0" in ln for ln in damaged), out
     assert "2 damaged files" in out
     assert "is damaged" in out  # the one-sentence error on stderr
+
+
+def test_a_damaged_pack_member_fails_only_its_file(ws: Workspace,
+        checkpoint: Callable[[], Checkpoint]) -> None:
+    """Files written together share packs: bytes flipped in one member's content make that
+    file (alone) unreadable; a lost pack loses exactly the files with a block in it."""
+    files = write_tree(ws)
+    cp = checkpoint()
+    e_pack = cp.block_keys("d/e.txt")[0]
+    sharing = [n for n in FILES if n != "d/e.txt" and e_pack in cp.block_keys(n)]
+    assert sharing, "d/e.txt shares its pack with the files written beside it"
+    cp.flip_block("d/e.txt", 0)
+    ws.allowed_log_errors += ["does not match its checksum"]
+    ws.fresh_cache()
+    mnt = ws.mount()
+    with pytest.raises(OSError) as exc:
+        (mnt / "d" / "e.txt").read_bytes()
+    assert exc.value.errno == errno.EIO
+    for name in ("a.bin", "b.bin", "c.bin"):
+        assert (mnt / name).read_bytes() == files[name], name
+    ws.unmount()
+    code, out = fsck(ws, "--verify-data")
+    assert code == 9, out
+    damaged = [ln for ln in out.splitlines() if ln.startswith("DAMAGED")]
+    assert len(damaged) == 1 and "/d/e.txt: block 0" in damaged[0] and "pack" in damaged[0], out
+
+    (store_dir(ws) / e_pack).unlink()
+    code, out = fsck(ws)
+    assert code == 9, out
+    for name in FILES:
+        assert (f"/{name}: block" in out) == (name == "d/e.txt" or name in sharing), (name, out)
+    assert f"{1 + len(sharing)} damaged files" in out
 
 
 def test_fsck_metadata_damage(ws: Workspace,

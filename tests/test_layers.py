@@ -3,6 +3,7 @@ checkpoints, the block cache and the flusher's durability order, on the embedded
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import threading
 import time
@@ -12,6 +13,7 @@ import pytest
 import trio
 
 from wsfs.blocks import BlockCache, object_key
+from wsfs.blocks import pack as packs
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
 from wsfs.store import LocalStore, NoSuchKey
@@ -49,20 +51,41 @@ def add_file(meta: Metadata, blocks: BlockCache, name: bytes, content: bytes) ->
     node = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns(), size=len(content))
     meta.add_entry(1, name, node.id)
     for idx in range(0, max(len(content), 1), BS):
-        meta.set_block(node.id, idx // BS, blocks.create(content[idx : idx + BS]), None)
+        meta.set_block(node.id, idx // BS, blocks.create(content[idx : idx + BS]))
     return node.id
 
 
 def test_checkpoint_is_published_after_every_block_it_references(tmp_path: Path) -> None:
     store, meta, blocks, flusher = make(tmp_path)
-    add_file(meta, blocks, b"a", b"x" * (BS + 10))
+    add_file(meta, blocks, b"a", b"x" * (4 * BS + 10))
     add_file(meta, blocks, b"b", b"small")
     trio.run(flusher.cycle)
     head_at = store.puts.index(ckpt.HEAD_KEY)
     data_puts = [i for i, k in enumerate(store.puts) if k.startswith("data/")]
-    assert len(data_puts) == 3
+    assert len(data_puts) == 2  # a pack of a's four full blocks; a's tail and b in another
     assert max(data_puts) < head_at
     assert blocks.dirty_count == 0 and not flusher.pending()
+    rows = meta.conn.execute("SELECT length(csum), pack FROM blocks ORDER BY inode, idx").fetchall()
+    assert [r[0] for r in rows] == [64] * 6
+    assert len({r[1] for r in rows[:4]}) == 1 and rows[4][1] == rows[5][1] != rows[0][1]
+
+
+def test_pack_grouping_and_format() -> None:
+    sizes = {"big": packs.PACK_MEMBER_MAX + 1, "lone": 10}
+    assert packs.group(sizes) == ([], ["big", "lone"])  # a pack of one buys nothing
+    many = {f"b{i}": packs.PACK_MEMBER_MAX for i in range(40)}
+    groups, singles = packs.group(many)
+    assert singles == [] and [b for g in groups for b in g] == list(many)  # order kept
+    assert all(len(g) * packs.PACK_MEMBER_MAX <= packs.PACK_TARGET for g in groups)
+    members = [("x", b"first"), ("y", b""), ("z", b"third" * 1000)]
+    blob, csums = packs.build(members)
+    assert packs.split(blob) == {b: (csums[b], data) for b, data in members}
+    assert csums["x"] == hashlib.sha256(b"first").hexdigest()
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1  # the last member's content
+    assert {b: d for b, (_, d) in packs.split(bytes(damaged)).items()} == {"x": b"first", "y": b""}
+    with pytest.raises(packs.PackCorrupt):
+        packs.split(b"garbage")
 
 
 def test_fetched_checkpoint_reproduces_the_database(tmp_path: Path) -> None:
@@ -103,7 +126,7 @@ def test_garbage_is_deleted_only_after_the_checkpoint_without_it(tmp_path: Path)
     old = meta.get_block(ino, 0)
     assert old is not None
     # overwrite: the old object becomes garbage in the same transaction
-    meta.set_block(ino, 0, blocks.create(b"new content"), None)
+    meta.set_block(ino, 0, blocks.create(b"new content"))
     assert blocks.discard(old.id)
     meta.add_garbage([old.id])
     assert store.head(object_key(old.id)) is not None

@@ -58,9 +58,18 @@ def checkpoint(ws: Workspace) -> int:
 
 
 def uncached_setup(ws: Workspace, *mount_args: str) -> tuple[Path, dict[str, bytes]]:
-    """Write files, unmount, and remount on an empty cache: those files are not cached."""
+    """Write files, unmount, and remount on an empty cache: those files are not cached.
+
+    Each file goes up in a flush cycle of its own, so no two share a pack: reading one must
+    not bring another into the cache.
+    """
     mnt = ws.mount()
-    old = write_files(mnt, "old", [300_000, 2_500_000, 50_000])
+    old = {}
+    for i, size in enumerate([300_000, 2_500_000, 50_000]):
+        name = f"old-{i}.bin"
+        old[name] = payload(name, size)
+        (mnt / name).write_bytes(old[name])
+        ws.wsfs("sync", str(mnt))
     ws.unmount()
     ws.fresh_cache()
     return ws.mount(*mount_args), old

@@ -334,12 +334,11 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
                       "as zeros", ino, idx, block_id)
             meta.remove_block(ino, idx)
         else:
-            meta.set_checksums({block_id: checksum(content)})
+            meta.set_uploaded({block_id: checksum(content)})
     orphans = meta.orphans()
     for ino in orphans:
         meta.begin()
-        garbage = [b for b in meta.delete_inode(ino) if blocks.discard(b)]
-        meta.add_garbage(garbage)
+        meta.add_garbage_of([r for r in meta.delete_inode(ino) if blocks.discard(r.id)])
         meta.commit()
     meta.flush()
     if requeued or orphans:

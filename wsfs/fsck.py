@@ -8,9 +8,10 @@ elsewhere (objects uploaded since that checkpoint then show up as unreferenced):
 - every directory entry names an inode that exists, inside a directory that exists;
 - link counts: a file's nlink is the number of entries naming it, a directory's is
   2 + its subdirectories; every linked inode is reachable from the root;
-- every block in the block map has a checksum, its object exists in the store and is no
-  longer than its place in the file allows; with `verify_data`, its content matches the
-  checksum (this downloads every block).
+- every block in the block map has a checksum, its object (of its own, or the pack holding
+  it) exists in the store, and a block of its own is no longer than its place in the file
+  allows; with `verify_data`, its content matches the checksum (this downloads every
+  object, each pack once).
 
 Damage (what makes reads fail or the tree wrong) is reported per file, by path, and makes
 `wsfs fsck` exit with `DamageError.exit_code`. Objects that no block references and inodes
@@ -33,7 +34,9 @@ from pathlib import Path
 import trio
 
 from .blocks import object_key
+from .blocks import pack as packs
 from .meta import checkpoint as ckpt
+from .meta import schema
 from .store import NoSuchKey, ObjectStore
 from .workspace import read_superblock
 
@@ -171,64 +174,74 @@ async def _check_blocks(
     objects = dict(await trio.to_thread.run_sync(
         lambda: list(store.list(DATA_PREFIX)), limiter=limiter))
     referenced: set[str] = set()
-    to_verify: list[tuple[int, int, str, str]] = []
+    # (object key, is a pack) -> the blocks to verify in it: (inode, idx, block id, checksum)
+    to_verify: dict[tuple[str, bool], list[tuple[int, int, str, str]]] = defaultdict(list)
 
     def damaged(ino: int, what: str) -> None:
         name = tree.name(ino)
         report.damage.append(f"{name}: {what}")
         report.damaged_paths.add(name)
 
-    for ino, idx, block_id, csum in conn.execute(
-        "SELECT inode, idx, id, csum FROM blocks ORDER BY inode, idx"
+    for ino, idx, block_id, csum, pack in conn.execute(
+        "SELECT inode, idx, id, csum, pack FROM blocks ORDER BY inode, idx"
     ):
         report.blocks += 1
-        key = object_key(block_id)
-        referenced.add(key)
+        key = object_key(pack or block_id)
+        where = f"object {key}" if pack is None else f"pack {key}"
         node = tree.inodes.get(ino)
         if node is None or not stat.S_ISREG(node[0]):
             report.notes.append(f"block {block_id} belongs to inode {ino}, which is not a file")
             continue
         size = objects.get(key)
         if size is None:
-            damaged(ino, f"block {idx} (object {key}) is missing from the store")
+            damaged(ino, f"block {idx} ({where}) is missing from the store")
             continue
-        report.block_bytes += size
+        if key not in referenced:
+            report.block_bytes += size
+        referenced.add(key)
         room = min(block_size, node[2] - idx * block_size)
         if room <= 0:
             report.notes.append(f"{tree.name(ino)}: block {idx} lies past the end of the file")
-        elif size > room:
-            damaged(ino, f"block {idx} (object {key}) has {size} bytes, more than the "
+        elif pack is None and size > room:
+            damaged(ino, f"block {idx} ({where}) has {size} bytes, more than the "
                     f"{room} its place in the file holds")
         if csum is None:
-            damaged(ino, f"block {idx} (object {key}) has no checksum in the metadata")
+            damaged(ino, f"block {idx} ({where}) has no checksum in the metadata")
         elif verify_data:
-            to_verify.append((ino, idx, key, csum))
+            to_verify[key, pack is not None].append((ino, idx, block_id, csum))
     for key, size in objects.items():
         if key not in referenced:
             report.garbage_objects += 1
             report.garbage_bytes += size
-    if not to_verify:
-        return
 
-    async def verify(ino: int, idx: int, key: str, csum: str) -> None:
-        def work() -> tuple[str, int] | None:
+    async def verify(key: str, packed: bool, wanted: list[tuple[int, int, str, str]]) -> None:
+        where = f"pack {key}" if packed else f"object {key}"
+
+        def work() -> tuple[dict[str, str], int] | None:
             try:
                 data = store.get(key)
             except NoSuchKey:
                 return None
-            return hashlib.sha256(data).hexdigest(), len(data)
+            if not packed:
+                return {wanted[0][2]: hashlib.sha256(data).hexdigest()}, len(data)
+            try:
+                members = packs.split(data)
+            except packs.PackCorrupt:
+                return {}, len(data)
+            return {b: c for b, (c, _) in members.items()}, len(data)
 
         got = await trio.to_thread.run_sync(work, limiter=limiter)
-        if got is None:
-            damaged(ino, f"block {idx} (object {key}) disappeared from the store")
-        elif got[0] != csum:
-            damaged(ino, f"block {idx} (object {key}) does not match its checksum (corrupt)")
-        else:
+        for ino, idx, block_id, csum in wanted:
+            if got is None:
+                damaged(ino, f"block {idx} ({where}) disappeared from the store")
+            elif got[0].get(block_id) != csum:
+                damaged(ino, f"block {idx} ({where}) does not match its checksum (corrupt)")
+        if got is not None:
             report.verified_bytes += got[1]
 
     async with trio.open_nursery() as nursery:
-        for args in to_verify:
-            nursery.start_soon(verify, *args)
+        for (key, packed), wanted in to_verify.items():
+            nursery.start_soon(verify, key, packed, wanted)
 
 
 # What a damaged checkpoint (as opposed to an unreachable store) raises while it is fetched.
@@ -263,12 +276,13 @@ async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
                                  f"({type(leaf).__name__}: {leaf}); the whole workspace is "
                                  "unreadable")
             return report
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = sqlite3.connect(db)  # a temporary copy: an older format is upgraded in it
         try:
             verdict = conn.execute("PRAGMA integrity_check").fetchone()[0]
             if verdict != "ok":
                 report.damage.append(f"the metadata database is corrupt: {verdict}")
                 return report
+            schema.upgrade(conn)
             tree = _Tree(conn)
             report.inodes = len(tree.inodes)
             _check_tree(tree, report)

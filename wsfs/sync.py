@@ -4,9 +4,10 @@ A flush cycle, in order:
 1. seal every dirty block and pin a read snapshot of the metadata, in the trio thread with no
    await between them, so the snapshot references only sealed or already-uploaded blocks;
 2. copy the snapshot aside (worker thread) and release it;
-3. upload the sealed blocks in parallel, retrying with backoff; each uploaded block gets its
-   checksum recorded and moves to the clean cache at once (it is in the store, whatever
-   happens to the rest of the cycle);
+3. upload the sealed blocks in parallel, the small ones together as packs (blocks/pack.py),
+   retrying with backoff; each uploaded block gets its checksum (and pack) recorded and moves
+   to the clean cache at once (it is in the store, whatever happens to the rest of the
+   cycle);
 4. fill the checksums into the copy, refuse to go on if any referenced block still lacks one,
    and publish it (pages, manifest, then HEAD);
 5. only then delete the objects that the snapshot listed as garbage.
@@ -28,6 +29,7 @@ from typing import TypeVar
 import trio
 
 from .blocks import BlockCache, object_key
+from .blocks import pack as packs
 from .blocks.cache import MIN_RESERVE
 from .errors import FlushError, LeaseError
 from .meta import Metadata
@@ -221,15 +223,16 @@ class Flusher:
         changes_at_pin = self.meta.total_changes
         self._own_changes = 0
         copy = self.cache_dir / "checkpoint.db"
-        uploaded: dict[str, str] = {}
+        uploaded: dict[str, tuple[str, str | None]] = {}  # id -> (checksum, pack)
         try:
             try:
                 await trio.to_thread.run_sync(snapshot.copy_to, copy, limiter=self.limiter)
             finally:
                 snapshot.release()
+            groups, singles = packs.group({b: self.blocks.dirty_length(b) for b in sealed})
             async with trio.open_nursery() as nursery:
-                for block_id in sealed:
-                    nursery.start_soon(self._upload, block_id, uploaded)
+                for block_ids in groups + [[b] for b in singles]:
+                    nursery.start_soon(self._upload, block_ids, uploaded)
             self.meta.flush()  # commits the checksums: the uploaded blocks' files may go
         finally:
             for block_id in sealed:
@@ -285,53 +288,68 @@ class Flusher:
         write(*args)
         self._own_changes += self.meta.total_changes - before
 
-    async def _upload(self, block_id: str, uploaded: dict[str, str]) -> None:
-        length = self.blocks.dirty_length(block_id)
-        self.uploading_blocks += 1
-        self.uploading_bytes += length
-        try:
-            csum = await self._upload_retrying(block_id)
-        finally:
-            self.uploading_blocks -= 1
-            self.uploading_bytes -= length
-        if csum is None:
-            # Deleted while its upload kept failing: free its disk space now. This cycle's
-            # snapshot still names it, so the cycle fails and the next one goes without it.
-            self.blocks.retire(block_id, uploaded=False)
-            return
-        uploaded[block_id] = csum
-        self._own(self.meta.set_checksums, {block_id: csum})
-        # The dirty file goes only after the checksum is committed (`_after_commit`): a crash
-        # in between would leave the metadata naming a block with neither a checksum nor a
-        # local copy (tests/test_crash.py found it). Batched: one commit per cycle or tick.
-        self._awaiting_commit.append(block_id)
-        self.uploaded_blocks += 1
-        self.uploaded_bytes += length
+    async def _put_single(self, block_ids: list[str]) -> tuple[str | None, dict[str, str]]:
+        (block_id,) = block_ids
+        return None, {block_id: await self.blocks.upload(block_id)}
 
-    async def _upload_retrying(self, block_id: str) -> str | None:
-        """Upload with backoff like `_retry_async`; None once the block was deleted meanwhile.
+    async def _put_pack(self, block_ids: list[str]) -> tuple[str | None, dict[str, str]]:
+        return await self.blocks.upload_pack(block_ids)
 
-        A block deleted while its upload keeps failing (an outage) must not keep its disk
-        space until the store returns: on a full cache disk that space is what writers wait
-        for (tests/test_fullcache.py).
+    async def _upload(self, block_ids: list[str], uploaded: dict[str, tuple[str, str | None]]
+                      ) -> None:
+        """Upload blocks, one as its own object or several as a pack, with backoff like
+        `_retry_async`, and record them as uploaded.
+
+        A block deleted while its upload keeps failing (an outage) is left out of the next
+        attempt, and its disk space freed at once: on a full cache disk that space is what
+        writers wait for (tests/test_fullcache.py). This cycle's snapshot still names it, so
+        the cycle fails and the next one goes without it.
         """
+        block_ids = list(block_ids)
+        put = self._put_pack if len(block_ids) > 1 else self._put_single
+        count = len(block_ids)
+        length = sum(self.blocks.dirty_length(b) for b in block_ids)
+        self.uploading_blocks += count
+        self.uploading_bytes += length
         delay = 0.2
         attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self.blocks.upload(block_id)
-            except Exception as e:
-                self.retries += 1
-                self.last_error = f"upload {block_id}: {e}"
-                log.warning("upload %s failed (attempt %d), retrying in %.1fs: %s", block_id,
-                            attempt, delay, e)
-            deadline = trio.current_time() + delay
-            while (left := deadline - trio.current_time()) > 0:
-                if self.blocks.is_doomed(block_id):
-                    return None
-                await trio.sleep(min(0.2, left))
-            delay = min(delay * 2, 30.0)
+        try:
+            while True:
+                for block_id in [b for b in block_ids if self.blocks.is_doomed(b)]:
+                    block_ids.remove(block_id)
+                    self.blocks.retire(block_id, uploaded=False)
+                if not block_ids:
+                    return
+                attempt += 1
+                try:
+                    pack, csums = await put(block_ids)
+                    break
+                except Exception as e:
+                    self.retries += 1
+                    what = block_ids[0] if len(block_ids) == 1 else f"{len(block_ids)} blocks"
+                    self.last_error = f"upload {what}: {e}"
+                    log.warning("upload of %s failed (attempt %d), retrying in %.1fs: %s", what,
+                                attempt, delay, e)
+                deadline = trio.current_time() + delay
+                while (left := deadline - trio.current_time()) > 0:
+                    if any(self.blocks.is_doomed(b) for b in block_ids):
+                        break
+                    await trio.sleep(min(0.2, left))
+                delay = min(delay * 2, 30.0)
+        finally:
+            self.uploading_blocks -= count
+            self.uploading_bytes -= length
+        uploaded.update((b, (c, pack)) for b, c in csums.items())
+        self._own(self.meta.set_uploaded, csums, pack)
+        if pack is not None and not self.meta.pack_in_use(pack):
+            # Every member was deleted during the upload: nothing will ever drop the pack.
+            self._own(self.meta.add_garbage, [pack])
+        # The dirty files go only after the checksums are committed (`_after_commit`): a
+        # crash in between would leave the metadata naming a block with neither a checksum
+        # nor a local copy (tests/test_crash.py found it). Batched: one commit per tick.
+        self._awaiting_commit.extend(block_ids)
+        self.uploaded_blocks += len(block_ids)
+        self.uploaded_bytes += length
 
     async def _collect(self, garbage: list[str]) -> None:
         keys = [object_key(b) for b in garbage]

@@ -110,7 +110,7 @@ async def create(
             content = marker_content(sb.workspace_id, framework, labels or {})
             marker = meta.create_inode(stat.S_IFREG | 0o444, uid, gid, now, size=len(content))
             meta.add_entry(ROOT, MARKER, marker.id)
-            meta.set_block(marker.id, 0, blocks.create(content), None)
+            meta.set_block(marker.id, 0, blocks.create(content))
             meta.set_setting("workspace_id", sb.workspace_id)
             flusher = Flusher(meta, blocks, store, cache, flush_delay=0, limiter=limiter)
             await flusher.cycle()

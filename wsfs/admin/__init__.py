@@ -17,6 +17,7 @@ import trio
 
 from ..errors import StoreError
 from ..meta import checkpoint as ckpt
+from ..meta import schema
 from ..store import NoSuchKey, ObjectStore
 
 FETCH_THREADS = 16
@@ -93,10 +94,14 @@ async def _fetch_databases(store: ObjectStore, seqs: list[int], directory: Path
     return out
 
 
-def block_ids(db: Path) -> set[str]:
-    """Every block id a checkpoint database references."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+def data_objects(db: Path) -> set[str]:
+    """The ids of the data objects (single blocks and packs) a checkpoint database references.
+
+    Opened read-write: a checkpoint of an older format is upgraded in place (it is a copy).
+    """
+    conn = sqlite3.connect(db)
     try:
-        return {str(r[0]) for r in conn.execute("SELECT id FROM blocks")}
+        schema.upgrade(conn)
+        return schema.referenced_objects(conn)
     finally:
         conn.close()

@@ -20,7 +20,7 @@ from ..meta import checkpoint as ckpt
 from ..progress import human_bytes, human_seconds
 from ..store import ObjectStore
 from ..workspace import read_superblock
-from . import block_ids, fetch_databases, list_detailed
+from . import data_objects, fetch_databases, list_detailed
 
 ROOT = 1
 
@@ -42,13 +42,13 @@ class DuReport:
     directories: int = 0
     symlinks: int = 0
     logical_bytes: int = 0  # apparent size of every regular file, hard links counted once
-    referenced_blocks: int = 0
-    referenced_bytes: int = 0  # stored size of the blocks the checkpoint references
-    missing_blocks: int = 0  # referenced but not in the store: a damaged workspace
+    referenced_objects: int = 0
+    referenced_bytes: int = 0  # stored size of the objects the checkpoint references
+    missing_objects: int = 0  # referenced but not in the store: a damaged workspace
     stored_bytes: int = 0  # everything under the store's prefix
     objects: int = 0
     areas: dict[str, dict[str, int]] = field(default_factory=dict)  # data/meta/other
-    unreferenced_blocks: int = 0  # what `wsfs gc` could reclaim (subject to its grace period)
+    unreferenced_objects: int = 0  # what `wsfs gc` could reclaim (subject to its grace period)
     unreferenced_bytes: int = 0
     largest: list[DirUsage] = field(default_factory=list)
 
@@ -70,7 +70,7 @@ def du(store: ObjectStore, *, top: int = 15) -> DuReport:
                                    "was read; run the command again")
         manifest, db = fetched[head]
         report = DuReport(store.url, sb.workspace_id, head, manifest.created_ns / 1e9)
-        live = block_ids(db)
+        live = data_objects(db)
         _measure_tree(db, report, top)
     sizes: dict[str, int] = {}
     for key, size, _ in list_detailed(store):
@@ -82,14 +82,14 @@ def du(store: ObjectStore, *, top: int = 15) -> DuReport:
         a["bytes"] += size
         if area == "data":
             sizes[key] = size
-    report.referenced_blocks = len(live)
-    for block_id in live:
-        key = object_key(block_id)
+    report.referenced_objects = len(live)
+    for object_id in live:
+        key = object_key(object_id)
         if key in sizes:
             report.referenced_bytes += sizes.pop(key)
         else:
-            report.missing_blocks += 1
-    report.unreferenced_blocks = len(sizes)
+            report.missing_objects += 1
+    report.unreferenced_objects = len(sizes)
     report.unreferenced_bytes = sum(sizes.values())
     return report
 
@@ -162,12 +162,12 @@ def format_report(r: DuReport) -> str:
         label = area if area == "other" else area + "/"
         lines.append(f"    {label:<7} {human_bytes(a['bytes']):>10} in {a['objects']} objects")
     lines.append(f"  data referenced by the checkpoint: {human_bytes(r.referenced_bytes)} in "
-                 f"{r.referenced_blocks} blocks")
-    if r.unreferenced_blocks:
+                 f"{r.referenced_objects} objects (blocks and packs)")
+    if r.unreferenced_objects:
         lines.append(f"  not referenced (see `wsfs gc`): {human_bytes(r.unreferenced_bytes)} in "
-                     f"{r.unreferenced_blocks} blocks")
-    if r.missing_blocks:
-        lines.append(f"  MISSING from the store: {r.missing_blocks} referenced blocks")
+                     f"{r.unreferenced_objects} objects")
+    if r.missing_objects:
+        lines.append(f"  MISSING from the store: {r.missing_objects} referenced objects")
     if r.largest:
         lines.append("  largest directories:")
         for d in r.largest:

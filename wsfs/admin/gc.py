@@ -1,8 +1,9 @@
 """`wsfs gc STORE`: delete objects that no checkpoint references, safely beside a writer.
 
 What is live (never deleted):
-- every data block referenced by any checkpoint whose manifest is kept (the newest
-  `KEEP_MANIFESTS`, and any newer one), so the kept checkpoints stay restorable;
+- every data object (a block, or a pack of small blocks) referenced by any checkpoint whose
+  manifest is kept (the newest `KEEP_MANIFESTS`, and any newer one), so the kept checkpoints
+  stay restorable;
 - every metadata page those manifests name;
 - every object younger than `min_age` (default one hour), whatever references it;
 - everything that is not a block, page or old manifest (superblock, HEAD, lease, unknown keys).
@@ -13,8 +14,10 @@ moment they are in the store and referenced by nothing gc can see. A cycle publi
 seconds of its uploads (the flusher retries without end), so those objects are always young.
 And a block a new checkpoint references is either one of those young uploads, or was already
 referenced by the checkpoint gc read: block ids are never reused, so a block that left the
-tree never comes back. The same holds for pages (a manifest reuses only pages of the previous
-manifest, which gc keeps). Object ages come from the store's clock (LastModified).
+tree never comes back, and a pack only ever holds the blocks it was uploaded with, so a pack
+no checkpoint references never comes back either. The same holds for pages (a manifest
+reuses only pages of the previous manifest, which gc keeps). Object ages come from the
+store's clock (LastModified).
 
 The one writer the grace period cannot protect is one that crashed (or failed its final
 flush) after uploading blocks it never published: its cache dir still references them and
@@ -36,7 +39,7 @@ from ..meta import checkpoint as ckpt
 from ..progress import human_bytes, human_seconds
 from ..store import ObjectStore
 from ..workspace import read_superblock
-from . import block_ids, fetch_databases, list_detailed, manifest_seqs
+from . import data_objects, fetch_databases, list_detailed, manifest_seqs
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,9 @@ class GcReport:
     dry_run: bool
     min_age: float
     checkpoints_kept: list[int] = field(default_factory=list)
-    live_blocks: int = 0
-    blocks_deleted: int = 0
-    block_bytes_deleted: int = 0
+    live_objects: int = 0
+    objects_deleted: int = 0
+    object_bytes_deleted: int = 0
     pages_deleted: int = 0
     page_bytes_deleted: int = 0
     manifests_deleted: int = 0
@@ -90,13 +93,13 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
         seqs = manifest_seqs(store)
         kept = [s for s in seqs if s > head - ckpt.KEEP_MANIFESTS]
         old = [s for s in seqs if s <= head - ckpt.KEEP_MANIFESTS]
-        live_blocks: set[str] = set()
+        live_objects: set[str] = set()
         live_pages: set[str] = set()
         with tempfile.TemporaryDirectory(prefix="wsfs-gc-") as tmp:
             fetched = fetch_databases(store, kept, Path(tmp))
             for manifest, db in fetched.values():
                 live_pages.update(manifest.pages)
-                live_blocks |= block_ids(db)
+                live_objects |= data_objects(db)
         if head in fetched:
             break
         # a busy writer published and pruned past `head` while we read: start over from its
@@ -106,22 +109,22 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
         raise WsfsError(f"the checkpoints of {store.url} changed faster than gc could read "
                         "them; run gc again")
     report.checkpoints_kept = sorted(fetched)
-    report.live_blocks = len(live_blocks)
+    report.live_objects = len(live_objects)
 
     def old_enough(mtime: float | None) -> bool:
         return min_age <= 0 or (mtime is not None and start - mtime >= min_age)
 
-    doomed_blocks: list[str] = []
+    doomed_objects: list[str] = []
     for key, size, mtime in list_detailed(store, BLOCK_PREFIX):
-        if key.rsplit("/", 1)[-1] in live_blocks:
+        if key.rsplit("/", 1)[-1] in live_objects:
             continue
         if not old_enough(mtime):
             report.young_kept += 1
             report.young_bytes_kept += size
             continue
-        doomed_blocks.append(key)
-        report.blocks_deleted += 1
-        report.block_bytes_deleted += size
+        doomed_objects.append(key)
+        report.objects_deleted += 1
+        report.object_bytes_deleted += size
     doomed_pages: list[str] = []
     for key, size, mtime in list_detailed(store, ckpt.PAGE_PREFIX):
         if key[len(ckpt.PAGE_PREFIX):] in live_pages:
@@ -138,9 +141,9 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
         # manifests first: a page is only ever deleted once no kept manifest names it
         store.delete_many([ckpt.manifest_key(s) for s in old])
         store.delete_many(doomed_pages)
-        store.delete_many(doomed_blocks)
-    log.info("gc store=%s dry_run=%s blocks_deleted=%d pages_deleted=%d manifests_deleted=%d "
-             "young_kept=%d", store.url, dry_run, report.blocks_deleted, report.pages_deleted,
+        store.delete_many(doomed_objects)
+    log.info("gc store=%s dry_run=%s objects_deleted=%d pages_deleted=%d manifests_deleted=%d "
+             "young_kept=%d", store.url, dry_run, report.objects_deleted, report.pages_deleted,
              report.manifests_deleted, report.young_kept)
     return report
 
@@ -148,11 +151,11 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
 def format_report(r: GcReport) -> str:
     verb = "would delete" if r.dry_run else "deleted"
     lines = [
-        f"{r.store}: {verb} {r.blocks_deleted} unreferenced blocks "
-        f"({human_bytes(r.block_bytes_deleted)}), {r.pages_deleted} metadata pages "
+        f"{r.store}: {verb} {r.objects_deleted} unreferenced data objects "
+        f"({human_bytes(r.object_bytes_deleted)}), {r.pages_deleted} metadata pages "
         f"({human_bytes(r.page_bytes_deleted)}) and {r.manifests_deleted} old manifests",
         f"  kept checkpoints {', '.join(f'#{s}' for s in r.checkpoints_kept)} and the "
-        f"{r.live_blocks} blocks they reference",
+        f"{r.live_objects} data objects (blocks and packs) they reference",
     ]
     if r.young_kept:
         lines.append(f"  kept {r.young_kept} unreferenced objects "

@@ -1,8 +1,9 @@
 """The block cache: dirty blocks (local files, never evicted) and clean blocks (diskcache, LRU).
 
 This layer knows blocks by id and nothing else: no inodes, no paths, no metadata. A block id
-names a local file `dirty/<id>` while the block is dirty, and the immutable object
-`data/<id[:2]>/<id>` once uploaded. A block's content is at most one block long; a shorter
+names a local file `dirty/<id>` while the block is dirty, and once uploaded either the
+immutable object `data/<id[:2]>/<id>` or a member of a pack (pack.py) stored the same way
+under the pack's id. A block's content is at most one block long; a shorter
 block reads as if padded with zeros (holes inside a block, and the tail of a file).
 
 A dirty block is *writable* until the sync layer seals it for upload; a sealed block is never
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -30,6 +32,7 @@ import diskcache
 import trio
 
 from ..store import NoSuchKey, ObjectStore, TransientStoreError
+from . import pack as packs
 
 log = logging.getLogger(__name__)
 
@@ -442,8 +445,13 @@ class BlockCache:
     def read_dirty(self, block_id: str, offset: int, size: int) -> bytes:
         return os.pread(self._fd(block_id), size, offset)
 
-    async def read(self, block_id: str, csum: str | None, offset: int, size: int) -> bytes:
-        """Read up to `size` bytes of a block from `offset` (short at the block's end)."""
+    async def read(self, block_id: str, csum: str | None, pack: str | None, offset: int,
+                   size: int) -> bytes:
+        """Read up to `size` bytes of a block from `offset` (short at the block's end).
+
+        `csum` and `pack` are what the block map records: the checksum a download must
+        match, and the pack holding the block (None: the block is an object of its own).
+        """
         if block_id in self._dirty:
             return self.read_dirty(block_id, offset, size)
         data = self._cached(block_id, offset, size)
@@ -451,7 +459,8 @@ class BlockCache:
             self.hits += 1
             return data
         self.misses += 1
-        content = await self.download(block_id, csum)
+        content = await self.download(block_id, csum, pack)
+        self._remember(block_id, content)  # a reader's block, not readahead's: see `_recent`
         return content[offset : offset + size]
 
     def _cached(self, block_id: str, offset: int, size: int) -> bytes | None:
@@ -477,7 +486,7 @@ class BlockCache:
         if len(self._recent) > RECENT_BLOCKS:
             self._recent.popitem(last=False)
 
-    async def download(self, block_id: str, csum: str | None) -> bytes:
+    async def download(self, block_id: str, csum: str | None, pack: str | None = None) -> bytes:
         """Fetch a clean block into the cache, retrying an unreachable store until the
         read deadline (`read_timeout`), then raise TransientStoreError (the reader gets EIO).
 
@@ -491,9 +500,8 @@ class BlockCache:
             raise TransientStoreError(f"block {block_id} could not be downloaded (it timed "
                                       f"out a moment ago: {self._last_fetch_error or 'no answer'})")
         with trio.move_on_after(self.read_timeout):
-            data = await self._download(block_id, csum)
+            data = await self._download(block_id, csum, pack)
             self._timed_out.pop(block_id, None)
-            self._remember(block_id, data)
             return data
         self._timed_out[block_id] = trio.current_time()
         if len(self._timed_out) > 1024:
@@ -503,21 +511,23 @@ class BlockCache:
             f"({self._last_fetch_error or 'no answer from the store'})"
         )
 
-    async def _download(self, block_id: str, csum: str | None) -> bytes:
-        """Fetch a clean block into the cache (once, however many readers wait for it)."""
-        while (event := self._downloads.get(block_id)) is not None:
+    async def _download(self, block_id: str, csum: str | None, pack: str | None) -> bytes:
+        """Fetch a clean block into the cache (once, however many readers wait for it; a
+        packed block's whole pack once, however many of its members are wanted)."""
+        key = pack or block_id
+        while (event := self._downloads.get(key)) is not None:
             await event.wait()
         whole = self._cached(block_id, 0, self.block_size)
         if whole is not None:
             return whole
-        event = self._downloads[block_id] = trio.Event()
+        event = self._downloads[key] = trio.Event()
         delay = 0.2
         try:
             while True:
                 try:
                     return await trio.to_thread.run_sync(
-                        self._download_blocking, block_id, csum, limiter=self.fetch_limiter,
-                        abandon_on_cancel=True,
+                        self._download_blocking, block_id, csum, pack,
+                        limiter=self.fetch_limiter, abandon_on_cancel=True,
                     )
                 except TransientStoreError as e:
                     self._last_fetch_error = str(e)
@@ -526,33 +536,59 @@ class BlockCache:
                     await trio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         finally:
-            del self._downloads[block_id]
+            del self._downloads[key]
             event.set()
 
-    def _download_blocking(self, block_id: str, csum: str | None) -> bytes:
+    def _download_blocking(self, block_id: str, csum: str | None, pack: str | None) -> bytes:
+        where = f"pack {pack}" if pack else "the store"
         try:
-            data = self.store.get(object_key(block_id))
+            blob = self.store.get(object_key(pack or block_id))
         except NoSuchKey:
-            raise BlockCorrupt(f"block {block_id} is missing from the store") from None
-        if csum is not None and checksum(data) != csum:
-            raise BlockCorrupt(f"block {block_id} does not match its checksum")
+            raise BlockCorrupt(f"block {block_id} is missing from {where}") from None
+        if pack is None:
+            found = {block_id: (checksum(blob), blob)}
+        else:
+            try:
+                found = packs.split(blob)
+            except packs.PackCorrupt as e:
+                raise BlockCorrupt(f"block {block_id}: {e} ({where})") from None
+        got = found.get(block_id)
+        if got is None or (csum is not None and got[0] != csum):
+            raise BlockCorrupt(f"block {block_id} does not match its checksum ({where})")
         self.downloads += 1
+        self._keep_clean({b: data for b, (_, data) in found.items()})
+        return got[1]
+
+    def _keep_clean(self, members: dict[str, bytes]) -> None:
+        """Put clean copies in the cache, in one transaction (blocking); a full disk only
+        costs the caching.
+
+        Values too big to live inline in diskcache's database are handed over as files:
+        given bytes, diskcache writes its file line by line (it iterates a BytesIO), which
+        made a cold sequential read spend a third of its time in write(2) calls.
+        """
         try:
-            self.clean.set(block_id, data)
-        except (OSError, sqlite3.OperationalError) as e:  # a full disk only costs the caching
+            with self.clean.transact():
+                for block_id, data in members.items():
+                    if len(data) < self.clean.disk.min_file_size:
+                        self.clean.set(block_id, data)
+                    else:
+                        self.clean.set(block_id, io.BytesIO(data), read=True)
+        except (OSError, sqlite3.OperationalError) as e:
             if not disk_full(e):
                 raise
-        return data
 
-    def prefetch(self, nursery: trio.Nursery, block_id: str, csum: str | None) -> None:
+    def prefetch(self, nursery: trio.Nursery, block_id: str, csum: str | None,
+                 pack: str | None) -> None:
         """Start downloading a block in the background (readahead); errors are left to read."""
-        if block_id in self._dirty or block_id in self._downloads or block_id in self.clean:
+        if (block_id in self._dirty or (pack or block_id) in self._downloads
+                or block_id in self.clean):
             return
 
         async def fetch() -> None:
             try:
                 async with self._prefetching:  # leaves download slots to readers
-                    await self.download(block_id, csum)
+                    await self.download(block_id, csum, pack)
             except Exception as e:  # the reader that needs it will see the error
                 log.debug("readahead of %s failed: %s", block_id, e)
 
@@ -574,19 +610,31 @@ class BlockCache:
         """
 
         def work() -> str:
-            with open(self._path(block_id), "rb") as f:
-                data = f.read()
+            data = self._path(block_id).read_bytes()
             self.store.put(object_key(block_id), data)
-            # Near a full disk the copy would take the room this upload is about to free.
-            if self.room_to_keep(len(data)):
-                try:
-                    self.clean.set(block_id, data)
-                except (OSError, sqlite3.OperationalError) as e:  # costs a later download
-                    if not disk_full(e):
-                        raise
+            self._keep_uploaded({block_id: data})
             return checksum(data)
 
         return await trio.to_thread.run_sync(work, limiter=self.limiter)
+
+    async def upload_pack(self, block_ids: list[str]) -> tuple[str, dict[str, str]]:
+        """Upload sealed blocks as one pack (see pack.py); return its id and their checksums."""
+
+        def work() -> tuple[str, dict[str, str]]:
+            members = [(b, self._path(b).read_bytes()) for b in block_ids]
+            blob, csums = packs.build(members)
+            pack_id = secrets.token_hex(16)
+            self.store.put(object_key(pack_id), blob)
+            self._keep_uploaded(dict(members))
+            return pack_id, csums
+
+        return await trio.to_thread.run_sync(work, limiter=self.limiter)
+
+    def _keep_uploaded(self, members: dict[str, bytes]) -> None:
+        """Keep clean copies of just-uploaded blocks, unless the cache disk is nearly full:
+        there the copies would take the room the uploads are about to free."""
+        if self.room_to_keep(sum(len(d) for d in members.values())):
+            self._keep_clean(members)
 
     def retire(self, block_id: str, uploaded: bool) -> None:
         """End a sealed block's cycle: dropped if uploaded (its clean copy serves reads) or

@@ -27,7 +27,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..blocks import BlockCache
-from ..meta import Inode, Metadata
+from ..meta import BlockRef, Inode, Metadata
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,9 @@ class Base(pyfuse3.Operations):
         node.mtime_ns = node.ctime_ns = ts
         self.meta.save_inode(node)
 
-    def _drop_blocks(self, refs: Sequence[str]) -> None:
+    def _drop_blocks(self, refs: Sequence[BlockRef]) -> None:
         """Release blocks the metadata stopped referencing (in the caller's transaction)."""
-        garbage = [b for b in refs if self.blocks.discard(b)]
-        if garbage:
-            self.meta.add_garbage(garbage)
+        self.meta.add_garbage_of([r for r in refs if self.blocks.discard(r.id)])
 
     def _maybe_delete(self, ino: int) -> None:
         """Delete an inode once no entry names it, no handle holds it and the kernel forgot it."""

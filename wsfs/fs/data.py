@@ -12,7 +12,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..blocks import BlockCorrupt
-from ..meta import Inode
+from ..meta import BlockRef, Inode
 from ..store import TransientStoreError
 from .base import (
     PREFETCH_FILES,
@@ -58,15 +58,15 @@ class DataOps(Base):
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         pass
 
-    async def _read_block(self, block_id: str, csum: str | None, offset: int, size: int) -> bytes:
+    async def _read_block(self, ref: BlockRef, offset: int, size: int) -> bytes:
         """Read part of a block, turning store and checksum failures into EIO."""
         try:
-            return await self.blocks.read(block_id, csum, offset, size)
+            return await self.blocks.read(ref.id, ref.csum, ref.pack, offset, size)
         except BlockCorrupt as e:
             log.error("%s", e)
             raise FUSEError(errno.EIO) from None
         except TransientStoreError as e:
-            log.error("cannot download block %s: %s", block_id, e)
+            log.error("cannot download block %s: %s", ref.id, e)
             raise FUSEError(errno.EIO) from None
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -85,8 +85,7 @@ class DataOps(Base):
             ref = refs.get(idx)
             data = b""
             if ref is not None:
-                data = await self._read_block(ref.id, ref.csum, start - idx * self.bs,
-                                              stop - start)
+                data = await self._read_block(ref, start - idx * self.bs, stop - start)
             parts.append(data.ljust(stop - start, b"\0"))
         if self._read_end.get(int(fh)) == off:
             self._readahead(ino, last + 1)
@@ -99,7 +98,7 @@ class DataOps(Base):
         if self.nursery is None:
             return
         for ref in self.meta.blocks_in(ino, first, first + READAHEAD_BLOCKS - 1).values():
-            self.blocks.prefetch(self.nursery, ref.id, ref.csum)
+            self.blocks.prefetch(self.nursery, ref.id, ref.csum, ref.pack)
 
     def _prefetch_siblings(self, ino: int) -> None:
         """A small file missed the cache: fetch the other small files of its directory too.
@@ -112,8 +111,8 @@ class DataOps(Base):
         if self.nursery is None or parent is None or parent in self._prefetched_dirs:
             return
         self._prefetched_dirs.add(parent)
-        for block_id, csum in self.meta.small_file_blocks(parent, self.bs, PREFETCH_FILES):
-            self.blocks.prefetch(self.nursery, block_id, csum)
+        for ref in self.meta.small_file_blocks(parent, self.bs, PREFETCH_FILES):
+            self.blocks.prefetch(self.nursery, ref.id, ref.csum, ref.pack)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         ino = self._handles[int(fh)]
@@ -145,7 +144,7 @@ class DataOps(Base):
         # Copy on write: uploaded and sealed blocks are immutable.
         content = b""
         if ref is not None and not (in_off == 0 and len(piece) == self.bs):
-            content = await self._read_block(ref.id, ref.csum, 0, self.bs)
+            content = await self._read_block(ref, 0, self.bs)
         new_id = self.blocks.create(content)
         try:
             self.blocks.write(new_id, in_off, piece)
@@ -153,9 +152,9 @@ class DataOps(Base):
             self.blocks.discard(new_id)
             raise
         with self._txn():
-            self.meta.set_block(ino, idx, new_id, None)
+            self.meta.set_block(ino, idx, new_id)
             if ref is not None:
-                self._drop_blocks([ref.id])
+                self._drop_blocks([ref])
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         ino = self._handles[int(fh)]
@@ -186,13 +185,13 @@ class DataOps(Base):
             tail_ref = self.meta.get_block(node.id, size // self.bs) if tail else None
             content = b""
             if tail_ref is not None:
-                content = await self._read_block(tail_ref.id, tail_ref.csum, 0, tail)
+                content = await self._read_block(tail_ref, 0, tail)
             with self._txn():
-                self._drop_blocks([r.id for r in self.meta.remove_blocks_from(node.id, first_gone)])
+                self._drop_blocks(self.meta.remove_blocks_from(node.id, first_gone))
                 if tail_ref is not None:
                     new_id = self.blocks.create(content)
-                    self.meta.set_block(node.id, size // self.bs, new_id, None)
-                    self._drop_blocks([tail_ref.id])
+                    self.meta.set_block(node.id, size // self.bs, new_id)
+                    self._drop_blocks([tail_ref])
                 node.size = size
                 self.meta.save_inode(node)
         else:

@@ -96,8 +96,9 @@ class PinnedSnapshot:
         self.conn.close()
 
 
-def finalize(path: Path, checksums: dict[str, str], seq: int) -> list[str]:
-    """Fill in the checksums of the blocks uploaded for this checkpoint and empty its garbage.
+def finalize(path: Path, uploaded: dict[str, tuple[str, str | None]], seq: int) -> list[str]:
+    """Fill in the checksums and packs (block id -> (checksum, pack)) of the blocks uploaded
+    for this checkpoint and empty its garbage.
 
     Returns the garbage ids: objects the checkpoint no longer references, safe to delete from
     the store once it is published. Raises if any referenced block still lacks a checksum,
@@ -107,7 +108,8 @@ def finalize(path: Path, checksums: dict[str, str], seq: int) -> list[str]:
     try:
         conn.execute("BEGIN")
         conn.executemany(
-            "UPDATE blocks SET csum=? WHERE id=?", [(c, i) for i, c in checksums.items()]
+            "UPDATE blocks SET csum=?, pack=? WHERE id=?",
+            [(c, p, i) for i, (c, p) in uploaded.items()],
         )
         missing = conn.execute("SELECT count(*) FROM blocks WHERE csum IS NULL").fetchone()[0]
         if missing:

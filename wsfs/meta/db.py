@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .schema import FORMAT_VERSION, create_schema
+from .schema import FORMAT_VERSION, create_schema, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,13 @@ INODE_COLUMNS = "id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctim
 
 @dataclass(frozen=True, slots=True)
 class BlockRef:
-    """Where one block of a file lives: its id, and its checksum once uploaded."""
+    """Where one block of a file lives: its id, its checksum once uploaded, and the pack
+    holding it if it was uploaded in one."""
 
     idx: int
     id: str
     csum: str | None
+    pack: str | None
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -73,6 +75,7 @@ class Metadata:
         self.conn = connect(path)
         if fresh:
             create_schema(self.conn)
+        upgrade(self.conn)
         fmt = int(self.get_setting("format") or 0)
         if fmt != FORMAT_VERSION:
             raise ValueError(f"metadata format {fmt} is not {FORMAT_VERSION}")
@@ -219,13 +222,12 @@ class Metadata:
              node.mtime_ns, node.ctime_ns, node.id),
         )
 
-    def delete_inode(self, ino: int) -> list[str]:
-        """Delete an inode with its xattrs and block map; return the ids of its blocks."""
-        ids = [r[0] for r in self.conn.execute("SELECT id FROM blocks WHERE inode=?", (ino,))]
-        self.conn.execute("DELETE FROM blocks WHERE inode=?", (ino,))
+    def delete_inode(self, ino: int) -> list[BlockRef]:
+        """Delete an inode with its xattrs and block map; return its blocks."""
+        refs = self.remove_blocks_from(ino, 0)
         self.conn.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.conn.execute("DELETE FROM inodes WHERE id=?", (ino,))
-        return ids
+        return refs
 
     def orphans(self) -> list[int]:
         """Inodes no directory entry names (unlinked while open when the daemon stopped)."""
@@ -323,7 +325,7 @@ class Metadata:
 
     def get_block(self, ino: int, idx: int) -> BlockRef | None:
         row = self.conn.execute(
-            "SELECT idx, id, csum FROM blocks WHERE inode=? AND idx=?", (ino, idx)
+            "SELECT idx, id, csum, pack FROM blocks WHERE inode=? AND idx=?", (ino, idx)
         ).fetchone()
         return None if row is None else BlockRef(*row)
 
@@ -332,15 +334,15 @@ class Metadata:
         return {
             r[0]: BlockRef(*r)
             for r in self.conn.execute(
-                "SELECT idx, id, csum FROM blocks WHERE inode=? AND idx BETWEEN ? AND ?",
+                "SELECT idx, id, csum, pack FROM blocks WHERE inode=? AND idx BETWEEN ? AND ?",
                 (ino, first, last),
             )
         }
 
-    def set_block(self, ino: int, idx: int, block_id: str, csum: str | None) -> None:
+    def set_block(self, ino: int, idx: int, block_id: str) -> None:
+        """Map a new (dirty, never uploaded) block into a file, replacing what was there."""
         self.conn.execute(
-            "INSERT OR REPLACE INTO blocks (inode, idx, id, csum) VALUES (?,?,?,?)",
-            (ino, idx, block_id, csum),
+            "INSERT OR REPLACE INTO blocks (inode, idx, id) VALUES (?,?,?)", (ino, idx, block_id)
         )
 
     def remove_blocks_from(self, ino: int, first: int) -> list[BlockRef]:
@@ -348,7 +350,7 @@ class Metadata:
         refs = [
             BlockRef(*r)
             for r in self.conn.execute(
-                "SELECT idx, id, csum FROM blocks WHERE inode=? AND idx>=?", (ino, first)
+                "SELECT idx, id, csum, pack FROM blocks WHERE inode=? AND idx>=?", (ino, first)
             )
         ]
         self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx>=?", (ino, first))
@@ -362,12 +364,11 @@ class Metadata:
     def remove_block(self, ino: int, idx: int) -> None:
         self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx=?", (ino, idx))
 
-    def small_file_blocks(self, parent: int, max_size: int, limit: int
-                          ) -> list[tuple[str, str | None]]:
-        """(id, csum) of the first block of up to `limit` regular files of at most
-        `max_size` bytes in directory `parent`: what a prefetch of the directory fetches."""
-        return [(str(r[0]), r[1]) for r in self.conn.execute(
-            "SELECT b.id, b.csum FROM dentries d JOIN inodes i ON i.id = d.inode"
+    def small_file_blocks(self, parent: int, max_size: int, limit: int) -> list[BlockRef]:
+        """The first block of up to `limit` regular files of at most `max_size` bytes in
+        directory `parent`: what a prefetch of the directory fetches."""
+        return [BlockRef(*r) for r in self.conn.execute(
+            "SELECT 0, b.id, b.csum, b.pack FROM dentries d JOIN inodes i ON i.id = d.inode"
             " JOIN blocks b ON b.inode = d.inode AND b.idx = 0"
             " WHERE d.parent=? AND i.size<=? AND (i.mode & 61440) = 32768 LIMIT ?",
             (parent, max_size, limit))]
@@ -376,19 +377,33 @@ class Metadata:
         row = self.conn.execute("SELECT count(*) FROM blocks WHERE inode=?", (ino,)).fetchone()
         return int(row[0])
 
-    def set_checksums(self, csums: dict[str, str]) -> None:
+    def set_uploaded(self, csums: dict[str, str], pack: str | None = None) -> None:
+        """Record blocks as uploaded: their checksums, and the pack they went up in."""
         self.conn.executemany(
-            "UPDATE blocks SET csum=? WHERE id=?", [(c, i) for i, c in csums.items()]
+            "UPDATE blocks SET csum=?, pack=? WHERE id=?", [(c, pack, i) for i, c in csums.items()]
         )
+
+    def pack_in_use(self, pack: str) -> bool:
+        """Whether any block still lives in `pack` (else the pack is garbage)."""
+        return self.conn.execute(
+            "SELECT 1 FROM blocks WHERE pack=? LIMIT 1", (pack,)).fetchone() is not None
 
     def find_block(self, block_id: str) -> BlockRef | None:
         """The block map entry holding `block_id`, if any still does."""
         row = self.conn.execute(
-            "SELECT idx, id, csum FROM blocks WHERE id=? LIMIT 1", (block_id,)
+            "SELECT idx, id, csum, pack FROM blocks WHERE id=? LIMIT 1", (block_id,)
         ).fetchone()
         return None if row is None else BlockRef(*row)
 
     # -- garbage ----------------------------------------------------------------------------
+
+    def add_garbage_of(self, refs: Iterable[BlockRef]) -> None:
+        """Record the objects the dropped blocks `refs` leave unreferenced (call after their
+        rows are gone): a single block's own object, a pack once no block lives in it."""
+        ids = {r.id for r in refs if r.pack is None}
+        ids |= {r.pack for r in refs if r.pack is not None and not self.pack_in_use(r.pack)}
+        if ids:
+            self.add_garbage(sorted(ids))
 
     def add_garbage(self, ids: list[str]) -> None:
         self.conn.executemany(

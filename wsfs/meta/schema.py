@@ -32,20 +32,26 @@ xattrs      extended attributes: (inode, name) → value, names as bytes includi
 blocks      the block map: file data, one row per non-hole block
   inode, idx  the file and the block index (offset // block_size); a missing row is a hole
   id          block id: the name of the local dirty file while dirty, and of the immutable object
-              data/<id[:2]>/<id> in the store once uploaded; a new id for every new content
+              data/<id[:2]>/<id> in the store once uploaded on its own; a new id for every new
+              content
   csum        sha256 hex of the uploaded content, NULL while the block has never been uploaded
               (a checkpoint never holds a NULL: the sync layer fills it in before publishing)
+  pack        the id of the pack object (blocks/pack.py, stored as data/<pack[:2]>/<pack>)
+              holding the block, NULL when the block is an object of its own; set together
+              with csum. Index blocks_by_pack: dropping a packed block asks whether any other
+              block still keeps its pack.
 
-garbage     block objects in the store that nothing references any more; deleted from the store
-            only after a checkpoint that no longer references them has been published
-  id          block id
+garbage     objects in the store that nothing references any more (single blocks, and packs
+            none of whose blocks is referenced); deleted from the store only after a
+            checkpoint that no longer references them has been published
+  id          object id (a block id or a pack id)
 
 settings    key/value facts about this database (format version, the checkpoint it came from)
 """
 
 import sqlite3
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: blocks.pack
 
 SCHEMA = """
 CREATE TABLE inodes (
@@ -81,9 +87,11 @@ CREATE TABLE blocks (
     idx   INTEGER NOT NULL,
     id    TEXT NOT NULL,
     csum  TEXT,
+    pack  TEXT,
     PRIMARY KEY (inode, idx)
 ) WITHOUT ROWID;
 CREATE INDEX blocks_by_id ON blocks (id);
+CREATE INDEX blocks_by_pack ON blocks (pack);
 CREATE TABLE garbage (
     id TEXT PRIMARY KEY
 ) WITHOUT ROWID;
@@ -100,3 +108,25 @@ def create_schema(conn: sqlite3.Connection) -> None:
     conn.execute(
         "INSERT INTO settings (key, value) VALUES ('format', ?)", (str(FORMAT_VERSION),)
     )
+
+
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a database of an older format up to FORMAT_VERSION, in place and idempotently.
+
+    Format 1 had no packs: every block was an object of its own, which is what a NULL pack
+    means, so adding the column is the whole upgrade.
+    """
+    row = conn.execute("SELECT value FROM settings WHERE key='format'").fetchone()
+    fmt = int(row[0]) if row else 0
+    if fmt == 1:
+        conn.execute("ALTER TABLE blocks ADD COLUMN pack TEXT")
+        conn.execute("CREATE INDEX blocks_by_pack ON blocks (pack)")
+        conn.execute("UPDATE settings SET value=? WHERE key='format'", (str(FORMAT_VERSION),))
+        conn.commit()
+
+
+def referenced_objects(conn: sqlite3.Connection) -> set[str]:
+    """The ids of every store object a database references: single blocks and packs."""
+    return {str(r[0]) for r in conn.execute(
+        "SELECT id FROM blocks WHERE pack IS NULL"
+        " UNION SELECT pack FROM blocks WHERE pack IS NOT NULL")}

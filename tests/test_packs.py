@@ -1,0 +1,134 @@
+"""Packs: the small blocks of a flush cycle go up as one object, and come back as one.
+
+Through real mounts: a tree of small files costs a handful of objects and a handful of
+downloads on a fresh machine; a pack stays while any of its blocks is referenced and is
+deleted once none is; a workspace written before packs existed (format 1) still mounts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import Workspace, s3_workspace
+from s3servers import S3Server
+from treecompare import assert_same, snapshot
+
+from wsfs.meta import checkpoint as ckpt
+from wsfs.store import LocalStore
+
+
+def small_tree(root: Path, files: int, dirs: int, seed: str) -> None:
+    rnd = random.Random(seed)
+    for d in range(dirs):
+        (root / f"pkg{d}").mkdir()
+    for i in range(files):
+        content = rnd.randbytes(rnd.randrange(0, 20_000))
+        (root / f"pkg{i % dirs}" / f"mod{i}.py").write_bytes(content)
+
+
+def data_objects(ws: Workspace) -> set[str]:
+    root = Path(ws.store_url.removeprefix("file://"))
+    return {str(p.relative_to(root)) for p in (root / "data").rglob("*") if p.is_file()}
+
+
+def test_small_files_travel_as_packs_over_s3(moto_server: S3Server, tmp_path: Path) -> None:
+    ws = s3_workspace(moto_server, tmp_path)
+    try:
+        ws.init()
+        mnt = ws.mount()
+        small_tree(mnt, files=400, dirs=8, seed="packs")
+        expected = snapshot(mnt)
+        ws.wsfs("sync", str(mnt))
+        bucket, prefix = ws.store_url[5:].split("/", 1)
+        listed = moto_server.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/data/")
+        # ~4 MB of small files: a few packs (plus the marker's own object), not 400 objects
+        assert 2 <= listed["KeyCount"] <= 8, listed["KeyCount"]
+        mnt = ws.remount()  # a fresh machine
+        assert_same(expected, snapshot(mnt), what="after a fresh-machine remount")
+        downloads = ws.status()["downloads"]
+        assert isinstance(downloads, int) and downloads <= listed["KeyCount"], downloads
+        ws.unmount()
+    finally:
+        ws.teardown()
+
+
+def test_a_pack_lives_while_any_of_its_blocks_does(ws: Workspace) -> None:
+    mnt = ws.mount()
+    (mnt / "d").mkdir()
+    for i in range(20):
+        (mnt / "d" / f"f{i}").write_bytes(b"%d" % i * 1000)
+    before = data_objects(ws)
+    ws.wsfs("sync", str(mnt))
+    packs = data_objects(ws) - before
+    assert len(packs) == 1, packs  # the twenty files, in one pack
+
+    for i in range(10):
+        (mnt / "d" / f"f{i}").unlink()
+    (mnt / "d" / "f10").write_bytes(b"rewritten")  # its old block leaves the pack too
+    ws.wsfs("sync", str(mnt))
+    assert packs <= data_objects(ws)  # nine of its blocks are still referenced
+    mnt = ws.remount()  # an empty cache: the survivors come from the pack
+    assert (mnt / "d" / "f10").read_bytes() == b"rewritten"
+    for i in range(11, 20):
+        assert (mnt / "d" / f"f{i}").read_bytes() == b"%d" % i * 1000
+
+    for i in range(11, 20):
+        (mnt / "d" / f"f{i}").unlink()
+    ws.wsfs("sync", str(mnt))  # publishes, then deletes what the checkpoint dropped
+    assert not packs & data_objects(ws)
+    ws.unmount()
+    r = ws.wsfs("fsck", ws.store_url, "--verify-data", check=False)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_format_1_workspace_is_upgraded(ws: Workspace) -> None:
+    """A checkpoint from before packs (no blocks.pack column, format 1) mounts as it is."""
+    mnt = ws.mount()
+    big = os.urandom(400_000)  # alone in its flush cycle: an object of its own, as in format 1
+    (mnt / "old.bin").write_bytes(big)
+    ws.unmount()
+    store = LocalStore(Path(ws.store_url.removeprefix("file://")))
+    seq = ckpt.read_head(store)
+    assert seq is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "meta.db"
+        trio.run(ckpt.fetch, store, seq, db, trio.CapacityLimiter(4))
+        conn = sqlite3.connect(db)
+        assert conn.execute("SELECT count(*) FROM blocks WHERE pack IS NOT NULL").fetchone() == (0,)
+        conn.execute("DROP INDEX blocks_by_pack")
+        conn.execute("ALTER TABLE blocks DROP COLUMN pack")
+        conn.execute("UPDATE settings SET value='1' WHERE key='format'")
+        conn.commit()
+        conn.close()
+        trio.run(ckpt.publish, store, db, seq + 1, set(), trio.CapacityLimiter(4))
+
+    ws.fresh_cache()
+    mnt = ws.mount()
+    assert (mnt / "old.bin").read_bytes() == big
+    for i in range(3):
+        (mnt / f"new{i}").write_text(f"written after the upgrade {i}\n")
+    ws.unmount()
+    r = ws.wsfs("fsck", ws.store_url, "--verify-data", check=False)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+    ws.fresh_cache()
+    mnt = ws.mount()
+    assert (mnt / "new2").read_text() == "written after the upgrade 2\n"
+    ws.unmount()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, (1 << 20) - 1, 1 << 20, (1 << 20) + 1])
+def test_pack_boundary_sizes_round_trip(ws: Workspace, size: int) -> None:
+    mnt = ws.mount()
+    content = os.urandom(size)
+    for i in range(3):
+        (mnt / f"f{i}").write_bytes(content)
+    mnt = ws.remount()
+    for i in range(3):
+        assert (mnt / f"f{i}").read_bytes() == content
+    ws.unmount()
