@@ -24,6 +24,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import diskcache
@@ -49,6 +50,9 @@ POOL_SIZE = 64  # empty dirty files kept ready
 RECENT_BLOCKS = 8  # whole clean blocks kept in memory for sequential readers
 MAX_OPEN_FILES = 256
 SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the whole block
+# fsync(2)s of one file's blocks run in parallel: each waits mostly on the disk's cache flush,
+# and concurrent flushes share one (jbd2 and the block layer batch them).
+FSYNC_THREADS = 16
 
 
 class BlockCorrupt(Exception):
@@ -126,6 +130,8 @@ class BlockCache:
         # those from starving uploads.
         self.fetch_limiter = trio.CapacityLimiter(16)
         self._prefetching = trio.Semaphore(8)
+        # fsync(2) has its own threads: a caller of fsync(2) must never queue behind uploads.
+        self.fsync_limiter = trio.CapacityLimiter(FSYNC_THREADS)
         self.read_timeout = read_timeout
         self.full_timeout = full_timeout
         self.reserve = MIN_RESERVE
@@ -140,6 +146,10 @@ class BlockCache:
         self._dirty: dict[str, int] = {}  # id -> length of the local file
         self._dirty_since: dict[str, float] = {}  # id -> monotonic time it became dirty
         self._sealed: set[str] = set()
+        # Dirty blocks written since their last fsync(2), and those being fsynced right now
+        # (an event set when that fsync(2) ends): fsync skips blocks already on the disk.
+        self._unsynced: set[str] = set()
+        self._syncing: dict[str, trio.Event] = {}
         self._doomed: set[str] = set()
         # Files of discarded blocks: kept until the commit that drops their reference, then
         # deleted in batches by `maintain` in a worker thread (never in the FUSE thread).
@@ -202,6 +212,7 @@ class BlockCache:
             raise
         self._set_length(block_id, len(content))
         self._dirty_since[block_id] = time.monotonic()
+        self._unsynced.add(block_id)
         return block_id
 
     def is_writable(self, block_id: str) -> bool:
@@ -210,6 +221,7 @@ class BlockCache:
     def write(self, block_id: str, offset: int, data: bytes) -> None:
         """Write into a writable dirty block (the caller checked `is_writable`)."""
         fd = self._fd(block_id)
+        self._unsynced.add(block_id)
         try:
             _pwrite_all(fd, data, offset)
         except OSError:
@@ -304,24 +316,61 @@ class BlockCache:
         self._set_length(block_id, 0)
         del self._dirty[block_id]
         self._dirty_since.pop(block_id, None)
+        self._unsynced.discard(block_id)
         self._wake_writers()
 
-    async def fsync(self, block_ids: list[str]) -> None:
-        """Make the given dirty blocks durable on the local disk."""
+    async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None) -> None:
+        """Make the given dirty blocks durable on the local disk.
+
+        Only blocks written since their last fsync(2) are synced again (a random writer of a
+        big file touches a few of its blocks between two fsyncs), in parallel. A block whose
+        fsync(2) another caller is running is waited for: its return is what makes it durable.
+        `also` is a blocking job run in parallel with them (the metadata's sync), so that a
+        caller waits for one round of disk flushes, not two.
+        """
+        while True:
+            running = [self._syncing[b] for b in block_ids if b in self._syncing]
+            if not running:
+                break
+            for event in running:
+                await event.wait()
+        todo = [b for b in block_ids if b in self._unsynced and b in self._dirty]
+        if not todo and also is None:
+            return
         # Duplicates: the trio thread may close a block's fd while the worker fsyncs it (an
         # upload retiring the block, or the fd LRU), which made fsync(2) fail with EBADF.
-        fds = [os.dup(self._fd(b)) for b in block_ids if b in self._dirty]
+        fds = [os.dup(self._fd(b)) for b in todo]
+        done = trio.Event()
+        for b in todo:
+            self._unsynced.discard(b)  # a write from now on marks it again
+            self._syncing[b] = done
+        errors: list[Exception] = []
 
-        def sync_all() -> None:
+        async def run(job: Callable[[], None]) -> None:
             try:
-                for fd in fds:
-                    os.fsync(fd)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+                await trio.to_thread.run_sync(job, limiter=self.fsync_limiter)
+            except Exception as e:  # raised below as itself (ENOSPC, EIO), not in a group
+                errors.append(e)
 
-        if fds:
-            await trio.to_thread.run_sync(sync_all, limiter=self.limiter)
+        ok = False
+        try:
+            async with trio.open_nursery() as nursery:
+                for fd in fds:
+                    # fdatasync: the block's length and allocation, not its mtime (unused)
+                    nursery.start_soon(run, partial(os.fdatasync, fd))
+                if also is not None:
+                    nursery.start_soon(run, also)
+            if errors:
+                raise errors[0]
+            ok = True
+        finally:
+            for fd in fds:
+                os.close(fd)
+            for b in todo:
+                del self._syncing[b]
+                if not ok and b in self._dirty:
+                    self._unsynced.add(b)
+            done.set()
 
     def recover(self) -> list[str]:
         """Register the dirty blocks left on disk by an earlier run; return their ids."""
@@ -332,6 +381,7 @@ class BlockCache:
                 continue
             self._set_length(p.name, p.stat().st_size)
             self._dirty_since[p.name] = 0.0
+            self._unsynced.add(p.name)  # maybe only in the page cache of a killed daemon
             found.append(p.name)
         return found
 
