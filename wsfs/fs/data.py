@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 class DataOps(Base):
     """Handlers that move file data between the kernel and the block cache."""
 
+    # Metadata.data_changes at the last completed sync of the WAL (see _synced_changes)
+    _synced_data_changes = -1
+
     # -- file data -------------------------------------------------------------------------
 
     async def open(
@@ -158,10 +161,11 @@ class DataOps(Base):
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         ino = self._handles[int(fh)]
-        await self._fsync_inode(ino)
+        await self._fsync_inode(ino, datasync)
 
-    async def _fsync_inode(self, ino: int) -> None:
-        """Make the file's dirty blocks and all committed metadata durable on the disk.
+    async def _fsync_inode(self, ino: int, datasync: bool = False) -> None:
+        """Make the file's dirty blocks and all metadata durable on the disk: with
+        `datasync` (fdatasync(2)), all but changes that only moved timestamps.
 
         The blocks and the metadata WAL are synced in parallel: one round of disk flushes. No
         order between them is lost by that: the kernel writes the WAL back on its own schedule
@@ -173,11 +177,14 @@ class DataOps(Base):
         if stat.S_ISREG(node.mode) and node.size:
             refs = self.meta.blocks_in(ino, 0, (node.size - 1) // self.bs)
             ids = [r.id for r in refs.values()]
-        changes = self.meta.total_changes
-        if changes != self._synced_changes:  # else the last fsync covered everything
+        changes, data_changes = self.meta.total_changes, self.meta.data_changes
+        # else the last sync of the WAL covered everything this call must make durable
+        if (data_changes != self._synced_data_changes if datasync
+                else changes != self._synced_changes):
             self.meta.flush()
             await self.blocks.fsync(ids, also=self.meta.sync)
             self._synced_changes = max(self._synced_changes, changes)
+            self._synced_data_changes = max(self._synced_data_changes, data_changes)
         else:
             await self.blocks.fsync(ids)
         if self.remote_fsync is not None:
