@@ -361,3 +361,38 @@ def test_fdatasync_survives_a_daemon_kill(ws: Workspace) -> None:
     mnt = ws.mount(flush_delay=NEVER)
     assert (mnt / "db").read_bytes() == bytes(expected)
     ws.unmount()
+
+
+@pytest.mark.parametrize("state", ["sealed", "uploaded"])
+def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
+        state: str, tmp_path: Path, recorder: SyncRecorder) -> None:
+    """Copy on write, made by the kernel from the sealed block's file or the clean cache."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        fh_ = pyfuse3.FileHandleT(fh)
+        old = payload(7, BS - 1000)  # a short tail block: its length is copied too
+        await ops.write(fh_, 0, old)
+        first = blocks_of(ops)[0]
+        ops.blocks.seal_all()
+        if state == "uploaded":
+            await ops.blocks.upload(first)
+            ops.blocks.retire(first, uploaded=True)
+            ops.blocks._recent.clear()  # from the clean cache's file, not from memory
+            assert not ops.blocks.is_writable(first) and first not in ops.blocks._dirty
+        await ops.fsync(fh_, False)
+        recorder.take()
+        hits = ops.blocks.hits
+        await ops.write(fh_, 5000, b"new")
+        assert ops.blocks.hits == hits  # copied file to file, never read into the trio thread
+        copy = blocks_of(ops)[0]
+        assert copy != first and ops.blocks.is_writable(copy)
+        expected = bytearray(old)
+        expected[5000:5003] = b"new"
+        assert await ops.read(fh_, 0, BS) == bytes(expected)
+        assert ops.blocks.dirty_length(copy) == len(old)
+        await ops.fsync(fh_, False)
+        assert sorted(recorder.take()) == sorted([copy, "meta.db-wal"])
+        await ops.write(fh_, 6000, b"again")  # the copy is writable: no second copy
+        assert blocks_of(ops)[0] == copy
+
+    trio.run(main)

@@ -50,9 +50,10 @@ POOL_SIZE = 64  # empty dirty files kept ready
 RECENT_BLOCKS = 8  # whole clean blocks kept in memory for sequential readers
 MAX_OPEN_FILES = 256
 SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the whole block
-# fsync(2)s of one file's blocks run in parallel: each waits mostly on the disk's cache flush,
-# and concurrent flushes share one (jbd2 and the block layer batch them).
-FSYNC_THREADS = 16
+# Threads for the local disk work of FUSE requests (fsync(2)s, copies on write). The fsync(2)s
+# of one file's blocks run in parallel: each waits mostly on the disk's cache flush, and
+# concurrent flushes share one (jbd2 and the block layer batch them).
+LOCAL_THREADS = 16
 
 
 class BlockCorrupt(Exception):
@@ -73,6 +74,28 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def _copy_all(src: int, dst: int) -> int:
+    """Copy all of file `src` to the start of file `dst` inside the kernel; return the length."""
+    size = os.fstat(src).st_size
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, size - done, done, done)
+            if n == 0:
+                break
+            done += n
+    except OSError as e:  # no in-kernel copy between these files: through user space
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        while done < size:
+            chunk = os.pread(src, min(size - done, 1 << 20), done)
+            if not chunk:
+                break
+            _pwrite_all(dst, chunk, done)
+            done += len(chunk)
+    return done
 
 
 def object_key(block_id: str) -> str:
@@ -130,8 +153,8 @@ class BlockCache:
         # those from starving uploads.
         self.fetch_limiter = trio.CapacityLimiter(16)
         self._prefetching = trio.Semaphore(8)
-        # fsync(2) has its own threads: a caller of fsync(2) must never queue behind uploads.
-        self.fsync_limiter = trio.CapacityLimiter(FSYNC_THREADS)
+        # Requests have their own threads: a caller of fsync(2) must never queue behind uploads.
+        self.local_limiter = trio.CapacityLimiter(LOCAL_THREADS)
         self.read_timeout = read_timeout
         self.full_timeout = full_timeout
         self.reserve = MIN_RESERVE
@@ -214,6 +237,52 @@ class BlockCache:
         self._dirty_since[block_id] = time.monotonic()
         self._unsynced.add(block_id)
         return block_id
+
+    async def copy(self, block_id: str) -> str | None:
+        """Create a writable dirty block holding a copy of block `block_id` (copy on write);
+        None if no local copy of it exists (the caller downloads it and uses `create`).
+
+        The kernel copies (copy_file_range) in a worker thread: a 4 KiB write to an uploaded
+        or sealed 1 MiB block used to read and write 1 MiB in the trio thread, which every
+        other request waited for. The new block joins the dirty set only once complete, so no
+        seal can freeze it half copied.
+        """
+        src = os.dup(self._fd(block_id)) if block_id in self._dirty else None  # sealed: stable
+        new_id, new_fd = self._pool.pop() if self._pool else (secrets.token_hex(16), -1)
+
+        def work() -> tuple[int, int | None]:
+            fd = new_fd
+            if fd < 0:
+                fd = os.open(self._path(new_id), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if src is not None:
+                    return fd, _copy_all(src, fd)
+                f = self.clean.get(block_id, default=None, read=True)
+                if f is None:
+                    return fd, None
+                if isinstance(f, bytes):  # diskcache keeps small values inline
+                    _pwrite_all(fd, f, 0)
+                    return fd, len(f)
+                with f:
+                    return fd, _copy_all(f.fileno(), fd)
+            except BaseException:  # a full disk: leave no unaccounted file behind
+                os.close(fd)
+                self._path(new_id).unlink(missing_ok=True)
+                raise
+
+        try:
+            fd, length = await trio.to_thread.run_sync(work, limiter=self.local_limiter)
+        finally:
+            if src is not None:
+                os.close(src)
+        if length is None:  # not cached: the file stays empty, ready for the next block
+            self._pool.append((new_id, fd))
+            return None
+        self._keep_fd(new_id, fd)
+        self._set_length(new_id, length)
+        self._dirty_since[new_id] = time.monotonic()
+        self._unsynced.add(new_id)
+        return new_id
 
     def is_writable(self, block_id: str) -> bool:
         return block_id in self._dirty and block_id not in self._sealed
@@ -348,7 +417,7 @@ class BlockCache:
 
         async def run(job: Callable[[], None]) -> None:
             try:
-                await trio.to_thread.run_sync(job, limiter=self.fsync_limiter)
+                await trio.to_thread.run_sync(job, limiter=self.local_limiter)
             except Exception as e:  # raised below as itself (ENOSPC, EIO), not in a group
                 errors.append(e)
 

@@ -145,10 +145,14 @@ class DataOps(Base):
             self.blocks.write(ref.id, in_off, piece)
             return
         # Copy on write: uploaded and sealed blocks are immutable.
-        content = b""
+        new_id = None
         if ref is not None and not (in_off == 0 and len(piece) == self.bs):
-            content = await self._read_block(ref.id, ref.csum, 0, self.bs)
-        new_id = self.blocks.create(content)
+            new_id = await self.blocks.copy(ref.id)  # from the local copy, if there is one
+            if new_id is None:
+                new_id = self.blocks.create(
+                    await self._read_block(ref.id, ref.csum, 0, self.bs))
+        if new_id is None:
+            new_id = self.blocks.create()
         try:
             self.blocks.write(new_id, in_off, piece)
         except BaseException:  # a full disk: the new block must not linger unreferenced
