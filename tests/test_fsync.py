@@ -9,16 +9,26 @@ with a flush delay of an hour, so no background upload can help.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import statistics
+import threading
 import time
 from pathlib import Path
 
+import pyfuse3
 import pytest
+import trio
 from conftest import Workspace, s3_workspace
 from s3servers import S3Server
+
+from wsfs.blocks import BlockCache
+from wsfs.fs import Operations
+from wsfs.meta import Metadata
+from wsfs.store import LocalStore
 
 NEVER = 3600.0  # flush delay: nothing is uploaded unless fsync (or unmount) asks for it
 
@@ -196,3 +206,193 @@ def test_fsync_latency(kind: str, ws: Workspace, request: pytest.FixtureRequest,
             f.write(json.dumps({"store": kind, **report}) + "\n")
     # local fsync does no network round trip: it must be the cheaper one
     assert report["local"]["median_ms"] < report["remote"]["median_ms"]
+
+
+# -- the mechanism: which fdatasync(2)s an fsync makes (no kernel: the handlers called directly)
+#
+# A daemon kill cannot tell a synced file from one in the page cache; a machine crash can,
+# and cannot be staged here. These tests record every fdatasync(2) the handlers make instead:
+# an fsync must not return before every block written since the last one, and the WAL, were
+# synced after that write.
+
+BS = 1 << 20
+
+
+class SyncRecorder:
+    """Stands in for os.fdatasync: records the synced file names, can hold or fail them."""
+
+    def __init__(self) -> None:
+        self.synced: list[str] = []
+        self.hold: threading.Event | None = None
+        self.fail: OSError | None = None
+        self._real = os.fdatasync
+
+    def __call__(self, fd: int) -> None:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if self.hold is not None:
+            self.hold.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        self._real(fd)
+        self.synced.append(name)
+
+    def take(self) -> list[str]:
+        out, self.synced = self.synced, []
+        return out
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> SyncRecorder:
+    rec = SyncRecorder()
+    monkeypatch.setattr(os, "fdatasync", rec)
+    return rec
+
+
+def make_ops(tmp_path: Path) -> tuple[Operations, int]:
+    """The assembled handlers over a fresh cache dir, and an open handle of an empty file."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    meta = Metadata(cache / "meta.db")
+    blocks = BlockCache(cache, LocalStore(tmp_path / "store"), block_size=BS,
+                        cache_size=1 << 26, dirty_limit=1 << 26,
+                        limiter=trio.CapacityLimiter(4))
+    meta.after_commit = blocks.release_discarded
+    meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, time.time_ns(), nlink=2, ino=1)
+    node = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
+    meta.add_entry(1, b"f", node.id)
+    ops = Operations(meta, blocks)
+    return ops, int(ops._open_handle(node.id).fh)
+
+
+def blocks_of(ops: Operations, ino: int = 2) -> dict[int, str]:
+    return {i: r.id for i, r in ops.meta.blocks_in(ino, 0, 1 << 20).items()}
+
+
+def test_fsync_syncs_each_written_block_and_the_wal(tmp_path: Path,
+                                                     recorder: SyncRecorder) -> None:
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        fh_ = pyfuse3.FileHandleT(fh)
+        for idx in range(4):
+            await ops.write(fh_, idx * BS, b"x" * 4096)
+        await ops.fsync(fh_, False)
+        ids = blocks_of(ops)
+        assert sorted(recorder.take()) == sorted([*ids.values(), "meta.db-wal"])
+        await ops.fsync(fh_, False)  # nothing written since: nothing to sync
+        assert recorder.take() == []
+        await ops.write(fh_, 2 * BS + 10, b"y")  # one block: only it, and no size change
+        await ops.fsync(fh_, True)
+        assert recorder.take() == [ids[2]]
+        node = ops._node(2)
+        node.mtime_ns += 1  # what the kernel's setattr does before an fsync
+        ops.meta.save_inode(node)
+        await ops.fsync(fh_, True)  # fdatasync: a timestamp alone needs no sync
+        assert recorder.take() == []
+        await ops.fsync(fh_, False)  # fsync: it does
+        assert recorder.take() == ["meta.db-wal"]
+        await ops.write(fh_, 4 * BS, b"z")  # grows the file: fdatasync must sync the WAL
+        await ops.fsync(fh_, True)
+        assert sorted(recorder.take()) == sorted([blocks_of(ops)[4], "meta.db-wal"])
+
+    trio.run(main)
+
+
+def test_a_write_during_a_running_fsync_is_synced_by_the_next(
+        tmp_path: Path, recorder: SyncRecorder) -> None:
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        fh_ = pyfuse3.FileHandleT(fh)
+        await ops.write(fh_, 0, b"a" * 4096)
+        block = blocks_of(ops)[0]
+        recorder.hold = threading.Event()
+        order: list[str] = []
+
+        async def first() -> None:
+            await ops.fsync(fh_, False)
+            order.append("first")
+
+        async def second() -> None:
+            await ops.fsync(fh_, False)  # the block's fsync(2) is running: it must wait
+            order.append("second")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.sleep(0.2)  # first's fdatasync(2) is held
+            await ops.write(fh_, 100, b"b")  # lands in the page cache during the sync
+            nursery.start_soon(second)
+            await trio.sleep(0.2)
+            assert order == [] and recorder.synced == []
+            recorder.hold.set()
+        assert order == ["first", "second"]
+        assert recorder.take().count(block) == 2  # the second synced the later write again
+
+    trio.run(main)
+
+
+def test_a_failed_block_sync_fails_the_fsync_and_is_retried(
+        tmp_path: Path, recorder: SyncRecorder) -> None:
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        fh_ = pyfuse3.FileHandleT(fh)
+        await ops.write(fh_, 0, b"a" * 4096)
+        recorder.fail = OSError(errno.ENOSPC, "injected")
+        with pytest.raises(pyfuse3.FUSEError) as exc:  # its errno (a group would be EIO)
+            await ops.fsync(fh_, False)
+        assert exc.value.errno == errno.ENOSPC
+        recorder.fail = None
+        await ops.fsync(fh_, False)
+        assert sorted(recorder.take()) == sorted([blocks_of(ops)[0], "meta.db-wal"])
+
+    trio.run(main)
+
+
+def test_fdatasync_survives_a_daemon_kill(ws: Workspace) -> None:
+    """fdatasync(2) (which SQLite uses) of a grown file and of an overwrite in place."""
+    mnt = ws.mount(flush_delay=NEVER)
+    fd = os.open(mnt / "db", os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, payload(5, 3 * 4096))
+    os.fdatasync(fd)
+    os.pwrite(fd, payload(6, 4096), 4096)
+    os.fdatasync(fd)
+    _open_fds.append(fd)
+    expected = bytearray(payload(5, 3 * 4096))
+    expected[4096:8192] = payload(6, 4096)
+    kill_now(ws)
+    mnt = ws.mount(flush_delay=NEVER)
+    assert (mnt / "db").read_bytes() == bytes(expected)
+    ws.unmount()
+
+
+@pytest.mark.parametrize("state", ["sealed", "uploaded"])
+def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
+        state: str, tmp_path: Path, recorder: SyncRecorder) -> None:
+    """Copy on write, made by the kernel from the sealed block's file or the clean cache."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        fh_ = pyfuse3.FileHandleT(fh)
+        old = payload(7, BS - 1000)  # a short tail block: its length is copied too
+        await ops.write(fh_, 0, old)
+        first = blocks_of(ops)[0]
+        ops.blocks.seal_all()
+        if state == "uploaded":
+            await ops.blocks.upload(first)
+            ops.blocks.retire(first, uploaded=True)
+            ops.blocks._recent.clear()  # from the clean cache's file, not from memory
+            assert not ops.blocks.is_writable(first) and first not in ops.blocks._dirty
+        await ops.fsync(fh_, False)
+        recorder.take()
+        hits = ops.blocks.hits
+        await ops.write(fh_, 5000, b"new")
+        assert ops.blocks.hits == hits  # copied file to file, never read into the trio thread
+        copy = blocks_of(ops)[0]
+        assert copy != first and ops.blocks.is_writable(copy)
+        expected = bytearray(old)
+        expected[5000:5003] = b"new"
+        assert await ops.read(fh_, 0, BS) == bytes(expected)
+        assert ops.blocks.dirty_length(copy) == len(old)
+        await ops.fsync(fh_, False)
+        assert sorted(recorder.take()) == sorted([copy, "meta.db-wal"])
+        await ops.write(fh_, 6000, b"again")  # the copy is writable: no second copy
+        assert blocks_of(ops)[0] == copy
+
+    trio.run(main)

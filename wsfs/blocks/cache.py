@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import diskcache
@@ -52,6 +53,10 @@ POOL_SIZE = 64  # empty dirty files kept ready
 RECENT_BLOCKS = 8  # whole clean blocks kept in memory for sequential readers
 MAX_OPEN_FILES = 256
 SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the whole block
+# Threads for the local disk work of FUSE requests (fsync(2)s, copies on write). The fsync(2)s
+# of one file's blocks run in parallel: each waits mostly on the disk's cache flush, and
+# concurrent flushes share one (jbd2 and the block layer batch them).
+LOCAL_THREADS = 16
 
 
 class BlockCorrupt(Exception):
@@ -72,6 +77,28 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def _copy_all(src: int, dst: int) -> int:
+    """Copy all of file `src` to the start of file `dst` inside the kernel; return the length."""
+    size = os.fstat(src).st_size
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, size - done, done, done)
+            if n == 0:
+                break
+            done += n
+    except OSError as e:  # no in-kernel copy between these files: through user space
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        while done < size:
+            chunk = os.pread(src, min(size - done, 1 << 20), done)
+            if not chunk:
+                break
+            _pwrite_all(dst, chunk, done)
+            done += len(chunk)
+    return done
 
 
 def object_key(block_id: str) -> str:
@@ -129,6 +156,8 @@ class BlockCache:
         # those from starving uploads.
         self.fetch_limiter = trio.CapacityLimiter(16)
         self._prefetching = trio.Semaphore(8)
+        # Requests have their own threads: a caller of fsync(2) must never queue behind uploads.
+        self.local_limiter = trio.CapacityLimiter(LOCAL_THREADS)
         self.read_timeout = read_timeout
         self.full_timeout = full_timeout
         self.reserve = MIN_RESERVE
@@ -143,6 +172,10 @@ class BlockCache:
         self._dirty: dict[str, int] = {}  # id -> length of the local file
         self._dirty_since: dict[str, float] = {}  # id -> monotonic time it became dirty
         self._sealed: set[str] = set()
+        # Dirty blocks written since their last fsync(2), and those being fsynced right now
+        # (an event set when that fsync(2) ends): fsync skips blocks already on the disk.
+        self._unsynced: set[str] = set()
+        self._syncing: dict[str, trio.Event] = {}
         self._doomed: set[str] = set()
         # Files of discarded blocks: kept until the commit that drops their reference, then
         # deleted in batches by `maintain` in a worker thread (never in the FUSE thread).
@@ -205,7 +238,54 @@ class BlockCache:
             raise
         self._set_length(block_id, len(content))
         self._dirty_since[block_id] = time.monotonic()
+        self._unsynced.add(block_id)
         return block_id
+
+    async def copy(self, block_id: str) -> str | None:
+        """Create a writable dirty block holding a copy of block `block_id` (copy on write);
+        None if no local copy of it exists (the caller downloads it and uses `create`).
+
+        The kernel copies (copy_file_range) in a worker thread: a 4 KiB write to an uploaded
+        or sealed 1 MiB block used to read and write 1 MiB in the trio thread, which every
+        other request waited for. The new block joins the dirty set only once complete, so no
+        seal can freeze it half copied.
+        """
+        src = os.dup(self._fd(block_id)) if block_id in self._dirty else None  # sealed: stable
+        new_id, new_fd = self._pool.pop() if self._pool else (secrets.token_hex(16), -1)
+
+        def work() -> tuple[int, int | None]:
+            fd = new_fd
+            if fd < 0:
+                fd = os.open(self._path(new_id), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if src is not None:
+                    return fd, _copy_all(src, fd)
+                f = self.clean.get(block_id, default=None, read=True)
+                if f is None:
+                    return fd, None
+                if isinstance(f, bytes):  # diskcache keeps small values inline
+                    _pwrite_all(fd, f, 0)
+                    return fd, len(f)
+                with f:
+                    return fd, _copy_all(f.fileno(), fd)
+            except BaseException:  # a full disk: leave no unaccounted file behind
+                os.close(fd)
+                self._path(new_id).unlink(missing_ok=True)
+                raise
+
+        try:
+            fd, length = await trio.to_thread.run_sync(work, limiter=self.local_limiter)
+        finally:
+            if src is not None:
+                os.close(src)
+        if length is None:  # not cached: the file stays empty, ready for the next block
+            self._pool.append((new_id, fd))
+            return None
+        self._keep_fd(new_id, fd)
+        self._set_length(new_id, length)
+        self._dirty_since[new_id] = time.monotonic()
+        self._unsynced.add(new_id)
+        return new_id
 
     def is_writable(self, block_id: str) -> bool:
         return block_id in self._dirty and block_id not in self._sealed
@@ -213,6 +293,7 @@ class BlockCache:
     def write(self, block_id: str, offset: int, data: bytes) -> None:
         """Write into a writable dirty block (the caller checked `is_writable`)."""
         fd = self._fd(block_id)
+        self._unsynced.add(block_id)
         try:
             _pwrite_all(fd, data, offset)
         except OSError:
@@ -307,24 +388,61 @@ class BlockCache:
         self._set_length(block_id, 0)
         del self._dirty[block_id]
         self._dirty_since.pop(block_id, None)
+        self._unsynced.discard(block_id)
         self._wake_writers()
 
-    async def fsync(self, block_ids: list[str]) -> None:
-        """Make the given dirty blocks durable on the local disk."""
+    async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None) -> None:
+        """Make the given dirty blocks durable on the local disk.
+
+        Only blocks written since their last fsync(2) are synced again (a random writer of a
+        big file touches a few of its blocks between two fsyncs), in parallel. A block whose
+        fsync(2) another caller is running is waited for: its return is what makes it durable.
+        `also` is a blocking job run in parallel with them (the metadata's sync), so that a
+        caller waits for one round of disk flushes, not two.
+        """
+        while True:
+            running = [self._syncing[b] for b in block_ids if b in self._syncing]
+            if not running:
+                break
+            for event in running:
+                await event.wait()
+        todo = [b for b in block_ids if b in self._unsynced and b in self._dirty]
+        if not todo and also is None:
+            return
         # Duplicates: the trio thread may close a block's fd while the worker fsyncs it (an
         # upload retiring the block, or the fd LRU), which made fsync(2) fail with EBADF.
-        fds = [os.dup(self._fd(b)) for b in block_ids if b in self._dirty]
+        fds = [os.dup(self._fd(b)) for b in todo]
+        done = trio.Event()
+        for b in todo:
+            self._unsynced.discard(b)  # a write from now on marks it again
+            self._syncing[b] = done
+        errors: list[Exception] = []
 
-        def sync_all() -> None:
+        async def run(job: Callable[[], None]) -> None:
             try:
-                for fd in fds:
-                    os.fsync(fd)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+                await trio.to_thread.run_sync(job, limiter=self.local_limiter)
+            except Exception as e:  # raised below as itself (ENOSPC, EIO), not in a group
+                errors.append(e)
 
-        if fds:
-            await trio.to_thread.run_sync(sync_all, limiter=self.limiter)
+        ok = False
+        try:
+            async with trio.open_nursery() as nursery:
+                for fd in fds:
+                    # fdatasync: the block's length and allocation, not its mtime (unused)
+                    nursery.start_soon(run, partial(os.fdatasync, fd))
+                if also is not None:
+                    nursery.start_soon(run, also)
+            if errors:
+                raise errors[0]
+            ok = True
+        finally:
+            for fd in fds:
+                os.close(fd)
+            for b in todo:
+                del self._syncing[b]
+                if not ok and b in self._dirty:
+                    self._unsynced.add(b)
+            done.set()
 
     def recover(self) -> list[str]:
         """Register the dirty blocks left on disk by an earlier run; return their ids."""
@@ -335,6 +453,7 @@ class BlockCache:
                 continue
             self._set_length(p.name, p.stat().st_size)
             self._dirty_since[p.name] = 0.0
+            self._unsynced.add(p.name)  # maybe only in the page cache of a killed daemon
             found.append(p.name)
         return found
 

@@ -8,7 +8,6 @@ import os
 import stat
 
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
 from ..blocks import BlockCorrupt
@@ -27,6 +26,9 @@ log = logging.getLogger(__name__)
 
 class DataOps(Base):
     """Handlers that move file data between the kernel and the block cache."""
+
+    # Metadata.data_changes at the last completed sync of the WAL (see _synced_changes)
+    _synced_data_changes = -1
 
     # -- file data -------------------------------------------------------------------------
 
@@ -118,23 +120,49 @@ class DataOps(Base):
         ino = self._handles[int(fh)]
         self._writable()
         await self.blocks.wait_for_room(len(buf))
-        async with self._lock(ino):
+        lock = self._lock(ino)
+        if not lock.locked() and self._write_in_place(ino, off, buf):
+            return len(buf)
+        async with lock:
             pos = 0
             while pos < len(buf):
                 idx, in_off = divmod(off + pos, self.bs)
                 piece = buf[pos : pos + self.bs - in_off]
                 await self._write_block(ino, idx, in_off, piece)
                 pos += len(piece)
-            node = self._node(ino)
-            if off + len(buf) > node.size or not self.enable_writeback_cache:
-                node.size = max(node.size, off + len(buf))
-                if not self.enable_writeback_cache:
-                    # With the writeback cache the kernel stamps mtime/ctime at write(2) time
-                    # and sends them through setattr; a write arriving here (seconds later)
-                    # must not overwrite them with the time of its writeback.
-                    node.mtime_ns = node.ctime_ns = now_ns()
-                self.meta.save_inode(node)
+            self._written(ino, off + len(buf))
         return len(buf)
+
+    def _write_in_place(self, ino: int, off: int, buf: bytes) -> bool:
+        """The common case without the inode's lock: every block `buf` covers exists and is
+        writable, so the write needs no await (no copy, no download) and is atomic as it is.
+        Returns False, having written nothing, when it is not that case."""
+        first, last = off // self.bs, (off + len(buf) - 1) // self.bs
+        refs = self.meta.blocks_in(ino, first, last)
+        if len(refs) != last - first + 1 or not all(
+                self.blocks.is_writable(r.id) for r in refs.values()):
+            return False
+        pos = 0
+        while pos < len(buf):
+            idx, in_off = divmod(off + pos, self.bs)
+            piece = buf[pos : pos + self.bs - in_off]
+            self.blocks.write(refs[idx].id, in_off, piece)
+            pos += len(piece)
+        self._written(ino, off + len(buf))
+        return True
+
+    def _written(self, ino: int, end: int) -> None:
+        """After a write that ends at `end`: the file's new size (and times without the
+        writeback cache)."""
+        node = self._node(ino)
+        if end > node.size or not self.enable_writeback_cache:
+            node.size = max(node.size, end)
+            if not self.enable_writeback_cache:
+                # With the writeback cache the kernel stamps mtime/ctime at write(2) time
+                # and sends them through setattr; a write arriving here (seconds later)
+                # must not overwrite them with the time of its writeback.
+                node.mtime_ns = node.ctime_ns = now_ns()
+            self.meta.save_inode(node)
 
     async def _write_block(self, ino: int, idx: int, in_off: int, piece: bytes) -> None:
         ref = self.meta.get_block(ino, idx)
@@ -142,10 +170,13 @@ class DataOps(Base):
             self.blocks.write(ref.id, in_off, piece)
             return
         # Copy on write: uploaded and sealed blocks are immutable.
-        content = b""
+        new_id = None
         if ref is not None and not (in_off == 0 and len(piece) == self.bs):
-            content = await self._read_block(ref, 0, self.bs)
-        new_id = self.blocks.create(content)
+            new_id = await self.blocks.copy(ref.id)  # from the local copy, if there is one
+            if new_id is None:
+                new_id = self.blocks.create(await self._read_block(ref, 0, self.bs))
+        if new_id is None:
+            new_id = self.blocks.create()
         try:
             self.blocks.write(new_id, in_off, piece)
         except BaseException:  # a full disk: the new block must not linger unreferenced
@@ -158,18 +189,32 @@ class DataOps(Base):
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         ino = self._handles[int(fh)]
-        await self._fsync_inode(ino)
+        await self._fsync_inode(ino, datasync)
 
-    async def _fsync_inode(self, ino: int) -> None:
+    async def _fsync_inode(self, ino: int, datasync: bool = False) -> None:
+        """Make the file's dirty blocks and all metadata durable on the disk: with
+        `datasync` (fdatasync(2)), all but changes that only moved timestamps.
+
+        The blocks and the metadata WAL are synced in parallel: one round of disk flushes. No
+        order between them is lost by that: the kernel writes the WAL back on its own schedule
+        anyway (it is committed every COMMIT_INTERVAL without a sync), so durable metadata
+        never implied durable blocks before this fsync(2) returns, and after it both are.
+        """
         node = self._node(ino)
+        ids: list[str] = []
         if stat.S_ISREG(node.mode) and node.size:
             refs = self.meta.blocks_in(ino, 0, (node.size - 1) // self.bs)
-            await self.blocks.fsync([r.id for r in refs.values()])
-        changes = self.meta.total_changes
-        if changes != self._synced_changes:  # else the last fsync covered everything
+            ids = [r.id for r in refs.values()]
+        changes, data_changes = self.meta.total_changes, self.meta.data_changes
+        # else the last sync of the WAL covered everything this call must make durable
+        if (data_changes != self._synced_data_changes if datasync
+                else changes != self._synced_changes):
             self.meta.flush()
-            await trio.to_thread.run_sync(self.meta.sync)
-            self._synced_changes = changes
+            await self.blocks.fsync(ids, also=self.meta.sync)
+            self._synced_changes = max(self._synced_changes, changes)
+            self._synced_data_changes = max(self._synced_data_changes, data_changes)
+        else:
+            await self.blocks.fsync(ids)
         if self.remote_fsync is not None:
             await self.remote_fsync()
 
