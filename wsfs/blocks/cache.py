@@ -701,7 +701,7 @@ class BlockCache:
                  pack: str | None) -> None:
         """Start downloading a block in the background (readahead); errors are left to read."""
         if (block_id in self._dirty or (pack or block_id) in self._downloads
-                or block_id in self.clean):
+                or block_id in self._recent or block_id in self.clean):
             return
 
         async def fetch() -> None:

@@ -36,7 +36,7 @@ MARKER = b".workspace.initialized"
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-READAHEAD_BLOCKS = 4
+READAHEAD_BLOCKS = 12  # three packs of full blocks (blocks/pack.py)
 PREFETCH_FILES = 64  # small files of a directory fetched together after a cache miss
 STATFS_CACHE_SECONDS = 5.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
@@ -73,6 +73,7 @@ class Base(pyfuse3.Operations):
         self._open: dict[int, int] = defaultdict(int)  # inode -> open file handles
         self._handles: dict[int, int] = {}  # fh -> inode
         self._read_end: dict[int, int] = {}  # fh -> where the last read ended (readahead)
+        self._ahead_to: dict[int, int] = {}  # fh -> first block readahead has not asked for
         self._next_fh = 1
         self._prefetched_dirs: set[int] = set()
         self._synced_changes = -1  # metadata changes counted at the last completed fsync
