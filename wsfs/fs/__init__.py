@@ -170,20 +170,33 @@ class Operations(NameOps, DataOps):
         the same): so those two are not counted here, and every other entry is.
         """
         ino = int(fh)
+        changes = self.meta.dentry_changes
+        if self._listed_at == changes and self._listed_to.get(ino) == start_id:
+            return  # this listing already reached the end, and no entry changed since
         if start_id < 2:
+            # The kernel links neither (see above): their attributes are never looked at,
+            # only the inode number and type reach readdir(3).
             dots = [(b".", ino, 1), (b"..", self._parent_dir(ino), 2)][start_id:]
             for name, dot_ino, cookie in dots:
-                node = self.meta.get_inode(dot_ino)
-                if node is None:
-                    continue
-                if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name),
-                                             self._attr(node), cookie):
+                a = pyfuse3.EntryAttributes()
+                a.st_ino = dot_ino
+                a.st_mode = stat.S_IFDIR
+                if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), a, cookie):
                     return
-        for dentry_id, name, node, nblocks in self.meta.list_entries(ino, max(0, start_id - 2)):
+        cookie = max(2, start_id)
+        lookups = self._lookups
+        for dentry_id, name, node, nblocks in self.meta.list_entries(ino, cookie - 2):
             if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name),
                                          self._attr(node, nblocks), dentry_id + 2):
-                break
-            self._lookups[node.id] += 1
+                return
+            lookups[node.id] += 1
+            cookie = dentry_id + 2
+        # The kernel asks once more, from the last cookie, to learn that the listing ended:
+        # `ls -lR` and `git status` do that for every directory. Answer it without a query.
+        if self._listed_at != changes:
+            self._listed_at = changes
+            self._listed_to.clear()
+        self._listed_to[ino] = cookie
 
     def _parent_dir(self, ino: int) -> int:
         """The parent of directory `ino` (itself for the root, and for a removed directory)."""

@@ -78,6 +78,10 @@ class Base(pyfuse3.Operations):
         self._synced_changes = -1  # metadata changes counted at the last completed fsync
         self._statfs_at = -STATFS_CACHE_SECONDS
         self._statfs_counts = (0, 0, 0)
+        # Directories whose listing reached its end, by the cookie it ended at; valid while
+        # `meta.dentry_changes` is still `_listed_at` (see readdir).
+        self._listed_to: dict[int, int] = {}
+        self._listed_at = -1
         self._locks: dict[int, trio.Lock] = {}
         self.marker_ino = meta.lookup(ROOT, MARKER)
 
@@ -105,24 +109,20 @@ class Base(pyfuse3.Operations):
 
         `nblocks` is the number of stored blocks of a regular file, if the caller has it.
         """
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = pyfuse3.InodeT(node.id)
-        a.generation = 0
-        a.entry_timeout = self.timeout
-        a.attr_timeout = self.timeout
-        a.st_mode = pyfuse3.ModeT(node.mode)
+        a = pyfuse3.EntryAttributes()  # zeroed: generation and st_blocks start at 0
+        a.st_ino = node.id
+        a.entry_timeout = a.attr_timeout = self.timeout
+        a.st_mode = node.mode
         a.st_nlink = node.nlink
         a.st_uid = node.uid
         a.st_gid = node.gid
         a.st_rdev = node.rdev
-        a.st_size = node.size
+        size = a.st_size = node.size
         a.st_blksize = 128 * 1024
-        if stat.S_ISREG(node.mode) and node.size:
+        if size and node.mode & 0o170000 == stat.S_IFREG:
             if nblocks is None:
                 nblocks = self.meta.block_count(node.id)
-            a.st_blocks = (min(node.size, nblocks * self.bs) + 511) // 512
-        else:
-            a.st_blocks = 0
+            a.st_blocks = (min(size, nblocks * self.bs) + 511) // 512
         a.st_atime_ns = node.atime_ns
         a.st_mtime_ns = node.mtime_ns
         a.st_ctime_ns = node.ctime_ns

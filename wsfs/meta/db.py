@@ -98,12 +98,18 @@ class Metadata:
         # Inodes that may have xattrs (a superset): most requests ask about files that have
         # none (security.capability at every write, ACLs at every `ls -l`), answered here.
         self._xattr_inodes: set[int] = set()
+        # parent_of answers (every listing asks for ".."); emptied whenever a name goes away.
+        self._parents: dict[int, int] = {}
         self._reset_caches()
+        # Grows with every change to any directory entry (rolled back or not): lets the fs
+        # layer trust that a listing it finished is still complete.
+        self.dentry_changes = 0
 
     def _reset_caches(self) -> None:
         """Forget what the caches hold: after a rollback they may say what SQLite no longer
         does (a deleted inode's xattrs, say, came back)."""
         self._inodes.clear()
+        self._parents.clear()
         self._wrote = False
         self._xattr_inodes = {
             int(r[0]) for r in self.conn.execute("SELECT DISTINCT inode FROM xattrs")
@@ -321,14 +327,19 @@ class Metadata:
         return None if row is None else int(row[0])
 
     def add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        self.dentry_changes += 1
         self.conn.execute(
             "INSERT INTO dentries (parent, name, inode) VALUES (?,?,?)", (parent, name, ino)
         )
 
     def remove_entry(self, parent: int, name: bytes) -> None:
+        self.dentry_changes += 1
+        self._parents.clear()
         self.conn.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
 
     def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
+        self.dentry_changes += 1
+        self._parents.clear()
         self.conn.execute(
             "UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
             (new_parent, new_name, parent, name),
@@ -336,6 +347,8 @@ class Metadata:
 
     def retarget_entry(self, parent: int, name: bytes, ino: int) -> None:
         """Point an existing entry at another inode (the two halves of RENAME_EXCHANGE)."""
+        self.dentry_changes += 1
+        self._parents.clear()
         self.conn.execute(
             "UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name)
         )
@@ -348,25 +361,30 @@ class Metadata:
 
     def parent_of(self, ino: int) -> int | None:
         """The directory holding `ino` (unique for directories, one of many for hard links)."""
-        row = self.conn.execute(
-            "SELECT parent FROM dentries WHERE inode=? LIMIT 1", (ino,)
-        ).fetchone()
-        return None if row is None else int(row[0])
+        self._check_caches()
+        parent = self._parents.get(ino)
+        if parent is None:
+            row = self.conn.execute(
+                "SELECT parent FROM dentries WHERE inode=? LIMIT 1", (ino,)
+            ).fetchone()
+            if row is None:
+                return None
+            if len(self._parents) >= INODE_CACHE_MAX:
+                self._parents.clear()
+            parent = self._parents[ino] = int(row[0])
+        return parent
 
     def list_entries(self, parent: int, after: int) -> Iterator[tuple[int, bytes, Inode, int]]:
         """Yield (dentry id, name, inode, stored blocks) for the entries of `parent` past
         dentry id `after`. The block count (for st_blocks) comes in the same query, so a
         listing costs one statement, not one per entry."""
-        cols = ", ".join(f"i.{c.strip()}" for c in INODE_COLUMNS.split(","))
-        cur = self.conn.execute(
-            f"SELECT d.id, d.name, {cols},"
-            " (SELECT count(*) FROM blocks b WHERE b.inode = i.id)"
-            " FROM dentries d JOIN inodes i ON i.id = d.inode"
-            " WHERE d.parent=? AND d.id>? ORDER BY d.id",
-            (parent, after),
-        )
-        for row in cur:
-            yield int(row[0]), bytes(row[1]), Inode(*row[2:-1]), int(row[-1])
+        for row in self.conn.execute(self._LIST, (parent, after)):
+            yield row[0], row[1], Inode(*row[2:-1]), row[-1]
+
+    _LIST = (
+        f"SELECT d.id, d.name, {_I_COLUMNS}, (SELECT count(*) FROM blocks b WHERE b.inode = i.id)"
+        " FROM dentries d JOIN inodes i ON i.id = d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id"
+    )
 
     # -- extended attributes ----------------------------------------------------------------
 
