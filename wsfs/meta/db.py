@@ -297,8 +297,8 @@ class Metadata:
 
     def delete_inode(self, ino: int) -> list[str]:
         """Delete an inode with its xattrs and block map; return the ids of its blocks."""
-        ids = [r[0] for r in self.conn.execute("SELECT id FROM blocks WHERE inode=?", (ino,))]
-        self.conn.execute("DELETE FROM blocks WHERE inode=?", (ino,))
+        ids = [r[0] for r in self.conn.execute(
+            "DELETE FROM blocks WHERE inode=? RETURNING id", (ino,)).fetchall()]
         if ino in self._xattr_inodes:
             self.conn.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
             self._xattr_inodes.discard(ino)
