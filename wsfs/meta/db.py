@@ -94,22 +94,23 @@ class Metadata:
         # does any read that finds the group transaction gone (SQLite rolls a whole
         # transaction back by itself on a full disk or an I/O error).
         self._inodes: dict[int, InodeRow] = {}
-        self._wrote = False  # changed inodes since the last commit (see _cached)
+        self._wrote = False  # changed inodes or entries since the last commit (_check_caches)
         # Inodes that may have xattrs (a superset): most requests ask about files that have
         # none (security.capability at every write, ACLs at every `ls -l`), answered here.
         self._xattr_inodes: set[int] = set()
         # parent_of answers (every listing asks for ".."); emptied whenever a name goes away.
         self._parents: dict[int, int] = {}
-        self._reset_caches()
-        # Grows with every change to any directory entry (rolled back or not): lets the fs
+        # Grows with every change to any directory entry and every rollback: lets the fs
         # layer trust that a listing it finished is still complete.
         self.dentry_changes = 0
+        self._reset_caches()
 
     def _reset_caches(self) -> None:
         """Forget what the caches hold: after a rollback they may say what SQLite no longer
         does (a deleted inode's xattrs, say, came back)."""
         self._inodes.clear()
         self._parents.clear()
+        self.dentry_changes += 1  # an entry may have come back
         self._wrote = False
         self._xattr_inodes = {
             int(r[0]) for r in self.conn.execute("SELECT DISTINCT inode FROM xattrs")
@@ -159,6 +160,8 @@ class Metadata:
             self.conn.execute("RELEASE op")
         finally:
             self._inodes.clear()
+            self._parents.clear()
+            self.dentry_changes += 1
             self._check_caches()
             self._xattr_inodes.update(
                 int(r[0]) for r in self.conn.execute("SELECT DISTINCT inode FROM xattrs"))
@@ -328,6 +331,7 @@ class Metadata:
 
     def add_entry(self, parent: int, name: bytes, ino: int) -> None:
         self.dentry_changes += 1
+        self._wrote = True
         self.conn.execute(
             "INSERT INTO dentries (parent, name, inode) VALUES (?,?,?)", (parent, name, ino)
         )
@@ -335,11 +339,13 @@ class Metadata:
     def remove_entry(self, parent: int, name: bytes) -> None:
         self.dentry_changes += 1
         self._parents.clear()
+        self._wrote = True
         self.conn.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
 
     def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
         self.dentry_changes += 1
         self._parents.clear()
+        self._wrote = True
         self.conn.execute(
             "UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
             (new_parent, new_name, parent, name),
@@ -349,6 +355,7 @@ class Metadata:
         """Point an existing entry at another inode (the two halves of RENAME_EXCHANGE)."""
         self.dentry_changes += 1
         self._parents.clear()
+        self._wrote = True
         self.conn.execute(
             "UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name)
         )
