@@ -19,8 +19,7 @@ import os
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 
 import pyfuse3
 import trio
@@ -44,6 +43,31 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+class _Txn:
+    """`with` this: the statements inside apply together or, on any exception, not at all.
+
+    A class, not a @contextmanager generator: it runs in most write requests, and a
+    generator costs several times as much to enter and leave. Holds no state, so one
+    instance serves every (even nested) use.
+    """
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta: Metadata) -> None:
+        self.meta = meta
+
+    def __enter__(self) -> None:
+        self.meta.begin()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc_type is None:
+            self.meta.commit()
+        else:
+            self.meta.rollback()
 
 
 class Base(pyfuse3.Operations):
@@ -84,19 +108,13 @@ class Base(pyfuse3.Operations):
         self._listed_at = -1
         self._locks: dict[int, trio.Lock] = {}
         self.marker_ino = meta.lookup(ROOT, MARKER)
+        self._the_txn = _Txn(meta)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    @contextmanager
-    def _txn(self) -> Iterator[None]:
+    def _txn(self) -> _Txn:
         """Group a handler's statements so a crash never leaves half of them."""
-        self.meta.begin()
-        try:
-            yield
-        except BaseException:
-            self.meta.rollback()
-            raise
-        self.meta.commit()
+        return self._the_txn
 
     def _node(self, ino: int) -> Inode:
         node = self.meta.get_inode(ino)
