@@ -19,8 +19,7 @@ import os
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 
 import pyfuse3
 import trio
@@ -44,6 +43,31 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+class _Txn:
+    """`with` this: the statements inside apply together or, on any exception, not at all.
+
+    A class, not a @contextmanager generator: it runs in most write requests, and a
+    generator costs several times as much to enter and leave. Holds no state, so one
+    instance serves every (even nested) use.
+    """
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta: Metadata) -> None:
+        self.meta = meta
+
+    def __enter__(self) -> None:
+        self.meta.begin()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc_type is None:
+            self.meta.commit()
+        else:
+            self.meta.rollback()
 
 
 class Base(pyfuse3.Operations):
@@ -79,21 +103,19 @@ class Base(pyfuse3.Operations):
         self._synced_changes = -1  # metadata changes counted at the last completed fsync
         self._statfs_at = -STATFS_CACHE_SECONDS
         self._statfs_counts = (0, 0, 0)
+        # Directories whose listing reached its end, by the cookie it ended at; valid while
+        # `meta.dentry_changes` is still `_listed_at` (see readdir).
+        self._listed_to: dict[int, int] = {}
+        self._listed_at = -1
         self._locks: dict[int, trio.Lock] = {}
         self.marker_ino = meta.lookup(ROOT, MARKER)
+        self._the_txn = _Txn(meta)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    @contextmanager
-    def _txn(self) -> Iterator[None]:
+    def _txn(self) -> _Txn:
         """Group a handler's statements so a crash never leaves half of them."""
-        self.meta.begin()
-        try:
-            yield
-        except BaseException:
-            self.meta.rollback()
-            raise
-        self.meta.commit()
+        return self._the_txn
 
     def _node(self, ino: int) -> Inode:
         node = self.meta.get_inode(ino)
@@ -106,24 +128,20 @@ class Base(pyfuse3.Operations):
 
         `nblocks` is the number of stored blocks of a regular file, if the caller has it.
         """
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = pyfuse3.InodeT(node.id)
-        a.generation = 0
-        a.entry_timeout = self.timeout
-        a.attr_timeout = self.timeout
-        a.st_mode = pyfuse3.ModeT(node.mode)
+        a = pyfuse3.EntryAttributes()  # zeroed: generation and st_blocks start at 0
+        a.st_ino = node.id
+        a.entry_timeout = a.attr_timeout = self.timeout
+        a.st_mode = node.mode
         a.st_nlink = node.nlink
         a.st_uid = node.uid
         a.st_gid = node.gid
         a.st_rdev = node.rdev
-        a.st_size = node.size
+        size = a.st_size = node.size
         a.st_blksize = 128 * 1024
-        if stat.S_ISREG(node.mode) and node.size:
+        if size and node.mode & 0o170000 == stat.S_IFREG:
             if nblocks is None:
                 nblocks = self.meta.block_count(node.id)
-            a.st_blocks = (min(node.size, nblocks * self.bs) + 511) // 512
-        else:
-            a.st_blocks = 0
+            a.st_blocks = (min(size, nblocks * self.bs) + 511) // 512
         a.st_atime_ns = node.atime_ns
         a.st_mtime_ns = node.mtime_ns
         a.st_ctime_ns = node.ctime_ns

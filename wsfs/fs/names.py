@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 import stat
 
 import pyfuse3
@@ -39,8 +40,6 @@ class NameOps(Base):
         dir_node = self._node(parent)
         if dir_node.nlink == 0:
             raise FUSEError(errno.ENOENT)
-        if self.meta.lookup(parent, name) is not None:
-            raise FUSEError(errno.EEXIST)
         gid = ctx.gid
         if dir_node.mode & stat.S_ISGID:  # BSD group semantics for setgid directories
             gid = dir_node.gid
@@ -54,7 +53,10 @@ class NameOps(Base):
                 mode, ctx.uid, gid, ts, nlink=2 if is_dir else 1, rdev=rdev,
                 size=len(target) if target is not None else 0, target=target,
             )
-            self.meta.add_entry(parent, name, node.id)
+            try:
+                self.meta.add_entry(parent, name, node.id)
+            except sqlite3.IntegrityError:  # the name exists: cheaper than looking first
+                raise FUSEError(errno.EEXIST) from None
             if is_dir:
                 dir_node.nlink += 1
             self._touch_dir(dir_node, ts)
@@ -140,10 +142,10 @@ class NameOps(Base):
         self._writable()
         if self._is_marker(parent, name):
             raise FUSEError(errno.EPERM)
-        ino = self.meta.lookup(parent, name)
-        if ino is None:
+        node = self.meta.lookup_node(parent, name)
+        if node is None:
             raise FUSEError(errno.ENOENT)
-        node = self._node(ino)
+        ino = node.id
         if stat.S_ISDIR(node.mode):
             raise FUSEError(errno.EISDIR)
         ts = now_ns()
@@ -158,10 +160,10 @@ class NameOps(Base):
     ) -> None:
         parent = int(parent_inode)
         self._writable()
-        ino = self.meta.lookup(parent, name)
-        if ino is None:
+        node = self.meta.lookup_node(parent, name)
+        if node is None:
             raise FUSEError(errno.ENOENT)
-        node = self._node(ino)
+        ino = node.id
         if not stat.S_ISDIR(node.mode):
             raise FUSEError(errno.ENOTDIR)
         if self.meta.has_entries(ino):
