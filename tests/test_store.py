@@ -430,8 +430,9 @@ def test_no_credentials(_store_moto: S3Server, _store_aws_env: pytest.MonkeyPatc
 
 def test_unknown_profile(_store_aws_env: pytest.MonkeyPatch) -> None:
     _store_aws_env.setenv("AWS_PROFILE", "no-such-profile")
+    store = open_store("s3://bucket", endpoint_url="http://127.0.0.1:9")  # no client yet
     with pytest.raises(StoreError, match="no-such-profile"):
-        open_store("s3://bucket", endpoint_url="http://127.0.0.1:9")
+        probe(store)
 
 
 @pytest.mark.timeout(30)

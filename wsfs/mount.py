@@ -1,8 +1,9 @@
 """`wsfs mount`: every check that can fail before a daemon starts, then the fork.
 
-The checks run in the caller's process so their errors reach the terminal as one sentence;
-the daemon is forked before trio, threads, SQLite or diskcache exist (none survive a fork) and
-reports over a pipe whether the mount serves, or why not, with its exit code.
+The local checks run in the caller's process so their errors reach the terminal as one
+sentence; the daemon is forked before trio, threads, SQLite, diskcache or an S3 client exist
+(none survive a fork), reaches the store, and reports over a pipe whether the mount serves, or
+why not (one sentence, with its exit code).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import os
 from pathlib import Path
 
 from .config import MountConfig, default_cache_dir
-from .daemon import open_checked_store, run_daemon
-from .errors import MountError, NoWorkspaceError, WsfsError
+from .daemon import run_daemon
+from .errors import MountError, WsfsError
 from .runtime import is_mountpoint
-from .workspace import read_superblock
+from .store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,17 @@ def check_cache_dir(cfg: MountConfig) -> Path:
 
 
 def prepare(cfg: MountConfig) -> Path:
-    """Every check that can fail before a daemon starts, so errors reach the terminal."""
+    """Every local check that can fail before a daemon starts, so errors reach the terminal.
+
+    The store is only checked for a well-formed URL here; the daemon reaches it (the store
+    answers, the workspace exists) and reports any failure over the ready pipe with its exit
+    code, as one sentence like these. Reaching it here too made every mount pay twice for an
+    S3 client and two round trips.
+    """
     cfg.mountpoint = cfg.mountpoint.absolute()
     check_mountpoint(cfg)
     cache_dir = check_cache_dir(cfg)
-    store = open_checked_store(cfg)
-    try:
-        read_superblock(store)
-    except NoWorkspaceError:
-        if not cfg.init:
-            raise  # with --init the daemon creates it (no trio before the fork)
+    open_store(cfg.store_url, endpoint_url=cfg.endpoint_url, region=cfg.region)
     return cache_dir
 
 

@@ -59,7 +59,10 @@ class S3Store:
         list_page_size: int = 1000,
         conditional_writes: bool | None = None,
     ) -> None:
-        """Create the client; no request is sent (use `wsfs.store.probe` to check access).
+        """Check the settings; no client yet, no request (use `wsfs.store.probe` to check
+        access). The client is made at first use: `wsfs mount` opens the store to check the
+        URL before it forks, and creating a client there (a tenth of a second or more) would
+        be thrown away, since the daemon must make its own after the fork anyway.
 
         `conditional_writes`: None detects on first use whether the server honours
         If-None-Match; True/False skip the detection.
@@ -84,11 +87,27 @@ class S3Store:
             request_checksum_calculation="when_required" if endpoint_url else "when_supported",
             response_checksum_validation="when_required" if endpoint_url else "when_supported",
         )
+        self._settings = (endpoint_url, region, config)
+        self._made_client: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def _client(self) -> Any:
+        client = self._made_client
+        if client is None:
+            with self._client_lock:
+                if self._made_client is None:
+                    self._made_client = self._make_client()
+                client = self._made_client
+        return client
+
+    def _make_client(self) -> Any:
+        endpoint_url, region, config = self._settings
         try:
             session = boto3.session.Session()
             if region is None and endpoint_url is not None and session.region_name is None:
                 region = "us-east-1"  # SigV4 needs some region; S3-compatibles accept this one
-            self._client: Any = session.client(
+            return session.client(
                 "s3", endpoint_url=endpoint_url, region_name=region, config=config
             )
         except bex.ProfileNotFound as exc:
