@@ -179,7 +179,7 @@ def test_fsck_clean_and_damaged_data(ws: Workspace,
     stray.write_bytes(b"left over")
     code, out = fsck(ws)
     assert code == 0, out
-    assert "1 unreferenced block objects (9 bytes)" in out
+    assert "1 unreferenced data objects (9 bytes)" in out
 
     cp = checkpoint()
     cp.flip_block("a.bin", 1)

@@ -79,7 +79,7 @@ class Report:
             lines.append(f"garbage: {self.orphans} inodes unlinked while open (orphans); the "
                          "next mount removes them")
         if self.garbage_objects:
-            lines.append(f"garbage: {self.garbage_objects} unreferenced block objects "
+            lines.append(f"garbage: {self.garbage_objects} unreferenced data objects "
                          f"({self.garbage_bytes} bytes): uploads newer than this checkpoint, "
                          "or left by an interrupted flush; they harm nothing")
         if self.clean:
