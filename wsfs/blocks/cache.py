@@ -49,7 +49,9 @@ MIN_RESERVE = 8 << 20
 BALLAST = 4 << 20
 # Seconds a block whose download just timed out fails at once instead of waiting again.
 RECENT_FAILURE = 1.0
-POOL_SIZE = 64  # empty dirty files kept ready
+# Empty dirty files kept ready: creating a file costs ~0.1-1 ms of the FUSE thread, and a
+# burst of new small files (tar, git checkout) drained a pool of 64 in a tenth of a second.
+POOL_SIZE = 256
 RECENT_BLOCKS = 8  # whole clean blocks kept in memory for sequential readers
 MAX_OPEN_FILES = 256
 SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the whole block
@@ -376,7 +378,7 @@ class BlockCache:
         """Background upkeep in worker threads: delete released files, refill the pool."""
         while True:
             doomed, self._unlink_ready = self._unlink_ready, []
-            need = POOL_SIZE - len(self._pool) if len(self._pool) < POOL_SIZE // 2 else 0
+            need = POOL_SIZE - len(self._pool) if len(self._pool) < POOL_SIZE * 3 // 4 else 0
 
             def work(doomed: list[tuple[str, int]] = doomed,
                      need: int = need) -> list[tuple[str, int]]:
@@ -391,11 +393,13 @@ class BlockCache:
                 return made
 
             if doomed or need or not self.ballast.exists():
-                try:
-                    self._pool.extend(await trio.to_thread.run_sync(work, limiter=self.limiter))
+                try:  # not behind uploads: a pool refilled late is a pool drained
+                    self._pool.extend(
+                        await trio.to_thread.run_sync(work, limiter=self.local_limiter))
                 except OSError as e:  # a full disk: writers create their own files
                     log.debug("cannot prepare dirty files: %s", e)
-            await trio.sleep(0.05)
+                    need = 0
+            await trio.sleep(0.01 if need else 0.05)  # a draining pool is refilled soon
 
     def _unlink_files(self, doomed: list[tuple[str, int]]) -> None:
         """Close and delete the files of dropped blocks (blocking)."""
