@@ -49,7 +49,9 @@ MIN_RESERVE = 8 << 20
 BALLAST = 4 << 20
 # Seconds a block whose download just timed out fails at once instead of waiting again.
 RECENT_FAILURE = 1.0
-POOL_SIZE = 64  # empty dirty files kept ready
+# Empty dirty files kept ready: creating a file costs ~0.1-1 ms of the FUSE thread, and a
+# burst of new small files (tar, git checkout) drained a pool of 64 in a tenth of a second.
+POOL_SIZE = 256
 RECENT_BLOCKS = 8  # whole clean blocks kept in memory for sequential readers
 MAX_OPEN_FILES = 256
 SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the whole block
@@ -57,6 +59,15 @@ SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the wh
 # of one file's blocks run in parallel: each waits mostly on the disk's cache flush, and
 # concurrent flushes share one (jbd2 and the block layer batch them).
 LOCAL_THREADS = 16
+# A writer's check for free disk space uses an estimate (the last statvfs(2) minus the bytes
+# written since) while it is younger than this many seconds and more than FREE_MARGIN above
+# what the writer needs; otherwise it asks the disk again. statvfs(2) on every write was a
+# third of the cost of a small file's write request.
+FREE_REFRESH = 0.05
+FREE_MARGIN = 64 << 20
+# Bytes a write is counted as taking from the estimate beyond its length: a new file's first
+# allocation (a 100-byte file takes a 4 KiB block), so the estimate never runs ahead of the disk.
+ALLOC_SLACK = 4096
 
 
 class BlockCorrupt(Exception):
@@ -177,10 +188,16 @@ class BlockCache:
         self._unsynced: set[str] = set()
         self._syncing: dict[str, trio.Event] = {}
         self._doomed: set[str] = set()
-        # Files of discarded blocks: kept until the commit that drops their reference, then
-        # deleted in batches by `maintain` in a worker thread (never in the FUSE thread).
-        self._unlink_after_commit: list[Path] = []
-        self._unlink_ready: list[Path] = []
+        # Files of discarded blocks (id, and the fd still open on it or -1): kept until the
+        # commit that drops their reference, then closed and deleted in batches by
+        # `maintain` in a worker thread (never in the FUSE thread).
+        self._unlink_after_commit: list[tuple[str, int]] = []
+        self._unlink_ready: list[tuple[str, int]] = []
+        # The free-space estimate of `wait_for_room`: statvfs(2)'s answer, when it was asked
+        # (monotonic seconds), and the bytes written into dirty blocks since.
+        self._free_seen = 0
+        self._free_seen_at = -FREE_REFRESH
+        self._written_since = 0
         # Empty files made ahead of need by `maintain`: creating a file costs the FUSE thread
         # more than writing it, and a new small file needs one.
         self._pool: list[tuple[str, int]] = []
@@ -236,7 +253,9 @@ class BlockCache:
             self._close(block_id)
             self._path(block_id).unlink(missing_ok=True)
             raise
-        self._set_length(block_id, len(content))
+        self._written_since += len(content) + ALLOC_SLACK
+        self.dirty_bytes += len(content)
+        self._dirty[block_id] = len(content)
         self._dirty_since[block_id] = time.monotonic()
         self._unsynced.add(block_id)
         return block_id
@@ -282,6 +301,7 @@ class BlockCache:
             self._pool.append((new_id, fd))
             return None
         self._keep_fd(new_id, fd)
+        self._written_since += length + ALLOC_SLACK
         self._set_length(new_id, length)
         self._dirty_since[new_id] = time.monotonic()
         self._unsynced.add(new_id)
@@ -292,8 +312,11 @@ class BlockCache:
 
     def write(self, block_id: str, offset: int, data: bytes) -> None:
         """Write into a writable dirty block (the caller checked `is_writable`)."""
-        fd = self._fd(block_id)
+        fd = self._fds.get(block_id)
+        if fd is None:
+            fd = self._fd(block_id)
         self._unsynced.add(block_id)
+        self._written_since += len(data) + ALLOC_SLACK
         try:
             _pwrite_all(fd, data, offset)
         except OSError:
@@ -355,11 +378,11 @@ class BlockCache:
         """Background upkeep in worker threads: delete released files, refill the pool."""
         while True:
             doomed, self._unlink_ready = self._unlink_ready, []
-            need = POOL_SIZE - len(self._pool) if len(self._pool) < POOL_SIZE // 2 else 0
+            need = POOL_SIZE - len(self._pool) if len(self._pool) < POOL_SIZE * 3 // 4 else 0
 
-            def work(doomed: list[Path] = doomed, need: int = need) -> list[tuple[str, int]]:
-                for path in doomed:
-                    path.unlink(missing_ok=True)
+            def work(doomed: list[tuple[str, int]] = doomed,
+                     need: int = need) -> list[tuple[str, int]]:
+                self._unlink_files(doomed)
                 with contextlib.suppress(OSError):
                     self._keep_ballast()
                 made = []
@@ -370,23 +393,38 @@ class BlockCache:
                 return made
 
             if doomed or need or not self.ballast.exists():
-                try:
-                    self._pool.extend(await trio.to_thread.run_sync(work, limiter=self.limiter))
+                try:  # not behind uploads: a pool refilled late is a pool drained
+                    self._pool.extend(
+                        await trio.to_thread.run_sync(work, limiter=self.local_limiter))
                 except OSError as e:  # a full disk: writers create their own files
                     log.debug("cannot prepare dirty files: %s", e)
-            await trio.sleep(0.05)
+                    need = 0
+            await trio.sleep(0.01 if need else 0.05)  # a draining pool is refilled soon
+
+    def _unlink_files(self, doomed: list[tuple[str, int]]) -> None:
+        """Close and delete the files of dropped blocks (blocking)."""
+        base = str(self.dirty_dir) + os.sep
+        for block_id, fd in doomed:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(base + block_id)
 
     def is_doomed(self, block_id: str) -> bool:
         """Whether a sealed block was discarded while its upload ran."""
         return block_id in self._doomed
 
     def _drop_dirty(self, block_id: str, after_commit: bool = False) -> None:
-        self._close(block_id)
+        """Forget a dirty block; its file is closed and deleted later in a worker thread
+        (closing the last fd of a file is part of what made a delete cost the FUSE thread)."""
         # after the next commit, or as soon as the background deletes run
-        (self._unlink_after_commit if after_commit else self._unlink_ready).append(
-            self._path(block_id))
-        self._set_length(block_id, 0)
-        del self._dirty[block_id]
+        pending = self._unlink_after_commit if after_commit else self._unlink_ready
+        fd = self._fds.pop(block_id, -1)
+        if fd >= 0 and len(pending) >= MAX_OPEN_FILES:  # many deletes between two commits
+            os.close(fd)
+            fd = -1
+        pending.append((block_id, fd))
+        self.dirty_bytes -= self._dirty.pop(block_id)
         self._dirty_since.pop(block_id, None)
         self._unsynced.discard(block_id)
         self._wake_writers()
@@ -483,10 +521,24 @@ class BlockCache:
         """
         while self.dirty_bytes > self.dirty_limit:
             await self._room.wait()
-        if self.disk_free() >= self._needed(size):
+        need = self._needed(size)
+        if self._free_estimate(need) >= need:
             self._disk_full_since = None
             return
         await self._wait_for_disk(size)
+
+    def _free_estimate(self, need: int) -> int:
+        """The free space of the cache disk for a writer that needs `need` bytes: estimated
+        from the last statvfs(2) while that is recent and far from `need`, else asked anew
+        (so a nearly full disk is always judged by the disk itself)."""
+        now = time.monotonic()
+        estimate = self._free_seen - self._written_since
+        if now - self._free_seen_at < FREE_REFRESH and estimate >= need + FREE_MARGIN:
+            return estimate
+        self._written_since = 0
+        self._free_seen = self.disk_free()
+        self._free_seen_at = now
+        return self._free_seen
 
     def disk_free(self) -> int:
         st = os.statvfs(self.dirty_dir)
@@ -770,9 +822,12 @@ class BlockCache:
             os.close(fd)
             self._path(block_id).unlink(missing_ok=True)
         self._pool.clear()
-        for path in self._unlink_ready:
-            path.unlink(missing_ok=True)
+        self._unlink_files(self._unlink_ready)
         self._unlink_ready.clear()
+        for _, fd in self._unlink_after_commit:  # their files stay: the commit did not run
+            if fd >= 0:
+                os.close(fd)
+        self._unlink_after_commit = [(b, -1) for b, _ in self._unlink_after_commit]
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -301,14 +301,20 @@ class Metadata:
 
     def save_inode(self, node: Inode) -> None:
         """Write every field of `node` back (callers change the dataclass, then save it)."""
-        cur = self.conn.execute(  # the common case, and counted apart: only timestamps moved
-            "UPDATE inodes SET atime_ns=?, mtime_ns=?, ctime_ns=? WHERE id=? AND mode=?"
-            " AND uid=? AND gid=? AND size=? AND nlink=? AND rdev=?",
-            (node.atime_ns, node.mtime_ns, node.ctime_ns, node.id, node.mode, node.uid,
-             node.gid, node.size, node.nlink, node.rdev),
-        )
-        if cur.rowcount:
-            self.time_changes += cur.rowcount
+        old = self._inodes.get(node.id)  # the cache tells a change beyond timestamps apart
+        if old is not None and old[1:7] != (node.mode, node.uid, node.gid, node.size,
+                                            node.nlink, node.rdev):
+            rowcount = 0  # skip the timestamps-only statement: it would match no row
+        else:
+            cur = self.conn.execute(  # the common case, counted apart: only timestamps moved
+                "UPDATE inodes SET atime_ns=?, mtime_ns=?, ctime_ns=? WHERE id=? AND mode=?"
+                " AND uid=? AND gid=? AND size=? AND nlink=? AND rdev=?",
+                (node.atime_ns, node.mtime_ns, node.ctime_ns, node.id, node.mode, node.uid,
+                 node.gid, node.size, node.nlink, node.rdev),
+            )
+            rowcount = cur.rowcount
+        if rowcount:
+            self.time_changes += rowcount
         else:
             self.conn.execute(
                 "UPDATE inodes SET mode=?, uid=?, gid=?, size=?, nlink=?, rdev=?, atime_ns=?,"
