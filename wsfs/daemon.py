@@ -33,7 +33,7 @@ from .lease import Lease
 from .meta import Metadata
 from .metrics import RateMeter
 from .progress import Progress
-from .runtime import registry_path, sd_notify, write_registry
+from .runtime import limit_malloc_arenas, registry_path, sd_notify, write_registry
 from .store import ObjectStore, open_store, probe
 from .sync import Flusher
 from .workspace import Superblock, create, has_marker, prepare_cache, read_superblock
@@ -369,6 +369,7 @@ def take_cache_lock(cache_dir: Path) -> IO[str]:
 def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
     """Run the mount in this process until it is unmounted and flushed."""
     logs.add_file_handler(cache_dir / "wsfs.log")
+    limit_malloc_arenas()
     # `wsfs sync`'s signal must never kill the daemon, even outside the signal watcher's life.
     signal.signal(control.SYNC_SIGNAL, signal.SIG_IGN)
     daemon = Daemon(cfg, cache_dir, ready_fd)

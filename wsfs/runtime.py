@@ -7,6 +7,7 @@ daemon behind a mountpoint, wait for it, and read its status file in the cache d
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -64,3 +65,21 @@ def sd_notify(message: str) -> None:
             s.sendto(message.encode(), addr)
         except OSError as e:
             log.warning("could not notify systemd: %s", e)
+
+
+M_ARENA_MAX = -8  # glibc's mallopt(3) parameter
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas before the daemon starts its worker threads.
+
+    glibc gives each thread that allocates concurrently an arena of its own and rarely returns
+    their memory; with 32 upload threads each handling megabytes (blocks, packs, checkpoint
+    pages), a daemon creating 30,000 files peaked at 234 MB RSS, and 171 MB with two arenas
+    (measured through a real mount). A no-op where mallopt does not exist (musl).
+    """
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        log.debug("mallopt is not available: malloc arenas are not capped")
