@@ -317,13 +317,10 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
     requeued = 0
     dirty = set(blocks.recover())
     for block_id in dirty:
-        ref = meta.find_block(block_id)
-        if ref is None:
-            blocks.discard(block_id)
-        elif ref.csum is not None:  # uploaded just before the crash
-            blocks.retire(block_id, uploaded=True)  # in the store already
-        else:
+        if meta.awaits_upload(block_id):
             requeued += 1
+        else:  # uploaded just before the crash, or no longer referenced: the file may go
+            blocks.retire(block_id, uploaded=True)
     for ino, idx, block_id in meta.blocks_without_checksum():
         if block_id in dirty:
             continue

@@ -221,6 +221,10 @@ class Flusher:
         sealed = self.blocks.seal_all()
         snapshot = ckpt.PinnedSnapshot(self.meta.path)
         changes_at_pin = self.meta.total_changes
+        # What changes from now on is pending since now at the earliest: the next cycle is
+        # due a flush delay after this pin, not at once. (It was at once: under steady writes
+        # cycles ran back to back, each re-uploading most of the database's pages.)
+        self._pending_since = time.monotonic()
         self._own_changes = 0
         copy = self.cache_dir / "checkpoint.db"
         uploaded: dict[str, tuple[str, str | None]] = {}  # id -> (checksum, pack)
@@ -273,8 +277,7 @@ class Flusher:
         disk), a block's checksum may be gone, and the block must then be uploaded again.
         """
         for block_id in self._awaiting_commit:
-            ref = self.meta.find_block(block_id)
-            self.blocks.retire(block_id, uploaded=ref is None or ref.csum is not None)
+            self.blocks.retire(block_id, uploaded=not self.meta.awaits_upload(block_id))
         self._awaiting_commit.clear()
         self.blocks.release_discarded()
 

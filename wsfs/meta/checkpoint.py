@@ -108,7 +108,7 @@ def finalize(path: Path, uploaded: dict[str, tuple[str, str | None]], seq: int) 
     try:
         conn.execute("BEGIN")
         conn.executemany(
-            "UPDATE blocks SET csum=?, pack=? WHERE id=?",
+            "UPDATE blocks SET csum=?, pack=? WHERE id=? AND csum IS NULL",
             [(c, p, i) for i, (c, p) in uploaded.items()],
         )
         missing = conn.execute("SELECT count(*) FROM blocks WHERE csum IS NULL").fetchone()[0]
@@ -164,6 +164,7 @@ async def publish(
         for digest, blob in new.items():
             nursery.start_soon(put_page, digest, blob)
     manifest = Manifest(seq, time.time_ns(), os.path.getsize(path), tuple(digests))
+    log.debug("checkpoint %d: %d of %d pages new", seq, len(new), len(digests))
 
     def put_manifest() -> None:
         store.put(manifest_key(seq), manifest.encode())

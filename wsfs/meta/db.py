@@ -512,7 +512,8 @@ class Metadata:
     def set_uploaded(self, csums: dict[str, str], pack: str | None = None) -> None:
         """Record blocks as uploaded: their checksums, and the pack they went up in."""
         self.conn.executemany(
-            "UPDATE blocks SET csum=?, pack=? WHERE id=?", [(c, pack, i) for i, c in csums.items()]
+            "UPDATE blocks SET csum=?, pack=? WHERE id=? AND csum IS NULL",
+            [(c, pack, i) for i, c in csums.items()]
         )
 
     def pack_in_use(self, pack: str) -> bool:
@@ -520,12 +521,12 @@ class Metadata:
         return self.conn.execute(
             "SELECT 1 FROM blocks WHERE pack=? LIMIT 1", (pack,)).fetchone() is not None
 
-    def find_block(self, block_id: str) -> BlockRef | None:
-        """The block map entry holding `block_id`, if any still does."""
-        row = self.conn.execute(
-            "SELECT idx, id, csum, pack FROM blocks WHERE id=? LIMIT 1", (block_id,)
-        ).fetchone()
-        return None if row is None else BlockRef(*row)
+    def awaits_upload(self, block_id: str) -> bool:
+        """Whether the block map still names `block_id` without a checksum (else it was
+        uploaded, or nothing references it any more)."""
+        return self.conn.execute(
+            "SELECT 1 FROM blocks WHERE id=? AND csum IS NULL LIMIT 1", (block_id,)
+        ).fetchone() is not None
 
     # -- garbage ----------------------------------------------------------------------------
 
