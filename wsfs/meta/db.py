@@ -273,7 +273,11 @@ class Metadata:
     def lookup_node(self, parent: int, name: bytes) -> Inode | None:
         """The inode `name` names in `parent`, in one statement (for unlink and rmdir)."""
         row = self.conn.execute(self._LOOKUP_NODE, (parent, name)).fetchone()
-        return None if row is None else Inode(*row)
+        if row is None:
+            return None
+        self._check_caches()
+        self._remember(row)  # the caller saves it next: a cached row makes that one UPDATE
+        return Inode(*row)
 
     def create_inode(
         self,
