@@ -386,6 +386,8 @@ def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
         assert ops.blocks.hits == hits  # copied file to file, never read into the trio thread
         copy = blocks_of(ops)[0]
         assert copy != first and ops.blocks.is_writable(copy)
+        # synced as a copy, before any commit could name it (the old bytes were durable)
+        assert recorder.take() == [copy]
         expected = bytearray(old)
         expected[5000:5003] = b"new"
         assert await ops.read(fh_, 0, BS) == bytes(expected)
@@ -394,5 +396,26 @@ def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
         assert sorted(recorder.take()) == sorted([copy, "meta.db-wal"])
         await ops.write(fh_, 6000, b"again")  # the copy is writable: no second copy
         assert blocks_of(ops)[0] == copy
+
+    trio.run(main)
+
+
+def test_a_cut_tail_block_is_synced_before_the_metadata_names_it(
+        tmp_path: Path, recorder: SyncRecorder) -> None:
+    """Truncating into the middle of a block copies its head into a new block; that copy of
+    fsynced bytes is made durable before any commit can name it (docs/faults.md)."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        fh_ = pyfuse3.FileHandleT(fh)
+        await ops.write(fh_, 0, payload(3, BS + 5000))
+        await ops.fsync(fh_, False)
+        recorder.take()
+        node = ops.meta.get_inode(2)
+        assert node is not None
+        await ops._truncate(node, 3000)
+        tail = blocks_of(ops)
+        assert list(tail) == [0]
+        assert recorder.take() == [tail[0]]
+        assert await ops.read(fh_, 0, BS) == payload(3, BS + 5000)[:3000]
 
     trio.run(main)

@@ -268,25 +268,36 @@ class BlockCache:
         or sealed 1 MiB block used to read and write 1 MiB in the trio thread, which every
         other request waited for. The new block joins the dirty set only once complete, so no
         seal can freeze it half copied.
+
+        The copy is fdatasynced before it is returned: the metadata commit that names it
+        may reach the disk before its bytes otherwise, and a machine crash would then lose
+        the block's old content, fsynced or uploaded, too (docs/faults.md). One fdatasync per
+        copy, in the worker trip the copy makes anyway.
         """
         src = os.dup(self._fd(block_id)) if block_id in self._dirty else None  # sealed: stable
         new_id, new_fd = self._pool.pop() if self._pool else (secrets.token_hex(16), -1)
+
+        def copy_into(fd: int) -> int | None:
+            if src is not None:
+                return _copy_all(src, fd)
+            f = self.clean.get(block_id, default=None, read=True)
+            if f is None:
+                return None
+            if isinstance(f, bytes):  # diskcache keeps small values inline
+                _pwrite_all(fd, f, 0)
+                return len(f)
+            with f:
+                return _copy_all(f.fileno(), fd)
 
         def work() -> tuple[int, int | None]:
             fd = new_fd
             if fd < 0:
                 fd = os.open(self._path(new_id), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                if src is not None:
-                    return fd, _copy_all(src, fd)
-                f = self.clean.get(block_id, default=None, read=True)
-                if f is None:
-                    return fd, None
-                if isinstance(f, bytes):  # diskcache keeps small values inline
-                    _pwrite_all(fd, f, 0)
-                    return fd, len(f)
-                with f:
-                    return fd, _copy_all(f.fileno(), fd)
+                length = copy_into(fd)
+                if length is not None:
+                    os.fdatasync(fd)
+                return fd, length
             except BaseException:  # a full disk: leave no unaccounted file behind
                 os.close(fd)
                 self._path(new_id).unlink(missing_ok=True)
@@ -304,8 +315,23 @@ class BlockCache:
         self._written_since += length + ALLOC_SLACK
         self._set_length(new_id, length)
         self._dirty_since[new_id] = time.monotonic()
-        self._unsynced.add(new_id)
         return new_id
+
+    async def create_synced(self, content: bytes) -> str:
+        """`create(content)`, fdatasynced before anyone names it: for copies of durable data
+        that did not come from a local file (see `copy`), such as a cut tail block."""
+        block_id = self.create(content)
+        try:
+            fd = os.dup(self._fd(block_id))
+            try:
+                await trio.to_thread.run_sync(os.fdatasync, fd, limiter=self.local_limiter)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.discard(block_id)
+            raise
+        self._unsynced.discard(block_id)
+        return block_id
 
     def is_writable(self, block_id: str) -> bool:
         return block_id in self._dirty and block_id not in self._sealed

@@ -200,7 +200,7 @@ class DataOps(Base):
         if ref is not None and not (in_off == 0 and len(piece) == self.bs):
             new_id = await self.blocks.copy(ref.id)  # from the local copy, if there is one
             if new_id is None:
-                new_id = self.blocks.create(await self._read_block(ref, 0, self.bs))
+                new_id = await self.blocks.create_synced(await self._read_block(ref, 0, self.bs))
         if new_id is None:
             new_id = self.blocks.create()
         try:
@@ -257,14 +257,19 @@ class DataOps(Base):
             content = b""
             if tail_ref is not None:
                 content = await self._read_block(tail_ref, 0, tail)
-            with self._txn():
-                self._drop_blocks(self.meta.remove_blocks_from(node.id, first_gone))
-                if tail_ref is not None:
-                    new_id = self.blocks.create(content)
-                    self.meta.set_block(node.id, size // self.bs, new_id)
-                    self._drop_blocks([tail_ref])
-                node.size = size
-                self.meta.save_inode(node)
+            new_id = None if tail_ref is None else await self.blocks.create_synced(content)
+            try:
+                with self._txn():
+                    self._drop_blocks(self.meta.remove_blocks_from(node.id, first_gone))
+                    if tail_ref is not None and new_id is not None:
+                        self.meta.set_block(node.id, size // self.bs, new_id)
+                        self._drop_blocks([tail_ref])
+                    node.size = size
+                    self.meta.save_inode(node)
+            except BaseException:  # the copy must not linger unreferenced
+                if new_id is not None:
+                    self.blocks.discard(new_id)
+                raise
         else:
             node.size = size
             with self._txn():
