@@ -78,6 +78,9 @@ class PinnedSnapshot:
 
     def __init__(self, db_path: Path) -> None:
         self.conn = connect(db_path)
+        # The copy reads every page once: a page cache as big as the live connection's would
+        # only hold a second copy of the database in memory for the length of the copy.
+        self.conn.execute("PRAGMA cache_size=-2048")
         self.conn.execute("BEGIN")
         self.conn.execute("SELECT count(*) FROM settings").fetchone()
 
