@@ -1,12 +1,13 @@
-"""Packs: many small blocks in one store object.
+"""Packs: many blocks in one store object.
 
 A workspace is mostly small files (a package tree averages ~10 KiB per file), and one object
-per small block makes every flush a storm of PUTs whose per-request cost, not bandwidth,
-bounds it: on two cores boto3 plus the server spend milliseconds of CPU per request, taken
-from the thread that answers the kernel. The small blocks sealed by one flush cycle are
-therefore uploaded together, as packs of up to PACK_TARGET bytes, and a cold read of one of
-them fetches the whole pack: files written together are read together (a package is
-installed at once and imported at once), so one GET serves a whole directory tree.
+per block makes every flush a storm of PUTs whose per-request cost, not bandwidth, bounds it:
+on two cores boto3 plus the server spend milliseconds of CPU per request, taken from the
+thread that answers the kernel. The blocks sealed by one flush cycle are therefore uploaded
+together, as packs of up to PACK_TARGET bytes, and a cold read of one of them fetches the
+whole pack: files written together are read together (a package is installed at once and
+imported at once), so one GET serves a whole directory tree, and a big file written
+sequentially comes back 4 MiB per request instead of 1 MiB.
 
 A pack is self-describing, so the block layer can split it without asking the metadata:
 
@@ -34,10 +35,10 @@ class PackCorrupt(Exception):
 
 
 def group(sizes: dict[str, int]) -> tuple[list[list[str]], list[str]]:
-    """Split blocks (id -> length) into packs of small blocks and a list of single blocks.
+    """Split blocks (id -> length) into packs and a list of blocks uploaded on their own.
 
     Packs keep the order the blocks came in (creation order: files written together stay
-    together), and a lone small block is uploaded on its own: a pack of one buys nothing.
+    together), and a lone block is uploaded on its own: a pack of one buys nothing.
     """
     packs: list[list[str]] = []
     singles: list[str] = []
