@@ -181,6 +181,9 @@ class FaultProxy:
 
     def _handle(self, client: socket.socket) -> None:
         try:
+            if self.outage_active():  # accepted in the moment before the listener closed
+                _reset(client)
+                return
             self._handle_request(client)
         except OSError:
             pass  # a connection we (or the client) reset

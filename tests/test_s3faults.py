@@ -98,16 +98,21 @@ def test_errors_and_resets_are_retried(proxied: tuple[Workspace, FaultProxy],
     else:
         proxy.errors(0.5, code=fault)
     check_files(mnt, old)  # downloads through the faults
-    new = write_files(mnt, "new", [200_000] * 8 + [3_000_000])
+    # Several flush cycles, each its own pack, pages, manifest and HEAD: packs made one cycle
+    # a handful of requests, too few to be sure that some of them fail.
+    new: dict[str, bytes] = {}
+    for round_ in range(4):
+        new |= write_files(mnt, f"new{round_}", [200_000, 200_000] + [3_000_000] * (round_ == 0))
+        ws.wsfs("sync", str(mnt), timeout=120)
     (mnt / "dir").mkdir()
-    (mnt / "dir" / "moved.bin").write_bytes(new["new-0.bin"])
+    (mnt / "dir" / "moved.bin").write_bytes(new["new0-0.bin"])
     wait_drained(ws, before, timeout=120)
     injected = proxy.stats["error" if fault != "reset" else "reset"]
     assert injected >= 5, proxy.stats
     proxy.pass_through()
     mnt = ws.remount(wipe_cache=True)
     check_files(mnt, old | new)
-    assert (mnt / "dir" / "moved.bin").read_bytes() == new["new-0.bin"]
+    assert (mnt / "dir" / "moved.bin").read_bytes() == new["new0-0.bin"]
     ws.unmount()
 
 
