@@ -295,9 +295,6 @@ class Flusher:
         (block_id,) = block_ids
         return None, {block_id: await self.blocks.upload(block_id)}
 
-    async def _put_pack(self, block_ids: list[str]) -> tuple[str | None, dict[str, str]]:
-        return await self.blocks.upload_pack(block_ids)
-
     async def _upload(self, block_ids: list[str], uploaded: dict[str, tuple[str, str | None]]
                       ) -> None:
         """Upload blocks, one as its own object or several as a pack, with backoff like
@@ -309,7 +306,8 @@ class Flusher:
         the cycle fails and the next one goes without it.
         """
         block_ids = list(block_ids)
-        put = self._put_pack if len(block_ids) > 1 else self._put_single
+        put: Callable[[list[str]], Awaitable[tuple[str | None, dict[str, str]]]] = (
+            self.blocks.upload_pack if len(block_ids) > 1 else self._put_single)
         count = len(block_ids)
         length = sum(self.blocks.dirty_length(b) for b in block_ids)
         self.uploading_blocks += count
