@@ -32,33 +32,35 @@ def sync_dir(cache_dir: Path) -> Path:
 # -- the daemon's side ----------------------------------------------------------------------
 
 
-async def answer_requests(cache_dir: Path, sync_now: Callable[[], Awaitable[None]]) -> int:
+async def answer_requests(cache_dir: Path, sync_now: Callable[[], Awaitable[None]],
+                          before_answering: Callable[[int], None]) -> None:
     """Publish everything written before the pending requests, then answer them.
 
-    Returns the number of requests answered. Errors are answered, never raised: a failed
-    sync must not end the mount.
+    `before_answering(n)` runs between the sync and the n answers, so whatever it records
+    (the daemon's status) is already there when a client reads it after its answer. Errors
+    are answered, never raised: a failed sync must not end the mount.
     """
     d = sync_dir(cache_dir)
     try:
         requests = sorted(d.glob("*.req"))
     except OSError:
-        return 0
+        return
     _remove_stale(d)
     if not requests:
-        return 0
+        return
     error: str | None = None
     try:
         await sync_now()
     except Exception as e:  # answered to the client, who reports it
         error = str(e) or type(e).__name__
         log.warning("sync requested by `wsfs sync` failed: %s", error)
+    before_answering(len(requests))
     for req in requests:
         answer = req.with_suffix(".err" if error else ".ok")
         with contextlib.suppress(OSError):
             answer.write_text(error or "")
             req.unlink()
     log.info("sync requests=%d ok=%s", len(requests), error is None)
-    return len(requests)
 
 
 def _remove_stale(d: Path) -> None:

@@ -284,16 +284,15 @@ class Daemon:
                 nursery.start_soon(self._unmount_self)
 
     async def _answer_sync_requests(self) -> None:
-        flusher = self.flusher
-        assert flusher is not None
+        assert self.flusher is not None
 
-        async def publish() -> None:
-            await flusher.sync_now()
-            # `wsfs sync` reads status.json once answered: it must show the sync, not the
+        def count_and_publish(answered: int) -> None:
+            # `wsfs sync` reads status.json once answered: it must show this sync, not the
             # state of up to half a second before it (test_status found the stale one).
+            self.syncs += answered
             self.write_status()
 
-        self.syncs += await control.answer_requests(self.cache_dir, publish)
+        await control.answer_requests(self.cache_dir, self.flusher.sync_now, count_and_publish)
 
     async def _unmount_self(self) -> None:
         """Unmount while still serving, so the kernel can write back its dirty pages."""
