@@ -210,7 +210,10 @@ def start_moto() -> S3Server:
     """Start moto's S3 server (in-memory; accepts any credentials)."""
     return _start_with_retries(
         "moto",
-        lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        # -P: a `moto.py` in the working directory must not shadow the package (one did, and
+        # every server it started started another).
+        lambda port: [sys.executable, "-P", "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                      str(port)],
         "testing",
         "testing",
     )
