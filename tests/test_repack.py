@@ -287,8 +287,8 @@ def fresh_check(ws: Workspace, files: dict[str, bytes]) -> None:
     fsck_clean(ws)
 
 
-def setup_thinned(ws: Workspace, server: S3Server, *, remount: bool = False,
-                  flush_delay: float = 2.0) -> tuple[Path, dict[str, bytes], str]:
+def setup_thinned(ws: Workspace, server: S3Server, *, flush_delay: float = 2.0
+                  ) -> tuple[Path, dict[str, bytes], str]:
     """A tree of small files written in one flush cycle (one pack), then mostly deleted or
     rewritten. Returns the mount, the surviving files and the old pack's key."""
     mnt = ws.mount(flush_delay=flush_delay)
@@ -297,10 +297,6 @@ def setup_thinned(ws: Workspace, server: S3Server, *, remount: bool = False,
     ws.wsfs("sync", str(mnt))
     (old_pack,) = [k for k, size in bucket_objects(ws, server).items()
                    if k not in before and size > 1_000_000]
-    if remount:  # survivors then are in no local cache: the repack downloads the old pack
-        ws.unmount()
-        ws.fresh_cache()
-        mnt = ws.mount(flush_delay=flush_delay)
     left = thin_out(mnt, files, keep_every=10, rewrite=5)
     ws.wsfs("sync", str(mnt))
     return mnt, left, old_pack
@@ -372,20 +368,33 @@ def test_a_crash_in_the_middle_of_a_repack_loses_nothing(
     ws, proxy = proxied
     ws.env["WSFS_REPACK_INTERVAL"] = INTERVAL
     if when == "during_upload":
-        mnt, left, old_pack = setup_thinned(ws, moto_server)
-        proxy.stall(60, methods=["PUT"])  # the repack's upload hangs
-        wait_for("a stalled upload", lambda: proxy.stats["stall"] >= 1)
-        time.sleep(1.5)  # several passes: the repack is surely stuck in its upload
-        assert ws.status()["repacked_packs"] == 0
+        mnt = ws.mount(flush_delay=2)
+        before = bucket_objects(ws, moto_server)
+        files = write_tree(mnt, 200, "crash")
+        ws.wsfs("sync", str(mnt))
+        (old_pack,) = [k for k, size in bucket_objects(ws, moto_server).items()
+                       if k not in before and size > 1_000_000]
+        proxy.stall(60, methods=["PUT"])  # from before the deletions: every upload hangs
+        left = thin_out(mnt, files, keep_every=10, rewrite=5)
+        wait_for("a repack's upload", lambda: ws.status()["repack_uploading_bytes"] > 0)
+        published = files  # the deletions never reached a checkpoint
     else:
         # A long flush delay: the switch is made, the checkpoint naming the new pack is
         # seconds away when the daemon dies (the group commit may or may not have run).
+        # Passes 2 s apart: the repack comes after the thinned tree's checkpoint.
+        ws.env["WSFS_REPACK_INTERVAL"] = "2"
         mnt, left, old_pack = setup_thinned(ws, moto_server, flush_delay=5)
         wait_for("a repack", lambda: ws.status()["repacked_packs"] == 1)
+        published = left
     ws.kill(signal.SIGKILL)
     proxy.pass_through()
+    ws.env["WSFS_REPACK_INTERVAL"] = INTERVAL
     assert old_pack in bucket_objects(ws, moto_server)  # nothing published without it yet
-    mnt = ws.mount(flush_delay=0.3)  # the same cache dir: recovery
+    crashed = ws.cache_dir
+    mnt = ws.mount(cache_dir=ws.fresh_cache())  # another machine: the store as it was left
+    check_tree(mnt, published)
+    ws.unmount()
+    mnt = ws.mount(cache_dir=crashed, flush_delay=0.3)  # the crashed cache dir: recovery
     check_tree(mnt, left)
     wait_for("the old pack to leave the store",
              lambda: old_pack not in bucket_objects(ws, moto_server))
@@ -398,13 +407,22 @@ def test_an_outage_during_repacking_delays_it_and_loses_nothing(
         proxied: tuple[Workspace, FaultProxy], moto_server: S3Server) -> None:
     ws, proxy = proxied
     ws.env["WSFS_REPACK_INTERVAL"] = INTERVAL
-    ws.allowed_log_errors.append("could not")
-    _mnt, left, old_pack = setup_thinned(ws, moto_server, remount=True)
-    proxy.outage(10)
+    mnt = ws.mount(flush_delay=2)
+    before = bucket_objects(ws, moto_server)
+    files = write_tree(mnt, 200, "outage")
+    ws.wsfs("sync", str(mnt))
+    (old_pack,) = [k for k, size in bucket_objects(ws, moto_server).items()
+                   if k not in before and size > 1_000_000]
+    ws.unmount()
+    ws.fresh_cache()  # the survivors are in no local cache: the repack must download
+    mnt = ws.mount(flush_delay=0.3)
+    proxy.outage(12)  # from before the deletions: no repack can have run yet
+    left = thin_out(mnt, files, keep_every=10, rewrite=5)
     wait_for("a failed repack", lambda: ws.status()["repack_errors"] >= 1, timeout=30)
     assert ws.status()["repacked_packs"] == 0
-    assert old_pack in bucket_objects(ws, moto_server)
     proxy.pass_through()
+    assert old_pack in bucket_objects(ws, moto_server)
+    ws.wsfs("sync", str(mnt))
     wait_for("the old pack to leave the store",
              lambda: old_pack not in bucket_objects(ws, moto_server))
     ws.unmount()

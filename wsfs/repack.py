@@ -209,6 +209,7 @@ class Repacker:
         self.packs_reclaimed = 0  # old packs emptied (now garbage)
         self.moved_bytes = 0  # survivor bytes copied into new packs
         self.reclaimed_bytes = 0  # dead bytes of the emptied packs
+        self.uploading_bytes = 0  # a new pack on its way to the store
         self.errors = 0
         self.last_error: str | None = None
 
@@ -216,6 +217,7 @@ class Repacker:
         return {"repack_passes": self.passes, "repacked_packs": self.packs_reclaimed,
                 "repack_moved_bytes": self.moved_bytes,
                 "repack_reclaimed_bytes": self.reclaimed_bytes,
+                "repack_uploading_bytes": self.uploading_bytes,
                 "repack_errors": self.errors, "repack_last_error": self.last_error}
 
     async def run(self) -> None:
@@ -233,7 +235,7 @@ class Repacker:
             except Exception as e:
                 self.errors += 1
                 self.last_error = str(e)
-                log.warning("repacking failed, trying again in %.0fs: %s", self.interval, e)
+                log.warning("repacking failed, trying again in %gs: %s", self.interval, e)
 
     async def repack_once(self) -> int:
         """One pass; returns the number of old packs it emptied."""
@@ -310,6 +312,7 @@ class Repacker:
         if any(csums[m[0]] != m[2] for m in run):  # _survivors checked them: never happens
             raise RuntimeError("a repacked block does not match its checksum")
         key = object_key(new_id)
+        self.uploading_bytes = len(blob)
         try:
             await trio.to_thread.run_sync(self.store.put, key, blob, limiter=self.blocks.limiter)
         except Exception:
@@ -320,6 +323,8 @@ class Repacker:
             except Exception as e:
                 log.debug("could not delete the unused pack %s: %s", new_id, e)
             raise
+        finally:
+            self.uploading_bytes = 0
         # The switch: no await from here on.
         olds = sorted({m[1] for m in run})
         self.meta.begin()
