@@ -24,6 +24,7 @@ from faultproxy import FaultProxy
 from s3servers import S3Server
 from test_layers import BS, add_file, make
 
+from wsfs import repack
 from wsfs.blocks import BlockCache, object_key
 from wsfs.meta import Metadata, schema
 from wsfs.repack import PackUsage, Repacker, choose, chunks, pack_usage
@@ -63,7 +64,8 @@ def data_keys(store: LocalStore) -> dict[str, int]:
     return {k: s for k, s in store.list("data/")}
 
 
-def test_repack_moves_survivors_and_the_old_pack_goes(tmp_path: Path) -> None:
+def test_repack_moves_survivors_and_the_old_pack_goes(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     store, meta, blocks, flusher = make(tmp_path)
     rnd = random.Random("layers")
     files = {f"f{i}".encode(): rnd.randbytes(rnd.randrange(5_000, 30_000)) for i in range(40)}
@@ -101,6 +103,15 @@ def test_repack_moves_survivors_and_the_old_pack_goes(tmp_path: Path) -> None:
         got = trio.run(fresh.read, ref.id, ref.csum, ref.pack, 0, BS)
         assert got == files[name]
     assert trio.run(repacker.repack_once) == 0  # the new pack is all alive
+    scans: list[int] = []
+    real_scan = repack.scan
+    monkeypatch.setattr(repack, "scan", lambda *a: scans.append(1) or real_scan(*a))
+    for _ in range(3):
+        trio.run(repacker.repack_once)
+    assert scans == []  # nothing changed, nothing was due: an idle workspace is not scanned
+    unlink(meta, blocks, inos[b"f3"])
+    trio.run(repacker.repack_once)
+    assert scans == [1]
 
 
 def test_repack_reads_an_uncached_survivor_from_the_old_pack(tmp_path: Path) -> None:

@@ -201,6 +201,11 @@ class Repacker:
         self.interval = default_interval() if interval is None else interval
         self.busy = busy  # True while user data should have the store to itself
         self._previous: dict[str, tuple[int, int]] = {}
+        # The database's change count at the last scan, and whether that scan found anything
+        # worth another look: an idle workspace is not scanned again and again (a scan of
+        # 100,000 packed blocks takes ~50 ms of a worker thread).
+        self._scanned_at = -1
+        self._promising = True
         # Before anything changes (the mount does not serve yet): see adopt_packs.
         if adopt_packs(meta.conn, blocks.block_size):
             meta.flush()
@@ -240,11 +245,20 @@ class Repacker:
     async def repack_once(self) -> int:
         """One pass; returns the number of old packs it emptied."""
         self.passes += 1
+        self.meta.flush()  # the scan reads what is committed
+        changes = self.meta.total_changes
+        if changes == self._scanned_at and not self._promising:
+            return 0
         usage = await trio.to_thread.run_sync(scan, self.meta.path, self.blocks.block_size,
                                               limiter=self.blocks.limiter)
+        self._scanned_at = changes
         await self._learn_sizes(usage)
         chosen = choose(usage, self._previous)
         self._previous = {u.id: (u.members, u.live) for u in usage}
+        # Worth another scan even if nothing changes: packs due once they prove settled,
+        # sizes still unknown, or packs chosen now (a failed pass leaves them).
+        self._promising = bool(choose(usage, self._previous, budget=0)) or any(
+            u.size is None for u in usage)
         if not chosen:
             return 0
         members: list[tuple[str, str, str, bytes]] = []  # (id, old pack, csum, content)
