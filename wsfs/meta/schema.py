@@ -147,8 +147,9 @@ def upgrade(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE blocks ADD COLUMN pack TEXT")
         conn.execute("CREATE INDEX blocks_by_pack ON blocks (pack)")
     if fmt in (1, 2):
-        conn.execute("CREATE TABLE packs (id TEXT PRIMARY KEY, size INTEGER) WITHOUT ROWID")
-        conn.execute("INSERT INTO packs (id) SELECT DISTINCT pack FROM blocks"
+        conn.execute("CREATE TABLE IF NOT EXISTS packs (id TEXT PRIMARY KEY, size INTEGER)"
+                     " WITHOUT ROWID")
+        conn.execute("INSERT OR IGNORE INTO packs (id) SELECT DISTINCT pack FROM blocks"
                      " WHERE pack IS NOT NULL")
         conn.execute("UPDATE settings SET value=? WHERE key='format'", (str(FORMAT_VERSION),))
         conn.commit()
