@@ -438,3 +438,27 @@ def test_an_outage_during_repacking_delays_it_and_loses_nothing(
              lambda: old_pack not in bucket_objects(ws, moto_server))
     ws.unmount()
     fresh_check(ws, left)
+
+
+def test_a_damaged_old_pack_is_left_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                          ) -> None:
+    """A survivor whose only copy is a damaged pack is not 'repacked' from bad bytes."""
+    store, meta, blocks, flusher = make(tmp_path)
+    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i]) * 50_000) for i in range(10)]
+    trio.run(flusher.cycle)
+    for ino in inos[1:]:
+        unlink(meta, blocks, ino)
+    trio.run(flusher.cycle)
+    before = meta.get_block(inos[0], 0)
+    assert before is not None and before.pack is not None
+    blocks.clean.clear()
+    key = object_key(before.pack)
+    blob = bytearray(store.get(key))
+    blob[2000] ^= 0xFF  # the survivor, first of ten 50 KB members after a ~1 KB header
+    store.put(key, bytes(blob))
+    repacker = Repacker(meta, blocks, store, interval=0)
+    for _ in range(3):
+        assert trio.run(repacker.repack_once) == 0
+    assert meta.get_block(inos[0], 0) == before
+    assert set(data_keys(store)) == {key}
+    assert len([r for r in caplog.records if "cannot repack" in r.getMessage()]) == 1

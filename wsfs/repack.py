@@ -206,6 +206,7 @@ class Repacker:
         # 100,000 packed blocks takes ~50 ms of a worker thread).
         self._scanned_at = -1
         self._promising = True
+        self._damaged: set[str] = set()  # packs that cannot be repacked (logged once)
         # Before anything changes (the mount does not serve yet): see adopt_packs.
         if adopt_packs(meta.conn, blocks.block_size):
             meta.flush()
@@ -253,12 +254,13 @@ class Repacker:
                                               limiter=self.blocks.limiter)
         self._scanned_at = changes
         await self._learn_sizes(usage)
+        usage = [u for u in usage if u.id not in self._damaged]
         chosen = choose(usage, self._previous)
         self._previous = {u.id: (u.members, u.live) for u in usage}
         # Worth another scan even if nothing changes: packs due once they prove settled,
         # sizes still unknown, or packs chosen now (a failed pass leaves them).
         self._promising = bool(choose(usage, self._previous, budget=0)) or any(
-            u.size is None for u in usage)
+            u.size is None and u.id not in self._damaged for u in usage)
         if not chosen:
             return 0
         members: list[tuple[str, str, str, bytes]] = []  # (id, old pack, csum, content)
@@ -279,11 +281,16 @@ class Repacker:
     async def _learn_sizes(self, usage: list[PackUsage]) -> None:
         """Ask the store for the sizes the block map lacks (packs uploaded before format 3),
         a few per pass; the object's size counts its header too, a few dozen bytes a member."""
-        unknown = [u.id for u in usage if u.size is None][:HEAD_BATCH]
-        for pack_id in unknown:
+        unknown = [u.id for u in usage if u.size is None and u.id not in self._damaged]
+        for pack_id in unknown[:HEAD_BATCH]:
             size = await trio.to_thread.run_sync(self.store.head, object_key(pack_id),
                                                  limiter=self.blocks.fetch_limiter)
-            if size is not None and self.meta.pack_in_use(pack_id):
+            if not self.meta.pack_in_use(pack_id):
+                continue
+            if size is None:
+                self._damaged.add(pack_id)
+                log.error("pack %s is missing from the store (run wsfs fsck)", pack_id)
+            else:
                 self.meta.set_pack_size(pack_id, size)
 
     async def _survivors(self, pack_id: str) -> dict[str, tuple[str, bytes]] | None:
@@ -292,7 +299,7 @@ class Repacker:
         wanted = dict(self.meta.pack_members(pack_id))
         clean = self.blocks.clean
 
-        def work() -> dict[str, tuple[str, bytes]] | None:
+        def work() -> dict[str, tuple[str, bytes]]:
             out: dict[str, tuple[str, bytes]] = {}
             for block_id, csum in wanted.items():
                 data = _clean_copy(clean, block_id)
@@ -303,19 +310,23 @@ class Repacker:
                 return out
             try:
                 found = packs.split(self.store.get(object_key(pack_id)))
-            except (NoSuchKey, packs.PackCorrupt) as e:
-                log.error("cannot repack pack %s: %s", pack_id, e)
-                return None
+            except NoSuchKey:
+                raise packs.PackCorrupt("it is missing from the store") from None
             for block_id in missing:
                 got = found.get(block_id)
                 if got is None or got[0] != wanted[block_id]:
-                    log.error("cannot repack pack %s: block %s does not match its checksum",
-                              pack_id, block_id)
-                    return None
+                    raise packs.PackCorrupt(f"block {block_id} does not match its checksum")
                 out[block_id] = got
             return out
 
-        return await trio.to_thread.run_sync(work, limiter=self.blocks.fetch_limiter)
+        try:
+            return await trio.to_thread.run_sync(work, limiter=self.blocks.fetch_limiter)
+        except packs.PackCorrupt as e:
+            if self.meta.pack_in_use(pack_id):  # else it just died whole: nothing to do
+                self._damaged.add(pack_id)
+                log.error("cannot repack pack %s: %s (run wsfs fsck); it stays as it is",
+                          pack_id, e)
+            return None
 
     async def _move(self, run: list[tuple[str, str, str, bytes]], dead: dict[str, int]) -> int:
         """Upload one new pack holding `run` (id, old pack, csum, content), then switch the
