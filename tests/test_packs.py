@@ -2,7 +2,8 @@
 
 Through real mounts: a tree of small files costs a handful of objects and a handful of
 downloads on a fresh machine; a pack stays while any of its blocks is referenced and is
-deleted once none is; a workspace written before packs existed (format 1) still mounts.
+deleted once none is; a workspace written before packs existed (format 1) still mounts,
+and one written before pack sizes were recorded (format 2) mounts and is repacked.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import random
 import sqlite3
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,7 @@ def test_a_format_1_workspace_is_upgraded(ws: Workspace) -> None:
         assert conn.execute("SELECT count(*) FROM blocks WHERE pack IS NOT NULL").fetchone() == (0,)
         conn.execute("DROP INDEX blocks_by_pack")
         conn.execute("ALTER TABLE blocks DROP COLUMN pack")
+        conn.execute("DROP TABLE packs")  # format 3
         conn.execute("UPDATE settings SET value='1' WHERE key='format'")
         conn.commit()
         conn.close()
@@ -131,4 +134,52 @@ def test_pack_boundary_sizes_round_trip(ws: Workspace, size: int) -> None:
     mnt = ws.remount()
     for i in range(3):
         assert (mnt / f"f{i}").read_bytes() == content
+    ws.unmount()
+
+
+@pytest.mark.timeout(120)
+def test_a_format_2_workspace_is_upgraded_and_repacked(ws: Workspace) -> None:
+    """A checkpoint from before the `packs` table (format 2) mounts, and its old packs are
+    sized from the store and repacked like any other."""
+    mnt = ws.mount(flush_delay=5)
+    before = data_objects(ws)
+    (mnt / "d").mkdir()
+    files = {f"d/f{i}": os.urandom(10_000 + i) for i in range(60)}
+    for name, content in files.items():
+        (mnt / name).write_bytes(content)
+    ws.wsfs("sync", str(mnt))
+    (old_pack,) = data_objects(ws) - before
+    for i in range(55):
+        (mnt / f"d/f{i}").unlink()
+        del files[f"d/f{i}"]
+    ws.unmount()
+    store = LocalStore(Path(ws.store_url.removeprefix("file://")))
+    seq = ckpt.read_head(store)
+    assert seq is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "meta.db"
+        trio.run(ckpt.fetch, store, seq, db, trio.CapacityLimiter(4))
+        conn = sqlite3.connect(db)
+        conn.execute("DROP TABLE packs")
+        conn.execute("UPDATE settings SET value='2' WHERE key='format'")
+        conn.commit()
+        conn.close()
+        trio.run(ckpt.publish, store, db, seq + 1, set(), trio.CapacityLimiter(4))
+
+    ws.fresh_cache()
+    ws.env["WSFS_REPACK_INTERVAL"] = "0.5"
+    mnt = ws.mount(flush_delay=0.3)
+    deadline = time.monotonic() + 60
+    while old_pack in data_objects(ws):
+        assert time.monotonic() < deadline, "the old pack was never repacked"
+        time.sleep(0.2)
+    for name, content in files.items():
+        assert (mnt / name).read_bytes() == content
+    ws.unmount()
+    r = ws.wsfs("fsck", ws.store_url, "--verify-data", check=False)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+    ws.fresh_cache()
+    mnt = ws.mount()
+    for name, content in files.items():
+        assert (mnt / name).read_bytes() == content
     ws.unmount()

@@ -136,6 +136,8 @@ class Daemon:
         flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
                                          flush_delay=cfg.flush_delay, limiter=limiter)
         flusher.before_publish = lease.check
+        if cfg.read_only:
+            flusher.repacker.interval = 0  # a read-only mount rewrites nothing in the store
         ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
                          read_only=cfg.read_only,
                          remote_fsync=flusher.sync_now if cfg.fsync_remote else None)
@@ -256,6 +258,7 @@ class Daemon:
                 "host": socket.gethostname(), "pid": os.getpid(), "mount_id": lease.mount_id,
                 "renewed": self.lease_renewed, "ttl": lease.ttl, "error": self.lease_error},
             "syncs": self.syncs, "metrics": self.cfg.metrics,
+            **(f.repacker.figures() if f else {}),
         }
 
     def write_status(self) -> None:

@@ -34,6 +34,7 @@ from .blocks.cache import MIN_RESERVE
 from .errors import FlushError, LeaseError
 from .meta import Metadata
 from .meta import checkpoint as ckpt
+from .repack import Repacker
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class Flusher:
         self.soft_limit = blocks.dirty_limit // 2
         self.seq = int(meta.get_setting("checkpoint_seq") or 0)
         self.known_pages = self._load_pages()
+        # Reclaims the dead space inside packs, while writers leave the store time for it
+        # (made before the count of published changes: it may record pack sizes).
+        self.repacker = Repacker(meta, blocks, store,
+                                 busy=lambda: blocks.dirty_bytes > blocks.dirty_limit // 4)
         self._published_changes = -1  # unknown at start: publish once to be sure
         if meta.get_setting("clean_unmount") == "1" and blocks.dirty_count == 0:
             # The last run published everything and stopped cleanly: nothing is pending.
@@ -118,6 +123,7 @@ class Flusher:
         """Flush continuously until cancelled; store errors are retried, never fatal."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._commit_loop)
+            nursery.start_soon(self.repacker.run)
             task_status.started()
             await self._flush_loop()
 
@@ -341,7 +347,8 @@ class Flusher:
             self.uploading_blocks -= count
             self.uploading_bytes -= length
         uploaded.update((b, (c, pack)) for b, c in csums.items())
-        self._own(self.meta.set_uploaded, csums, pack)
+        size = sum(self.blocks.dirty_length(b) for b in block_ids)  # still dirty: see below
+        self._own(self.meta.set_uploaded, csums, pack, size)
         if pack is not None and not self.meta.pack_in_use(pack):
             # Every member was deleted during the upload: nothing will ever drop the pack.
             self._own(self.meta.add_garbage, [pack])

@@ -3,6 +3,12 @@
 Logical sizes come from the newest checkpoint (fetched into a temporary directory, no mount
 needed); stored sizes from one listing of the store. The largest directories include hidden
 ones: caches such as `.cache/pip` or `.conda/pkgs` often take most of a workspace.
+
+The dead bytes inside live packs (members whose files were deleted or rewritten, kept by the
+pack's survivors) are what the store bills beyond the live data until the mounted daemon
+repacks them (wsfs/repack.py): each referenced pack's stored size less its live members'
+bytes (estimated from their files' sizes, as the repacker does; the pack's header counts as
+dead).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from ..blocks import object_key
 from ..errors import NoWorkspaceError
 from ..meta import checkpoint as ckpt
 from ..progress import human_bytes, human_seconds
+from ..repack import pack_usage
 from ..store import ObjectStore
 from ..workspace import read_superblock
 from . import data_objects, fetch_databases, list_detailed
@@ -50,6 +57,10 @@ class DuReport:
     areas: dict[str, dict[str, int]] = field(default_factory=dict)  # data/meta/other
     unreferenced_objects: int = 0  # what `wsfs gc` could reclaim (subject to its grace period)
     unreferenced_bytes: int = 0
+    pack_objects: int = 0  # referenced packs
+    pack_bytes: int = 0  # their stored size
+    pack_live_bytes: int = 0  # the bytes of their live members
+    pack_dead_bytes: int = 0  # the rest: what repacking reclaims
     largest: list[DirUsage] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
@@ -72,6 +83,11 @@ def du(store: ObjectStore, *, top: int = 15) -> DuReport:
         report = DuReport(store.url, sb.workspace_id, head, manifest.created_ns / 1e9)
         live = data_objects(db)
         _measure_tree(db, report, top)
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            pack_live = {u.id: u.live for u in pack_usage(conn, sb.block_size)}
+        finally:
+            conn.close()
     sizes: dict[str, int] = {}
     for key, size, _ in list_detailed(store):
         report.objects += 1
@@ -86,7 +102,13 @@ def du(store: ObjectStore, *, top: int = 15) -> DuReport:
     for object_id in live:
         key = object_key(object_id)
         if key in sizes:
-            report.referenced_bytes += sizes.pop(key)
+            size = sizes.pop(key)
+            report.referenced_bytes += size
+            if object_id in pack_live:
+                report.pack_objects += 1
+                report.pack_bytes += size
+                report.pack_live_bytes += pack_live[object_id]
+                report.pack_dead_bytes += max(0, size - pack_live[object_id])
         else:
             report.missing_objects += 1
     report.unreferenced_objects = len(sizes)
@@ -163,6 +185,11 @@ def format_report(r: DuReport) -> str:
         lines.append(f"    {label:<7} {human_bytes(a['bytes']):>10} in {a['objects']} objects")
     lines.append(f"  data referenced by the checkpoint: {human_bytes(r.referenced_bytes)} in "
                  f"{r.referenced_objects} objects (blocks and packs)")
+    if r.pack_dead_bytes:
+        share = r.pack_dead_bytes / max(r.referenced_bytes, 1)
+        lines.append(f"  dead inside packs: {human_bytes(r.pack_dead_bytes)} of the "
+                     f"{human_bytes(r.pack_bytes)} in {r.pack_objects} packs ({share:.0%} of the "
+                     "referenced data; a mounted daemon repacks them)")
     if r.unreferenced_objects:
         lines.append(f"  not referenced (see `wsfs gc`): {human_bytes(r.unreferenced_bytes)} in "
                      f"{r.unreferenced_objects} objects")

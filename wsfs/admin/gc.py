@@ -19,6 +19,17 @@ no checkpoint references never comes back either. The same holds for pages (a ma
 reuses only pages of the previous manifest, which gc keeps). Object ages come from the
 store's clock (LastModified).
 
+Repacking (wsfs/repack.py) keeps this true: it moves live blocks out of mostly dead packs
+into *new* packs, uploaded (young) before the checkpoint that names them, and never points
+a block at an existing pack, so a pack still only ever holds the blocks it was uploaded
+with and a pack that left the checkpoints never comes back. A block now may live in another
+object than the one an older checkpoint names; gc keeps every object a kept checkpoint
+names, so it deletes nothing a kept checkpoint needs (the flusher, not gc, deletes a
+repacked-away pack right after the next checkpoint, as it does any garbage: older manifests
+are not promised whole). Repacking needs the metadata authority (the lease) and publishes
+checkpoints, so gc, which runs beside a writer without a lease, never repacks; a workspace
+that is not mounted does not change, and its next mount repacks it.
+
 The one writer the grace period cannot protect is one that crashed (or failed its final
 flush) after uploading blocks it never published: its cache dir still references them and
 the next mount from it publishes them, however much later. Such a writer leaves its lease

@@ -16,6 +16,10 @@ A pack is self-describing, so the block layer can split it without asking the me
 with the members' contents concatenated in header order. The block map records which pack
 holds a block (meta/schema.py); the object's name comes from the pack's own random id, like a
 block's, so packs and single blocks share one namespace and one garbage list.
+
+A pack is written once and never changed. Its dead members (files deleted or rewritten since)
+are reclaimed by repacking (wsfs/repack.py): the survivors of a mostly dead pack are copied
+into a new pack under a new id, and the old pack becomes garbage.
 """
 
 from __future__ import annotations

@@ -513,12 +513,34 @@ class Metadata:
         row = self.conn.execute(_BLOCK_COUNT, (ino,)).fetchone()
         return int(row[0])
 
-    def set_uploaded(self, csums: dict[str, str], pack: str | None = None) -> None:
-        """Record blocks as uploaded: their checksums, and the pack they went up in."""
+    def set_uploaded(self, csums: dict[str, str], pack: str | None = None,
+                     pack_size: int | None = None) -> None:
+        """Record blocks as uploaded: their checksums, and the pack they went up in (holding
+        `pack_size` bytes of block data, for the repacker)."""
         self.conn.executemany(
             "UPDATE blocks SET csum=?, pack=? WHERE id=? AND csum IS NULL",
             [(c, pack, i) for i, c in csums.items()]
         )
+        if pack is not None:
+            self.set_pack_size(pack, pack_size)
+
+    def set_pack_size(self, pack: str, size: int | None) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO packs (id, size) VALUES (?, ?)", (pack, size))
+
+    def pack_members(self, pack: str) -> list[tuple[str, str]]:
+        """(block id, checksum) of every block living in `pack`."""
+        return [(str(r[0]), str(r[1])) for r in self.conn.execute(
+            "SELECT id, csum FROM blocks WHERE pack=? AND csum IS NOT NULL", (pack,))]
+
+    def move_to_pack(self, moves: list[tuple[str, str, str]], pack: str) -> int:
+        """Repoint blocks (id, old pack, checksum) at `pack`, a new copy of them; only those
+        still in their old pack with that content move. Returns how many moved."""
+        moved = 0
+        for block_id, old, csum in moves:
+            moved += self.conn.execute(
+                "UPDATE blocks SET pack=? WHERE pack=? AND id=? AND csum=?",
+                (pack, old, block_id, csum)).rowcount
+        return moved
 
     def pack_in_use(self, pack: str) -> bool:
         """Whether any block still lives in `pack` (else the pack is garbage)."""
@@ -546,6 +568,7 @@ class Metadata:
         self.conn.executemany(
             "INSERT OR IGNORE INTO garbage (id) VALUES (?)", [(i,) for i in ids]
         )
+        self.conn.executemany("DELETE FROM packs WHERE id=?", [(i,) for i in ids])
 
     def remove_garbage(self, ids: list[str]) -> None:
         self.conn.executemany("DELETE FROM garbage WHERE id=?", [(i,) for i in ids])

@@ -50,12 +50,23 @@ garbage     objects in the store that nothing references any more (single blocks
             checkpoint that no longer references them has been published
   id          object id (a block id or a pack id)
 
+packs       the size of each pack object that blocks may live in, so the repacker (repack.py)
+            can tell how much of a pack is dead: the pack's live bytes are its members' in the
+            block map, estimated from their files' sizes. A row goes with its pack (into garbage).
+  id          the pack id (blocks.pack)
+  size        the bytes of block data the pack was uploaded with; NULL when unknown (packs
+            uploaded before format 3: the repacker asks the store for the object's size).
+            A checkpoint lacks the rows of the packs of its own flush cycle (written after
+            its snapshot was pinned); those packs have lost nothing since (a loss is a change,
+            and a later checkpoint would hold the rows), so the mount gives them rows before
+            it serves (repack.adopt_packs).
+
 settings    key/value facts about this database (format version, the checkpoint it came from)
 """
 
 import sqlite3
 
-FORMAT_VERSION = 2  # 2: blocks.pack
+FORMAT_VERSION = 3  # 2: blocks.pack; 3: packs
 
 SCHEMA = """
 CREATE TABLE inodes (
@@ -99,6 +110,10 @@ CREATE INDEX blocks_by_pack ON blocks (pack);
 CREATE TABLE garbage (
     id TEXT PRIMARY KEY
 ) WITHOUT ROWID;
+CREATE TABLE packs (
+    id   TEXT PRIMARY KEY,
+    size INTEGER
+) WITHOUT ROWID;
 CREATE TABLE settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -118,7 +133,8 @@ def upgrade(conn: sqlite3.Connection) -> None:
     """Bring a database of an older format up to FORMAT_VERSION, in place and idempotently.
 
     Format 1 had no packs: every block was an object of its own, which is what a NULL pack
-    means, so adding the column is the whole upgrade.
+    means, so adding the column is the whole upgrade to 2. Format 2 had no `packs` table:
+    every pack in use gets a row of unknown size (the repacker asks the store).
     """
     # An index, not a format: blocks_by_id indexed every block by its random id, so each
     # flush cycle's inserts touched pages all over the database, and each checkpoint
@@ -130,6 +146,11 @@ def upgrade(conn: sqlite3.Connection) -> None:
     if fmt == 1:
         conn.execute("ALTER TABLE blocks ADD COLUMN pack TEXT")
         conn.execute("CREATE INDEX blocks_by_pack ON blocks (pack)")
+    if fmt in (1, 2):
+        conn.execute("CREATE TABLE IF NOT EXISTS packs (id TEXT PRIMARY KEY, size INTEGER)"
+                     " WITHOUT ROWID")
+        conn.execute("INSERT OR IGNORE INTO packs (id) SELECT DISTINCT pack FROM blocks"
+                     " WHERE pack IS NOT NULL")
         conn.execute("UPDATE settings SET value=? WHERE key='format'", (str(FORMAT_VERSION),))
         conn.commit()
 
