@@ -26,6 +26,7 @@ from test_layers import BS, add_file, make
 
 from wsfs import repack
 from wsfs.blocks import BlockCache, object_key
+from wsfs.fs import Operations
 from wsfs.meta import Metadata, schema
 from wsfs.repack import PackUsage, Repacker, choose, chunks, pack_usage
 from wsfs.store import LocalStore
@@ -165,6 +166,28 @@ def test_a_survivor_deleted_during_the_upload_does_not_move(tmp_path: Path) -> N
     ref = meta.get_block(inos[0], 0)
     assert ref is not None
     assert len(data_keys(store)) == 1  # the new pack; the old one is gone
+
+
+def test_a_read_that_looked_up_the_old_pack_finds_the_block_in_the_new_one(
+        tmp_path: Path) -> None:
+    """A read looks a block up, then waits on its download; meanwhile the block is repacked
+    and its old pack deleted. The read must find it where it is now, not fail with EIO."""
+    store, meta, blocks, flusher = make(tmp_path)
+    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i + 1]) * 50_000) for i in range(10)]
+    trio.run(flusher.cycle)
+    stale = meta.get_block(inos[0], 0)  # what the read looked up
+    for ino in inos[1:]:
+        unlink(meta, blocks, ino)
+    trio.run(flusher.cycle)
+    repacker = Repacker(meta, blocks, store, interval=0)
+    trio.run(repacker.repack_once)
+    assert trio.run(repacker.repack_once) == 1
+    trio.run(flusher.cycle)  # publishes the new pack, then deletes the old one
+    assert stale is not None and stale.pack is not None
+    assert object_key(stale.pack) not in data_keys(store)
+    blocks.clean.clear()  # the download has to come from the store
+    ops = Operations(meta, blocks)
+    assert trio.run(ops._read_block, inos[0], stale, 10, 5) == bytes([1]) * 5
 
 
 def test_a_failed_upload_switches_nothing(tmp_path: Path) -> None:

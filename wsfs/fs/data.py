@@ -61,11 +61,21 @@ class DataOps(Base):
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         pass
 
-    async def _read_block(self, ref: BlockRef, offset: int, size: int) -> bytes:
-        """Read part of a block, turning store and checksum failures into EIO."""
+    async def _read_block(self, ino: int, ref: BlockRef, offset: int, size: int) -> bytes:
+        """Read part of a block, turning store and checksum failures into EIO.
+
+        A block can move while its download waits: the repacker copies it to a new pack and
+        the old one is deleted, or a writer replaces it. So a block that went missing is
+        looked up once more, and read from where it is now (or as it is now), before the
+        failure counts.
+        """
         try:
             return await self.blocks.read(ref.id, ref.csum, ref.pack, offset, size)
         except BlockCorrupt as e:
+            now = self.meta.blocks_in(ino, ref.idx, ref.idx).get(ref.idx)
+            if now is not None and now != ref:
+                log.info("block %s moved while it was read; reading it again", ref.id)
+                return await self._read_block(ino, now, offset, size)
             log.error("%s", e)
             raise FUSEError(errno.EIO) from None
         except TransientStoreError as e:
@@ -88,7 +98,7 @@ class DataOps(Base):
             ref = refs.get(idx)
             data = b""
             if ref is not None:
-                data = await self._read_block(ref, start - idx * self.bs, stop - start)
+                data = await self._read_block(ino, ref, start - idx * self.bs, stop - start)
             parts.append(data.ljust(stop - start, b"\0"))
         if self._read_end.get(int(fh)) == off:
             self._readahead(int(fh), ino, last + 1)
@@ -200,7 +210,8 @@ class DataOps(Base):
         if ref is not None and not (in_off == 0 and len(piece) == self.bs):
             new_id = await self.blocks.copy(ref.id)  # from the local copy, if there is one
             if new_id is None:
-                new_id = await self.blocks.create_synced(await self._read_block(ref, 0, self.bs))
+                new_id = await self.blocks.create_synced(
+                    await self._read_block(ino, ref, 0, self.bs))
         if new_id is None:
             new_id = self.blocks.create()
         try:
@@ -256,7 +267,7 @@ class DataOps(Base):
             tail_ref = self.meta.get_block(node.id, size // self.bs) if tail else None
             content = b""
             if tail_ref is not None:
-                content = await self._read_block(tail_ref, 0, tail)
+                content = await self._read_block(node.id, tail_ref, 0, tail)
             new_id = None if tail_ref is None else await self.blocks.create_synced(content)
             try:
                 with self._txn():
