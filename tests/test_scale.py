@@ -164,7 +164,8 @@ def test_a_prefetch_overtaken_by_a_newer_checkpoint_is_not_used(ws: Workspace,
     cache = tmp_path / "late-cache"
     cache.mkdir()
     limiter = trio.CapacityLimiter(4)
-    guessed = trio.run(prefetch, store, cache, limiter)
+    sb = read_superblock(store)
+    guessed = trio.run(prefetch, store, sb, cache, limiter)
     assert guessed == ckpt.read_head(store)
 
     mnt = ws.mount()
@@ -173,7 +174,6 @@ def test_a_prefetch_overtaken_by_a_newer_checkpoint_is_not_used(ws: Workspace,
     newest = ckpt.read_head(store)
     assert newest is not None and newest > guessed
 
-    sb = read_superblock(store)
     trio.run(prepare_cache, store, sb, cache, limiter, guessed)
     meta = Metadata(cache / "meta.db")
     try:

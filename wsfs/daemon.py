@@ -108,7 +108,7 @@ class Daemon:
         lock = take_cache_lock(self.cache_dir)
         lease = Lease(store, str(self.cache_dir))
         prefetched = await take_lease(lease, cfg.force,
-                                      partial(prefetch, store, self.cache_dir, limiter))
+                                      partial(prefetch, store, sb, self.cache_dir, limiter))
         self.lease, self.lease_renewed = lease, time.time()
         try:
             await prepare_cache(store, sb, self.cache_dir, limiter, prefetched)

@@ -124,7 +124,9 @@ async def create(
 PREFETCH = "prefetch.db"
 
 
-async def prefetch(store: ObjectStore, cache_dir: Path, limiter: trio.CapacityLimiter) -> int:
+async def prefetch(
+    store: ObjectStore, sb: Superblock, cache_dir: Path, limiter: trio.CapacityLimiter
+) -> int:
     """Fetch the newest checkpoint into `cache_dir/prefetch.db` while the lease is being
     taken; return its sequence number (0: nothing fetched; errors are left to prepare_cache).
 
@@ -139,6 +141,7 @@ async def prefetch(store: ObjectStore, cache_dir: Path, limiter: trio.CapacityLi
         if head is None:
             return 0
         await ckpt.fetch(store, head, cache_dir / PREFETCH, limiter)
+        await trio.to_thread.run_sync(_adopt, cache_dir / PREFETCH, sb, limiter=limiter)
     except Exception as e:  # prepare_cache fetches again, and reports the error
         log.debug("prefetching the checkpoint failed: %s", e)
         return 0
@@ -188,8 +191,7 @@ async def prepare_cache(
     fetched = cache_dir / PREFETCH
     if prefetched == head and fetched.exists():
         log.info("using checkpoint %d of %s, fetched while taking the lease", head, store.url)
-        fetched.replace(db)
-        _adopt(db, sb)
+        fetched.replace(db)  # adopted by prefetch already
         return
     log.info("fetching checkpoint %d from %s", head, store.url)
     for leftover in ("dirty", "clean", "pages.json", "checkpoint.db", PREFETCH,
