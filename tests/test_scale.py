@@ -11,12 +11,14 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import Workspace
 
+from wsfs.blocks.cache import CLEAN_DB_CACHE_PAGES, open_clean_cache
 from wsfs.errors import MountError
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
@@ -184,6 +186,22 @@ def test_a_prefetch_overtaken_by_a_newer_checkpoint_is_not_used(ws: Workspace,
     assert not (cache / "prefetch.db").exists()
 
 
+def test_a_prefetched_mount_clears_what_an_earlier_run_left(ws: Workspace) -> None:
+    """A cache dir without a database may hold another run's leftovers (a stale page list,
+    clean blocks): a mount that uses its prefetched checkpoint clears them like one that
+    fetches after the lease."""
+    ws.cache_dir.mkdir(parents=True)
+    (ws.cache_dir / "clean").mkdir()
+    (ws.cache_dir / "clean" / "stale").write_text("x")
+    (ws.cache_dir / "pages.json").write_text('{"seq": 1, "pages": ["0" ]}')
+    ws.mount()
+    assert "fetched while taking the lease" in (ws.cache_dir / "wsfs.log").read_text()
+    assert not (ws.cache_dir / "clean" / "stale").exists()
+    pages = ws.cache_dir / "pages.json"
+    assert not pages.exists() or '"0"' not in pages.read_text()
+    ws.unmount()
+
+
 def test_a_daemon_that_dies_while_starting_is_reported(ws: Workspace) -> None:
     """No answer on the ready pipe (the daemon died before it could say why): one sentence,
     pointing at the log, with the mount error's exit code, and nothing mounted."""
@@ -230,3 +248,27 @@ def test_the_inode_cache_stays_under_its_bound(tmp_path: Path) -> None:
         assert len(meta._parents) <= INODE_CACHE_MAX
     finally:
         meta.close()
+
+
+def test_the_clean_cache_maps_no_memory(tmp_path: Path) -> None:
+    """diskcache opens a SQLite connection per thread; each must neither map the database
+    nor cache more than CLEAN_DB_CACHE_PAGES pages (they held 250 MB at 100,000 files)."""
+    cache = open_clean_cache(tmp_path / "clean", 1 << 30)
+    try:
+        def pragmas() -> tuple[int, int]:
+            return (cache._sql("PRAGMA mmap_size").fetchone()[0],
+                    cache._sql("PRAGMA cache_size").fetchone()[0])
+
+        assert pragmas() == (0, CLEAN_DB_CACHE_PAGES)
+        seen: list[tuple[int, int]] = []
+        worker = threading.Thread(target=lambda: seen.append(pragmas()))
+        worker.start()
+        worker.join()
+        assert seen == [(0, CLEAN_DB_CACHE_PAGES)]  # another thread's own connection too
+    finally:
+        cache.close()
+    reopened = open_clean_cache(tmp_path / "clean", 1 << 30)  # settings persist, stay put
+    try:
+        assert reopened._sql("PRAGMA mmap_size").fetchone()[0] == 0
+    finally:
+        reopened.close()

@@ -189,18 +189,20 @@ async def prepare_cache(
         shutil.move(str(cache_dir), aside)
         cache_dir.mkdir(parents=True)
     fetched = cache_dir / PREFETCH
-    if prefetched == head and fetched.exists():
-        log.info("using checkpoint %d of %s, fetched while taking the lease", head, store.url)
-        fetched.replace(db)  # adopted by prefetch already
-        return
-    log.info("fetching checkpoint %d from %s", head, store.url)
-    for leftover in ("dirty", "clean", "pages.json", "checkpoint.db", PREFETCH,
-                     "prefetch.part"):
+    use_prefetched = prefetched == head and fetched.exists()
+    # What an earlier run left beside a missing database belongs to no checkpoint we know.
+    for leftover in ("dirty", "clean", "pages.json", "checkpoint.db", "prefetch.part",
+                     *(() if use_prefetched else (PREFETCH,))):
         p = cache_dir / leftover
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+    if use_prefetched:
+        log.info("using checkpoint %d of %s, fetched while taking the lease", head, store.url)
+        fetched.replace(db)  # adopted by prefetch already
+        return
+    log.info("fetching checkpoint %d from %s", head, store.url)
     try:
         await ckpt.fetch(store, head, db, limiter)
     except* (NoSuchKey, ckpt.CorruptCheckpoint) as group:
