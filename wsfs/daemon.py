@@ -160,6 +160,9 @@ class Daemon:
             raise MountError(f"the kernel refused to mount {cfg.mountpoint}: {e}") from None
         self.state = "serving"
         write_registry(cfg.mountpoint, self.cache_dir, cfg.store_url)
+        # Before the answer: `wsfs mount` exits the moment it has it, and whatever runs next
+        # (`wsfs status`, a test reading the daemon's pid) must find this daemon's status.
+        self.write_status()
         self.report_ready()
         log.info("mounted %s on %s", cfg.store_url, cfg.mountpoint)
         try:
