@@ -100,6 +100,17 @@ def test_a_bad_bundle_falls_back_to_the_pages(store: LocalStore, tmp_path: Path,
     assert fetch(store, 1, tmp_path / "out.db") == content
 
 
+def test_fsck_reads_the_pages_not_the_bundle(store: LocalStore, tmp_path: Path) -> None:
+    """A bundle must not hide a lost page: the next checkpoint reuses it."""
+    make_db(tmp_path / "src.db", 10)
+    manifest = publish(store, tmp_path / "src.db", 1, bundle=True)
+    store.delete(ckpt.page_key(manifest.pages[3]))
+    assert fetch(store, 1, tmp_path / "out.db")  # a mount still starts, from the bundle
+    with pytest.raises(BaseExceptionGroup):
+        trio.run(lambda: ckpt.fetch(store, 1, tmp_path / "fsck.db", trio.CapacityLimiter(4),
+                                    use_bundle=False))
+
+
 def test_prune_deletes_a_bundle_with_its_manifest(store: LocalStore, tmp_path: Path) -> None:
     make_db(tmp_path / "src.db", 10)
     publish(store, tmp_path / "src.db", 1, bundle=True)

@@ -226,12 +226,14 @@ def read_head(store: ObjectStore) -> int | None:
 
 
 async def fetch(
-    store: ObjectStore, seq: int, path: Path, limiter: trio.CapacityLimiter
+    store: ObjectStore, seq: int, path: Path, limiter: trio.CapacityLimiter,
+    *, use_bundle: bool = True,
 ) -> Manifest:
     """Download checkpoint `seq` into a database file at `path`, verifying every page.
 
-    From its bundle when it has one (a few requests), else page by page. Each page is written
-    at its offsets as it arrives, so the database is never held in memory whole.
+    From its bundle when it has one (a few requests), else page by page; fsck passes
+    `use_bundle=False`, since later checkpoints reuse the pages and so every one must be
+    there. Each page is written at its offsets as it arrives, never held in memory whole.
     """
     manifest = Manifest.decode(
         await trio.to_thread.run_sync(store.get, manifest_key(seq), limiter=limiter)
@@ -258,7 +260,7 @@ async def fetch(
                 os.pwrite(fd, data, offset)
 
         fetched = False
-        if manifest.bundle is not None and len(manifest.bundle) == len(order):
+        if use_bundle and manifest.bundle is not None and len(manifest.bundle) == len(order):
             try:
                 await _fetch_bundle(store, seq, order, manifest.bundle, place, limiter)
                 fetched = True
