@@ -240,9 +240,12 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import mount
+    from .mount import exit_parent, mount
 
-    mount(mount_config(args))
+    cfg = mount_config(args)
+    mount(cfg)
+    if not cfg.foreground:
+        exit_parent(0)  # the daemon serves: nothing left to do but a slow interpreter teardown
     return 0
 
 

@@ -18,6 +18,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -36,7 +38,14 @@ from .progress import Progress
 from .runtime import limit_malloc_arenas, registry_path, sd_notify, write_registry
 from .store import ObjectStore, open_store, probe
 from .sync import Flusher
-from .workspace import Superblock, create, has_marker, prepare_cache, read_superblock
+from .workspace import (
+    Superblock,
+    create,
+    has_marker,
+    prefetch,
+    prepare_cache,
+    read_superblock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +107,11 @@ class Daemon:
                               owner=(os.getuid(), os.getgid()))
         lock = take_cache_lock(self.cache_dir)
         lease = Lease(store, str(self.cache_dir))
-        await trio.to_thread.run_sync(lease.acquire, cfg.force)
+        prefetched = await take_lease(lease, cfg.force,
+                                      partial(prefetch, store, sb, self.cache_dir, limiter))
         self.lease, self.lease_renewed = lease, time.time()
         try:
-            await prepare_cache(store, sb, self.cache_dir, limiter)
+            await prepare_cache(store, sb, self.cache_dir, limiter, prefetched)
             meta = Metadata(self.cache_dir / "meta.db")
             if not has_marker(meta):
                 raise NoWorkspaceError(
@@ -152,6 +162,9 @@ class Daemon:
             raise MountError(f"the kernel refused to mount {cfg.mountpoint}: {e}") from None
         self.state = "serving"
         write_registry(cfg.mountpoint, self.cache_dir, cfg.store_url)
+        # Before the answer: `wsfs mount` exits the moment it has it, and whatever runs next
+        # (`wsfs status`, a test reading the daemon's pid) must find this daemon's status.
+        self.write_status()
         self.report_ready()
         log.info("mounted %s on %s", cfg.store_url, cfg.mountpoint)
         try:
@@ -351,6 +364,29 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
     if requeued or orphans:
         log.warning("recovered from an unclean stop: %d dirty blocks to upload, %d orphan "
                     "inodes removed", requeued, len(orphans))
+
+
+async def take_lease(
+    lease: Lease, force: bool, meanwhile: Callable[[], Awaitable[int]]
+) -> int:
+    """Take the lease (or raise LeaseError) while `meanwhile` runs; return its result.
+
+    The lease costs several round trips (a conditional write, and on first use the check
+    that the server honours it); the checkpoint download needs none of them to start.
+    """
+    result = 0
+
+    async def other() -> None:
+        nonlocal result
+        result = await meanwhile()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.to_thread.run_sync(lease.acquire, force)
+    except BaseExceptionGroup as group:  # the lease's own error, not a group of one
+        raise group.exceptions[0] from None
+    return result
 
 
 def take_cache_lock(cache_dir: Path) -> IO[str]:

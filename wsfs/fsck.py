@@ -267,7 +267,7 @@ async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
     with tempfile.TemporaryDirectory(prefix="wsfs-fsck-") as tmp:
         db = Path(tmp) / "meta.db"
         try:
-            await ckpt.fetch(store, report.seq, db, limiter)
+            await ckpt.fetch(store, report.seq, db, limiter, use_bundle=False)  # every page
         except Exception as e:
             leaf = _first_leaf(e)
             if not isinstance(leaf, UNREADABLE):

@@ -100,6 +100,10 @@ class Flusher:
         self.uploading_blocks = 0  # the upload queue: sealed blocks not yet in the store
         self.uploading_bytes = 0
         self.last_error: str | None = None
+        # The unmount's flush: its checkpoint carries a bundle, so that the next mount on an
+        # empty cache fetches the database in a few requests (checkpoint.py).
+        self.final = False
+        self._unbundled = False  # this daemon published the newest checkpoint without one
 
     # -- what is pending -------------------------------------------------------------------
 
@@ -173,6 +177,9 @@ class Flusher:
         """Upload everything and publish the final checkpoint, or raise FlushError at timeout."""
         deadline = trio.current_time() + timeout
         backoff = 0.5
+        self.final = True
+        if self._unbundled:
+            self._published_changes = -1  # publish once more, with a bundle
         with trio.move_on_at(deadline):
             while True:
                 try:
@@ -261,7 +268,10 @@ class Flusher:
             except LeaseError as e:
                 self.fenced = e
                 raise
-        manifest = await ckpt.publish(self.store, copy, seq, self.known_pages, self.limiter)
+        manifest = await ckpt.publish(self.store, copy, seq, self.known_pages, self.limiter,
+                                      bundle=self.final)
+        self._unbundled = (manifest.bundle is None
+                           and len(set(manifest.pages)) >= ckpt.BUNDLE_MIN_PAGES)
         self.seq = seq
         self.known_pages = set(manifest.pages)
         self._own(self.meta.set_setting, "checkpoint_seq", str(seq))

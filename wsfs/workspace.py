@@ -121,8 +121,36 @@ async def create(
     return sb
 
 
-async def prepare_cache(
+PREFETCH = "prefetch.db"
+
+
+async def prefetch(
     store: ObjectStore, sb: Superblock, cache_dir: Path, limiter: trio.CapacityLimiter
+) -> int:
+    """Fetch the newest checkpoint into `cache_dir/prefetch.db` while the lease is being
+    taken; return its sequence number (0: nothing fetched; errors are left to prepare_cache).
+
+    Only a guess: until the lease is ours another mount may still publish, so
+    `prepare_cache` reads HEAD again once it is, and uses this copy only if it is still the
+    newest. An empty cache dir then pays the lease's round trips and the download at once.
+    """
+    if (cache_dir / "meta.db").exists():
+        return 0
+    try:
+        head = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
+        if head is None:
+            return 0
+        await ckpt.fetch(store, head, cache_dir / PREFETCH, limiter)
+        await trio.to_thread.run_sync(_adopt, cache_dir / PREFETCH, sb, limiter=limiter)
+    except Exception as e:  # prepare_cache fetches again, and reports the error
+        log.debug("prefetching the checkpoint failed: %s", e)
+        return 0
+    return head
+
+
+async def prepare_cache(
+    store: ObjectStore, sb: Superblock, cache_dir: Path, limiter: trio.CapacityLimiter,
+    prefetched: int = 0,
 ) -> None:
     """Make `cache_dir/meta.db` the workspace's newest metadata.
 
@@ -160,13 +188,21 @@ async def prepare_cache(
         )
         shutil.move(str(cache_dir), aside)
         cache_dir.mkdir(parents=True)
-    log.info("fetching checkpoint %d from %s", head, store.url)
-    for leftover in ("dirty", "clean", "pages.json", "checkpoint.db"):
+    fetched = cache_dir / PREFETCH
+    use_prefetched = prefetched == head and fetched.exists()
+    # What an earlier run left beside a missing database belongs to no checkpoint we know.
+    for leftover in ("dirty", "clean", "pages.json", "checkpoint.db", "prefetch.part",
+                     *(() if use_prefetched else (PREFETCH,))):
         p = cache_dir / leftover
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+    if use_prefetched:
+        log.info("using checkpoint %d of %s, fetched while taking the lease", head, store.url)
+        fetched.replace(db)  # adopted by prefetch already
+        return
+    log.info("fetching checkpoint %d from %s", head, store.url)
     try:
         await ckpt.fetch(store, head, db, limiter)
     except* (NoSuchKey, ckpt.CorruptCheckpoint) as group:
@@ -176,6 +212,11 @@ async def prepare_cache(
         ) from None
     except* StoreError as group:
         raise group.exceptions[0] from None
+    _adopt(db, sb)
+
+
+def _adopt(db: Path, sb: Superblock) -> None:
+    """Mark a freshly fetched checkpoint as this cache dir's metadata."""
     conn = Metadata(db)
     try:
         conn.set_setting("workspace_id", sb.workspace_id)

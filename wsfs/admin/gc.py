@@ -151,6 +151,7 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
     if not dry_run:
         # manifests first: a page is only ever deleted once no kept manifest names it
         store.delete_many([ckpt.manifest_key(s) for s in old])
+        store.delete_many([ckpt.bundle_key(s) for s in old])  # most have none: no matter
         store.delete_many(doomed_pages)
         store.delete_many(doomed_objects)
     log.info("gc store=%s dry_run=%s objects_deleted=%d pages_deleted=%d manifests_deleted=%d "

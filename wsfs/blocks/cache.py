@@ -120,6 +120,9 @@ def checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+CLEAN_DB_CACHE_PAGES = 256  # SQLite pages (4 KiB) each clean-cache connection caches
+
+
 def open_clean_cache(path: Path, size_limit: int) -> diskcache.Cache:
     """Open the clean-block cache; on a cache disk full of dirty data, empty it first.
 
@@ -127,8 +130,13 @@ def open_clean_cache(path: Path, size_limit: int) -> diskcache.Cache:
     must still start, so it can upload the dirty blocks that fill it.
     """
     def cache() -> diskcache.Cache:
+        # diskcache opens one SQLite connection per thread (up to 32 upload/download workers),
+        # and by default each maps 64 MiB of its database and caches 32 MiB of pages: with
+        # small files stored inline, a daemon creating 100,000 files held 250 MB of such maps.
+        # The kernel's page cache serves these reads as well.
         return diskcache.Cache(str(path), size_limit=size_limit,
-                               eviction_policy="least-recently-used", cull_limit=64)
+                               eviction_policy="least-recently-used", cull_limit=64,
+                               sqlite_mmap_size=0, sqlite_cache_size=CLEAN_DB_CACHE_PAGES)
 
     try:
         return cache()

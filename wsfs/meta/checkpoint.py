@@ -6,6 +6,13 @@ checkpoint costs the pages that changed, not the whole database. A manifest
 (`meta/manifests/<seq>.json`) lists the pages in order; `meta/HEAD` names the newest manifest and
 is written last, so a reader sees the previous checkpoint or the new one, never a mix.
 
+A mount on an empty cache needs every page, and at one request each a 100,000-file database
+(~550 pages) cost seconds of per-request overhead. So the unmount's final checkpoint also
+writes a bundle (`meta/bundles/<seq>`): its distinct pages, compressed, back to back, with
+their sizes in the manifest; `fetch` reads it in a few ranged GETs and falls back to the pages
+when it is missing or damaged. The pages stay the truth (later checkpoints reuse them); a
+bundle is deleted with its manifest.
+
 The sync layer decides *when* a checkpoint may be published (after every block it references is
 in the store); this module only knows how to take, patch, publish and fetch one.
 """
@@ -19,7 +26,9 @@ import os
 import sqlite3
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -33,7 +42,10 @@ PAGE_SIZE = 64 * 1024
 HEAD_KEY = "meta/HEAD"
 MANIFEST_PREFIX = "meta/manifests/"
 PAGE_PREFIX = "meta/pages/"
+BUNDLE_PREFIX = "meta/bundles/"
 KEEP_MANIFESTS = 5
+BUNDLE_MIN_PAGES = 8  # a smaller database is fetched page by page about as fast
+BUNDLE_PART = 4 << 20  # compressed bytes per ranged GET of a bundle (they run in parallel)
 
 
 class CorruptCheckpoint(Exception):
@@ -48,25 +60,40 @@ def page_key(digest: str) -> str:
     return f"{PAGE_PREFIX}{digest}"
 
 
+def bundle_key(seq: int) -> str:
+    return f"{BUNDLE_PREFIX}{seq:012d}"
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     seq: int
     created_ns: int
     size: int
     pages: tuple[str, ...]
+    # The compressed size of each distinct page (first-appearance order) in this checkpoint's
+    # bundle, or None if it has none. Readers that predate bundles ignore the field.
+    bundle: tuple[int, ...] | None = None
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {"format": 1, "seq": self.seq, "created_ns": self.created_ns, "size": self.size,
-             "page_size": PAGE_SIZE, "pages": list(self.pages)}
-        ).encode()
+        d: dict[str, object] = {
+            "format": 1, "seq": self.seq, "created_ns": self.created_ns, "size": self.size,
+            "page_size": PAGE_SIZE, "pages": list(self.pages)}
+        if self.bundle is not None:
+            d["bundle"] = list(self.bundle)
+        return json.dumps(d).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
         d = json.loads(data)
         if d.get("page_size") != PAGE_SIZE:
             raise CorruptCheckpoint(f"manifest page size {d.get('page_size')} is not supported")
-        return cls(int(d["seq"]), int(d["created_ns"]), int(d["size"]), tuple(d["pages"]))
+        bundle = d.get("bundle")
+        return cls(int(d["seq"]), int(d["created_ns"]), int(d["size"]), tuple(d["pages"]),
+                   None if bundle is None else tuple(int(n) for n in bundle))
+
+    def distinct_pages(self) -> list[str]:
+        """The page digests without repeats, in order of first appearance (the bundle's)."""
+        return list(dict.fromkeys(self.pages))
 
 
 class PinnedSnapshot:
@@ -130,9 +157,11 @@ def finalize(path: Path, uploaded: dict[str, tuple[str, str | None]], seq: int) 
     return garbage
 
 
-def split_pages(path: Path, known: set[str]) -> tuple[list[str], dict[str, bytes]]:
+def split_pages(
+    path: Path, known: set[str], keep_all: bool = False
+) -> tuple[list[str], dict[str, bytes]]:
     """Cut the file into pages: the digest of each in order, and the compressed content of
-    those not in `known` (blocking: hashes the whole file).
+    those not in `known`, or of every page with `keep_all` (blocking: hashes the whole file).
 
     Only the new pages are kept in memory, compressed: a 100,000-file database is ~35 MB, and
     holding all of it, every flush cycle, in the worker threads' malloc arenas is what made a
@@ -144,7 +173,7 @@ def split_pages(path: Path, known: set[str]) -> tuple[list[str], dict[str, bytes
         while chunk := f.read(PAGE_SIZE):
             digest = hashlib.sha256(chunk).hexdigest()
             digests.append(digest)
-            if digest not in known and digest not in new:
+            if (keep_all or digest not in known) and digest not in new:
                 new[digest] = zlib.compress(chunk, 1)
     return digests, new
 
@@ -155,19 +184,30 @@ async def publish(
     seq: int,
     known_pages: set[str],
     limiter: trio.CapacityLimiter,
+    *,
+    bundle: bool = False,
 ) -> Manifest:
-    """Upload the pages the store lacks, then the manifest, then HEAD (in that order)."""
-    digests, new = await trio.to_thread.run_sync(split_pages, path, known_pages,
-                                                 limiter=limiter)
+    """Upload the pages the store lacks (and, with `bundle`, the bundle), then the manifest,
+    then HEAD (in that order)."""
+    digests, blobs = await trio.to_thread.run_sync(split_pages, path, known_pages, bundle,
+                                                   limiter=limiter)
+    new = [d for d in blobs if d not in known_pages]
+    sizes: tuple[int, ...] | None = None
 
-    async def put_page(digest: str, blob: bytes) -> None:
-        await trio.to_thread.run_sync(store.put, page_key(digest), blob, limiter=limiter)
+    async def put(key: str, blob: bytes) -> None:
+        await trio.to_thread.run_sync(store.put, key, blob, limiter=limiter)
 
     async with trio.open_nursery() as nursery:
-        for digest, blob in new.items():
-            nursery.start_soon(put_page, digest, blob)
-    manifest = Manifest(seq, time.time_ns(), os.path.getsize(path), tuple(digests))
-    log.debug("checkpoint %d: %d of %d pages new", seq, len(new), len(digests))
+        for digest in new:
+            nursery.start_soon(put, page_key(digest), blobs[digest])
+        if bundle and len(blobs) >= BUNDLE_MIN_PAGES:
+            order = list(dict.fromkeys(digests))  # == blobs' order: every page was kept
+            sizes = tuple(len(blobs[d]) for d in order)
+            nursery.start_soon(put, bundle_key(seq), b"".join(blobs[d] for d in order))
+    del blobs
+    manifest = Manifest(seq, time.time_ns(), os.path.getsize(path), tuple(digests), sizes)
+    log.debug("checkpoint %d: %d of %d pages new%s", seq, len(new), len(digests),
+              "" if sizes is None else ", bundled")
 
     def put_manifest() -> None:
         store.put(manifest_key(seq), manifest.encode())
@@ -186,45 +226,102 @@ def read_head(store: ObjectStore) -> int | None:
 
 
 async def fetch(
-    store: ObjectStore, seq: int, path: Path, limiter: trio.CapacityLimiter
+    store: ObjectStore, seq: int, path: Path, limiter: trio.CapacityLimiter,
+    *, use_bundle: bool = True,
 ) -> Manifest:
-    """Download checkpoint `seq` into a database file at `path`, verifying every page."""
+    """Download checkpoint `seq` into a database file at `path`, verifying every page.
+
+    From its bundle when it has one (a few requests), else page by page; fsck passes
+    `use_bundle=False`, since later checkpoints reuse the pages and so every one must be
+    there. Each page is written at its offsets as it arrives, never held in memory whole.
+    """
     manifest = Manifest.decode(
         await trio.to_thread.run_sync(store.get, manifest_key(seq), limiter=limiter)
     )
-    unique = sorted(set(manifest.pages))
-    contents: dict[str, bytes] = {}
-
-    async def get_page(digest: str) -> None:
-        def work() -> bytes:
+    order = manifest.distinct_pages()
+    offsets: dict[str, list[int]] = {}
+    for i, digest in enumerate(manifest.pages):
+        offsets.setdefault(digest, []).append(i * PAGE_SIZE)
+    tmp = path.with_suffix(".part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        def place(digest: str, blob: bytes) -> None:
+            """Check one page and write it wherever the database has it (blocking)."""
             try:
-                data = zlib.decompress(store.get(page_key(digest)))
+                data = zlib.decompress(blob)
             except zlib.error:
                 raise CorruptCheckpoint(f"metadata page {digest} is corrupt") from None
             if hashlib.sha256(data).hexdigest() != digest:
                 raise CorruptCheckpoint(f"metadata page {digest} is corrupt")
-            return data
+            for offset in offsets[digest]:
+                if len(data) != min(PAGE_SIZE, manifest.size - offset):
+                    raise CorruptCheckpoint(f"checkpoint {seq} does not add up to "
+                                            f"{manifest.size} bytes")
+                os.pwrite(fd, data, offset)
 
-        contents[digest] = await trio.to_thread.run_sync(work, limiter=limiter)
+        fetched = False
+        if use_bundle and manifest.bundle is not None and len(manifest.bundle) == len(order):
+            try:
+                await _fetch_bundle(store, seq, order, manifest.bundle, place, limiter)
+                fetched = True
+            except* (NoSuchKey, CorruptCheckpoint) as group:
+                log.warning("the bundle of checkpoint %d is unusable (%s); fetching its %d "
+                            "pages one by one", seq, group.exceptions[0], len(order))
+        if not fetched:
+            async def get_page(digest: str) -> None:
+                def work() -> None:
+                    place(digest, store.get(page_key(digest)))
+
+                await trio.to_thread.run_sync(work, limiter=limiter)
+
+            async with trio.open_nursery() as nursery:
+                for digest in order:
+                    nursery.start_soon(get_page, digest)
+
+        def finish() -> None:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if size != manifest.size:
+                raise CorruptCheckpoint(f"checkpoint {seq} has {size} bytes, not {manifest.size}")
+
+        await trio.to_thread.run_sync(finish, limiter=limiter)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return manifest
+
+
+async def _fetch_bundle(
+    store: ObjectStore, seq: int, order: list[str], sizes: tuple[int, ...],
+    place: Callable[[str, bytes], None], limiter: trio.CapacityLimiter,
+) -> None:
+    """Read a bundle in ranged GETs of about BUNDLE_PART bytes each, in parallel."""
+    parts: list[tuple[int, list[tuple[str, int]]]] = []  # (start, [(digest, size)])
+    start = end = 0
+    for digest, size in zip(order, sizes, strict=True):
+        if not parts or end - start >= BUNDLE_PART:
+            parts.append((end, []))
+            start = end
+        parts[-1][1].append((digest, size))
+        end += size
+    key = bundle_key(seq)
+
+    def work(offset: int, pages: list[tuple[str, int]]) -> None:
+        length = sum(size for _, size in pages)
+        blob = (store.get(key) if len(parts) == 1
+                else store.get_range(key, offset, length))
+        if len(blob) != length:
+            raise CorruptCheckpoint(f"bundle {key} is {len(blob)} bytes short or long")
+        view = memoryview(blob)
+        pos = 0
+        for digest, size in pages:
+            place(digest, bytes(view[pos:pos + size]))
+            pos += size
 
     async with trio.open_nursery() as nursery:
-        for digest in unique:
-            nursery.start_soon(get_page, digest)
-
-    def write() -> None:
-        tmp = path.with_suffix(".part")
-        with open(tmp, "wb") as f:
-            for digest in manifest.pages:
-                f.write(contents[digest])
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        if size != manifest.size:
-            raise CorruptCheckpoint(f"checkpoint {seq} has {size} bytes, not {manifest.size}")
-        os.replace(tmp, path)
-
-    await trio.to_thread.run_sync(write, limiter=limiter)
-    return manifest
+        for offset, pages in parts:
+            nursery.start_soon(partial(trio.to_thread.run_sync, work, offset, pages,
+                                       limiter=limiter))
 
 
 def prune(store: ObjectStore, newest: int) -> None:
@@ -243,11 +340,15 @@ def prune(store: ObjectStore, newest: int) -> None:
     for k in kept:
         live.update(Manifest.decode(store.get(k)).pages)
     dead: set[str] = set()
+    bundles: list[str] = []
     for k in old:
         try:
-            dead.update(Manifest.decode(store.get(k)).pages)
+            manifest = Manifest.decode(store.get(k))
         except NoSuchKey:
             continue
-    store.delete_many([page_key(d) for d in dead - live])
+        dead.update(manifest.pages)
+        if manifest.bundle is not None:
+            bundles.append(bundle_key(manifest.seq))
+    store.delete_many([page_key(d) for d in dead - live] + bundles)
     store.delete_many(old)
     log.debug("pruned %d manifests and %d pages", len(old), len(dead - live))

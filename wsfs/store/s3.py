@@ -20,8 +20,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
-import boto3
 import botocore.exceptions as bex
+import botocore.session
 from botocore.config import Config
 
 from wsfs.errors import StoreError
@@ -104,10 +104,13 @@ class S3Store:
     def _make_client(self) -> Any:
         endpoint_url, region, config = self._settings
         try:
-            session = boto3.session.Session()
-            if region is None and endpoint_url is not None and session.region_name is None:
+            # botocore's own session: boto3's adds nothing wsfs uses (resources, transfer
+            # helpers) and its import (s3transfer) cost every mount ~50 ms before serving.
+            session = botocore.session.get_session()
+            if (region is None and endpoint_url is not None
+                    and session.get_config_variable("region") is None):
                 region = "us-east-1"  # SigV4 needs some region; S3-compatibles accept this one
-            return session.client(
+            return session.create_client(
                 "s3", endpoint_url=endpoint_url, region_name=region, config=config
             )
         except bex.ProfileNotFound as exc:

@@ -1,0 +1,285 @@
+"""A mount on an empty cache, fast: checkpoint bundles, the prefetch beside the lease, the
+start-up handshake, and the bounded caches behind a big tree.
+
+The bundle tests work on the checkpoint layer with the real directory store (a database file
+published and fetched back byte for byte); the others mount through the real command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import Workspace
+
+from wsfs.blocks.cache import CLEAN_DB_CACHE_PAGES, open_clean_cache
+from wsfs.errors import MountError
+from wsfs.meta import Metadata
+from wsfs.meta import checkpoint as ckpt
+from wsfs.meta.db import INODE_CACHE_MAX
+from wsfs.store import LocalStore, open_store
+from wsfs.workspace import prefetch, prepare_cache, read_superblock
+
+
+def make_db(path: Path, pages: int) -> bytes:
+    """A SQLite database of about `pages` checkpoint pages, mostly incompressible."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (v BLOB)")
+    conn.executemany("INSERT INTO t VALUES (?)",
+                     [(os.urandom(4000),) for _ in range(pages * ckpt.PAGE_SIZE // 4096)])
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+def publish(store: LocalStore, db: Path, seq: int, bundle: bool) -> ckpt.Manifest:
+    return trio.run(lambda: ckpt.publish(store, db, seq, set(), trio.CapacityLimiter(4),
+                                         bundle=bundle))
+
+
+def fetch(store: LocalStore, seq: int, target: Path) -> bytes:
+    trio.run(ckpt.fetch, store, seq, target, trio.CapacityLimiter(4))
+    return target.read_bytes()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+def test_bundle_fetches_the_same_database(store: LocalStore, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundled checkpoint comes back byte for byte, in ranged reads of a few pages each."""
+    monkeypatch.setattr(ckpt, "BUNDLE_PART", 3 * ckpt.PAGE_SIZE)  # several parts
+    content = make_db(tmp_path / "src.db", 12)
+    manifest = publish(store, tmp_path / "src.db", 1, bundle=True)
+    assert manifest.bundle is not None and len(manifest.bundle) == len(set(manifest.pages))
+    assert store.head(ckpt.bundle_key(1)) == sum(manifest.bundle)
+    assert ckpt.Manifest.decode(store.get(ckpt.manifest_key(1))).bundle == manifest.bundle
+
+    ranges: list[tuple[int, int]] = []
+    get_range = store.get_range
+
+    def counting(key: str, start: int, length: int) -> bytes:
+        ranges.append((start, length))
+        return get_range(key, start, length)
+
+    monkeypatch.setattr(store, "get_range", counting)
+    assert fetch(store, 1, tmp_path / "out.db") == content
+    assert len(ranges) >= 3 and sum(n for _, n in ranges) == sum(manifest.bundle)
+
+
+def test_small_or_unbundled_checkpoints_have_no_bundle(store: LocalStore,
+                                                       tmp_path: Path) -> None:
+    make_db(tmp_path / "small.db", ckpt.BUNDLE_MIN_PAGES // 2)
+    assert publish(store, tmp_path / "small.db", 1, bundle=True).bundle is None
+    make_db(tmp_path / "big.db", 12)
+    assert publish(store, tmp_path / "big.db", 2, bundle=False).bundle is None
+    assert store.head(ckpt.bundle_key(1)) is None and store.head(ckpt.bundle_key(2)) is None
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "short"])
+def test_a_bad_bundle_falls_back_to_the_pages(store: LocalStore, tmp_path: Path,
+                                              damage: str) -> None:
+    content = make_db(tmp_path / "src.db", 10)
+    publish(store, tmp_path / "src.db", 1, bundle=True)
+    key = ckpt.bundle_key(1)
+    blob = store.get(key)
+    if damage == "missing":
+        store.delete(key)
+    elif damage == "corrupt":
+        store.put(key, blob[:100] + bytes(200) + blob[300:])
+    else:
+        store.put(key, blob[:-10])
+    assert fetch(store, 1, tmp_path / "out.db") == content
+
+
+def test_fsck_reads_the_pages_not_the_bundle(store: LocalStore, tmp_path: Path) -> None:
+    """A bundle must not hide a lost page: the next checkpoint reuses it."""
+    make_db(tmp_path / "src.db", 10)
+    manifest = publish(store, tmp_path / "src.db", 1, bundle=True)
+    store.delete(ckpt.page_key(manifest.pages[3]))
+    assert fetch(store, 1, tmp_path / "out.db")  # a mount still starts, from the bundle
+    with pytest.raises(BaseExceptionGroup):
+        trio.run(lambda: ckpt.fetch(store, 1, tmp_path / "fsck.db", trio.CapacityLimiter(4),
+                                    use_bundle=False))
+
+
+def test_prune_deletes_a_bundle_with_its_manifest(store: LocalStore, tmp_path: Path) -> None:
+    make_db(tmp_path / "src.db", 10)
+    publish(store, tmp_path / "src.db", 1, bundle=True)
+    for seq in range(2, 2 + ckpt.KEEP_MANIFESTS):
+        publish(store, tmp_path / "src.db", seq, bundle=False)
+    ckpt.prune(store, 1 + ckpt.KEEP_MANIFESTS)
+    assert store.head(ckpt.manifest_key(1)) is None
+    assert store.head(ckpt.bundle_key(1)) is None
+    assert fetch(store, 1 + ckpt.KEEP_MANIFESTS, tmp_path / "out.db")
+
+
+def big_metadata(mnt: Path, files: int = 60) -> None:
+    """Enough metadata for a bundle (> BUNDLE_MIN_PAGES pages) without thousands of files:
+    large extended attributes live in the database."""
+    for i in range(files):
+        p = mnt / f"f{i:03d}"
+        p.write_bytes(b"x")
+        os.setxattr(p, "user.pad", os.urandom(12000))
+
+
+def test_unmount_bundles_and_an_empty_cache_mount_uses_it(ws: Workspace) -> None:
+    """The unmount's checkpoint carries a bundle; a mount on an empty cache reads it (and
+    the checkpoint it prefetched while taking the lease) and serves the same tree."""
+    mnt = ws.mount()
+    big_metadata(mnt)
+    ws.unmount()
+    store = open_store(ws.store_url)
+    seq = ckpt.read_head(store)
+    assert seq is not None
+    manifest = ckpt.Manifest.decode(store.get(ckpt.manifest_key(seq)))
+    assert len(set(manifest.pages)) >= ckpt.BUNDLE_MIN_PAGES
+    assert manifest.bundle is not None and store.head(ckpt.bundle_key(seq)) is not None
+
+    mnt = ws.mount(cache_dir=ws.fresh_cache())
+    log = (ws.cache_dir / "wsfs.log").read_text()
+    assert "fetched while taking the lease" in log and "unusable" not in log
+    assert not (ws.cache_dir / "prefetch.db").exists()
+    assert len(os.listdir(mnt)) == 60 + 1  # and the marker
+    assert len(os.getxattr(mnt / "f059", "user.pad")) == 12000
+    ws.unmount()
+
+
+def test_an_idle_unmount_bundles_the_last_checkpoint(ws: Workspace) -> None:
+    """A mount whose last change was published long before the unmount still leaves a
+    bundle behind: the unmount publishes once more."""
+    mnt = ws.mount(flush_delay=0.1)
+    big_metadata(mnt)
+    ws.wsfs("sync", str(mnt))
+    store = open_store(ws.store_url)
+    synced = ckpt.read_head(store)
+    assert synced is not None
+    assert ckpt.Manifest.decode(store.get(ckpt.manifest_key(synced))).bundle is None
+    ws.unmount()
+    seq = ckpt.read_head(store)
+    assert seq is not None and seq > synced
+    assert ckpt.Manifest.decode(store.get(ckpt.manifest_key(seq))).bundle is not None
+
+
+def test_a_prefetch_overtaken_by_a_newer_checkpoint_is_not_used(ws: Workspace,
+                                                                tmp_path: Path) -> None:
+    """The prefetch runs before the lease is ours: if another mount publishes meanwhile,
+    prepare_cache must fetch the newer checkpoint, not serve the guess."""
+    store = open_store(ws.store_url)
+    cache = tmp_path / "late-cache"
+    cache.mkdir()
+    limiter = trio.CapacityLimiter(4)
+    sb = read_superblock(store)
+    guessed = trio.run(prefetch, store, sb, cache, limiter)
+    assert guessed == ckpt.read_head(store)
+
+    mnt = ws.mount()
+    (mnt / "newer").write_text("published after the prefetch")
+    ws.unmount()
+    newest = ckpt.read_head(store)
+    assert newest is not None and newest > guessed
+
+    trio.run(prepare_cache, store, sb, cache, limiter, guessed)
+    meta = Metadata(cache / "meta.db")
+    try:
+        assert meta.get_setting("checkpoint_seq") == str(newest)
+        assert meta.lookup(1, b"newer") is not None
+    finally:
+        meta.close()
+    assert not (cache / "prefetch.db").exists()
+
+
+def test_a_prefetched_mount_clears_what_an_earlier_run_left(ws: Workspace) -> None:
+    """A cache dir without a database may hold another run's leftovers (a stale page list,
+    clean blocks): a mount that uses its prefetched checkpoint clears them like one that
+    fetches after the lease."""
+    ws.cache_dir.mkdir(parents=True)
+    (ws.cache_dir / "clean").mkdir()
+    (ws.cache_dir / "clean" / "stale").write_text("x")
+    (ws.cache_dir / "pages.json").write_text('{"seq": 1, "pages": ["0" ]}')
+    ws.mount()
+    assert "fetched while taking the lease" in (ws.cache_dir / "wsfs.log").read_text()
+    assert not (ws.cache_dir / "clean" / "stale").exists()
+    pages = ws.cache_dir / "pages.json"
+    assert not pages.exists() or '"0"' not in pages.read_text()
+    ws.unmount()
+
+
+def test_a_daemon_that_dies_while_starting_is_reported(ws: Workspace) -> None:
+    """No answer on the ready pipe (the daemon died before it could say why): one sentence,
+    pointing at the log, with the mount error's exit code, and nothing mounted."""
+    ws.cache_dir.mkdir(parents=True)
+    (ws.cache_dir / "wsfs.log").mkdir()  # the daemon's first act, opening its log, fails
+    result = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.cache_dir),
+                     check=False, timeout=60)
+    assert result.returncode == MountError.exit_code, result.stderr
+    assert "daemon died while starting" in result.stderr
+    assert str(ws.cache_dir / "wsfs.log") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(line.split()[1] == str(ws.mnt) for line in
+                   Path("/proc/self/mounts").read_text().splitlines())
+
+
+def test_the_mount_command_returns_as_soon_as_the_daemon_serves(ws: Workspace) -> None:
+    """`wsfs mount` exits at once after the handshake (no interpreter teardown in the way),
+    with its exit code 0, and the daemon it leaves behind is the one serving."""
+    env = {**os.environ, **ws.env}
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsfs", "mount", ws.store_url, str(ws.mnt), "--cache-dir",
+         str(ws.cache_dir)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert (ws.mnt / ".workspace.initialized").exists()
+    pid = ws.daemon_pid()
+    assert pid is not None and os.path.exists(f"/proc/{pid}")
+    ws.unmount()
+
+
+def test_the_inode_cache_stays_under_its_bound(tmp_path: Path) -> None:
+    """Every cache in Metadata is bounded by a size, not by the tree: after more inodes than
+    the bound are created and read, the caches hold at most the bound."""
+    meta = Metadata(tmp_path / "meta.db")
+    try:
+        root = meta.create_inode(0o40755, 0, 0, 0, nlink=2, ino=1)
+        for i in range(INODE_CACHE_MAX + 500):
+            node = meta.create_inode(0o100644, 0, 0, 0)
+            meta.add_entry(root.id, f"f{i}".encode(), node.id)
+            meta.get_inode(node.id)
+            meta.parent_of(node.id)
+        meta.flush()
+        assert len(meta._inodes) <= INODE_CACHE_MAX
+        assert len(meta._parents) <= INODE_CACHE_MAX
+    finally:
+        meta.close()
+
+
+def test_the_clean_cache_maps_no_memory(tmp_path: Path) -> None:
+    """diskcache opens a SQLite connection per thread; each must neither map the database
+    nor cache more than CLEAN_DB_CACHE_PAGES pages (they held 250 MB at 100,000 files)."""
+    cache = open_clean_cache(tmp_path / "clean", 1 << 30)
+    try:
+        def pragmas() -> tuple[int, int]:
+            return (cache._sql("PRAGMA mmap_size").fetchone()[0],
+                    cache._sql("PRAGMA cache_size").fetchone()[0])
+
+        assert pragmas() == (0, CLEAN_DB_CACHE_PAGES)
+        seen: list[tuple[int, int]] = []
+        worker = threading.Thread(target=lambda: seen.append(pragmas()))
+        worker.start()
+        worker.join()
+        assert seen == [(0, CLEAN_DB_CACHE_PAGES)]  # another thread's own connection too
+    finally:
+        cache.close()
+    reopened = open_clean_cache(tmp_path / "clean", 1 << 30)  # settings persist, stay put
+    try:
+        assert reopened._sql("PRAGMA mmap_size").fetchone()[0] == 0
+    finally:
+        reopened.close()
