@@ -7,6 +7,7 @@ published and fetched back byte for byte); the others mount through the real com
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -167,6 +168,26 @@ def test_an_idle_unmount_bundles_the_last_checkpoint(ws: Workspace) -> None:
     seq = ckpt.read_head(store)
     assert seq is not None and seq > synced
     assert ckpt.Manifest.decode(store.get(ckpt.manifest_key(seq))).bundle is not None
+
+
+def test_gc_deletes_an_orphan_bundle_and_keeps_the_live_one(ws: Workspace) -> None:
+    """A writer that crashed between a bundle and its manifest leaves the bundle alone in the
+    store: gc deletes it, and keeps the bundle of the checkpoint a fresh mount needs."""
+    mnt = ws.mount()
+    big_metadata(mnt)
+    ws.unmount()
+    store = open_store(ws.store_url)
+    seq = ckpt.read_head(store)
+    assert seq is not None and store.head(ckpt.bundle_key(seq)) is not None
+    orphan = ckpt.bundle_key(seq + 1)  # its manifest never came
+    store.put(orphan, b"half of a crashed unmount")
+    report = json.loads(ws.wsfs("gc", ws.store_url, "--min-age", "0", "--json").stdout)
+    assert report["pages_deleted"] >= 1, report
+    assert store.head(orphan) is None
+    assert store.head(ckpt.bundle_key(seq)) is not None
+    mnt = ws.mount(cache_dir=ws.fresh_cache())
+    assert len(os.listdir(mnt)) == 60 + 1
+    ws.unmount()
 
 
 def test_a_prefetch_overtaken_by_a_newer_checkpoint_is_not_used(ws: Workspace,

@@ -147,11 +147,21 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
         doomed_pages.append(key)
         report.pages_deleted += 1
         report.page_bytes_deleted += size
+    # A bundle goes with its manifest; one whose manifest never came (its writer crashed
+    # between the two uploads) is deleted once it is old enough.
+    doomed_bundles: list[str] = []
+    for key, size, mtime in list_detailed(store, ckpt.BUNDLE_PREFIX):
+        name = key[len(ckpt.BUNDLE_PREFIX):]
+        if (name.isdigit() and int(name) in kept) or not old_enough(mtime):
+            continue
+        doomed_bundles.append(key)
+        report.pages_deleted += 1
+        report.page_bytes_deleted += size
     report.manifests_deleted = len(old)
     if not dry_run:
         # manifests first: a page is only ever deleted once no kept manifest names it
         store.delete_many([ckpt.manifest_key(s) for s in old])
-        store.delete_many([ckpt.bundle_key(s) for s in old])  # most have none: no matter
+        store.delete_many(doomed_bundles)
         store.delete_many(doomed_pages)
         store.delete_many(doomed_objects)
     log.info("gc store=%s dry_run=%s objects_deleted=%d pages_deleted=%d manifests_deleted=%d "
