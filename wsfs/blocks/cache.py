@@ -59,12 +59,15 @@ SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the wh
 # of one file's blocks run in parallel: each waits mostly on the disk's cache flush, and
 # concurrent flushes share one (jbd2 and the block layer batch them).
 LOCAL_THREADS = 16
-# Worker calls an fsync(2) spreads its fdatasyncs over, run in parallel (the WAL's in one of its
-# own: it alone waits for a journal commit). Parallel flushes overlap, but every call is a hand-off
-# to a thread and back, and on 2 busy cores waking nine workers cost more than it saved. Measured
-# (handlers called directly, 8 blocks + the WAL, medians of 3 runs): 9 calls 2.5-3.9 ms, 4 calls
-# 2.1-3.6 ms, 1 call 3-18 ms; a block and the WAL: 2 calls 4-8 ms, 1 call 9-11 ms (busy disk).
-SYNC_CALLS = 4
+# An fsync(2)'s block fdatasyncs run in parallel worker calls of up to SYNCS_PER_CALL each, in
+# at least SYNC_CALLS calls (the WAL's sync gets one of its own: it alone waits for a journal
+# commit). Parallel flushes overlap, but every call is a hand-off to a thread and back, and on 2
+# busy cores waking nine workers cost more than it saved. Measured (handlers called directly,
+# medians): 8 blocks + the WAL in 9 calls 2.5-3.9 ms, 4 calls 2.1-3.6 ms, 1 call 3-18 ms; a block
+# and the WAL in 2 calls 4-8 ms, in 1 call 9-11 ms (a busy disk); 200 blocks in 16 calls 24-49
+# ms, in 4 calls 54-77 ms.
+SYNCS_PER_CALL = 3
+SYNC_CALLS = 3
 # A writer's check for free disk space uses an estimate (the last statvfs(2) minus the bytes
 # written since) while it is younger than this many seconds and more than FREE_MARGIN above
 # what the writer needs; otherwise it asks the disk again. statvfs(2) on every write was a
@@ -465,10 +468,10 @@ class BlockCache:
         """Make the given dirty blocks durable on the local disk.
 
         Only blocks written since their last fsync(2) are synced again (a random writer of a
-        big file touches a few of its blocks between two fsyncs), in at most SYNC_CALLS parallel
-        worker calls. A block whose fsync(2) another caller is running is waited for: its return
-        is what makes it durable. `also` is a blocking job run in parallel with them (the
-        metadata's sync), so that a caller waits for one round of disk flushes, not two.
+        big file touches a few of its blocks between two fsyncs), a few per worker call, the
+        calls in parallel. A block whose fsync(2) another caller is running is waited for: its
+        return is what makes it durable. `also` is a blocking job run in parallel with them
+        (the metadata's sync), so that a caller waits for one round of disk flushes, not two.
         """
         while True:
             running = [self._syncing[b] for b in block_ids if b in self._syncing]
@@ -489,7 +492,8 @@ class BlockCache:
         errors: list[Exception] = []
         # fdatasync: the block's length and allocation, not its mtime (unused)
         syncs: list[Callable[[], None]] = [partial(os.fdatasync, fd) for fd in fds]
-        n = min(len(syncs), SYNC_CALLS - (also is not None))
+        n = min(len(syncs), max(SYNC_CALLS, -(-len(syncs) // SYNCS_PER_CALL)),
+                LOCAL_THREADS - 1)
         parts = [syncs[i::n] for i in range(n)]
         if also is not None:
             parts.append([also])
