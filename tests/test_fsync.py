@@ -457,6 +457,11 @@ def test_many_blocks_are_synced_in_a_few_worker_calls(
         assert sorted(recorder.take()) == sorted([*blocks_of(ops).values(), "meta.db-wal"])
         assert SYNC_CALLS * SYNCS_PER_CALL >= 9  # so the 9 blocks need only SYNC_CALLS calls
         assert len(calls) == SYNC_CALLS + 1  # and one for the WAL
+        calls.clear()
+        await ops.write(fh_, 9 * BS, b"y")  # one new block, and the WAL: a single hand-off
+        await ops.fsync(fh_, False)
+        assert sorted(recorder.take()) == sorted([blocks_of(ops)[9], "meta.db-wal"])
+        assert len(calls) == 1
 
     trio.run(main)
 
