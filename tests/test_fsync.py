@@ -18,7 +18,6 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import pytest
@@ -27,7 +26,6 @@ from conftest import Workspace, s3_workspace
 from s3servers import S3Server
 
 from wsfs.blocks import BlockCache
-from wsfs.blocks.cache import SYNC_CALLS, SYNCS_PER_CALL
 from wsfs.fs import Operations
 from wsfs.meta import Metadata
 from wsfs.store import LocalStore
@@ -430,38 +428,6 @@ def test_a_cut_tail_block_is_synced_before_the_metadata_names_it(
         assert list(tail) == [0]
         assert recorder.take() == [tail[0]]
         assert await ops.read(fh_, 0, BS) == payload(3, BS + 5000)[:3000]
-
-    trio.run(main)
-
-
-def test_many_blocks_are_synced_in_a_few_worker_calls(
-        tmp_path: Path, recorder: SyncRecorder, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every written block and the WAL are synced, but in a few hand-offs to worker threads,
-    not one each (a random writer's fsync touched 8 blocks and made 9 hand-offs)."""
-    calls: list[object] = []
-    real = trio.to_thread.run_sync
-
-    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(fn)
-        return await real(fn, *args, **kwargs)
-
-    async def main() -> None:
-        ops, fh = make_ops(tmp_path)
-        fh_ = pyfuse3.FileHandleT(fh)
-        for idx in range(9):
-            await ops.write(fh_, idx * BS + 100, b"x" * 4096)
-        recorder.take()
-        calls.clear()
-        monkeypatch.setattr(trio.to_thread, "run_sync", counting)
-        await ops.fsync(fh_, False)
-        assert sorted(recorder.take()) == sorted([*blocks_of(ops).values(), "meta.db-wal"])
-        assert SYNC_CALLS * SYNCS_PER_CALL >= 9  # so the 9 blocks need only SYNC_CALLS calls
-        assert len(calls) == SYNC_CALLS + 1  # and one for the WAL
-        calls.clear()
-        await ops.write(fh_, 9 * BS, b"y")  # one new block, and the WAL: a single hand-off
-        await ops.fsync(fh_, False)
-        assert sorted(recorder.take()) == sorted([blocks_of(ops)[9], "meta.db-wal"])
-        assert len(calls) == 1
 
     trio.run(main)
 

@@ -59,17 +59,6 @@ SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the wh
 # of one file's blocks run in parallel: each waits mostly on the disk's cache flush, and
 # concurrent flushes share one (jbd2 and the block layer batch them).
 LOCAL_THREADS = 16
-# An fsync(2)'s block fdatasyncs run in parallel worker calls of up to SYNCS_PER_CALL each, in
-# at least SYNC_CALLS calls; the WAL's sync gets a call of its own (it alone waits for a journal
-# commit), except after a single block, in that block's call. Parallel flushes overlap, but every
-# call is a hand-off to a thread and back, and on 2 busy cores waking nine workers cost more than
-# it saved. Measured (handlers called directly, medians): 8 blocks + the WAL in 9 calls 2.5-3.9
-# ms, 4 calls 2.1-3.6 ms, 1 call 3-18 ms; 200 blocks in 16 calls 24-49 ms, in 4 calls 54-77 ms; a
-# block and the WAL in 2 calls 4-8 ms, in 1 call 9-11 ms on a busy disk, but through a mount
-# SQLite's one-row transactions (an fsync of one block, the WAL once a transaction) ran faster in
-# 6 of 8 interleaved pairs with both in one call: 3.1 hand-offs a transaction instead of 4.2.
-SYNCS_PER_CALL = 3
-SYNC_CALLS = 3
 # A writer's check for free disk space uses an estimate (the last statvfs(2) minus the bytes
 # written since) while it is younger than this many seconds and more than FREE_MARGIN above
 # what the writer needs; otherwise it asks the disk again. statvfs(2) on every write was a
@@ -470,10 +459,10 @@ class BlockCache:
         """Make the given dirty blocks durable on the local disk.
 
         Only blocks written since their last fsync(2) are synced again (a random writer of a
-        big file touches a few of its blocks between two fsyncs), a few per worker call, the
-        calls in parallel. A block whose fsync(2) another caller is running is waited for: its
-        return is what makes it durable. `also` is a blocking job run in parallel with them
-        (the metadata's sync), so that a caller waits for one round of disk flushes, not two.
+        big file touches a few of its blocks between two fsyncs), in parallel. A block whose
+        fsync(2) another caller is running is waited for: its return is what makes it durable.
+        `also` is a blocking job run in parallel with them (the metadata's sync), so that a
+        caller waits for one round of disk flushes, not two.
         """
         while True:
             running = [self._syncing[b] for b in block_ids if b in self._syncing]
@@ -492,34 +481,29 @@ class BlockCache:
             self._unsynced.discard(b)  # a write from now on marks it again
             self._syncing[b] = done
         errors: list[Exception] = []
-        # fdatasync: the block's length and allocation, not its mtime (unused)
-        syncs: list[Callable[[], None]] = [partial(os.fdatasync, fd) for fd in fds]
-        n = min(len(syncs), max(SYNC_CALLS, -(-len(syncs) // SYNCS_PER_CALL)),
-                LOCAL_THREADS - 1)
-        parts = [syncs[i::n] for i in range(n)]
-        if also is not None and len(parts) == 1:
-            parts[0].append(also)  # one block (SQLite's journal and database): one hand-off
-        elif also is not None:
-            parts.append([also])
+        # fdatasync: the block's length and allocation, not its mtime (unused). Each sync in a
+        # worker call of its own, all in parallel: fewer calls, each syncing a few files one
+        # after another, saved hand-offs but serialized disk flushes, and in interleaved runs
+        # through a mount that won on an idle disk and lost on a busy one (SQLite and random
+        # writes, 8-12 pairs each way).
+        jobs: list[Callable[[], None]] = [partial(os.fdatasync, fd) for fd in fds]
+        if also is not None:
+            jobs.append(also)
 
-        def sync_all(part: list[Callable[[], None]]) -> None:
-            for job in part:
-                job()
-
-        async def run(part: list[Callable[[], None]]) -> None:
+        async def run(job: Callable[[], None]) -> None:
             try:
-                await trio.to_thread.run_sync(sync_all, part, limiter=self.local_limiter)
+                await trio.to_thread.run_sync(job, limiter=self.local_limiter)
             except Exception as e:  # raised below as itself (ENOSPC, EIO), not in a group
                 errors.append(e)
 
         ok = False
         try:
-            if len(parts) == 1:
-                await run(parts[0])
+            if len(jobs) == 1:  # (most fsyncs: one block) without a nursery's scheduling
+                await run(jobs[0])
             else:
                 async with trio.open_nursery() as nursery:
-                    for part in parts:
-                        nursery.start_soon(run, part)
+                    for job in jobs:
+                        nursery.start_soon(run, job)
             if errors:
                 raise errors[0]
             ok = True
