@@ -225,6 +225,7 @@ class SyncRecorder:
         self.synced: list[str] = []
         self.hold: threading.Event | None = None
         self.fail: OSError | None = None
+        self.fail_once: set[str] = set()  # names whose next sync fails (EIO)
         self._real = os.fdatasync
 
     def __call__(self, fd: int) -> None:
@@ -233,6 +234,9 @@ class SyncRecorder:
             self.hold.wait(10)
         if self.fail is not None:
             raise self.fail
+        if name in self.fail_once:
+            self.fail_once.discard(name)
+            raise OSError(errno.EIO, "injected")
         self._real(fd)
         self.synced.append(name)
 
@@ -266,6 +270,13 @@ def make_ops(tmp_path: Path) -> tuple[Operations, int]:
 
 def blocks_of(ops: Operations, ino: int = 2) -> dict[int, str]:
     return {i: r.id for i, r in ops.meta.blocks_in(ino, 0, 1 << 20).items()}
+
+
+def second_file(ops: Operations) -> tuple[int, pyfuse3.FileHandleT]:
+    """Another empty file beside make_ops's, and an open handle of it."""
+    node = ops.meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
+    ops.meta.add_entry(1, b"g", node.id)
+    return node.id, pyfuse3.FileHandleT(int(ops._open_handle(node.id).fh))
 
 
 def test_fsync_syncs_each_written_block_and_the_wal(tmp_path: Path,
@@ -417,5 +428,83 @@ def test_a_cut_tail_block_is_synced_before_the_metadata_names_it(
         assert list(tail) == [0]
         assert recorder.take() == [tail[0]]
         assert await ops.read(fh_, 0, BS) == payload(3, BS + 5000)[:3000]
+
+    trio.run(main)
+
+
+def test_concurrent_fsyncs_share_one_wal_sync(tmp_path: Path, recorder: SyncRecorder) -> None:
+    """Group commit: an fsync whose changes a running WAL sync already covers waits for that
+    sync instead of starting its own, and returns only after it ended; one with a change
+    committed after that sync began syncs the WAL itself."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        f, g = pyfuse3.FileHandleT(fh), second_file(ops)[1]
+        await ops.write(f, 0, b"f" * 4096)
+        await ops.write(g, 0, b"g" * 4096)
+        done: list[str] = []
+
+        async def fsync(name: str, handle: pyfuse3.FileHandleT) -> None:
+            await ops.fsync(handle, False)
+            done.append(name)
+
+        recorder.hold = threading.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fsync, "f", f)
+            await trio.sleep(0.2)  # f's syncs (its block, the WAL) are held
+            nursery.start_soon(fsync, "g", g)  # g's new block is in the WAL being synced
+            await trio.sleep(0.2)
+            assert done == [] and recorder.synced == []
+            recorder.hold.set()
+        assert sorted(done) == ["f", "g"]
+        synced = recorder.take()
+        assert synced.count("meta.db-wal") == 1
+        assert sorted(synced) == sorted([blocks_of(ops)[0], blocks_of(ops, 3)[0], "meta.db-wal"])
+
+        recorder.hold = threading.Event()
+        async with trio.open_nursery() as nursery:
+            await ops.write(f, 2 * BS, b"f")  # a new block: f's WAL sync covers it
+            nursery.start_soon(fsync, "f2", f)
+            await trio.sleep(0.2)
+            await ops.write(g, 3 * BS, b"g")  # after that sync began: not covered by it
+            nursery.start_soon(fsync, "g2", g)
+            await trio.sleep(0.2)
+            recorder.hold.set()
+        synced = recorder.take()
+        assert synced.count("meta.db-wal") == 2  # g2 could not share f2's
+        assert blocks_of(ops, 3)[3] in synced and blocks_of(ops)[2] in synced
+
+    trio.run(main)
+
+
+def test_a_failed_shared_wal_sync_is_redone_by_the_caller_that_waited(
+        tmp_path: Path, recorder: SyncRecorder) -> None:
+    """Group commit never turns the leader's failure into a waiter's success: the waiter finds
+    the WAL unsynced after the leader's sync failed, and syncs it itself."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        f, g = pyfuse3.FileHandleT(fh), second_file(ops)[1]
+        await ops.write(f, 0, b"f" * 4096)
+        await ops.write(g, 0, b"g" * 4096)
+        results: dict[str, int] = {}
+
+        async def fsync(name: str, handle: pyfuse3.FileHandleT) -> None:
+            try:
+                await ops.fsync(handle, False)
+                results[name] = 0
+            except pyfuse3.FUSEError as e:
+                results[name] = e.errno
+
+        recorder.hold = threading.Event()
+        recorder.fail_once = {"meta.db-wal"}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fsync, "f", f)
+            await trio.sleep(0.2)
+            nursery.start_soon(fsync, "g", g)  # waits for f's WAL sync, which fails
+            await trio.sleep(0.2)
+            recorder.hold.set()
+        assert results == {"f": errno.EIO, "g": 0}
+        synced = recorder.take()
+        assert synced.count("meta.db-wal") == 1  # g's own, after f's failed
+        assert blocks_of(ops, 3)[0] in synced
 
     trio.run(main)

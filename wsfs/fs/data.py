@@ -8,6 +8,7 @@ import os
 import stat
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from ..blocks import BlockCorrupt
@@ -24,11 +25,25 @@ from .base import (
 log = logging.getLogger(__name__)
 
 
+class _WalSync:
+    """A sync of the metadata WAL in progress: the change counters it makes durable (everything
+    committed when it began), and an event set when it ends, succeeded or not."""
+
+    __slots__ = ("changes", "data_changes", "done")
+
+    def __init__(self, changes: int, data_changes: int) -> None:
+        self.changes = changes
+        self.data_changes = data_changes
+        self.done = trio.Event()
+
+
 class DataOps(Base):
     """Handlers that move file data between the kernel and the block cache."""
 
     # Metadata.data_changes at the last completed sync of the WAL (see _synced_changes)
     _synced_data_changes = -1
+    # The sync of the WAL running now, if any (the newest): concurrent fsyncs share it
+    _wal_sync: _WalSync | None = None
 
     # -- file data -------------------------------------------------------------------------
 
@@ -236,6 +251,8 @@ class DataOps(Base):
         order between them is lost by that: the kernel writes the WAL back on its own schedule
         anyway (it is committed every COMMIT_INTERVAL without a sync), so durable metadata
         never implied durable blocks before this fsync(2) returns, and after it both are.
+        The WAL is synced only if it holds changes this call needs that no finished sync
+        covered, and not again when a running sync covers them (group commit).
         """
         node = self._node(ino)
         ids: list[str] = []
@@ -243,14 +260,32 @@ class DataOps(Base):
             refs = self.meta.blocks_in(ino, 0, (node.size - 1) // self.bs)
             ids = [r.id for r in refs.values()]
         changes, data_changes = self.meta.total_changes, self.meta.data_changes
-        # else the last sync of the WAL covered everything this call must make durable
-        if (data_changes != self._synced_data_changes if datasync
-                else changes != self._synced_changes):
+
+        def wal_needed() -> bool:  # else a finished sync of the WAL covered all this call needs
+            return (data_changes > self._synced_data_changes if datasync
+                    else changes > self._synced_changes)
+
+        running = self._wal_sync
+        if wal_needed() and running is not None and (
+                running.data_changes >= data_changes if datasync
+                else running.changes >= changes):
+            # Group commit: a sync of the WAL that began after every change this call needs
+            # was committed is running; its end makes them durable too (concurrent fsyncs).
+            await self.blocks.fsync(ids)
+            ids = []
+            await running.done.wait()
+        if wal_needed():  # (again, if the running sync failed)
             self.meta.flush()
-            await self.blocks.fsync(ids, also=self.meta.sync)
-            self._synced_changes = max(self._synced_changes, changes)
-            self._synced_data_changes = max(self._synced_data_changes, data_changes)
-        else:
+            mine = self._wal_sync = _WalSync(changes, data_changes)
+            try:
+                await self.blocks.fsync(ids, also=self.meta.sync)
+                self._synced_changes = max(self._synced_changes, changes)
+                self._synced_data_changes = max(self._synced_data_changes, data_changes)
+            finally:
+                if self._wal_sync is mine:
+                    self._wal_sync = None
+                mine.done.set()
+        elif ids:
             await self.blocks.fsync(ids)
         if self.remote_fsync is not None:
             await self.remote_fsync()
