@@ -81,6 +81,33 @@ def test_group_rolled_back_by_sqlite_resets_the_caches(tmp_path: Path) -> None:
     assert meta.lookup(1, b"g") is None
 
 
+def test_block_count_cache_follows_block_changes_and_rollbacks(tmp_path: Path) -> None:
+    """st_blocks comes from a cached count: every change of the block map and every rollback
+    (of one handler, or of the whole group by SQLite) must be seen."""
+    meta = fresh_meta(tmp_path)
+    ino = add_file(meta, b"f")
+    assert meta.block_count(ino) == 0  # known from the create, no query
+    meta.set_block(ino, 0, "b0")
+    assert meta.block_count(ino) == 1
+    meta.flush()
+    meta.begin()
+    meta.set_block(ino, 1, "b1")
+    assert meta.block_count(ino) == 2
+    meta.rollback()
+    assert meta.block_count(ino) == 1
+    meta.set_block(ino, 2, "b2")
+    meta.set_block(ino, 2, "b2bis")  # a replacement counts once
+    assert meta.block_count(ino) == 2
+    meta.conn.rollback()  # SQLite drops the whole group by itself (a full disk)
+    assert meta.block_count(ino) == 1
+    meta.set_block(ino, 3, "b3")
+    found = meta.lookup_inode(1, b"f")
+    assert found is not None and found[1] == 2
+    assert meta.remove_blocks_from(ino, 1) and meta.block_count(ino) == 1
+    meta.remove_block(ino, 0)
+    assert meta.block_count(ino) == 0
+
+
 def test_parent_cache_follows_a_rename(tmp_path: Path) -> None:
     meta = fresh_meta(tmp_path)
     a = meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, 1, nlink=2)

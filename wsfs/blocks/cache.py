@@ -52,6 +52,11 @@ RECENT_FAILURE = 1.0
 # Empty dirty files kept ready: creating a file costs ~0.1-1 ms of the FUSE thread, and a
 # burst of new small files (tar, git checkout) drained a pool of 64 in a tenth of a second.
 POOL_SIZE = 256
+# The files of dropped dirty blocks are emptied and renamed into the pool instead of deleted,
+# up to this many: on the ext4 of our hosts creating a file costs ~150-200 us of CPU, emptying
+# and renaming one ~10 us, and every new small file needs a block file (tar and git add of
+# a package tree created thousands, in a worker thread that took the CPU from the FUSE thread).
+POOL_MAX = 4096
 RECENT_BLOCKS = 8  # whole clean blocks kept in memory for sequential readers
 MAX_OPEN_FILES = 256
 SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the whole block
@@ -208,7 +213,12 @@ class BlockCache:
         self._written_since = 0
         # Empty files made ahead of need by `maintain`: creating a file costs the FUSE thread
         # more than writing it, and a new small file needs one.
-        self._pool: list[tuple[str, int]] = []
+        self._pool: list[tuple[str, int]] = []  # (id, open fd)
+        # Recycled files beyond what the pool holds open (POOL_MAX): ids of empty files.
+        self._spare: list[str] = []
+        # Dirty blocks a copy on write is reading in a worker thread: their files are deleted,
+        # never recycled, when they are dropped meanwhile (a recycled file changes content).
+        self._copying: set[str] = set()
         # The last few whole blocks read from the clean cache: a sequential reader asks for
         # 128 KiB at a time, and each clean-cache lookup is a query plus an open(2).
         self._recent: OrderedDict[str, bytes] = OrderedDict()
@@ -228,7 +238,11 @@ class BlockCache:
     def _fd(self, block_id: str) -> int:
         fd = self._fds.get(block_id)
         if fd is None:
-            fd = os.open(self._path(block_id), os.O_RDWR | os.O_CREAT, 0o600)
+            path = self._path(block_id)
+            try:  # O_CREAT only when needed: it locks the directory the pool work renames in
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             self._keep_fd(block_id, fd)
         return fd
 
@@ -251,6 +265,9 @@ class BlockCache:
         if self._pool:
             block_id, fd = self._pool.pop()
             self._keep_fd(block_id, fd)
+        elif self._spare:
+            block_id = self._spare.pop()
+            fd = self._fd(block_id)
         else:
             block_id = secrets.token_hex(16)
             fd = self._fd(block_id)
@@ -283,7 +300,12 @@ class BlockCache:
         copy, in the worker trip the copy makes anyway.
         """
         src = os.dup(self._fd(block_id)) if block_id in self._dirty else None  # sealed: stable
-        new_id, new_fd = self._pool.pop() if self._pool else (secrets.token_hex(16), -1)
+        if src is not None:
+            self._copying.add(block_id)  # its file must not be recycled under the copy
+        if self._pool:
+            new_id, new_fd = self._pool.pop()
+        else:
+            new_id, new_fd = self._spare.pop() if self._spare else secrets.token_hex(16), -1
 
         def copy_into(fd: int) -> int | None:
             if src is not None:
@@ -300,7 +322,7 @@ class BlockCache:
         def work() -> tuple[int, int | None]:
             fd = new_fd
             if fd < 0:
-                fd = os.open(self._path(new_id), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(self._path(new_id), os.O_RDWR | os.O_CREAT, 0o600)  # maybe recycled
             try:
                 length = copy_into(fd)
                 if length is not None:
@@ -316,6 +338,7 @@ class BlockCache:
         finally:
             if src is not None:
                 os.close(src)
+                self._copying.discard(block_id)
         if length is None:  # not cached: the file stays empty, ready for the next block
             self._pool.append((new_id, fd))
             return None
@@ -412,28 +435,73 @@ class BlockCache:
         """Background upkeep in worker threads: delete released files, refill the pool."""
         while True:
             doomed, self._unlink_ready = self._unlink_ready, []
-            need = POOL_SIZE - len(self._pool) if len(self._pool) < POOL_SIZE * 3 // 4 else 0
+            room = max(0, POOL_MAX - len(self._spare))
+            reuse = [d for d in doomed if d[0] not in self._copying][:room]
+            if reuse:
+                taken = {d[0] for d in reuse}
+                doomed = [d for d in doomed if d[0] not in taken]
+            # open files the pool wants: spare files first, then recycled ones, then new ones
+            want = POOL_SIZE - len(self._pool) if len(self._pool) < POOL_SIZE * 3 // 4 else 0
+            cut = max(0, len(self._spare) - want)
+            reopen, self._spare = self._spare[cut:], self._spare[:cut]
 
-            def work(doomed: list[tuple[str, int]] = doomed,
-                     need: int = need) -> list[tuple[str, int]]:
+            def work(doomed: list[tuple[str, int]] = doomed, reuse: list[tuple[str, int]] = reuse,
+                     reopen: list[str] = reopen, want: int = want
+                     ) -> tuple[list[tuple[str, int]], list[str]]:
+                ids = reopen + self._recycle_files(reuse)
+                made: list[tuple[str, int]] = []
+                for block_id in ids[:want]:
+                    with contextlib.suppress(FileNotFoundError):
+                        made.append((block_id, os.open(self._path(block_id), os.O_RDWR)))
                 self._unlink_files(doomed)
                 with contextlib.suppress(OSError):
                     self._keep_ballast()
-                made = []
-                for _ in range(need):
-                    block_id = secrets.token_hex(16)
-                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
-                    made.append((block_id, os.open(self._path(block_id), flags, 0o600)))
-                return made
+                try:
+                    for _ in range(want - len(made)):
+                        block_id = secrets.token_hex(16)
+                        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+                        made.append((block_id, os.open(self._path(block_id), flags, 0o600)))
+                except OSError as e:  # a full disk: keep what is made, writers make their own
+                    log.debug("cannot prepare dirty files: %s", e)
+                return made, ids[want:]
 
-            if doomed or need or not self.ballast.exists():
+            if doomed or reuse or want or not self.ballast.exists():
                 try:  # not behind uploads: a pool refilled late is a pool drained
-                    self._pool.extend(
-                        await trio.to_thread.run_sync(work, limiter=self.local_limiter))
+                    made, spare = await trio.to_thread.run_sync(work, limiter=self.local_limiter)
+                    self._pool.extend(made)
+                    self._spare.extend(spare)
                 except OSError as e:  # a full disk: writers create their own files
                     log.debug("cannot prepare dirty files: %s", e)
-                    need = 0
-            await trio.sleep(0.01 if need else 0.05)  # a draining pool is refilled soon
+                    want = 0
+            await trio.sleep(0.01 if want else 0.05)  # a draining pool is refilled soon
+
+    def _recycle_files(self, doomed: list[tuple[str, int]]) -> list[str]:
+        """Empty the files of dropped blocks and rename them to fresh ids (blocking): pool
+        entries for new blocks at a fraction of the cost of new files (POOL_MAX). A crash
+        halfway leaves an empty file that nothing references: recovery deletes it.
+
+        The file is emptied through an fd that is closed after: ext4 flushes a file emptied
+        by truncate at its next close (auto_da_alloc), which is cheap here and cost the FUSE
+        thread ~60 us at the close after the file's reuse."""
+        base = str(self.dirty_dir) + os.sep
+        made = []
+        for block_id, fd in doomed:
+            new_id = secrets.token_hex(16)
+            try:
+                if fd < 0:
+                    fd = os.open(base + block_id, os.O_RDWR)
+                os.ftruncate(fd, 0)
+                os.rename(base + block_id, base + new_id)
+                made.append(new_id)
+            except FileNotFoundError:
+                pass
+            except OSError:  # not worth a failure: delete it as before
+                with contextlib.suppress(OSError):
+                    os.unlink(base + block_id)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        return made
 
     def _unlink_files(self, doomed: list[tuple[str, int]]) -> None:
         """Close and delete the files of dropped blocks (blocking)."""
@@ -864,6 +932,9 @@ class BlockCache:
             os.close(fd)
             self._path(block_id).unlink(missing_ok=True)
         self._pool.clear()
+        for block_id in self._spare:
+            self._path(block_id).unlink(missing_ok=True)
+        self._spare.clear()
         self._unlink_files(self._unlink_ready)
         self._unlink_ready.clear()
         for _, fd in self._unlink_after_commit:  # their files stay: the commit did not run

@@ -115,15 +115,20 @@ class NameOps(Base):
         parent = int(new_parent_inode)
         node = self._node(int(inode))
         dir_node = self._node(parent)
-        if self.meta.lookup(parent, new_name) is not None:
-            raise FUSEError(errno.EEXIST)
         ts = now_ns()
+        exists = False
         with self._txn():
-            node.nlink += 1
-            node.ctime_ns = ts
-            self.meta.save_inode(node)
-            self.meta.add_entry(parent, new_name, node.id)
-            self._touch_dir(dir_node, ts)
+            try:  # the kernel looked the name up already: it exists only after a race
+                self.meta.add_entry(parent, new_name, node.id)
+            except sqlite3.IntegrityError:  # nothing changed: no rollback (it empties caches)
+                exists = True
+            else:
+                node.nlink += 1
+                node.ctime_ns = ts
+                self.meta.save_inode(node)
+                self._touch_dir(dir_node, ts)
+        if exists:
+            raise FUSEError(errno.EEXIST)
         return self._entry(node)
 
     def _unlink_node(self, node: Inode, ts: int) -> None:

@@ -105,6 +105,10 @@ class Metadata:
         self._xattr_inodes: set[int] = set()
         # parent_of answers (every listing asks for ".."); emptied whenever a name goes away.
         self._parents: dict[int, int] = {}
+        # Stored blocks by inode (st_blocks of every attribute reply: a setattr, of which the
+        # kernel sends several per small file, cost a count query each). An entry goes with
+        # any change to that inode's block map, all of them with any rollback.
+        self._nblocks: dict[int, int] = {}
         # Grows with every change to any directory entry and every rollback: lets the fs
         # layer trust that a listing it finished is still complete.
         self.dentry_changes = 0
@@ -115,6 +119,7 @@ class Metadata:
         does (a deleted inode's xattrs, say, came back)."""
         self._inodes.clear()
         self._parents.clear()
+        self._nblocks.clear()
         self.dentry_changes += 1  # an entry may have come back
         self._wrote = False
         self._xattr_inodes = {
@@ -166,6 +171,7 @@ class Metadata:
         finally:
             self._inodes.clear()
             self._parents.clear()
+            self._nblocks.clear()
             self.dentry_changes += 1
             self._check_caches()
             self._xattr_inodes.update(
@@ -268,6 +274,7 @@ class Metadata:
             return None
         self._check_caches()
         self._remember(row[:-1])
+        self._count_is(row[0], int(row[-1]))
         return Inode(*row[:-1]), int(row[-1])
 
     def lookup_node(self, parent: int, name: bytes) -> Inode | None:
@@ -301,6 +308,7 @@ class Metadata:
         row = (cur.lastrowid, mode, uid, gid, size, nlink, rdev, now_ns, now_ns, now_ns, target)
         self._wrote = True
         self._remember(row)
+        self._count_is(cur.lastrowid, 0)
         return Inode(*row)
 
     def save_inode(self, node: Inode) -> None:
@@ -340,6 +348,7 @@ class Metadata:
         self.conn.execute("DELETE FROM inodes WHERE id=?", (ino,))
         self._wrote = True
         self._inodes.pop(ino, None)
+        self._nblocks.pop(ino, None)
         return refs
 
     def orphans(self) -> list[int]:
@@ -477,12 +486,16 @@ class Metadata:
 
     def set_block(self, ino: int, idx: int, block_id: str) -> None:
         """Map a new (dirty, never uploaded) block into a file, replacing what was there."""
+        self._nblocks.pop(ino, None)
+        self._wrote = True  # a group rolled back by SQLite must reset the count too
         self.conn.execute(
             "INSERT OR REPLACE INTO blocks (inode, idx, id) VALUES (?,?,?)", (ino, idx, block_id)
         )
 
     def remove_blocks_from(self, ino: int, first: int) -> list[BlockRef]:
         """Remove the blocks of `ino` with idx >= first; return what was removed."""
+        self._nblocks.pop(ino, None)
+        self._wrote = True  # a group rolled back by SQLite must reset the count too
         refs = [
             BlockRef(*r)
             for r in self.conn.execute(
@@ -498,6 +511,8 @@ class Metadata:
             "SELECT inode, idx, id FROM blocks WHERE csum IS NULL")]
 
     def remove_block(self, ino: int, idx: int) -> None:
+        self._nblocks.pop(ino, None)
+        self._wrote = True  # a group rolled back by SQLite must reset the count too
         self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx=?", (ino, idx))
 
     def small_file_blocks(self, parent: int, max_size: int, limit: int) -> list[BlockRef]:
@@ -510,8 +525,17 @@ class Metadata:
             (parent, max_size, limit))]
 
     def block_count(self, ino: int) -> int:
-        row = self.conn.execute(_BLOCK_COUNT, (ino,)).fetchone()
-        return int(row[0])
+        self._check_caches()
+        count = self._nblocks.get(ino)
+        if count is None:
+            count = int(self.conn.execute(_BLOCK_COUNT, (ino,)).fetchone()[0])
+            self._count_is(ino, count)
+        return count
+
+    def _count_is(self, ino: int, count: int) -> None:
+        if len(self._nblocks) >= INODE_CACHE_MAX:
+            self._nblocks.clear()
+        self._nblocks[ino] = count
 
     def set_uploaded(self, csums: dict[str, str], pack: str | None = None,
                      pack_size: int | None = None) -> None:
