@@ -388,7 +388,7 @@ def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
         if state == "uploaded":
             await ops.blocks.upload(first)
             ops.blocks.retire(first, uploaded=True)
-            ops.blocks._recent.clear()  # from the clean cache's file, not from memory
+            ops.blocks.clean._recent.clear()  # from the clean cache's file, not from memory
             assert not ops.blocks.is_writable(first) and first not in ops.blocks._dirty
         await ops.fsync(fh_, False)
         recorder.take()

@@ -19,7 +19,7 @@ import pytest
 import trio
 from conftest import Workspace
 
-from wsfs.blocks.cache import CLEAN_DB_CACHE_PAGES, open_clean_cache
+from wsfs.blocks.clean import CLEAN_DB_CACHE_PAGES, open_clean_cache
 from wsfs.errors import MountError
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt

@@ -228,7 +228,7 @@ class Daemon:
                 self.upload_rate = self.rate.sample(f.uploaded_bytes)
             if b is not None:
                 with contextlib.suppress(Exception):  # a figure, never worth failing for
-                    self.cache_bytes = int(b.clean.volume())
+                    self.cache_bytes = b.clean.volume()
             self.write_status()
             await trio.sleep(0.5)
 
@@ -256,7 +256,7 @@ class Daemon:
             "dirty_bytes": b.dirty_bytes if b else 0, "dirty_blocks": b.dirty_count if b else 0,
             "dirty_limit": self.cfg.dirty_limit,
             "cache_hits": b.hits if b else 0, "cache_misses": b.misses if b else 0,
-            "downloads": b.downloads if b else 0,
+            "downloads": b.clean.downloads if b else 0,
             "cache_bytes": self.cache_bytes, "cache_limit": self.cfg.cache_size,
             "checkpoint": f.seq if f else 0,
             "last_checkpoint_time": f.last_publish_time if f else None,
@@ -348,7 +348,7 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
         if block_id in dirty:
             continue
         try:
-            content = await blocks.download(block_id, None)
+            content = await blocks.clean.download(block_id, None)
         except BlockCorrupt:
             log.error("inode %d lost block %d (%s) in a crash before it was saved: it reads "
                       "as zeros", ino, idx, block_id)

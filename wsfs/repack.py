@@ -53,7 +53,6 @@ after the old pack's deletion finds the survivor in the clean cache, where the p
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import secrets
@@ -62,7 +61,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import diskcache
 import trio
 
 from .blocks import BlockCache, object_key
@@ -284,7 +282,7 @@ class Repacker:
         unknown = [u.id for u in usage if u.size is None and u.id not in self._damaged]
         for pack_id in unknown[:HEAD_BATCH]:
             size = await trio.to_thread.run_sync(self.store.head, object_key(pack_id),
-                                                 limiter=self.blocks.fetch_limiter)
+                                                 limiter=self.blocks.clean.fetch_limiter)
             if not self.meta.pack_in_use(pack_id):
                 continue
             if size is None:
@@ -302,7 +300,7 @@ class Repacker:
         def work() -> dict[str, tuple[str, bytes]]:
             out: dict[str, tuple[str, bytes]] = {}
             for block_id, csum in wanted.items():
-                data = _clean_copy(clean, block_id)
+                data = clean.content(block_id)
                 if data is not None and hashlib.sha256(data).hexdigest() == csum:
                     out[block_id] = (csum, data)
             missing = [b for b in wanted if b not in out]
@@ -320,7 +318,7 @@ class Repacker:
             return out
 
         try:
-            return await trio.to_thread.run_sync(work, limiter=self.blocks.fetch_limiter)
+            return await trio.to_thread.run_sync(work, limiter=self.blocks.clean.fetch_limiter)
         except packs.PackCorrupt as e:
             if self.meta.pack_in_use(pack_id):  # else it just died whole: nothing to do
                 self._damaged.add(pack_id)
@@ -369,33 +367,10 @@ class Repacker:
         self.moved_bytes += sum(len(m[3]) for m in run)
         self.reclaimed_bytes += sum(dead[old] for old in emptied)
         # Readers that looked the old place up just before the switch find them here.
-        clean = self.blocks.clean
         if self.blocks.room_to_keep(len(blob)):
-            await trio.to_thread.run_sync(_keep_clean, clean, {m[0]: m[3] for m in run},
-                                          limiter=self.blocks.local_limiter)
+            try:
+                await trio.to_thread.run_sync(self.blocks.clean.keep, {m[0]: m[3] for m in run},
+                                              limiter=self.blocks.local_limiter)
+            except (OSError, sqlite3.OperationalError) as e:  # it only costs the caching
+                log.debug("could not keep clean copies of repacked blocks: %s", e)
         return len(emptied)
-
-
-def _clean_copy(clean: diskcache.Cache, block_id: str) -> bytes | None:
-    """A block's clean copy from the diskcache, or None (blocking)."""
-    f = clean.get(block_id, default=None, read=True)
-    if f is None:
-        return None
-    if isinstance(f, bytes):  # diskcache keeps small values inline
-        return f
-    with f:
-        return bytes(f.read())
-
-
-def _keep_clean(clean: diskcache.Cache, members: dict[str, bytes]) -> None:
-    """Put clean copies in the diskcache (blocking), as BlockCache keeps them; a failure
-    only costs the caching."""
-    try:
-        with clean.transact():
-            for block_id, data in members.items():
-                if len(data) < clean.disk.min_file_size:
-                    clean.set(block_id, data)
-                else:
-                    clean.set(block_id, io.BytesIO(data), read=True)
-    except (OSError, sqlite3.OperationalError) as e:
-        log.debug("could not keep clean copies of repacked blocks: %s", e)

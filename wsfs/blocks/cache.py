@@ -1,4 +1,5 @@
-"""The block cache: dirty blocks (local files, never evicted) and clean blocks (diskcache, LRU).
+"""The block cache: dirty blocks (local files, never evicted), the cache disk's space, and
+uploads; clean copies and downloads are clean.py's.
 
 This layer knows blocks by id and nothing else: no inodes, no paths, no metadata. A block id
 names a local file `dirty/<id>` while the block is dirty, and once uploaded either the
@@ -16,24 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import io
 import logging
 import os
 import secrets
-import shutil
-import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import diskcache
 import trio
 
-from ..store import NoSuchKey, ObjectStore, TransientStoreError
+from ..store import ObjectStore
 from . import pack as packs
+from .clean import CleanCache
+from .files import checksum, copy_all, object_key, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +44,6 @@ MIN_RESERVE = 8 << 20
 # in-flight writes pass the check at once) must never make a commit fail, because SQLite
 # rolls a failed commit back and with it every change of the group.
 BALLAST = 4 << 20
-# Seconds a block whose download just timed out fails at once instead of waiting again.
-RECENT_FAILURE = 1.0
 # Empty dirty files kept ready: creating a file costs ~0.1-1 ms of the FUSE thread, and a
 # burst of new small files (tar, git checkout) drained a pool of 64 in a tenth of a second.
 POOL_SIZE = 256
@@ -57,9 +52,7 @@ POOL_SIZE = 256
 # and renaming one ~10 us, and every new small file needs a block file (tar and git add of
 # a package tree created thousands, in a worker thread that took the CPU from the FUSE thread).
 POOL_MAX = 4096
-RECENT_BLOCKS = 8  # whole clean blocks kept in memory for sequential readers
 MAX_OPEN_FILES = 256
-SEQUENTIAL_READ = 64 * 1024  # reads this large come from readahead: keep the whole block
 # Threads for the local disk work of FUSE requests (fsync(2)s, copies on write). The fsync(2)s
 # of one file's blocks run in parallel: each waits mostly on the disk's cache flush, and
 # concurrent flushes share one (jbd2 and the block layer batch them).
@@ -73,84 +66,6 @@ FREE_MARGIN = 64 << 20
 # Bytes a write is counted as taking from the estimate beyond its length: a new file's first
 # allocation (a 100-byte file takes a 4 KiB block), so the estimate never runs ahead of the disk.
 ALLOC_SLACK = 4096
-
-
-class BlockCorrupt(Exception):
-    """A downloaded block does not match its checksum, or is missing from the store."""
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether a failure means the cache disk is full (OSError or SQLite's own wording)."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """pwrite(2) all of `data`: a nearly full disk takes part of it and fails the rest."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _copy_all(src: int, dst: int) -> int:
-    """Copy all of file `src` to the start of file `dst` inside the kernel; return the length."""
-    size = os.fstat(src).st_size
-    done = 0
-    try:
-        while done < size:
-            n = os.copy_file_range(src, dst, size - done, done, done)
-            if n == 0:
-                break
-            done += n
-    except OSError as e:  # no in-kernel copy between these files: through user space
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        while done < size:
-            chunk = os.pread(src, min(size - done, 1 << 20), done)
-            if not chunk:
-                break
-            _pwrite_all(dst, chunk, done)
-            done += len(chunk)
-    return done
-
-
-def object_key(block_id: str) -> str:
-    return f"data/{block_id[:2]}/{block_id}"
-
-
-def checksum(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-CLEAN_DB_CACHE_PAGES = 256  # SQLite pages (4 KiB) each clean-cache connection caches
-
-
-def open_clean_cache(path: Path, size_limit: int) -> diskcache.Cache:
-    """Open the clean-block cache; on a cache disk full of dirty data, empty it first.
-
-    Clean blocks are copies of what the store holds. A daemon that stopped with its disk full
-    must still start, so it can upload the dirty blocks that fill it.
-    """
-    def cache() -> diskcache.Cache:
-        # diskcache opens one SQLite connection per thread (up to 32 upload/download workers),
-        # and by default each maps 64 MiB of its database and caches 32 MiB of pages: with
-        # small files stored inline, a daemon creating 100,000 files held 250 MB of such maps.
-        # The kernel's page cache serves these reads as well.
-        return diskcache.Cache(str(path), size_limit=size_limit,
-                               eviction_policy="least-recently-used", cull_limit=64,
-                               sqlite_mmap_size=0, sqlite_cache_size=CLEAN_DB_CACHE_PAGES)
-
-    try:
-        return cache()
-    except (OSError, sqlite3.OperationalError) as e:
-        if not disk_full(e):
-            raise
-        log.warning("the cache disk is full: emptying the clean cache %s to start", path)
-        shutil.rmtree(path, ignore_errors=True)
-        return cache()
 
 
 class BlockCache:
@@ -175,24 +90,18 @@ class BlockCache:
         self.block_size = block_size
         self.dirty_limit = dirty_limit
         self.limiter = limiter
-        # Downloads may be abandoned at their deadline while their thread still waits on a
-        # stalled connection (holding a token until it ends): a limiter of their own keeps
-        # those from starving uploads.
-        self.fetch_limiter = trio.CapacityLimiter(16)
-        self._prefetching = trio.Semaphore(8)
         # Requests have their own threads: a caller of fsync(2) must never queue behind uploads.
         self.local_limiter = trio.CapacityLimiter(LOCAL_THREADS)
-        self.read_timeout = read_timeout
         self.full_timeout = full_timeout
         self.reserve = MIN_RESERVE
         self.on_full: Callable[[], None] | None = None  # asks the sync layer to flush now
         self._disk_full_since: float | None = None  # a writer got ENOSPC; no space since
-        self._last_fetch_error: str | None = None
-        self._timed_out: dict[str, float] = {}  # block id -> when its download timed out
         self.ballast = cache_dir / "ballast"
         self.dirty_dir = cache_dir / "dirty"
         self.dirty_dir.mkdir(parents=True, exist_ok=True)
-        self.clean = open_clean_cache(cache_dir / "clean", cache_size)
+        self.clean = CleanCache(cache_dir / "clean", store, block_size=block_size,
+                                size_limit=cache_size, limiter=limiter,
+                                read_timeout=read_timeout)
         self._dirty: dict[str, int] = {}  # id -> length of the local file
         self._dirty_since: dict[str, float] = {}  # id -> monotonic time it became dirty
         self._sealed: set[str] = set()
@@ -219,16 +128,11 @@ class BlockCache:
         # Dirty blocks a copy on write is reading in a worker thread: their files are deleted,
         # never recycled, when they are dropped meanwhile (a recycled file changes content).
         self._copying: set[str] = set()
-        # The last few whole blocks read from the clean cache: a sequential reader asks for
-        # 128 KiB at a time, and each clean-cache lookup is a query plus an open(2).
-        self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._fds: dict[str, int] = {}
-        self._downloads: dict[str, trio.Event] = {}
         self._room = trio.Event()
         self.dirty_bytes = 0
         self.hits = 0
         self.misses = 0
-        self.downloads = 0  # blocks fetched from the store, readahead and prefetch included
 
     # -- dirty blocks ----------------------------------------------------------------------
 
@@ -273,7 +177,7 @@ class BlockCache:
             fd = self._fd(block_id)
         try:
             if content:
-                _pwrite_all(fd, content, 0)
+                pwrite_all(fd, content, 0)
         except BaseException:  # a full disk: leave no unaccounted file behind
             self._close(block_id)
             self._path(block_id).unlink(missing_ok=True)
@@ -309,15 +213,15 @@ class BlockCache:
 
         def copy_into(fd: int) -> int | None:
             if src is not None:
-                return _copy_all(src, fd)
-            f = self.clean.get(block_id, default=None, read=True)
+                return copy_all(src, fd)
+            f = self.clean.open(block_id)
             if f is None:
                 return None
             if isinstance(f, bytes):  # diskcache keeps small values inline
-                _pwrite_all(fd, f, 0)
+                pwrite_all(fd, f, 0)
                 return len(f)
             with f:
-                return _copy_all(f.fileno(), fd)
+                return copy_all(f.fileno(), fd)
 
         def work() -> tuple[int, int | None]:
             fd = new_fd
@@ -375,7 +279,7 @@ class BlockCache:
         self._unsynced.add(block_id)
         self._written_since += len(data) + ALLOC_SLACK
         try:
-            _pwrite_all(fd, data, offset)
+            pwrite_all(fd, data, offset)
         except OSError:
             # Failed half-way (a full disk): the file may have grown; count what is there.
             size = os.fstat(fd).st_size
@@ -393,8 +297,7 @@ class BlockCache:
         checkpoint without it is published).
         """
         if block_id not in self._dirty:
-            self._recent.pop(block_id, None)
-            self.clean.delete(block_id)
+            self.clean.discard(block_id)
             return True
         if block_id in self._sealed:
             self._doomed.add(block_id)  # its upload is running: delete when the cycle ends
@@ -664,7 +567,7 @@ class BlockCache:
 
     async def _wait_for_disk(self, size: int) -> None:
         need = self._needed(size)
-        await self.evict_clean(need - self.disk_free())
+        await self.clean.evict(need - self.disk_free())
         if self.disk_free() >= need:
             return
         if self._disk_full_since is not None and not self.space_coming():
@@ -693,28 +596,7 @@ class BlockCache:
                           "(%d bytes dirty): writes fail with ENOSPC until uploads or "
                           "deletions free space", self.dirty_bytes)
                 raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
-            await self.evict_clean(need - free)
-
-    async def evict_clean(self, amount: int) -> None:
-        """Free `amount` bytes of the cache disk from the clean cache, if it holds them.
-
-        The clean cache's limit is lowered for the rest of the mount: the disk cannot hold
-        what --cache-size asked for.
-        """
-        if amount <= 0:
-            return
-
-        def work() -> tuple[int, int]:
-            volume = int(self.clean.volume())
-            limit = max(0, volume - amount - self.block_size)
-            if limit < int(self.clean.size_limit):
-                self.clean.reset("size_limit", limit)
-                self.clean.cull()
-            return volume, limit
-
-        volume, limit = await trio.to_thread.run_sync(work, limiter=self.limiter)
-        if limit < volume:
-            log.warning("the cache disk is full: clean cache limit lowered to %d bytes", limit)
+            await self.clean.evict(need - free)
 
     def _wake_writers(self) -> None:
         if self.dirty_bytes <= self.dirty_limit:
@@ -730,150 +612,24 @@ class BlockCache:
                    size: int) -> bytes:
         """Read up to `size` bytes of a block from `offset` (short at the block's end).
 
-        `csum` and `pack` are what the block map records: the checksum a download must
-        match, and the pack holding the block (None: the block is an object of its own).
+        `csum` and `pack` are what the block map records (see `CleanCache.download`).
         """
         if block_id in self._dirty:
             return self.read_dirty(block_id, offset, size)
-        data = self._cached(block_id, offset, size)
+        data = self.clean.read(block_id, offset, size)
         if data is not None:
             self.hits += 1
             return data
         self.misses += 1
-        content = await self.download(block_id, csum, pack)
-        self._remember(block_id, content)  # a reader's block, not readahead's: see `_recent`
+        content = await self.clean.download(block_id, csum, pack)
+        self.clean.remember(block_id, content)
         return content[offset : offset + size]
-
-    def _cached(self, block_id: str, offset: int, size: int) -> bytes | None:
-        recent = self._recent.get(block_id)
-        if recent is not None:
-            self._recent.move_to_end(block_id)
-            return recent[offset : offset + size]
-        f = self.clean.get(block_id, default=None, read=True)
-        if f is None:
-            return None
-        if isinstance(f, bytes):  # diskcache keeps small values inline in its database
-            return f[offset : offset + size]
-        with f:
-            if size < SEQUENTIAL_READ:  # a random reader: read just the range
-                f.seek(offset)
-                return bytes(f.read(size))
-            whole = bytes(f.read())
-        self._remember(block_id, whole)
-        return whole[offset : offset + size]
-
-    def _remember(self, block_id: str, content: bytes) -> None:
-        self._recent[block_id] = content
-        if len(self._recent) > RECENT_BLOCKS:
-            self._recent.popitem(last=False)
-
-    async def download(self, block_id: str, csum: str | None, pack: str | None = None) -> bytes:
-        """Fetch a clean block into the cache, retrying an unreachable store until the
-        read deadline (`read_timeout`), then raise TransientStoreError (the reader gets EIO).
-
-        The worker thread is abandoned at the deadline: a stalled connection must not hold a
-        reader longer than that, and an abandoned download has no effect but a cache entry.
-        A block that just timed out fails at once for a few seconds: the kernel retries a
-        failed readahead page by page, which would otherwise make one read(2) wait twice.
-        """
-        failed_at = self._timed_out.get(block_id)
-        if failed_at is not None and trio.current_time() - failed_at < RECENT_FAILURE:
-            raise TransientStoreError(f"block {block_id} could not be downloaded (it timed "
-                                      f"out a moment ago: {self._last_fetch_error or 'no answer'})")
-        with trio.move_on_after(self.read_timeout):
-            data = await self._download(block_id, csum, pack)
-            self._timed_out.pop(block_id, None)
-            return data
-        self._timed_out[block_id] = trio.current_time()
-        if len(self._timed_out) > 1024:
-            self._timed_out.pop(next(iter(self._timed_out)))
-        raise TransientStoreError(
-            f"block {block_id} could not be downloaded within {self.read_timeout:g}s "
-            f"({self._last_fetch_error or 'no answer from the store'})"
-        )
-
-    async def _download(self, block_id: str, csum: str | None, pack: str | None) -> bytes:
-        """Fetch a clean block into the cache (once, however many readers wait for it; a
-        packed block's whole pack once, however many of its members are wanted)."""
-        key = pack or block_id
-        while (event := self._downloads.get(key)) is not None:
-            await event.wait()
-        whole = self._cached(block_id, 0, self.block_size)
-        if whole is not None:
-            return whole
-        event = self._downloads[key] = trio.Event()
-        delay = 0.2
-        try:
-            while True:
-                try:
-                    return await trio.to_thread.run_sync(
-                        self._download_blocking, block_id, csum, pack,
-                        limiter=self.fetch_limiter, abandon_on_cancel=True,
-                    )
-                except TransientStoreError as e:
-                    self._last_fetch_error = str(e)
-                    log.warning("download of block %s failed, retrying in %.1fs: %s",
-                                block_id, delay, e)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-        finally:
-            del self._downloads[key]
-            event.set()
-
-    def _download_blocking(self, block_id: str, csum: str | None, pack: str | None) -> bytes:
-        where = f"pack {pack}" if pack else "the store"
-        try:
-            blob = self.store.get(object_key(pack or block_id))
-        except NoSuchKey:
-            raise BlockCorrupt(f"block {block_id} is missing from {where}") from None
-        if pack is None:
-            found = {block_id: (checksum(blob), blob)}
-        else:
-            try:
-                found = packs.split(blob)
-            except packs.PackCorrupt as e:
-                raise BlockCorrupt(f"block {block_id}: {e} ({where})") from None
-        got = found.get(block_id)
-        if got is None or (csum is not None and got[0] != csum):
-            raise BlockCorrupt(f"block {block_id} does not match its checksum ({where})")
-        self.downloads += 1
-        self._keep_clean({b: data for b, (_, data) in found.items()})
-        return got[1]
-
-    def _keep_clean(self, members: dict[str, bytes]) -> None:
-        """Put clean copies in the cache, in one transaction (blocking); a full disk only
-        costs the caching.
-
-        Values too big to live inline in diskcache's database are handed over as files:
-        given bytes, diskcache writes its file line by line (it iterates a BytesIO), which
-        made a cold sequential read spend a third of its time in write(2) calls.
-        """
-        try:
-            with self.clean.transact():
-                for block_id, data in members.items():
-                    if len(data) < self.clean.disk.min_file_size:
-                        self.clean.set(block_id, data)
-                    else:
-                        self.clean.set(block_id, io.BytesIO(data), read=True)
-        except (OSError, sqlite3.OperationalError) as e:
-            if not disk_full(e):
-                raise
 
     def prefetch(self, nursery: trio.Nursery, block_id: str, csum: str | None,
                  pack: str | None) -> None:
         """Start downloading a block in the background (readahead); errors are left to read."""
-        if (block_id in self._dirty or (pack or block_id) in self._downloads
-                or block_id in self._recent or block_id in self.clean):
-            return
-
-        async def fetch() -> None:
-            try:
-                async with self._prefetching:  # leaves download slots to readers
-                    await self.download(block_id, csum, pack)
-            except Exception as e:  # the reader that needs it will see the error
-                log.debug("readahead of %s failed: %s", block_id, e)
-
-        nursery.start_soon(fetch)
+        if block_id not in self._dirty:
+            self.clean.prefetch(nursery, block_id, csum, pack)
 
     # -- uploading (driven by the sync layer) ----------------------------------------------
 
@@ -915,7 +671,7 @@ class BlockCache:
         """Keep clean copies of just-uploaded blocks, unless the cache disk is nearly full:
         there the copies would take the room the uploads are about to free."""
         if self.room_to_keep(sum(len(d) for d in members.values())):
-            self._keep_clean(members)
+            self.clean.keep(members)
 
     def retire(self, block_id: str, uploaded: bool) -> None:
         """End a sealed block's cycle: dropped if uploaded (its clean copy serves reads) or
