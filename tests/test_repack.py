@@ -22,7 +22,7 @@ import trio
 from conftest import Workspace, s3_workspace
 from faultproxy import FaultProxy
 from s3servers import S3Server
-from test_layers import BS, add_file, make
+from test_layers import BS, RecordingStore, add_file, make
 
 from wsfs import repack
 from wsfs.blocks import BlockCache, object_key
@@ -115,13 +115,20 @@ def test_repack_moves_survivors_and_the_old_pack_goes(tmp_path: Path,
     assert scans == [1]
 
 
-def test_repack_reads_an_uncached_survivor_from_the_old_pack(tmp_path: Path) -> None:
+def one_pack_thinned(tmp_path: Path, keep: int = 1
+                     ) -> tuple[RecordingStore, Metadata, BlockCache, Flusher, list[int]]:
+    """Ten 50 KB files uploaded in one pack, all deleted but the first `keep`, published."""
     store, meta, blocks, flusher = make(tmp_path)
-    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i]) * 50_000) for i in range(10)]
+    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i + 1]) * 50_000) for i in range(10)]
     trio.run(flusher.cycle)
-    for ino in inos[1:]:
+    for ino in inos[keep:]:
         unlink(meta, blocks, ino)
     trio.run(flusher.cycle)
+    return store, meta, blocks, flusher, inos
+
+
+def test_repack_reads_an_uncached_survivor_from_the_old_pack(tmp_path: Path) -> None:
+    store, meta, blocks, flusher, inos = one_pack_thinned(tmp_path)
     old = meta.get_block(inos[0], 0)
     assert old is not None and old.pack is not None
     blocks.clean.clear()  # only the old pack holds the survivor now
@@ -140,16 +147,11 @@ def test_repack_reads_an_uncached_survivor_from_the_old_pack(tmp_path: Path) -> 
     trio.run(flusher.cycle)
     ref = meta.get_block(inos[0], 0)
     assert ref is not None and ref.pack not in (None, old.pack) and ref.csum == old.csum
-    assert bytes(50_000) in store.get(object_key(ref.pack or ""))
+    assert bytes([1]) * 50_000 in store.get(object_key(ref.pack or ""))
 
 
 def test_a_survivor_deleted_during_the_upload_does_not_move(tmp_path: Path) -> None:
-    store, meta, blocks, flusher = make(tmp_path)
-    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i]) * 50_000) for i in range(10)]
-    trio.run(flusher.cycle)
-    for ino in inos[2:]:
-        unlink(meta, blocks, ino)
-    trio.run(flusher.cycle)
+    store, meta, blocks, flusher, inos = one_pack_thinned(tmp_path, keep=2)
     real_put = store.put
 
     def put_then_delete(key: str, data: bytes) -> None:
@@ -172,13 +174,8 @@ def test_a_read_that_looked_up_the_old_pack_finds_the_block_in_the_new_one(
         tmp_path: Path) -> None:
     """A read looks a block up, then waits on its download; meanwhile the block is repacked
     and its old pack deleted. The read must find it where it is now, not fail with EIO."""
-    store, meta, blocks, flusher = make(tmp_path)
-    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i + 1]) * 50_000) for i in range(10)]
-    trio.run(flusher.cycle)
-    stale = meta.get_block(inos[0], 0)  # what the read looked up
-    for ino in inos[1:]:
-        unlink(meta, blocks, ino)
-    trio.run(flusher.cycle)
+    store, meta, blocks, flusher, inos = one_pack_thinned(tmp_path)
+    stale = meta.get_block(inos[0], 0)  # what the read looked up before the repack
     repacker = Repacker(meta, blocks, store, interval=0)
     trio.run(repacker.repack_once)
     assert trio.run(repacker.repack_once) == 1
@@ -191,12 +188,7 @@ def test_a_read_that_looked_up_the_old_pack_finds_the_block_in_the_new_one(
 
 
 def test_a_failed_upload_switches_nothing(tmp_path: Path) -> None:
-    store, meta, blocks, flusher = make(tmp_path)
-    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i]) * 50_000) for i in range(10)]
-    trio.run(flusher.cycle)
-    for ino in inos[1:]:
-        unlink(meta, blocks, ino)
-    trio.run(flusher.cycle)
+    store, meta, blocks, _flusher, inos = one_pack_thinned(tmp_path)
     before = meta.get_block(inos[0], 0)
     repacker = Repacker(meta, blocks, store, interval=0)
     trio.run(repacker.repack_once)
@@ -218,12 +210,7 @@ def test_a_failed_upload_switches_nothing(tmp_path: Path) -> None:
 def test_a_format_2_database_is_upgraded(tmp_path: Path) -> None:
     """Format 2 had no `packs` table: each pack in use gets a row of unknown size, which the
     repacker learns from the store before it judges the pack."""
-    store, meta, blocks, flusher = make(tmp_path)
-    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i]) * 50_000) for i in range(10)]
-    trio.run(flusher.cycle)
-    for ino in inos[1:]:
-        unlink(meta, blocks, ino)
-    trio.run(flusher.cycle)
+    store, meta, _blocks, _flusher, _inos = one_pack_thinned(tmp_path)
     meta.close()
     conn = sqlite3.connect(tmp_path / "cache" / "meta.db")
     conn.execute("DROP TABLE packs")
@@ -466,12 +453,7 @@ def test_an_outage_during_repacking_delays_it_and_loses_nothing(
 def test_a_damaged_old_pack_is_left_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture
                                           ) -> None:
     """A survivor whose only copy is a damaged pack is not 'repacked' from bad bytes."""
-    store, meta, blocks, flusher = make(tmp_path)
-    inos = [add_file(meta, blocks, b"f%d" % i, bytes([i]) * 50_000) for i in range(10)]
-    trio.run(flusher.cycle)
-    for ino in inos[1:]:
-        unlink(meta, blocks, ino)
-    trio.run(flusher.cycle)
+    store, meta, blocks, _flusher, inos = one_pack_thinned(tmp_path)
     before = meta.get_block(inos[0], 0)
     assert before is not None and before.pack is not None
     blocks.clean.clear()
