@@ -167,6 +167,34 @@ def test_finalize_refuses_a_checkpoint_with_a_block_not_in_the_store(tmp_path: P
         ckpt.finalize(copy, {}, 1)
 
 
+def test_a_block_deleted_between_seal_and_upload_does_not_stop_the_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under steady deletes some sealed block is always deleted before its upload starts;
+    the cycle's snapshot still names it, so it must be uploaded all the same (it was left
+    out, and no checkpoint was ever published while a workload kept deleting)."""
+    _, meta, blocks, flusher = make(tmp_path)
+    keep = add_file(meta, blocks, b"keep", b"k" * 100)
+    gone = add_file(meta, blocks, b"gone", b"g" * 100)
+    real_copy = ckpt.PinnedSnapshot.copy_to
+
+    def copy_then_delete(snap: ckpt.PinnedSnapshot, dst: Path) -> None:
+        real_copy(snap, dst)  # the snapshot is pinned: it names both files' blocks
+
+        def delete() -> None:  # the user, meanwhile, in the trio thread
+            meta.begin()
+            meta.add_garbage_of([r for r in meta.delete_inode(gone) if blocks.discard(r.id)])
+            meta.commit()
+
+        trio.from_thread.run_sync(delete)
+
+    monkeypatch.setattr(ckpt.PinnedSnapshot, "copy_to", copy_then_delete)
+    trio.run(flusher.cycle)
+    assert flusher.seq == 1
+    monkeypatch.setattr(ckpt.PinnedSnapshot, "copy_to", real_copy)
+    trio.run(flusher.cycle)  # the next one drops it and collects its object
+    assert flusher.seq == 2 and meta.get_block(keep, 0) is not None
+
+
 class GatedStore(RecordingStore):
     """Holds every data upload until the test opens the gate."""
 
