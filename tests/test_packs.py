@@ -13,6 +13,7 @@ import random
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,12 +90,9 @@ def test_a_pack_lives_while_any_of_its_blocks_does(ws: Workspace) -> None:
     assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
 
 
-def test_a_format_1_workspace_is_upgraded(ws: Workspace) -> None:
-    """A checkpoint from before packs (no blocks.pack column, format 1) mounts as it is."""
-    mnt = ws.mount()
-    big = os.urandom(400_000)  # alone in its flush cycle: an object of its own, as in format 1
-    (mnt / "old.bin").write_bytes(big)
-    ws.unmount()
+def rewrite_newest_checkpoint(ws: Workspace, edit: Callable[[sqlite3.Connection], None]
+                              ) -> None:
+    """Publish the newest checkpoint again with `edit` applied: an older format, say."""
     store = LocalStore(Path(ws.store_url.removeprefix("file://")))
     seq = ckpt.read_head(store)
     assert seq is not None
@@ -102,14 +100,27 @@ def test_a_format_1_workspace_is_upgraded(ws: Workspace) -> None:
         db = Path(tmp) / "meta.db"
         trio.run(ckpt.fetch, store, seq, db, trio.CapacityLimiter(4))
         conn = sqlite3.connect(db)
+        edit(conn)
+        conn.commit()
+        conn.close()
+        trio.run(ckpt.publish, store, db, seq + 1, set(), trio.CapacityLimiter(4))
+
+
+def test_a_format_1_workspace_is_upgraded(ws: Workspace) -> None:
+    """A checkpoint from before packs (no blocks.pack column, format 1) mounts as it is."""
+    mnt = ws.mount()
+    big = os.urandom(400_000)  # alone in its flush cycle: an object of its own, as in format 1
+    (mnt / "old.bin").write_bytes(big)
+    ws.unmount()
+
+    def to_format_1(conn: sqlite3.Connection) -> None:
         assert conn.execute("SELECT count(*) FROM blocks WHERE pack IS NOT NULL").fetchone() == (0,)
         conn.execute("DROP INDEX blocks_by_pack")
         conn.execute("ALTER TABLE blocks DROP COLUMN pack")
         conn.execute("DROP TABLE packs")  # format 3
         conn.execute("UPDATE settings SET value='1' WHERE key='format'")
-        conn.commit()
-        conn.close()
-        trio.run(ckpt.publish, store, db, seq + 1, set(), trio.CapacityLimiter(4))
+
+    rewrite_newest_checkpoint(ws, to_format_1)
 
     ws.fresh_cache()
     mnt = ws.mount()
@@ -153,18 +164,12 @@ def test_a_format_2_workspace_is_upgraded_and_repacked(ws: Workspace) -> None:
         (mnt / f"d/f{i}").unlink()
         del files[f"d/f{i}"]
     ws.unmount()
-    store = LocalStore(Path(ws.store_url.removeprefix("file://")))
-    seq = ckpt.read_head(store)
-    assert seq is not None
-    with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "meta.db"
-        trio.run(ckpt.fetch, store, seq, db, trio.CapacityLimiter(4))
-        conn = sqlite3.connect(db)
+
+    def to_format_2(conn: sqlite3.Connection) -> None:
         conn.execute("DROP TABLE packs")
         conn.execute("UPDATE settings SET value='2' WHERE key='format'")
-        conn.commit()
-        conn.close()
-        trio.run(ckpt.publish, store, db, seq + 1, set(), trio.CapacityLimiter(4))
+
+    rewrite_newest_checkpoint(ws, to_format_2)
 
     ws.fresh_cache()
     ws.env["WSFS_REPACK_INTERVAL"] = "0.5"

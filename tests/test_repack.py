@@ -308,16 +308,23 @@ def fresh_check(ws: Workspace, files: dict[str, bytes]) -> None:
     fsck_clean(ws)
 
 
+def write_one_pack(ws: Workspace, server: S3Server, mnt: Path, seed: str
+                   ) -> tuple[dict[str, bytes], str]:
+    """Write a 200-file tree in one flush cycle; return it and the key of its pack."""
+    before = bucket_objects(ws, server)
+    files = write_tree(mnt, 200, seed)
+    ws.wsfs("sync", str(mnt))
+    (pack,) = [k for k, size in bucket_objects(ws, server).items()
+               if k not in before and size > 1_000_000]
+    return files, pack
+
+
 def setup_thinned(ws: Workspace, server: S3Server, *, flush_delay: float = 2.0
                   ) -> tuple[Path, dict[str, bytes], str]:
     """A tree of small files written in one flush cycle (one pack), then mostly deleted or
     rewritten. Returns the mount, the surviving files and the old pack's key."""
     mnt = ws.mount(flush_delay=flush_delay)
-    before = bucket_objects(ws, server)
-    files = write_tree(mnt, 200, "repack")
-    ws.wsfs("sync", str(mnt))
-    (old_pack,) = [k for k, size in bucket_objects(ws, server).items()
-                   if k not in before and size > 1_000_000]
+    files, old_pack = write_one_pack(ws, server, mnt, "repack")
     left = thin_out(mnt, files, keep_every=10, rewrite=5)
     ws.wsfs("sync", str(mnt))
     return mnt, left, old_pack
@@ -390,11 +397,7 @@ def test_a_crash_in_the_middle_of_a_repack_loses_nothing(
     ws.env["WSFS_REPACK_INTERVAL"] = INTERVAL
     if when == "during_upload":
         mnt = ws.mount(flush_delay=2)
-        before = bucket_objects(ws, moto_server)
-        files = write_tree(mnt, 200, "crash")
-        ws.wsfs("sync", str(mnt))
-        (old_pack,) = [k for k, size in bucket_objects(ws, moto_server).items()
-                       if k not in before and size > 1_000_000]
+        files, old_pack = write_one_pack(ws, moto_server, mnt, "crash")
         proxy.stall(60, methods=["PUT"])  # from before the deletions: every upload hangs
         left = thin_out(mnt, files, keep_every=10, rewrite=5)
         wait_for("a repack's upload", lambda: ws.status()["repack_uploading_bytes"] > 0)
@@ -429,11 +432,7 @@ def test_an_outage_during_repacking_delays_it_and_loses_nothing(
     ws, proxy = proxied
     ws.env["WSFS_REPACK_INTERVAL"] = INTERVAL
     mnt = ws.mount(flush_delay=2)
-    before = bucket_objects(ws, moto_server)
-    files = write_tree(mnt, 200, "outage")
-    ws.wsfs("sync", str(mnt))
-    (old_pack,) = [k for k, size in bucket_objects(ws, moto_server).items()
-                   if k not in before and size > 1_000_000]
+    files, old_pack = write_one_pack(ws, moto_server, mnt, "outage")
     ws.unmount()
     ws.fresh_cache()  # the survivors are in no local cache: the repack must download
     mnt = ws.mount(flush_delay=0.3)

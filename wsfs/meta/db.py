@@ -486,16 +486,14 @@ class Metadata:
 
     def set_block(self, ino: int, idx: int, block_id: str) -> None:
         """Map a new (dirty, never uploaded) block into a file, replacing what was there."""
-        self._nblocks.pop(ino, None)
-        self._wrote = True  # a group rolled back by SQLite must reset the count too
+        self._blocks_changed(ino)
         self.conn.execute(
             "INSERT OR REPLACE INTO blocks (inode, idx, id) VALUES (?,?,?)", (ino, idx, block_id)
         )
 
     def remove_blocks_from(self, ino: int, first: int) -> list[BlockRef]:
         """Remove the blocks of `ino` with idx >= first; return what was removed."""
-        self._nblocks.pop(ino, None)
-        self._wrote = True  # a group rolled back by SQLite must reset the count too
+        self._blocks_changed(ino)
         refs = [
             BlockRef(*r)
             for r in self.conn.execute(
@@ -511,8 +509,7 @@ class Metadata:
             "SELECT inode, idx, id FROM blocks WHERE csum IS NULL")]
 
     def remove_block(self, ino: int, idx: int) -> None:
-        self._nblocks.pop(ino, None)
-        self._wrote = True  # a group rolled back by SQLite must reset the count too
+        self._blocks_changed(ino)
         self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx=?", (ino, idx))
 
     def small_file_blocks(self, parent: int, max_size: int, limit: int) -> list[BlockRef]:
@@ -531,6 +528,12 @@ class Metadata:
             count = int(self.conn.execute(_BLOCK_COUNT, (ino,)).fetchone()[0])
             self._count_is(ino, count)
         return count
+
+    def _blocks_changed(self, ino: int) -> None:
+        """Forget `ino`'s cached block count; `_wrote`: a group that SQLite rolls back must
+        forget every count it changed too."""
+        self._nblocks.pop(ino, None)
+        self._wrote = True
 
     def _count_is(self, ino: int, count: int) -> None:
         if len(self._nblocks) >= INODE_CACHE_MAX:
