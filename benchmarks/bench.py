@@ -147,6 +147,16 @@ def op(name: str, *args: object, timeout: float) -> float:
     return float(proc.stdout.split()[-1])
 
 
+# Steps that leave the tree as they found it (warm reads, stat, ls, git status, a rename and
+# its undoing) run this many times and report the fastest: most take well under a second,
+# where one run on these shared 2 cores can be off by 2-4x.
+WARM_RUNS = 3
+
+
+def best_of(runs: int, measure: Callable[[], float]) -> float:
+    return min(measure() for _ in range(runs))
+
+
 def drop_caches() -> None:
     """Drop the kernel's page, dentry and inode caches, where we are allowed to."""
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
@@ -564,7 +574,7 @@ def wl_a(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
     env["PYTHONPATH"] = str(pkgs)
     run(imp, timeout=T, env=env)  # first run: write .pyc files, fill the caches
     rec(step("b.warm", "b. import boto3 (warm)"),
-        min(run(imp, timeout=T, env=env) for _ in range(3)))
+        best_of(WARM_RUNS, lambda: run(imp, timeout=T, env=env)))
     s.sample_rss()
     rec(step("a.durable", "a. extract: time to durable"),
         s.durable(expected_tree("pkgs", cfg.tar_files)))
@@ -579,7 +589,8 @@ def wl_c(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
     s.mount()
     path = s.mnt / "big.bin"
     rec(step("c.write", f"c. write {mib} MiB"), op("write_seq", path, cfg.seq_bytes, timeout=T))
-    rec(step("c.read_warm", f"c. read {mib} MiB (warm)"), op("read_seq", path, timeout=T))
+    rec(step("c.read_warm", f"c. read {mib} MiB (warm)"),
+        best_of(WARM_RUNS, lambda: op("read_seq", path, timeout=T)))
     s.sample_rss()
     rec(step("c.durable", "c. write: time to durable"),
         s.durable({"big.bin": cfg.seq_bytes}))
@@ -612,13 +623,22 @@ def wl_e(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
     root = s.mnt / "meta"
     rec(step("e.create", f"e. create {n:,} files in {d} dirs"),
         op("create_files", root, n, d, timeout=T))
-    rec(step("e.stat", f"e. stat {n:,} files"), op("stat_files", root, n, d, timeout=T))
+    rec(step("e.stat", f"e. stat {n:,} files"),
+        best_of(WARM_RUNS, lambda: op("stat_files", root, n, d, timeout=T)))
     rec(step("e.ls", f"e. ls -lR {n:,} files"),
-        run(["ls", "-lR", str(root)], timeout=T))
+        best_of(WARM_RUNS, lambda: run(["ls", "-lR", str(root)], timeout=T)))
     rec(step("e.delete", f"e. delete {n:,} files"), op("delete_files", root, n, d, timeout=T))
     op("create_files", s.mnt / "ren", cfg.rename_files, 1, timeout=T)  # set-up
+    src, dst = s.mnt / "ren" / "d000", s.mnt / "ren2"
+
+    def rename_there_and_back() -> float:
+        took = op("rename", src, dst, timeout=T)
+        op("rename", dst, src, timeout=T)
+        return took
+
     rec(step("e.rename", f"e. rename a dir of {cfg.rename_files:,} files"),
-        op("rename", s.mnt / "ren" / "d000", s.mnt / "ren2", timeout=T))
+        best_of(WARM_RUNS, rename_there_and_back))
+    op("rename", src, dst, timeout=T)
     s.sample_rss()
     expected: dict[str, int | None] = {f"ren2/f{i:06d}.txt": 100
                                        for i in range(cfg.rename_files)}
@@ -640,7 +660,7 @@ def wl_f(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
             timeout=T))
     run([*git, "status", "--porcelain"], timeout=T)
     rec(step("f.status", "f. git status (warm)"),
-        min(run([*git, "status", "--porcelain"], timeout=T) for _ in range(3)))
+        best_of(WARM_RUNS, lambda: run([*git, "status", "--porcelain"], timeout=T)))
     s.sample_rss()
     rec(step("f.durable", "f. time to durable"), s.durable(expected_tree("repo", cfg.tar_files)))
 
@@ -803,13 +823,13 @@ def report(results: Results, meta: dict[str, Any], systems: list[str]) -> str:
         lines += ["", "## wsfs against the issue's targets", "",
                   "| step | target | wsfs ratio | met |", "|---|---|---:|:---:|"]
         for s in time_rows:
-            w = _num(results.times.get("wsfs", {}).get(s.key))
+            mine = _num(results.times.get("wsfs", {}).get(s.key))
             for desc, base, limit in targets(s.key):
                 b = best_peer(results, s.key)[1] if base == "peer" else _num(
                     results.times.get(base, {}).get(s.key))
-                if w is None or b is None or b <= 0:
+                if mine is None or b is None or b <= 0:
                     continue
-                r = w / b
+                r = mine / b
                 lines.append(f"| {s.label} | {desc} | {r:.2f}x | {'yes' if r <= limit else 'NO'} |")
         rss = _num(results.times.get("wsfs", {}).get("g.rss"))
         first = _num(results.times.get("wsfs", {}).get("g.first_ls"))
