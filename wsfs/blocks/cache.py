@@ -335,9 +335,11 @@ class BlockCache:
         return bool(self._unlink_after_commit or self._unlink_ready)
 
     async def maintain(self) -> None:
-        """Background upkeep in worker threads: delete released files, refill the pool."""
+        """Background upkeep in worker threads: delete released files and the clean copies
+        of discarded blocks, refill the pool."""
         while True:
             doomed, self._unlink_ready = self._unlink_ready, []
+            gone = self.clean.take_discarded()
             room = max(0, POOL_MAX - len(self._spare))
             reuse = [d for d in doomed if d[0] not in self._copying][:room]
             if reuse:
@@ -349,8 +351,10 @@ class BlockCache:
             reopen, self._spare = self._spare[cut:], self._spare[:cut]
 
             def work(doomed: list[tuple[str, int]] = doomed, reuse: list[tuple[str, int]] = reuse,
-                     reopen: list[str] = reopen, want: int = want
+                     reopen: list[str] = reopen, want: int = want, gone: list[str] = gone
                      ) -> tuple[list[tuple[str, int]], list[str]]:
+                if gone:
+                    self.clean.delete(gone)
                 ids = reopen + self._recycle_files(reuse)
                 made: list[tuple[str, int]] = []
                 for block_id in ids[:want]:
@@ -368,7 +372,7 @@ class BlockCache:
                     log.debug("cannot prepare dirty files: %s", e)
                 return made, ids[want:]
 
-            if doomed or reuse or want or not self.ballast.exists():
+            if doomed or reuse or want or gone or not self.ballast.exists():
                 try:  # not behind uploads: a pool refilled late is a pool drained
                     made, spare = await trio.to_thread.run_sync(work, limiter=self.local_limiter)
                     self._pool.extend(made)
