@@ -29,6 +29,7 @@ from wsfs.blocks import BlockCache
 from wsfs.fs import Operations
 from wsfs.meta import Metadata
 from wsfs.store import LocalStore
+from wsfs.sync import COMMIT_INTERVAL
 
 NEVER = 3600.0  # flush delay: nothing is uploaded unless fsync (or unmount) asks for it
 
@@ -104,6 +105,38 @@ def test_local_fsync_survives_a_daemon_kill(ws: Workspace) -> None:
     mnt = ws.remount(wipe_cache=True)  # the recovered blocks were uploaded at unmount
     check(mnt, expected)
     ws.unmount()
+
+
+def test_a_closed_file_survives_a_daemon_kill_after_the_commit_interval(
+        ws: Workspace) -> None:
+    """close(2) without fsync: the kernel hands the file's cached pages to the daemon before
+    close returns (it sends no FLUSH request: wsfs answers ENOSYS to the first), so once the
+    metadata's next commit ran, a daemon crash loses nothing of it."""
+    mnt = ws.mount(flush_delay=NEVER)
+    files = {f"f{i}": payload(10 + i, (1 << 20) * i + 777) for i in range(4)}
+    for name, data in files.items():
+        fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    time.sleep(COMMIT_INTERVAL * 4)
+    kill_now(ws)
+    mnt = ws.mount(flush_delay=NEVER)  # the same cache dir
+    for name, data in files.items():
+        assert (mnt / name).read_bytes() == data, name
+    ws.unmount()
+
+
+def test_flush_is_not_implemented(tmp_path: Path) -> None:
+    """ENOSYS, so the kernel stops sending FLUSH at every close (see the test above)."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.flush(pyfuse3.FileHandleT(fh))
+        assert exc.value.errno == errno.ENOSYS
+
+    trio.run(main)
 
 
 def test_local_fsync_does_not_reach_the_store(ws: Workspace) -> None:
