@@ -419,11 +419,25 @@ class Wsfs(System):
         return self.pid if self.pid is not None and pid_alive(self.pid) else None
 
     def durable(self, expected: dict[str, int | None]) -> float | None:
-        self.sample_rss()
         self.stop_profile()
         t = time.perf_counter()
-        run([sys.executable, "-m", "wsfs", "unmount", str(self.mnt)],
-            timeout=self.cfg.step_timeout, env=self.env, cwd=REPO)
+        # The final flush runs inside the unmount, and the daemon's peak memory is gone with
+        # it: sample it while the unmount runs (the peers upload before theirs).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            done = False
+
+            def watch() -> None:
+                while not done:
+                    self.sample_rss()
+                    time.sleep(0.02)
+
+            watcher = pool.submit(watch)
+            try:
+                run([sys.executable, "-m", "wsfs", "unmount", str(self.mnt)],
+                    timeout=self.cfg.step_timeout, env=self.env, cwd=REPO)
+            finally:
+                done = True
+                watcher.result()
         _live_mounts.discard(self.mnt)
         if self.pid is not None and not wait_gone(self.pid, 30):
             raise StepError("the daemon did not exit after `wsfs unmount` returned")
