@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -152,6 +152,14 @@ def wait_pid_gone(pid: int, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"process {pid} did not exit within {timeout}s")
         time.sleep(0.05)
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll `cond` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 # -- servers (started once per session, stopped at its end) -------------------------------

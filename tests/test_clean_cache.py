@@ -6,13 +6,11 @@ tree ~25 % slower than removing one not yet uploaded), and never take a kept fil
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import Workspace
+from conftest import Workspace, wait_for
 
 from wsfs.blocks.clean import CleanCache
 from wsfs.store import LocalStore
@@ -25,11 +23,9 @@ def clean_copy_files(cache_dir: Path) -> int:
     return sum(1 for p in (cache_dir / "clean").rglob("*.val") if p.is_file())
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
+def open_clean(tmp_path: Path) -> CleanCache:
+    return CleanCache(tmp_path / "clean", LocalStore(tmp_path / "store"), block_size=1 << 20,
+                      size_limit=1 << 30, limiter=trio.CapacityLimiter(1), read_timeout=5)
 
 
 @pytest.mark.timeout(240)
@@ -43,13 +39,12 @@ def test_deleted_files_leave_the_clean_cache(ws: Workspace) -> None:
         (keep / name).write_bytes(data)
         (gone / name).write_bytes(data[::-1])
     ws.wsfs("sync", str(mnt))  # uploaded: each block's file became its clean copy
-    wait_for(lambda: clean_copy_files(ws.cache_dir) >= 40,
-             f"40 clean copies expected, found {clean_copy_files(ws.cache_dir)}")
+    wait_for("40 clean copies", lambda: clean_copy_files(ws.cache_dir) >= 40, timeout=20)
 
     for name in contents:
         (gone / name).unlink()
-    wait_for(lambda: clean_copy_files(ws.cache_dir) == 20,
-             f"the deleted files' clean copies stayed: {clean_copy_files(ws.cache_dir)}")
+    wait_for("the deleted files' clean copies to go",
+             lambda: clean_copy_files(ws.cache_dir) == 20, timeout=20)
     for name, data in contents.items():
         assert (keep / name).read_bytes() == data
 
@@ -62,14 +57,12 @@ def test_deleted_files_leave_the_clean_cache(ws: Workspace) -> None:
 
 def test_discarded_copies_pending_at_close_are_deleted(tmp_path: Path) -> None:
     """A copy discarded just before the unmount is deleted by close, not left for good."""
-    clean = CleanCache(tmp_path / "clean", LocalStore(tmp_path / "store"), block_size=1 << 20,
-                       size_limit=1 << 30, limiter=trio.CapacityLimiter(1), read_timeout=5)
+    clean = open_clean(tmp_path)
     clean.keep({"a" * 32: b"x" * FILE_SIZE, "b" * 32: b"y" * FILE_SIZE})
     clean.discard("a" * 32)
     assert clean.read("b" * 32, 0, 4) == b"yyyy"
     clean.close()
-    again = CleanCache(tmp_path / "clean", LocalStore(tmp_path / "store"), block_size=1 << 20,
-                       size_limit=1 << 30, limiter=trio.CapacityLimiter(1), read_timeout=5)
+    again = open_clean(tmp_path)
     try:
         assert again.read("a" * 32, 0, 4) is None
         assert again.read("b" * 32, 0, 4) == b"yyyy"

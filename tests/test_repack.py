@@ -13,13 +13,11 @@ import json
 import random
 import signal
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import Workspace, s3_workspace
+from conftest import Workspace, s3_workspace, wait_for
 from faultproxy import FaultProxy
 from s3servers import S3Server
 from test_layers import BS, RecordingStore, add_file, make
@@ -285,13 +283,6 @@ def check_tree(mnt: Path, files: dict[str, bytes]) -> None:
     assert sorted(p.name for p in (mnt / "t").iterdir()) == sorted(n[2:] for n in files)
     for name, data in files.items():
         assert (mnt / name).read_bytes() == data, name
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def fsck_clean(ws: Workspace) -> None:

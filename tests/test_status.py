@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import WSFS, Workspace, is_mounted
+from conftest import WSFS, Workspace, is_mounted, wait_for
 
 MiB = 1 << 20
 
@@ -28,13 +28,6 @@ def status_json(ws: Workspace, *args: str) -> object:
     return json.loads(ws.wsfs("status", *args, "--json").stdout)
 
 
-def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
 def test_status_shows_unsaved_data_and_sync_publishes_it(ws: Workspace) -> None:
     """What status reports is true, and after `wsfs sync` a crash loses nothing."""
     mnt = ws.mount("--cache-size", "64M", flush_delay=300)
@@ -43,7 +36,9 @@ def test_status_shows_unsaved_data_and_sync_publishes_it(ws: Workspace) -> None:
     (mnt / "note.txt").write_text("not yet saved\n")
     os.sync()  # the kernel hands its cached pages to the daemon
     # status.json is rewritten every half second: wait for the snapshot after the writes
-    wait_for(lambda: ws.status()["dirty_bytes"] >= len(big))  # type: ignore[operator]
+    wait_for("the dirty bytes in status",
+             lambda: ws.status()["dirty_bytes"] >= len(big),  # type: ignore[operator]
+             timeout=10)
     st = status_json(ws, str(mnt))
     assert isinstance(st, dict)
     assert st["state"] == "serving" and st["alive"] and not st["stale"]
