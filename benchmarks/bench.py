@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -423,21 +424,20 @@ class Wsfs(System):
         t = time.perf_counter()
         # The final flush runs inside the unmount, and the daemon's peak memory is gone with
         # it: sample it while the unmount runs (the peers upload before theirs).
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            done = False
+        done = threading.Event()
 
-            def watch() -> None:
-                while not done:
-                    self.sample_rss()
-                    time.sleep(0.02)
+        def watch() -> None:
+            while not done.wait(0.02):
+                self.sample_rss()
 
-            watcher = pool.submit(watch)
-            try:
-                run([sys.executable, "-m", "wsfs", "unmount", str(self.mnt)],
-                    timeout=self.cfg.step_timeout, env=self.env, cwd=REPO)
-            finally:
-                done = True
-                watcher.result()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            run([sys.executable, "-m", "wsfs", "unmount", str(self.mnt)],
+                timeout=self.cfg.step_timeout, env=self.env, cwd=REPO)
+        finally:
+            done.set()
+            watcher.join()
         _live_mounts.discard(self.mnt)
         if self.pid is not None and not wait_gone(self.pid, 30):
             raise StepError("the daemon did not exit after `wsfs unmount` returned")
