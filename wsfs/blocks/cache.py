@@ -359,8 +359,7 @@ class BlockCache:
             def work(doomed: list[tuple[str, int]] = doomed, reuse: list[tuple[str, int]] = reuse,
                      reopen: list[str] = reopen, want: int = want, gone: list[str] = gone
                      ) -> tuple[list[tuple[str, int]], list[str]]:
-                if gone:
-                    self.clean.delete(gone)
+                self.clean.delete(gone)
                 ids = reopen + self._recycle_files(reuse)
                 made: list[tuple[str, int]] = []
                 for block_id in ids[:want]:

@@ -113,6 +113,8 @@ class CleanCache:
 
     def delete(self, block_ids: list[str]) -> None:
         """Delete clean copies, in one transaction (blocking)."""
+        if not block_ids:
+            return
         try:
             with self.db.transact():
                 for block_id in block_ids:
