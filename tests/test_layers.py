@@ -182,7 +182,7 @@ def test_a_block_deleted_between_seal_and_upload_does_not_stop_the_checkpoint(
 
         def delete() -> None:  # the user, meanwhile, in the trio thread
             meta.begin()
-            meta.add_garbage_of([r for r in meta.delete_inode(gone) if blocks.discard(r.id)])
+            meta.add_garbage_of([r for r in meta.delete_inodes([gone]) if blocks.discard(r.id)])
             meta.commit()
 
         trio.from_thread.run_sync(delete)

@@ -56,7 +56,7 @@ def test_rolled_back_delete_keeps_inode_and_xattrs(tmp_path: Path) -> None:
     meta.set_xattr(ino, b"user.k", b"v")
     meta.flush()
     meta.begin()
-    meta.delete_inode(ino)
+    meta.delete_inodes([ino])
     assert meta.get_inode(ino) is None and meta.get_xattr(ino, b"user.k") is None
     meta.rollback()
     assert meta.get_inode(ino) is not None
@@ -74,7 +74,7 @@ def test_group_rolled_back_by_sqlite_resets_the_caches(tmp_path: Path) -> None:
     assert node is not None
     node.mtime_ns = 42
     meta.save_inode(node)
-    meta.delete_inode(add_file(meta, b"g"))
+    meta.delete_inodes([add_file(meta, b"g")])
     meta.conn.rollback()  # what SQLITE_FULL does to the group transaction
     again = meta.get_inode(ino)
     assert again is not None and again.mtime_ns != 42

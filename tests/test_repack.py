@@ -38,7 +38,7 @@ INTERVAL = "0.5"  # seconds between repack passes in the mounted tests
 def unlink(meta: Metadata, blocks: BlockCache, ino: int) -> None:
     """What the fs layer does when a file's last name goes."""
     meta.begin()
-    meta.add_garbage_of([r for r in meta.delete_inode(ino) if blocks.discard(r.id)])
+    meta.add_garbage_of([r for r in meta.delete_inodes([ino]) if blocks.discard(r.id)])
     meta.commit()
 
 

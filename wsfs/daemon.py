@@ -151,6 +151,7 @@ class Daemon:
         ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
                          read_only=cfg.read_only,
                          remote_fsync=flusher.sync_now if cfg.fsync_remote else None)
+        flusher.before_pin = ops.reap
         options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",
                    "default_permissions", *cfg.fuse_options}
         if cfg.read_only:
@@ -356,10 +357,9 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
         else:
             meta.set_uploaded({block_id: checksum(content)})
     orphans = meta.orphans()
-    for ino in orphans:
-        meta.begin()
-        meta.add_garbage_of([r for r in meta.delete_inode(ino) if blocks.discard(r.id)])
-        meta.commit()
+    meta.begin()
+    meta.add_garbage_of([r for r in meta.delete_inodes(orphans) if blocks.discard(r.id)])
+    meta.commit()
     meta.flush()
     if requeued or orphans:
         log.warning("recovered from an unclean stop: %d dirty blocks to upload, %d orphan "

@@ -66,6 +66,9 @@ class Flusher:
         # Called (in a worker thread) before each publish; raises LeaseError once another
         # mount holds the workspace, which fences this one off for good.
         self.before_publish: Callable[[], None] | None = None
+        # Called in the trio thread before each snapshot: the filesystem deletes the inodes
+        # it queued for deletion (fs/base.py), so no checkpoint carries files deleted before it.
+        self.before_pin: Callable[[], None] | None = None
         self._awaiting_commit: list[str] = []  # uploaded; their checksums not yet committed
         meta.after_commit = self._after_commit
         meta.before_commit = blocks.make_commit_room
@@ -230,6 +233,8 @@ class Flusher:
 
     async def _cycle(self) -> None:
         self._update_reserve()
+        if self.before_pin is not None:
+            self.before_pin()
         self.meta.flush()
         sealed = self.blocks.seal_all()
         snapshot = ckpt.PinnedSnapshot(self.meta.path)

@@ -38,6 +38,13 @@ XATTR_SIZE_MAX = 65536
 READAHEAD_BLOCKS = 12  # three packs of full blocks (blocks/pack.py)
 PREFETCH_FILES = 64  # small files of a directory fetched together after a cache miss
 STATFS_CACHE_SECONDS = 5.0
+# Inodes whose last name, handle and kernel reference are gone are deleted in batches: rm -r
+# of 5,000 files sent 5,000 forgets, and a transaction of its own for each inode cost ~70 us
+# of SQL apiece. A batch goes REAP_DELAY after its first inode, at REAP_BATCH inodes, before
+# statfs counts inodes and at unmount. A crash in between leaves inodes with no name and
+# nlink 0, which recovery deletes as it does files unlinked while open.
+REAP_BATCH = 512
+REAP_DELAY = 0.05
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -108,6 +115,8 @@ class Base(pyfuse3.Operations):
         self._listed_to: dict[int, int] = {}
         self._listed_at = -1
         self._locks: dict[int, trio.Lock] = {}
+        self._doomed: set[int] = set()  # inodes to delete in the next batch (REAP_BATCH)
+        self._reap_due = False
         self.marker_ino = meta.lookup(ROOT, MARKER)
         self._the_txn = _Txn(meta)
 
@@ -179,14 +188,42 @@ class Base(pyfuse3.Operations):
         self.meta.add_garbage_of([r for r in refs if self.blocks.discard(r.id)])
 
     def _maybe_delete(self, ino: int) -> None:
-        """Delete an inode once no entry names it, no handle holds it and the kernel forgot it."""
+        """Delete an inode once no entry names it, no handle holds it and the kernel forgot
+        it: in the next batch (REAP_BATCH)."""
         if self._lookups.get(ino) or self._open.get(ino):
             return
         node = self.meta.get_inode(ino)
-        if node is not None and node.nlink == 0:
+        if node is None or node.nlink:
+            return
+        self._doomed.add(ino)
+        if len(self._doomed) >= REAP_BATCH or self.nursery is None:
+            self.reap()
+        elif not self._reap_due:
+            self._reap_due = True
+            self.nursery.start_soon(self._reap_soon)
+
+    async def _reap_soon(self) -> None:
+        await trio.sleep(REAP_DELAY)
+        self._reap_due = False
+        try:
+            self.reap()
+        except Exception:  # a full disk: the batch waits for the next one
+            log.exception("could not delete %d unlinked inodes yet", len(self._doomed))
+
+    def reap(self) -> None:
+        """Delete the inodes queued by `_maybe_delete`, in one transaction."""
+        if not self._doomed:
+            return
+        doomed, self._doomed = self._doomed, set()
+        doomed = {i for i in doomed if not (self._lookups.get(i) or self._open.get(i))}
+        try:
             with self._txn():
-                self._drop_blocks(self.meta.delete_inode(ino))
-            self._statfs_at = -STATFS_CACHE_SECONDS  # the inode count changed
+                self._drop_blocks(self.meta.delete_inodes(list(doomed)))
+        except BaseException:
+            self._doomed |= doomed
+            raise
+        self._statfs_at = -STATFS_CACHE_SECONDS  # the inode count changed
+        for ino in doomed:
             self._locks.pop(ino, None)
 
     def _open_handle(self, ino: int) -> pyfuse3.FileInfo:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,7 @@ INODE_CACHE_MAX = 16384  # cached inode rows (~300 bytes each); a full cache sta
 _I_COLUMNS = ", ".join(f"i.{c.strip()}" for c in INODE_COLUMNS.split(","))
 _GET_INODE = f"SELECT {INODE_COLUMNS} FROM inodes WHERE id=?"
 _BLOCK_COUNT = "SELECT count(*) FROM blocks WHERE inode=?"
+_IN_LIST_MAX = 500  # ids per "IN (...)" statement: far below SQLite's limit on parameters
 InodeRow = tuple[int, int, int, int, int, int, int, int, int, int, bytes | None]
 
 
@@ -338,17 +339,27 @@ class Metadata:
         self._remember((node.id, node.mode, node.uid, node.gid, node.size, node.nlink, node.rdev,
                         node.atime_ns, node.mtime_ns, node.ctime_ns, node.target))
 
-    def delete_inode(self, ino: int) -> list[BlockRef]:
-        """Delete an inode with its xattrs and block map; return its blocks."""
-        refs = [BlockRef(*r) for r in self.conn.execute(
-            "DELETE FROM blocks WHERE inode=? RETURNING idx, id, csum, pack", (ino,)).fetchall()]
-        if ino in self._xattr_inodes:
-            self.conn.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
-            self._xattr_inodes.discard(ino)
-        self.conn.execute("DELETE FROM inodes WHERE id=?", (ino,))
+    def delete_inodes(self, inos: Sequence[int]) -> list[BlockRef]:
+        """Delete inodes with their xattrs and block maps; return their blocks. A few
+        statements for many inodes (the batches of rm -r), not a few per inode."""
+        refs: list[BlockRef] = []
+        for start in range(0, len(inos), _IN_LIST_MAX):
+            chunk = list(inos[start : start + _IN_LIST_MAX])
+            marks = ",".join("?" * len(chunk))
+            refs += [BlockRef(*r) for r in self.conn.execute(
+                f"DELETE FROM blocks WHERE inode IN ({marks}) RETURNING idx, id, csum, pack",
+                chunk)]
+            with_xattrs = [ino for ino in chunk if ino in self._xattr_inodes]
+            if with_xattrs:
+                self.conn.execute(
+                    f"DELETE FROM xattrs WHERE inode IN ({','.join('?' * len(with_xattrs))})",
+                    with_xattrs)
+                self._xattr_inodes.difference_update(with_xattrs)
+            self.conn.execute(f"DELETE FROM inodes WHERE id IN ({marks})", chunk)
+            for ino in chunk:
+                self._inodes.pop(ino, None)
+                self._nblocks.pop(ino, None)
         self._wrote = True
-        self._inodes.pop(ino, None)
-        self._nblocks.pop(ino, None)
         return refs
 
     def orphans(self) -> list[int]:
