@@ -299,10 +299,7 @@ class Supervisor:
             self.wait_for_event(0.2)
         status = read_status(status_file) or status
         if status.get("state") != "done":
-            raise FlushError(
-                f"the wsfs daemon stopped before everything was uploaded "
-                f"({status.get('last_error')}); the dirty data stays in {self.cache_dir} "
-                "and the next mount with that cache dir uploads it")
+            raise FlushError.stopped_early(status, self.cache_dir)
         log.info("every block is in the store (checkpoint %s); %s is unmounted",
                  status.get("checkpoint"), mp)
 

@@ -5,6 +5,8 @@ as a `WsfsError` subclass with a one-sentence message that says what to do; `wsf
 message and exits with `exit_code`. The exit codes are part of the interface (docs/exit-codes.md).
 """
 
+from __future__ import annotations
+
 
 class WsfsError(Exception):
     """A failure the user can act on; the message is one sentence with the fix."""
@@ -46,6 +48,15 @@ class FlushError(WsfsError):
     """Dirty data could not be uploaded before the deadline; it stays in the cache dir."""
 
     exit_code = 7
+
+    @classmethod
+    def stopped_early(cls, status: dict[str, object], cache_dir: object) -> FlushError:
+        """For a daemon that exited without reporting every byte uploaded (`status` is the
+        last status.json it wrote)."""
+        why = status.get("last_error") or f"its last state was {status.get('state', 'unknown')}"
+        return cls(f"the wsfs daemon stopped before everything was uploaded ({why}); the "
+                   f"dirty data stays in {cache_dir} and the next mount with that cache dir "
+                   "uploads it")
 
 
 class FormatError(WsfsError):

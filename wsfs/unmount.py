@@ -74,7 +74,4 @@ def wait_for_daemon(pid: int, cache_dir: Path, *, progress: bool,
     except (OSError, ValueError):
         st = {}
     if st.get("state") != "done":
-        raise FlushError(
-            f"the wsfs daemon stopped before everything was uploaded ({st.get('last_error')}); "
-            f"the dirty data stays in {cache_dir} and the next mount uploads it"
-        )
+        raise FlushError.stopped_early(st, cache_dir)
