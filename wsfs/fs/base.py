@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections import defaultdict
@@ -41,8 +42,9 @@ STATFS_CACHE_SECONDS = 5.0
 # Inodes whose last name, handle and kernel reference are gone are deleted in batches: rm -r
 # of 5,000 files sent 5,000 forgets, and a transaction of its own for each inode cost ~70 us
 # of SQL apiece. A batch goes REAP_DELAY after its first inode, at REAP_BATCH inodes, before
-# statfs counts inodes and at unmount. A crash in between leaves inodes with no name and
-# nlink 0, which recovery deletes as it does files unlinked while open.
+# statfs counts inodes and before each flush cycle's snapshot (the unmount's too). A crash in
+# between leaves inodes with no name and nlink 0, which recovery deletes as it does files
+# unlinked while open.
 REAP_BATCH = 512
 REAP_DELAY = 0.05
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
@@ -207,8 +209,10 @@ class Base(pyfuse3.Operations):
         self._reap_due = False
         try:
             self.reap()
-        except Exception:  # a full disk: the batch waits for the next one
-            log.exception("could not delete %d unlinked inodes yet", len(self._doomed))
+        except (OSError, sqlite3.OperationalError) as e:  # a full disk: they wait for the next
+            log.warning("cannot delete %d unlinked inodes yet: %s", len(self._doomed), e)
+        except Exception:
+            log.exception("could not delete %d unlinked inodes", len(self._doomed))
 
     def reap(self) -> None:
         """Delete the inodes queued by `_maybe_delete`, in one transaction."""
