@@ -27,6 +27,11 @@ import trio
 from pyfuse3 import FUSEError
 
 TIMEOUT = 3600.0  # seconds the kernel may trust an entry or attribute: we are the only writer
+
+
+def _unsupported_xattr(name: bytes) -> bool:
+    """What wsfs answers ENOTSUP for (wsfs/fs/__init__.py): POSIX ACLs, SELinux labels."""
+    return name.startswith(b"system.posix_acl_") or name == b"security.selinux"
 ROOT = int(pyfuse3.ROOT_INODE)
 
 
@@ -357,15 +362,20 @@ class FloorFS(pyfuse3.Operations):
 
     # -- extended attributes ------------------------------------------------------------------
 
+    # POSIX ACLs and SELinux labels are answered ENOTSUP, as wsfs does: `ls -l` remembers
+    # that per filesystem and stops asking for them (with ENODATA, two requests per entry).
+
     async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        if _unsupported_xattr(name):
+            raise FUSEError(errno.ENOTSUP)
         self._get(int(inode)).xattrs[bytes(name)] = bytes(value)
 
     async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
                        ctx: pyfuse3.RequestContext) -> bytes:
         value = self._get(int(inode)).xattrs.get(bytes(name))
         if value is None:
-            raise FUSEError(pyfuse3.ENOATTR)
+            raise FUSEError(errno.ENOTSUP if _unsupported_xattr(name) else pyfuse3.ENOATTR)
         return value
 
     async def listxattr(self, inode: pyfuse3.InodeT,

@@ -349,3 +349,24 @@ def test_large_file_and_holes_persist_after_remount(mounted: Workspace) -> None:
         assert pread_all(big, off, size) == data[off:off + size]
     assert (mounted.mnt / "holey").read_bytes() == bytes(2 * MiB + 3) + b"end"
     mounted.unmount()
+
+
+def test_acls_and_selinux_labels_are_not_supported(d: Path, tmp_path: Path) -> None:
+    """Answered ENOTSUP, as by a filesystem without them: `cp -a` falls back to chmod for
+    the mode an ACL carries, and `ls -l` remembers it for the whole filesystem instead of
+    asking for both on every entry (with ENODATA: two round trips per file)."""
+    f = d / "f"
+    f.write_bytes(b"x")
+    for name in ("system.posix_acl_access", "security.selinux"):
+        assert errno_of(os.getxattr, f, name) == errno.ENOTSUP
+        assert errno_of(os.setxattr, f, name, b"\x02\x00\x00\x00") == errno.ENOTSUP
+        assert errno_of(os.removexattr, f, name) == errno.ENOTSUP
+    assert errno_of(os.getxattr, d, "system.posix_acl_default") == errno.ENOTSUP
+    assert os.listxattr(f) == []
+    for i in range(50):
+        (d / f"g{i}").write_bytes(b"y")
+    trace = tmp_path / "ls.strace"
+    subprocess.run(["strace", "-f", "-o", str(trace), "-e", "trace=getxattr,lgetxattr",
+                    "ls", "-lR", str(d)], check=True, capture_output=True, timeout=60)
+    asked = [line for line in trace.read_text().splitlines() if "xattr(" in line]
+    assert 0 < len(asked) <= 4, asked  # once per kind for the filesystem, not per entry

@@ -7,25 +7,23 @@ a crash before a batch ran loses nothing kept and leaves nothing behind.
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import Workspace, wait_for
+from posix_util import meta_rows
 
 from wsfs.fs.base import REAP_BATCH
 
 FILES = REAP_BATCH + 300  # one full batch, and a rest that waits for the delay
 
 
-def inode_count(cache_dir: Path, where: str = "1") -> int:
-    """Inodes in the daemon's committed metadata (read beside it: WAL readers never block)."""
-    conn = sqlite3.connect(f"file:{cache_dir / 'meta.db'}?mode=ro", uri=True)
-    try:
-        return int(conn.execute(f"SELECT count(*) FROM inodes WHERE {where}").fetchone()[0])
-    finally:
-        conn.close()
+def inode_count(ws: Workspace, where: str = "1") -> int:
+    """Inodes in the daemon's committed metadata."""
+    count = meta_rows(ws, f"SELECT count(*) FROM inodes WHERE {where}")[0][0]
+    assert isinstance(count, int)
+    return count
 
 
 def make_tree(root: Path) -> dict[str, bytes]:
@@ -44,7 +42,7 @@ def make_tree(root: Path) -> dict[str, bytes]:
 @pytest.mark.timeout(240)
 def test_rm_r_deletes_inodes_but_not_what_is_named_or_open(ws: Workspace) -> None:
     mnt = ws.mount()
-    base = inode_count(ws.cache_dir)  # the root and the marker
+    base = inode_count(ws)  # the root and the marker
     kept = make_tree(mnt / "kept")
     gone = make_tree(mnt / "gone")
     os.link(mnt / "gone" / "d1" / "f1", mnt / "kept" / "link")  # a second name survives
@@ -57,12 +55,12 @@ def test_rm_r_deletes_inodes_but_not_what_is_named_or_open(ws: Workspace) -> Non
         # The gone tree's inodes go but the linked file's, the open file's and those of the
         # two directories its open handle pins in the kernel (gone/d2/f2).
         wait_for("the deleted inodes to go",
-                 lambda: inode_count(ws.cache_dir) == base + tree_inodes + 4, timeout=30)
-        assert inode_count(ws.cache_dir, "nlink = 0") == 3
+                 lambda: inode_count(ws) == base + tree_inodes + 4, timeout=30)
+        assert inode_count(ws, "nlink = 0") == 3
         assert held.read() == gone["d2/f2"]
     wait_for("the closed file's inode to go",
-             lambda: inode_count(ws.cache_dir) == base + tree_inodes + 1, timeout=30)
-    assert inode_count(ws.cache_dir, "nlink = 0") == 0
+             lambda: inode_count(ws) == base + tree_inodes + 1, timeout=30)
+    assert inode_count(ws, "nlink = 0") == 0
 
     mnt = ws.remount()  # an empty cache: everything kept comes from the store
     for name, data in kept.items():
@@ -90,7 +88,7 @@ def test_a_crash_before_the_batch_loses_nothing_kept(ws: Workspace) -> None:
         os.fsync(fd)  # commits the unlinks; the last ones' inodes still wait for their batch
     finally:
         os.close(fd)
-    queued = inode_count(ws.cache_dir, "nlink = 0")
+    queued = inode_count(ws, "nlink = 0")
     ws.kill()
     assert queued > 0  # the kill hit the window this test is about
 
@@ -98,7 +96,7 @@ def test_a_crash_before_the_batch_loses_nothing_kept(ws: Workspace) -> None:
     assert [p for p in (mnt / "gone").rglob("*") if not p.is_dir()] == []
     for name, data in kept.items():
         assert (mnt / "kept" / name).read_bytes() == data
-    assert inode_count(ws.cache_dir, "nlink = 0") == 0  # recovery deleted what was queued
+    assert inode_count(ws, "nlink = 0") == 0  # recovery deleted what was queued
     ws.unmount()
     mnt = ws.mount(cache_dir=ws.fresh_cache())
     for name, data in kept.items():
