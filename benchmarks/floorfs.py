@@ -3,8 +3,9 @@
 Everything lives in Python dicts and bytearrays, and every request is answered at once, with
 no I/O, no locks and no SQL. It has every kernel-caching aid wsfs can use too: the writeback
 cache, long entry/attr timeouts, cached negative lookups, attributes handed out by readdirplus
-(pyfuse3's `readdir_reply`), `keep_cache` on open and FLUSH answered ENOSYS (so the kernel
-stops sending one at every close). Whatever this costs over local disk is
+(pyfuse3's `readdir_reply`), `keep_cache` on open, FLUSH answered ENOSYS (so the kernel
+stops sending one at every close), and POSIX ACLs and SELinux labels answered ENOTSUP (so
+`ls -l` stops asking for them at every entry). Whatever this costs over local disk is
 the price of FUSE plus pyfuse3 plus trio, not of any storage design: the benchmark reports wsfs
 against it so that "slow" can be split into "FUSE is slow here" and "wsfs is slow here".
 
