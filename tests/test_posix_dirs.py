@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from posix_util import (  # noqa: F401
     run_py,
     shared_fixture,
 )
+
+from wsfs.fs.base import LISTING_CACHE_ENTRIES
 
 
 def ls_a(path: Path) -> dict[str, int]:
@@ -325,3 +328,36 @@ def test_cached_misses_never_hide_new_names(d: Path) -> None:
         assert run_py(f"print(os.path.lexists({str(p)!r}))").stdout.strip() == "True", name
     os.unlink(d / "created")
     assert run_py(f"print(os.path.lexists({str(d / 'created')!r}))").stdout.strip() == "False"
+
+
+def drop_kernel_caches() -> None:
+    """Make the kernel forget dentries and inodes: the next listing's attributes are the
+    ones readdirplus hands it, not what it had cached."""
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+
+
+def test_listings_show_every_change_since_the_last(d: Path) -> None:
+    """Listings are served again while no metadata changed (readdir's listing cache): after
+    any change, the names and the attributes readdirplus hands the kernel are the new ones."""
+    (d / "f").write_bytes(b"0123456789")
+    assert {e.name: e.stat().st_size for e in os.scandir(d)} == {"f": 10}
+    with open(d / "f", "ab") as h:
+        h.write(b"abcde")
+        os.fsync(h.fileno())
+    (d / "g").touch()
+    os.rename(d / "g", d / "h")
+    drop_kernel_caches()
+    assert {e.name: e.stat().st_size for e in os.scandir(d)} == {"f": 15, "h": 0}
+    os.chmod(d / "h", 0o600)
+    drop_kernel_caches()
+    assert {e.name: stat.S_IMODE(e.stat().st_mode) for e in os.scandir(d)}["h"] == 0o600
+
+
+def test_a_directory_too_big_for_the_listing_cache_lists_whole(d: Path) -> None:
+    names = {f"n{i:05d}" for i in range(LISTING_CACHE_ENTRIES // 4 + 200)}
+    for n in names:
+        (d / n).touch()
+    for _ in range(2):
+        entries = ls_a(d)
+        assert set(entries) == names | {".", ".."}
+        assert len({entries[n] for n in names}) == len(names)

@@ -7,26 +7,30 @@ here. See `base` for the concurrency rules every handler follows.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import inspect
+import itertools
 import logging
 import sqlite3
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..meta import Inode
 from .base import (
+    LISTING_CACHE_ENTRIES,
     MARKER,
     NAME_MAX,
     ROOT,
     STATFS_CACHE_SECONDS,
     XATTR_NAME_MAX,
     XATTR_SIZE_MAX,
+    ListedEntry,
     now_ns,
 )
 from .data import DataOps
@@ -202,18 +206,43 @@ class Operations(NameOps, DataOps):
                     return
         cookie = max(2, start_id)
         lookups = self._lookups
-        for dentry_id, name, node, nblocks in self.meta.list_entries(ino, cookie - 2):
-            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name),
-                                         self._attr(node, nblocks), dentry_id + 2):
+        for name, attr, entry_cookie in self._listing(ino, cookie):
+            if not pyfuse3.readdir_reply(token, name, attr, entry_cookie):
                 return
-            lookups[node.id] += 1
-            cookie = dentry_id + 2
+            lookups[attr.st_ino] += 1
+            cookie = entry_cookie
         # The kernel asks once more, from the last cookie, to learn that the listing ended:
         # `ls -lR` and `git status` do that for every directory. Answer it without a query.
         if self._listed_at != changes:
             self._listed_at = changes
             self._listed_to.clear()
         self._listed_to[ino] = cookie
+
+    def _listing(self, ino: int, after: int) -> Iterable[ListedEntry]:
+        """The entries of directory `ino` past cookie `after`, from the listing cache while
+        no metadata changed since it was filled; else from one query, which fills it when the
+        listing starts at the beginning and the directory is small enough."""
+        if self._listings_at != self.meta.total_changes:
+            self._listings.clear()
+            self._listings_at = self.meta.total_changes
+            self._listed_entries = 0
+        cached = self._listings.get(ino)
+        if cached is not None:
+            cookies, entries = cached
+            return itertools.islice(entries, bisect.bisect_right(cookies, after), None)
+        rows = ((pyfuse3.FileNameT(name), self._attr(node, nblocks), dentry_id + 2)
+                for dentry_id, name, node, nblocks in self.meta.list_entries(ino, after - 2))
+        if after > 2:
+            return rows
+        entries = list(itertools.islice(rows, LISTING_CACHE_ENTRIES // 4 + 1))
+        if len(entries) > LISTING_CACHE_ENTRIES // 4:  # a big directory: page by page
+            return itertools.chain(entries, rows)
+        if self._listed_entries + len(entries) > LISTING_CACHE_ENTRIES:
+            self._listings.clear()
+            self._listed_entries = 0
+        self._listings[ino] = ([c for _, _, c in entries], entries)
+        self._listed_entries += len(entries)
+        return entries
 
     def _parent_dir(self, ino: int) -> int:
         """The parent of directory `ino` (itself for the root, and for a removed directory)."""

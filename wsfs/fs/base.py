@@ -47,7 +47,13 @@ STATFS_CACHE_SECONDS = 5.0
 # unlinked while open.
 REAP_BATCH = 512
 REAP_DELAY = 0.05
+# Listings kept for readdir (see `_listings`): `ls -lR`, `git status` and Jupyter's file
+# browser list the same directories again and again, and building each entry's attributes
+# was most of a listing's cost once `ls -l` stopped asking for ACLs. At most this many
+# entries in all (~300 bytes each); a directory with more is listed page by page, uncached.
+LISTING_CACHE_ENTRIES = 16384
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+ListedEntry = tuple[pyfuse3.FileNameT, pyfuse3.EntryAttributes, int]  # name, attributes, cookie
 
 
 def now_ns() -> int:
@@ -116,6 +122,12 @@ class Base(pyfuse3.Operations):
         # `meta.dentry_changes` is still `_listed_at` (see readdir).
         self._listed_to: dict[int, int] = {}
         self._listed_at = -1
+        # Whole listings of directories (cookies, then entries with their attributes), served
+        # again while no metadata changed at all: `meta.total_changes` is still
+        # `_listings_at` (see readdir).
+        self._listings: dict[int, tuple[list[int], list[ListedEntry]]] = {}
+        self._listings_at = -1
+        self._listed_entries = 0
         self._locks: dict[int, trio.Lock] = {}
         self._doomed: set[int] = set()  # inodes to delete in the next batch (REAP_BATCH)
         self._reap_due = False
