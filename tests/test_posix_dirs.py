@@ -26,7 +26,7 @@ from posix_util import (  # noqa: F401
     shared_fixture,
 )
 
-from wsfs.fs.base import LISTING_CACHE_ENTRIES
+from wsfs.fs.base import LISTING_CACHE_DIR_MAX
 
 
 def ls_a(path: Path) -> dict[str, int]:
@@ -354,7 +354,7 @@ def test_listings_show_every_change_since_the_last(d: Path) -> None:
 
 
 def test_a_directory_too_big_for_the_listing_cache_lists_whole(d: Path) -> None:
-    names = {f"n{i:05d}" for i in range(LISTING_CACHE_ENTRIES // 4 + 200)}
+    names = {f"n{i:05d}" for i in range(LISTING_CACHE_DIR_MAX + 200)}
     for n in names:
         (d / n).touch()
     for _ in range(2):

@@ -23,6 +23,7 @@ from pyfuse3 import FUSEError
 
 from ..meta import Inode
 from .base import (
+    LISTING_CACHE_DIR_MAX,
     LISTING_CACHE_ENTRIES,
     MARKER,
     NAME_MAX,
@@ -234,8 +235,8 @@ class Operations(NameOps, DataOps):
                 for dentry_id, name, node, nblocks in self.meta.list_entries(ino, after - 2))
         if after > 2:
             return rows
-        entries = list(itertools.islice(rows, LISTING_CACHE_ENTRIES // 4 + 1))
-        if len(entries) > LISTING_CACHE_ENTRIES // 4:  # a big directory: page by page
+        entries = list(itertools.islice(rows, LISTING_CACHE_DIR_MAX + 1))
+        if len(entries) > LISTING_CACHE_DIR_MAX:  # a big directory: page by page
             return itertools.chain(entries, rows)
         if self._listed_entries + len(entries) > LISTING_CACHE_ENTRIES:
             self._listings.clear()

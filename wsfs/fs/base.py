@@ -50,8 +50,10 @@ REAP_DELAY = 0.05
 # Listings kept for readdir (see `_listings`): `ls -lR`, `git status` and Jupyter's file
 # browser list the same directories again and again, and building each entry's attributes
 # was most of a listing's cost once `ls -l` stopped asking for ACLs. At most this many
-# entries in all (~300 bytes each); a directory with more is listed page by page, uncached.
+# entries in all (~300 bytes each), a quarter of it for one directory; a directory with more
+# is listed page by page, uncached.
 LISTING_CACHE_ENTRIES = 16384
+LISTING_CACHE_DIR_MAX = LISTING_CACHE_ENTRIES // 4
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 ListedEntry = tuple[pyfuse3.FileNameT, pyfuse3.EntryAttributes, int]  # name, attributes, cookie
 
