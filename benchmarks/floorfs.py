@@ -28,12 +28,12 @@ import trio
 from pyfuse3 import FUSEError
 
 TIMEOUT = 3600.0  # seconds the kernel may trust an entry or attribute: we are the only writer
+ROOT = int(pyfuse3.ROOT_INODE)
 
 
 def _unsupported_xattr(name: bytes) -> bool:
     """What wsfs answers ENOTSUP for (wsfs/fs/__init__.py): POSIX ACLs, SELinux labels."""
     return name.startswith(b"system.posix_acl_") or name == b"security.selinux"
-ROOT = int(pyfuse3.ROOT_INODE)
 
 
 class Node:

@@ -14,6 +14,7 @@ import trio
 
 from wsfs.blocks import BlockCache, object_key
 from wsfs.blocks import pack as packs
+from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
 from wsfs.store import LocalStore, NoSuchKey
@@ -182,7 +183,7 @@ def test_a_block_deleted_between_seal_and_upload_does_not_stop_the_checkpoint(
 
         def delete() -> None:  # the user, meanwhile, in the trio thread
             meta.begin()
-            meta.add_garbage_of([r for r in meta.delete_inodes([gone]) if blocks.discard(r.id)])
+            drop_blocks(meta, blocks, meta.delete_inodes([gone]))
             meta.commit()
 
         trio.from_thread.run_sync(delete)

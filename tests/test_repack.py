@@ -25,6 +25,7 @@ from test_layers import BS, RecordingStore, add_file, make
 from wsfs import repack
 from wsfs.blocks import BlockCache, object_key
 from wsfs.fs import Operations
+from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata, schema
 from wsfs.repack import PackUsage, Repacker, choose, chunks, pack_usage
 from wsfs.store import LocalStore
@@ -38,7 +39,7 @@ INTERVAL = "0.5"  # seconds between repack passes in the mounted tests
 def unlink(meta: Metadata, blocks: BlockCache, ino: int) -> None:
     """What the fs layer does when a file's last name goes."""
     meta.begin()
-    meta.add_garbage_of([r for r in meta.delete_inodes([ino]) if blocks.discard(r.id)])
+    drop_blocks(meta, blocks, meta.delete_inodes([ino]))
     meta.commit()
 
 

@@ -31,6 +31,7 @@ from .blocks import BlockCache, BlockCorrupt, checksum
 from .config import MountConfig
 from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
 from .fs import Operations
+from .fs.base import drop_blocks
 from .lease import Lease
 from .meta import Metadata
 from .metrics import RateMeter
@@ -358,7 +359,7 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
             meta.set_uploaded({block_id: checksum(content)})
     orphans = meta.orphans()
     meta.begin()
-    meta.add_garbage_of([r for r in meta.delete_inodes(orphans) if blocks.discard(r.id)])
+    drop_blocks(meta, blocks, meta.delete_inodes(orphans))
     meta.commit()
     meta.flush()
     if requeued or orphans:

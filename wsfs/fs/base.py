@@ -62,6 +62,12 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+def drop_blocks(meta: Metadata, blocks: BlockCache, refs: Sequence[BlockRef]) -> None:
+    """Release blocks the metadata stopped referencing (in the caller's transaction): a dirty
+    block's file goes, and the object of one that reached the store becomes garbage."""
+    meta.add_garbage_of([r for r in refs if blocks.discard(r.id)])
+
+
 class _Txn:
     """`with` this: the statements inside apply together or, on any exception, not at all.
 
@@ -200,8 +206,7 @@ class Base(pyfuse3.Operations):
         self.meta.save_inode(node)
 
     def _drop_blocks(self, refs: Sequence[BlockRef]) -> None:
-        """Release blocks the metadata stopped referencing (in the caller's transaction)."""
-        self.meta.add_garbage_of([r for r in refs if self.blocks.discard(r.id)])
+        drop_blocks(self.meta, self.blocks, refs)
 
     def _maybe_delete(self, ino: int) -> None:
         """Delete an inode once no entry names it, no handle holds it and the kernel forgot
