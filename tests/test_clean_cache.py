@@ -12,6 +12,8 @@ import pytest
 import trio
 from conftest import Workspace, wait_for
 
+from wsfs.blocks import object_key
+from wsfs.blocks import pack as packs
 from wsfs.blocks.clean import CleanCache
 from wsfs.store import LocalStore
 
@@ -68,3 +70,23 @@ def test_discarded_copies_pending_at_close_are_deleted(tmp_path: Path) -> None:
         assert again.read("b" * 32, 0, 4) == b"yyyy"
     finally:
         again.close()
+
+
+def test_a_packs_other_members_are_held_in_memory_for_their_reader(tmp_path: Path) -> None:
+    """A pack's download hands its other members to the readers that ask next (readahead:
+    a sequential reader wants them soon) from memory, not from the copy just written; a
+    discarded block is not held."""
+    clean = open_clean(tmp_path)
+    members = [(f"{i}" * 32, os.urandom(FILE_SIZE)) for i in range(3)]
+    blob, csums = packs.build(members)
+    clean.store.put(object_key("p" * 32), blob)
+    (first, data0), (second, data1), (third, _) = members
+    try:
+        got = trio.run(clean.download, first, csums[first], "p" * 32)
+        assert got == data0
+        clean.discard(third)
+        clean.db.clear()  # the kept copies are gone: only what is held in memory answers
+        assert clean.read(second, 0, FILE_SIZE) == data1
+        assert clean.read(third, 0, 4) is None
+    finally:
+        clean.close()
