@@ -21,8 +21,10 @@ FILE_SIZE = 200_000  # above diskcache's inline limit: each clean copy is a file
 
 
 def clean_copy_files(cache_dir: Path) -> int:
-    """How many clean copies the clean cache holds as files of their own."""
-    return sum(1 for p in (cache_dir / "clean").rglob("*.val") if p.is_file())
+    """How many clean copies the clean cache holds as files of their own (os.walk: diskcache
+    removes a directory it emptied while this walks, which made rglob fail)."""
+    return sum(name.endswith(".val") for _, _, names in os.walk(cache_dir / "clean")
+               for name in names)
 
 
 def open_clean(tmp_path: Path) -> CleanCache:
