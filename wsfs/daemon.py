@@ -340,7 +340,7 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
     and otherwise becomes a hole, loudly: it can only be data that no fsync acknowledged.
     """
     requeued = 0
-    dirty = set(blocks.recover())
+    dirty = set(blocks.recover(meta.awaits_upload))
     for block_id in dirty:
         if meta.awaits_upload(block_id):
             requeued += 1

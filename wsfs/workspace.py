@@ -191,7 +191,7 @@ async def prepare_cache(
     fetched = cache_dir / PREFETCH
     use_prefetched = prefetched == head and fetched.exists()
     # What an earlier run left beside a missing database belongs to no checkpoint we know.
-    for leftover in ("dirty", "clean", "pages.json", "checkpoint.db", "prefetch.part",
+    for leftover in ("dirty", "journal", "clean", "pages.json", "checkpoint.db", "prefetch.part",
                      *(() if use_prefetched else (PREFETCH,))):
         p = cache_dir / leftover
         if p.is_dir():

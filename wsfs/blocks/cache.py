@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from ..store import ObjectStore
 from . import pack as packs
 from .clean import CleanCache
 from .files import checksum, copy_all, object_key, pwrite_all
+from .journal import FSYNC_MAX, HEADER_SIZE, Journal
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ POOL_SIZE = 256
 # a package tree created thousands, in a worker thread that took the CPU from the FUSE thread).
 POOL_MAX = 4096
 MAX_OPEN_FILES = 256
+MAX_RANGES = 64  # ranges written since an fsync kept per block; more are merged into one
 # Threads for the local disk work of FUSE requests (fsync(2)s, copies on write). The fsync(2)s
 # of one file's blocks run in parallel: each waits mostly on the disk's cache flush, and
 # concurrent flushes share one (jbd2 and the block layer batch them).
@@ -111,10 +113,18 @@ class BlockCache:
         self._dirty: dict[str, int] = {}  # id -> length of the local file
         self._dirty_since: dict[str, float] = {}  # id -> monotonic time it became dirty
         self._sealed: set[str] = set()
-        # Dirty blocks written since their last fsync(2), and those being fsynced right now
-        # (an event set when that fsync(2) ends): fsync skips blocks already on the disk.
-        self._unsynced: set[str] = set()
+        # Dirty blocks written since their last fsync(2), with the ranges written (start,
+        # end), and those being fsynced right now (an event set when that fsync(2) ends):
+        # fsync skips blocks already on the disk, and journals small ranges (journal.py).
+        self._unsynced: dict[str, list[tuple[int, int]]] = {}
         self._syncing: dict[str, trio.Event] = {}
+        self.journal = Journal(cache_dir / "journal")
+        self._journal_ready = False  # appends only once `recover` has replayed it
+        self._journal_lock = trio.Lock()  # an epoch's end keeps appends out (rule 3)
+        self._journal_drops = 0  # held blocks dropped so far
+        # Makes every metadata change durable (set by the fs layer): an epoch's end waits
+        # for it. Without it fsync syncs the blocks' files.
+        self.durable_metadata: Callable[[], Awaitable[None]] | None = None
         self._doomed: set[str] = set()
         # Files of discarded blocks (id, and the fd still open on it or -1): kept until the
         # commit that drops their reference, then closed and deleted in batches by
@@ -192,7 +202,7 @@ class BlockCache:
         self.dirty_bytes += len(content)
         self._dirty[block_id] = len(content)
         self._dirty_since[block_id] = time.monotonic()
-        self._unsynced.add(block_id)
+        self._unsynced[block_id] = [(0, len(content))] if content else []
         return block_id
 
     async def copy(self, block_id: str) -> str | None:
@@ -271,7 +281,7 @@ class BlockCache:
         except BaseException:
             self.discard(block_id)
             raise
-        self._unsynced.discard(block_id)
+        self._unsynced.pop(block_id, None)
         return block_id
 
     def is_writable(self, block_id: str) -> bool:
@@ -282,7 +292,14 @@ class BlockCache:
         fd = self._fds.get(block_id)
         if fd is None:
             fd = self._fd(block_id)
-        self._unsynced.add(block_id)
+        ranges = self._unsynced.get(block_id)
+        if ranges is None:
+            self._unsynced[block_id] = [(offset, offset + len(data))]
+        elif len(ranges) < MAX_RANGES:
+            ranges.append((offset, offset + len(data)))
+        else:  # many small writes since the last fsync: one range covering them all
+            ranges[:] = [(min(offset, *(r[0] for r in ranges)),
+                          max(offset + len(data), *(r[1] for r in ranges)))]
         self._written_since += len(data) + ALLOC_SLACK
         try:
             pwrite_all(fd, data, offset)
@@ -440,17 +457,21 @@ class BlockCache:
         pending.append((block_id, fd))
         self.dirty_bytes -= self._dirty.pop(block_id)
         self._dirty_since.pop(block_id, None)
-        self._unsynced.discard(block_id)
+        self._unsynced.pop(block_id, None)
+        if block_id in self.journal.live:  # see `_restart_journal`
+            self.journal.live.discard(block_id)
+            self._journal_drops += 1
         self._wake_writers()
 
     async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None) -> None:
         """Make the given dirty blocks durable on the local disk.
 
         Only blocks written since their last fsync(2) are synced again (a random writer of a
-        big file touches a few of its blocks between two fsyncs), in parallel. A block whose
-        fsync(2) another caller is running is waited for: its return is what makes it durable.
-        `also` is a blocking job run in parallel with them (the metadata's sync), so that a
-        caller waits for one round of disk flushes, not two.
+        big file touches a few of its blocks between two fsyncs). A block whose fsync(2)
+        another caller is running is waited for: its return is what makes it durable.
+        `also` is a blocking job run in parallel (the metadata's sync), so that a caller
+        waits for one round of disk flushes, not two. Up to FSYNC_MAX new bytes go into the
+        journal (journal.py), synced once; more, and the blocks' own files are synced.
         """
         while True:
             running = [self._syncing[b] for b in block_ids if b in self._syncing]
@@ -458,62 +479,128 @@ class BlockCache:
                 break
             for event in running:
                 await event.wait()
-        todo = [b for b in block_ids if b in self._unsynced and b in self._dirty]
+        todo = {b: self._unsynced.pop(b) for b in block_ids
+                if b in self._unsynced and b in self._dirty}  # a write from now on marks it again
         if not todo and also is None:
             return
-        # Duplicates: the trio thread may close a block's fd while the worker fsyncs it (an
-        # upload retiring the block, or the fd LRU), which made fsync(2) fail with EBADF.
-        fds = [os.dup(self._fd(b)) for b in todo]
         done = trio.Event()
         for b in todo:
-            self._unsynced.discard(b)  # a write from now on marks it again
             self._syncing[b] = done
+        ok = False
+        try:
+            if not await self._journal_fsync(todo, also):
+                await self._files_fsync(list(todo), also)
+            ok = True
+        finally:
+            for b, ranges in todo.items():
+                del self._syncing[b]
+                if not ok and b in self._dirty:
+                    self._unsynced.setdefault(b, []).extend(ranges)
+            done.set()
+
+    async def _journal_fsync(self, todo: dict[str, list[tuple[int, int]]],
+                             also: Callable[[], None] | None) -> bool:
+        """fsync by the journal: append the written ranges, sync it (and `also`) once.
+        False if this fsync is not for the journal (too big, full, not ready, a full disk)."""
+        journal = self.journal
+        if not todo or not self._journal_ready or self.durable_metadata is None:
+            return False
+        ranges = {b: _merged(r) for b, r in todo.items()}
+        size = sum(end - start for rs in ranges.values() for start, end in rs)
+        if size > FSYNC_MAX:
+            return False
+        async with self._journal_lock:
+            if journal.end > HEADER_SIZE and not journal.live:
+                await self._restart_journal()  # rule 3: none of its blocks is dirty
+            if not journal.fits(sum(len(rs) for rs in ranges.values()), size):
+                return False
+            records = [(b, start, os.pread(self._fd(b), end - start, start))
+                       for b, rs in ranges.items() for start, end in rs]
+            try:
+                journal.append(records)
+            except OSError as e:
+                log.debug("cannot append to the data journal: %s", e)
+                return False
+        await self._run_parallel([journal.sync] if also is None else [journal.sync, also])
+        return True
+
+    async def _files_fsync(self, todo: list[str], also: Callable[[], None] | None) -> None:
+        """fsync by the blocks' own files, all in parallel with `also`. A block the journal
+        holds ends the journal's epoch (rule 2): every block it holds is synced, then the
+        new epoch is made durable."""
+        journal = self.journal
+        if not journal.live.intersection(todo):
+            await self._sync_files(todo, also)
+            return
+        async with self._journal_lock:
+            held = [b for b in journal.live if b not in todo]  # (all dirty: `_drop_dirty`)
+            await self._sync_files(todo + held, also)
+            await self._restart_journal()
+            await self._run_parallel([journal.sync])
+
+    async def _restart_journal(self) -> None:
+        """End the journal's epoch (holding `_journal_lock`): first every metadata change
+        is made durable, so a block the journal stopped holding because it was dropped stays
+        dropped after a crash (else its data would be gone and the metadata still name it)."""
+        assert self.durable_metadata is not None
+        while True:
+            drops = self._journal_drops
+            await self.durable_metadata()
+            if drops == self._journal_drops:  # no held block was dropped meanwhile
+                break
+        self.journal.restart()
+
+    async def _sync_files(self, block_ids: list[str], also: Callable[[], None] | None) -> None:
+        # Duplicates: the trio thread may close a block's fd while the worker fsyncs it (an
+        # upload retiring the block, or the fd LRU), which made fsync(2) fail with EBADF.
+        fds = [os.dup(self._fd(b)) for b in block_ids]
+        try:
+            # fdatasync: the block's length and allocation, not its mtime (unused). Each
+            # sync in a worker call of its own, all in parallel: fewer calls, each syncing a
+            # few files one after another, saved hand-offs but serialized disk flushes, and
+            # in interleaved runs through a mount that won on an idle disk and lost on a busy
+            # one (SQLite and random writes, 8-12 pairs each way).
+            jobs: list[Callable[[], None]] = [partial(os.fdatasync, fd) for fd in fds]
+            await self._run_parallel(jobs if also is None else [*jobs, also])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _run_parallel(self, jobs: list[Callable[[], None]]) -> None:
+        """Run blocking jobs in worker threads at once; raise the first failure as itself
+        (ENOSPC, EIO), not in a group."""
         errors: list[Exception] = []
-        # fdatasync: the block's length and allocation, not its mtime (unused). Each sync in a
-        # worker call of its own, all in parallel: fewer calls, each syncing a few files one
-        # after another, saved hand-offs but serialized disk flushes, and in interleaved runs
-        # through a mount that won on an idle disk and lost on a busy one (SQLite and random
-        # writes, 8-12 pairs each way).
-        jobs: list[Callable[[], None]] = [partial(os.fdatasync, fd) for fd in fds]
-        if also is not None:
-            jobs.append(also)
 
         async def run(job: Callable[[], None]) -> None:
             try:
                 await trio.to_thread.run_sync(job, limiter=self.local_limiter)
-            except Exception as e:  # raised below as itself (ENOSPC, EIO), not in a group
+            except Exception as e:
                 errors.append(e)
 
-        ok = False
-        try:
-            if len(jobs) == 1:  # (most fsyncs: one block) without a nursery's scheduling
-                await run(jobs[0])
-            else:
-                async with trio.open_nursery() as nursery:
-                    for job in jobs:
-                        nursery.start_soon(run, job)
-            if errors:
-                raise errors[0]
-            ok = True
-        finally:
-            for fd in fds:
-                os.close(fd)
-            for b in todo:
-                del self._syncing[b]
-                if not ok and b in self._dirty:
-                    self._unsynced.add(b)
-            done.set()
+        if len(jobs) == 1:  # (most fsyncs: one block) without a nursery's scheduling
+            await run(jobs[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(run, job)
+        if errors:
+            raise errors[0]
 
-    def recover(self) -> list[str]:
-        """Register the dirty blocks left on disk by an earlier run; return their ids."""
+    def recover(self, wanted: Callable[[str], bool] = lambda _: True) -> list[str]:
+        """Replay the data journal into the blocks that are `wanted` (the metadata awaits
+        their upload), then register the dirty blocks left on disk by an earlier run;
+        return their ids."""
+        self.journal.replay(self.dirty_dir, wanted)
+        self._journal_ready = True
         found = []
         for p in self.dirty_dir.iterdir():
             if p.name.endswith(".tmp"):
                 p.unlink()
                 continue
-            self._set_length(p.name, p.stat().st_size)
+            size = p.stat().st_size
+            self._set_length(p.name, size)
             self._dirty_since[p.name] = 0.0
-            self._unsynced.add(p.name)  # maybe only in the page cache of a killed daemon
+            self._unsynced[p.name] = [(0, size)]  # maybe only in a killed daemon's page cache
             found.append(p.name)
         return found
 
@@ -694,6 +781,7 @@ class BlockCache:
             self._drop_dirty(block_id)
 
     def close(self) -> None:
+        self.journal.close()
         for block_id, fd in self._pool:
             os.close(fd)
             self._path(block_id).unlink(missing_ok=True)
@@ -711,3 +799,15 @@ class BlockCache:
             os.close(fd)
         self._fds.clear()
         self.clean.close()
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges (start, end) sorted, with overlapping and touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        elif end > start:
+            out.append((start, end))
+    return out

@@ -124,6 +124,7 @@ class Base(pyfuse3.Operations):
         self._next_fh = 1
         self._prefetched_dirs: set[int] = set()
         self._synced_changes = -1  # metadata changes counted at the last completed fsync
+        blocks.durable_metadata = self._durable_metadata
         self._statfs_at = -STATFS_CACHE_SECONDS
         self._statfs_counts = (0, 0, 0)
         # Directories whose listing reached its end, by the cookie it ended at; valid while
@@ -143,6 +144,14 @@ class Base(pyfuse3.Operations):
         self._the_txn = _Txn(meta)
 
     # -- helpers ---------------------------------------------------------------------------
+
+    async def _durable_metadata(self) -> None:
+        """Make every metadata change so far durable (the data journal's epoch end waits for
+        it: blocks/journal.py)."""
+        changes = self.meta.total_changes
+        self.meta.flush()
+        await trio.to_thread.run_sync(self.meta.sync, limiter=self.blocks.local_limiter)
+        self._synced_changes = max(self._synced_changes, changes)
 
     def _txn(self) -> _Txn:
         """Group a handler's statements so a crash never leaves half of them."""

@@ -1,0 +1,251 @@
+"""The data journal (wsfs/blocks/journal.py): what a small fsync(2) acknowledged survives a
+crash of the machine, which loses every write the kernel had not yet put on the disk.
+
+A machine crash is simulated after SIGKILL of the daemon (or after dropping a BlockCache) by
+putting back, in the dirty blocks' files, what the disk held before the writes: the bytes
+each journal record covers are zeroed (or the whole file deleted, for a block created since
+the last sync). Then the mount, or `recover`, must replay the journal. Each test also checks
+that the journal did the work (records exist), so none passes with the journal bypassed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import Workspace
+
+from wsfs.blocks import BlockCache
+from wsfs.blocks.journal import FSYNC_MAX, Journal
+from wsfs.store import LocalStore
+
+BS = 1 << 20
+
+
+def lose_unsynced_writes(cache_dir: Path, *, delete_new: frozenset[str] = frozenset()
+                         ) -> list[tuple[str, int, bytes]]:
+    """What a machine crash does to the writes the journal covers: zero each record's bytes
+    in its block's file (the files in `delete_new` disappear whole). Returns the records."""
+    j = Journal(cache_dir / "journal")
+    try:
+        records = j.records()
+    finally:
+        j.close()
+    for block_id, offset, data in records:
+        path = cache_dir / "dirty" / block_id
+        if block_id in delete_new:
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(bytes(len(data)))
+    return records
+
+
+async def nothing_to_sync() -> None:
+    """The metadata's sync, for a block cache without metadata."""
+
+
+def open_blocks(cache: Path, store: Path) -> BlockCache:
+    blocks = BlockCache(cache, LocalStore(store), block_size=BS, cache_size=1 << 26,
+                        dirty_limit=1 << 26, limiter=trio.CapacityLimiter(4))
+    blocks.recover()
+    blocks.durable_metadata = nothing_to_sync
+    return blocks
+
+
+def test_replay_restores_what_small_fsyncs_acknowledged(tmp_path: Path) -> None:
+    cache, store = tmp_path / "cache", tmp_path / "store"
+
+    async def main() -> tuple[str, str, bytes, bytes]:
+        blocks = open_blocks(cache, store)
+        a = blocks.create(b"a" * 10_000)  # a new block: all of it is unsynced
+        b_id = blocks.create()
+        blocks.write(b_id, 0, b"\0" * BS)
+        await blocks.fsync([b_id])  # big: its file is synced, not journaled
+        blocks.write(b_id, 4096, b"x" * 4096)
+        blocks.write(b_id, 900_000, b"y" * 100)
+        blocks.write(a, 5, b"zz")
+        await blocks.fsync([a, b_id])
+        expected_a = b"a" * 5 + b"zz" + b"a" * (10_000 - 7)
+        expected_b = bytearray(BS)
+        expected_b[4096:8192] = b"x" * 4096
+        expected_b[900_000:900_100] = b"y" * 100
+        blocks.close()
+        return a, b_id, expected_a, bytes(expected_b)
+
+    a, b_id, expected_a, expected_b = trio.run(main)
+    records = lose_unsynced_writes(cache, delete_new=frozenset({a}))
+    assert {r[0] for r in records} == {a, b_id}
+    assert sum(len(r[2]) for r in records) == 10_000 + 4096 + 100  # the ranges, not blocks
+    assert not (cache / "dirty" / a).exists()
+
+    blocks = open_blocks(cache, store)
+    try:
+        assert (cache / "dirty" / a).read_bytes() == expected_a
+        assert (cache / "dirty" / b_id).read_bytes() == expected_b
+        assert Journal(cache / "journal").records() == []  # a new epoch: replayed once
+    finally:
+        blocks.close()
+
+
+def test_a_block_synced_through_its_file_is_never_reverted_by_an_older_record(
+        tmp_path: Path) -> None:
+    """Rule 2: once journaled, a block synced through its own file (a big fsync) ends the
+    epoch, so the older record can no longer put the older bytes back."""
+    cache, store = tmp_path / "cache", tmp_path / "store"
+
+    async def main() -> str:
+        blocks = open_blocks(cache, store)
+        block = blocks.create()
+        blocks.write(block, 0, b"old!")
+        await blocks.fsync([block])
+        assert blocks.journal.live == {block}
+        blocks.write(block, 0, b"new!" + b"n" * (FSYNC_MAX + 1))
+        await blocks.fsync([block])  # too big for the journal
+        assert blocks.journal.live == set()
+        blocks.close()
+        return block
+
+    block = trio.run(main)
+    assert lose_unsynced_writes(cache) == []
+    blocks = open_blocks(cache, store)
+    try:
+        assert (cache / "dirty" / block).read_bytes()[:4] == b"new!"
+    finally:
+        blocks.close()
+
+
+def test_a_torn_record_ends_the_replay(tmp_path: Path) -> None:
+    """A record cut short by the crash was never acknowledged, nor anything after it."""
+    cache, store = tmp_path / "cache", tmp_path / "store"
+
+    async def main() -> str:
+        blocks = open_blocks(cache, store)
+        block = blocks.create()
+        blocks.write(block, 0, b"1" * 100)
+        await blocks.fsync([block])
+        blocks.write(block, 100, b"2" * 100)
+        await blocks.fsync([block])
+        blocks.close()
+        return block
+
+    block = trio.run(main)
+    journal = cache / "journal"
+    size = journal.stat().st_size
+    with open(journal, "r+b") as f:  # the last record's checksum no longer matches
+        f.seek(size - 10)
+        f.write(b"\xff")
+    records = lose_unsynced_writes(cache)
+    assert [(r[1], len(r[2])) for r in records] == [(0, 100)]
+    with open(cache / "dirty" / block, "r+b") as f:  # the torn record's write is lost too
+        f.seek(100)
+        f.write(bytes(100))
+    blocks = open_blocks(cache, store)
+    try:
+        assert (cache / "dirty" / block).read_bytes()[:200] == b"1" * 100 + bytes(100)
+    finally:
+        blocks.close()
+
+
+def test_an_epoch_ends_once_no_block_it_holds_is_dirty_after_the_metadata_sync(
+        tmp_path: Path) -> None:
+    """Rule 3: the journal starts over when its blocks are gone, and only after the metadata
+    that dropped them is durable (else a crash would bring back a block whose bytes the
+    journal no longer holds)."""
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    order: list[str] = []
+
+    async def main() -> None:
+        blocks = open_blocks(cache, store)
+
+        async def metadata_sync() -> None:
+            order.append(f"metadata sync, epoch {blocks.journal.epoch}")
+
+        blocks.durable_metadata = metadata_sync
+        first = blocks.create()
+        blocks.write(first, 0, b"a" * 100)
+        await blocks.fsync([first])
+        epoch = blocks.journal.epoch
+        blocks.discard(first)  # the file was deleted
+        second = blocks.create()
+        blocks.write(second, 0, b"b" * 100)
+        await blocks.fsync([second])
+        assert order == [f"metadata sync, epoch {epoch}"]
+        assert blocks.journal.epoch == epoch + 1
+        assert blocks.journal.live == {second}
+        blocks.close()
+
+    trio.run(main)
+    assert {r[0] for r in lose_unsynced_writes(cache)} != set()
+    assert len(Journal(cache / "journal").records()) == 1
+
+
+@pytest.mark.timeout(240)
+def test_fsynced_random_writes_survive_a_machine_crash(ws: Workspace) -> None:
+    """Through a mount: an SQLite-like writer (4 KiB writes at random offsets of an uploaded
+    file and of a new one, fsync every few writes), SIGKILL, the writes the disk had not
+    got are lost, remount on the same cache dir: every fsynced byte is there."""
+    mnt = ws.mount(flush_delay=3600)
+    old = bytearray(os.urandom(3 * BS))
+    (mnt / "old").write_bytes(old)
+    ws.wsfs("sync", str(mnt))  # uploaded: writes to it copy its blocks first
+    new = bytearray()
+    rng = random.Random(7)
+    fd_old = os.open(mnt / "old", os.O_WRONLY)
+    fd_new = os.open(mnt / "new", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for i in range(40):
+            data = os.urandom(4096)
+            off = rng.randrange(0, 3 * BS - 4096)
+            os.pwrite(fd_old, data, off)
+            old[off : off + 4096] = data
+            os.write(fd_new, data)
+            new += data
+            if i % 4 == 3:
+                os.fsync(fd_old)
+                os.fsync(fd_new)
+        ws.kill()
+    finally:
+        for fd in (fd_old, fd_new):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    records = lose_unsynced_writes(ws.cache_dir)
+    assert len(records) >= 20  # the fsyncs went through the journal
+    mnt = ws.mount(flush_delay=3600)
+    assert (mnt / "old").read_bytes() == bytes(old)
+    assert (mnt / "new").read_bytes() == bytes(new)
+    ws.unmount()
+    result = ws.wsfs("fsck", ws.store_url, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_replay_leaves_out_blocks_no_longer_awaiting_upload(tmp_path: Path) -> None:
+    """A block uploaded (or dropped) before the crash is not written again, nor its file
+    made anew: the store holds it, and the metadata no longer waits for it."""
+    cache, store = tmp_path / "cache", tmp_path / "store"
+
+    async def main() -> tuple[str, str]:
+        blocks = open_blocks(cache, store)
+        kept, gone = blocks.create(), blocks.create()
+        blocks.write(kept, 0, b"k" * 100)
+        blocks.write(gone, 0, b"g" * 100)
+        await blocks.fsync([kept, gone])
+        blocks.close()
+        return kept, gone
+
+    kept, gone = trio.run(main)
+    assert {r[0] for r in lose_unsynced_writes(cache, delete_new=frozenset({gone}))} == {
+        kept, gone}
+    blocks = BlockCache(cache, LocalStore(store), block_size=BS, cache_size=1 << 26,
+                        dirty_limit=1 << 26, limiter=trio.CapacityLimiter(4))
+    try:
+        assert blocks.recover(lambda block_id: block_id == kept) == [kept]
+        assert (cache / "dirty" / kept).read_bytes() == b"k" * 100
+        assert not (cache / "dirty" / gone).exists()
+    finally:
+        blocks.close()
