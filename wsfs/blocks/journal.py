@@ -16,16 +16,17 @@ Layout: a header at offset 0, records from HEADER_SIZE on, each checksummed:
 
 Rules that keep a replay from ever undoing an acknowledged write:
 
-1. Replay applies, in order, the valid records of the header's epoch, and stops at the
-   first that is not (torn, or left from an earlier epoch): records are written in order
-   before the sync that acknowledges them, so nothing after a torn record was acknowledged.
+1. Replay applies, in order, the valid records of the header's epoch to the blocks the
+   metadata still awaits the upload of, and stops at the first record that is not valid
+   (torn, or left from an earlier epoch): records are written in order before the sync
+   that acknowledges them, so nothing after a torn record was acknowledged.
 2. A block with a record in the current epoch (`live`) is made durable through the journal
    only, until the epoch ends: were its file synced directly after newer writes, a replay
    of the older record would put the older bytes back.
-3. An epoch ends when none of its blocks is dirty any more (their records only name files
-   recovery drops, so the new header may reach the disk whenever), or once every one of its
-   dirty blocks' files has been synced, and then the new header is synced before the fsync
-   that needed it returns.
+3. An epoch ends (a new header) only after every metadata change is durable, and either
+   when none of its blocks is dirty any more (a block dropped by a change a crash could
+   undo would come back without its bytes), or once every one of its dirty blocks' files
+   has been synced; then the new header is synced before the fsync that needed it returns.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ _HEADER = struct.Struct(">8sQ")
 _RECORD = struct.Struct(">4sQBII")
 _CRC = struct.Struct(">I")
 HEADER_SIZE = 4096  # the header has a page of its own: rewriting it never tears a record
-JOURNAL_MAX = 16 << 20  # bytes of records per epoch; a full journal ends its epoch
+JOURNAL_MAX = 16 << 20  # bytes of records per epoch; beyond, fsyncs sync blocks' files
 RECORD_OVERHEAD = _RECORD.size + 255 + _CRC.size  # at most, beside the data
 FSYNC_MAX = 256 << 10  # an fsync covering more new bytes syncs the blocks' files instead
 
