@@ -11,6 +11,7 @@ that the journal did the work (records exist), so none passes with the journal b
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,7 @@ import trio
 from conftest import Workspace
 
 from wsfs.blocks import BlockCache
+from wsfs.blocks import journal as journal_module
 from wsfs.blocks.journal import FSYNC_MAX, Journal
 from wsfs.store import LocalStore
 
@@ -247,5 +249,46 @@ def test_replay_leaves_out_blocks_no_longer_awaiting_upload(tmp_path: Path) -> N
         assert blocks.recover(lambda block_id: block_id == kept) == [kept]
         assert (cache / "dirty" / kept).read_bytes() == b"k" * 100
         assert not (cache / "dirty" / gone).exists()
+    finally:
+        blocks.close()
+
+
+def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal that is full ends its epoch at the next fsync of a block it holds; one that
+    cannot be written (a full disk) leaves the fsync to the blocks' files. Either way what
+    the fsyncs acknowledged is there after the crash."""
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    monkeypatch.setattr(journal_module, "JOURNAL_MAX", 64 << 10)
+
+    async def main() -> tuple[str, str, bytes]:
+        blocks = open_blocks(cache, store)
+        block = blocks.create()
+        content = bytearray(BS)
+        first_epoch = blocks.journal.epoch
+        for i in range(40):  # 40 x 4 KiB > 64 KiB of journal
+            data = os.urandom(4096)
+            blocks.write(block, i * 8192, data)
+            content[i * 8192 : i * 8192 + 4096] = data
+            await blocks.fsync([block])
+        assert blocks.journal.epoch > first_epoch  # the full journal ended its epoch
+
+        def disk_full(records: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        other = blocks.create()
+        monkeypatch.setattr(blocks.journal, "append", disk_full)
+        blocks.write(other, 0, b"o" * 100)
+        await blocks.fsync([other])  # synced through its file: nothing to replay
+        assert other not in blocks.journal.live
+        blocks.close()
+        return block, other, bytes(content[: 39 * 8192 + 4096])  # the file's length
+
+    block, other, content = trio.run(main)
+    assert other not in {r[0] for r in lose_unsynced_writes(cache)}
+    blocks = open_blocks(cache, store)
+    try:
+        assert (cache / "dirty" / block).read_bytes() == content
+        assert (cache / "dirty" / other).read_bytes() == b"o" * 100
     finally:
         blocks.close()
