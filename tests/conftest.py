@@ -22,6 +22,8 @@ import pytest
 from faultproxy import FaultProxy
 from s3servers import S3Server, start_moto, start_rclone
 
+from wsfs.blocks.journal import Journal
+
 WSFS = [sys.executable, "-m", "wsfs"]
 
 
@@ -152,6 +154,26 @@ def wait_pid_gone(pid: int, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"process {pid} did not exit within {timeout}s")
         time.sleep(0.05)
+
+
+def lose_unsynced_writes(cache_dir: Path, *, delete_new: frozenset[str] = frozenset()
+                         ) -> list[tuple[str, int, bytes]]:
+    """What a machine crash does to the writes the journal covers: zero each record's bytes
+    in its block's file (the files in `delete_new` disappear whole). Returns the records."""
+    j = Journal(cache_dir / "journal")
+    try:
+        records = j.records()
+    finally:
+        j.close()
+    for block_id, offset, data in records:
+        path = cache_dir / "dirty" / block_id
+        if block_id in delete_new:
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(bytes(len(data)))
+    return records
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:

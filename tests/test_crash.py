@@ -12,7 +12,9 @@ A path whose newest record is "ack" was not modified after its fsync: it must be
 exactly that content. "gone" must be absent. "mod" may be anything (written, not fsynced).
 No file may exist that the writer never made.
 
-Each cycle: writer runs → SIGKILL at a random moment → remount on the SAME cache dir (must
+Each cycle: writer runs → SIGKILL at a random moment → what a machine crash would also have
+lost is lost (the bytes of every data journal record are zeroed in the dirty blocks' files,
+conftest.lose_unsynced_writes) → remount on the SAME cache dir (must
 serve at once; every acknowledged byte there; the unpublished dirty blocks uploaded with no
 manual step: dirty_bytes reaches 0 and a checkpoint is published) → unmount → mount on an
 EMPTY cache dir: the tree must be identical to what the same-cache remount showed.
@@ -219,7 +221,7 @@ if __name__ == "__main__":
 # -- the tests ------------------------------------------------------------------------------------
 
 import pytest  # noqa: E402
-from conftest import Workspace, pid_alive, wait_pid_gone  # noqa: E402
+from conftest import Workspace, lose_unsynced_writes, pid_alive, wait_pid_gone  # noqa: E402
 from s3servers import start_moto  # noqa: E402
 
 CYCLES = int(os.environ.get("WSFS_CRASH_CYCLES", "22"))
@@ -262,7 +264,7 @@ def stop_writer(proc: subprocess.Popen[bytes]) -> str:
 def test_sigkill_at_random_points(ws: Workspace) -> None:
     rnd = random.Random(SEED)
     figures = {"cycles": 0, "acked_files": 0, "acked_bytes_checked": 0, "served_dirty": 0,
-               "max_remount_s": 0.0, "files_compared": 0}
+               "max_remount_s": 0.0, "files_compared": 0, "journal_records_lost": 0}
     ws.allowed_log_errors.append("flush failed")  # a kill mid-cycle may leave a half-cycle
     mnt = ws.mount(flush_delay=rnd.choice([0.3, 1.0]))
     for cycle in range(CYCLES):
@@ -280,6 +282,7 @@ def test_sigkill_at_random_points(ws: Workspace) -> None:
         ws.kill()
         err = stop_writer(proc)
         assert proc.returncode == WRITER_STOPPED, err
+        figures["journal_records_lost"] += len(lose_unsynced_writes(ws.cache_dir))
 
         # Remount on the same cache dir: serves at once, every acknowledged byte is there.
         t0, wall = time.monotonic(), time.time()
@@ -312,6 +315,7 @@ def test_sigkill_at_random_points(ws: Workspace) -> None:
     print(f"\ncrash figures: {json.dumps(figures)}")
     assert figures["acked_files"] > CYCLES  # the writer got to fsync things
     assert figures["served_dirty"] > 0  # some remounts served before the recovered upload
+    assert figures["journal_records_lost"] > 0  # the replay had work to do
 
 
 @pytest.mark.timeout(240)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Workspace
+from conftest import Workspace, lose_unsynced_writes
 
 from wsfs.blocks import BlockCache
 from wsfs.blocks import journal as journal_module
@@ -26,26 +26,6 @@ from wsfs.blocks.journal import FSYNC_MAX, Journal
 from wsfs.store import LocalStore
 
 BS = 1 << 20
-
-
-def lose_unsynced_writes(cache_dir: Path, *, delete_new: frozenset[str] = frozenset()
-                         ) -> list[tuple[str, int, bytes]]:
-    """What a machine crash does to the writes the journal covers: zero each record's bytes
-    in its block's file (the files in `delete_new` disappear whole). Returns the records."""
-    j = Journal(cache_dir / "journal")
-    try:
-        records = j.records()
-    finally:
-        j.close()
-    for block_id, offset, data in records:
-        path = cache_dir / "dirty" / block_id
-        if block_id in delete_new:
-            path.unlink(missing_ok=True)
-        elif path.exists():
-            with open(path, "r+b") as f:
-                f.seek(offset)
-                f.write(bytes(len(data)))
-    return records
 
 
 async def nothing_to_sync() -> None:
