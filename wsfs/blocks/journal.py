@@ -51,6 +51,11 @@ HEADER_SIZE = 4096  # the header has a page of its own: rewriting it never tears
 JOURNAL_MAX = 16 << 20  # bytes of records per epoch; beyond, fsyncs sync blocks' files
 RECORD_OVERHEAD = _RECORD.size + 255 + _CRC.size  # at most, beside the data
 FSYNC_MAX = 256 << 10  # an fsync covering more new bytes syncs the blocks' files instead
+# The file is grown by writing zeros this far ahead of the records: an fdatasync of bytes
+# overwritten inside a file's written length flushes only them, while one of an append (or of
+# a write into space fallocate(2) reserved) must also commit the file's new extent: ~0.85 ms
+# median against ~0.3 ms on our hosts' disks.
+GROW = 1 << 20
 
 
 class Journal:
@@ -60,6 +65,7 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.size = os.fstat(self.fd).st_size  # written so far (records or zeros)
         self.epoch = 0
         self.end = HEADER_SIZE  # where the next record goes
         self.live: set[str] = set()  # blocks with records in this epoch (rule 2)
@@ -144,6 +150,10 @@ class Journal:
             crc = zlib.crc32(data, zlib.crc32(bid, zlib.crc32(head)))
             parts += (head, bid, data, _CRC.pack(crc))
         blob = b"".join(parts)
+        if self.end + len(blob) > self.size:
+            grown = (self.end + len(blob) + GROW) // GROW * GROW
+            pwrite_all(self.fd, bytes(grown - self.size), self.size)
+            self.size = grown
         pwrite_all(self.fd, blob, self.end)
         self.end += len(blob)
         self.live.update(block_id for block_id, _, _ in records)
@@ -153,7 +163,9 @@ class Journal:
         on the disk (the next `sync`). See rule 3 for when this is allowed."""
         self.epoch += 1
         header = _HEADER.pack(MAGIC, self.epoch)
-        pwrite_all(self.fd, header + _CRC.pack(zlib.crc32(header)), 0)
+        page = (header + _CRC.pack(zlib.crc32(header))).ljust(HEADER_SIZE, b"\0")
+        pwrite_all(self.fd, page, 0)
+        self.size = max(self.size, HEADER_SIZE)
         self.end = HEADER_SIZE
         self.live.clear()
 
