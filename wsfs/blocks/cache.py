@@ -31,7 +31,7 @@ from ..store import ObjectStore
 from . import pack as packs
 from .clean import CleanCache
 from .files import checksum, copy_all, object_key, pwrite_all
-from .journal import FSYNC_MAX, HEADER_SIZE, Journal
+from .journal import FSYNC_MAX, Journal
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +510,7 @@ class BlockCache:
         if size > FSYNC_MAX:
             return False
         async with self._journal_lock:
-            if journal.end > HEADER_SIZE and not journal.live:
+            if journal.has_records and not journal.live:
                 await self._restart_journal()  # rule 3: none of its blocks is dirty
             if not journal.fits(sum(len(rs) for rs in ranges.values()), size):
                 return False

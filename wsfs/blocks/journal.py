@@ -63,7 +63,6 @@ class Journal:
     and restarts, worker threads sync."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.size = os.fstat(self.fd).st_size  # written so far (records or zeros)
         self.epoch = 0
@@ -75,10 +74,9 @@ class Journal:
 
     # -- recovery (blocking) ----------------------------------------------------------------
 
-    def replay(self, dirty_dir: Path, wanted: Callable[[str], bool]) -> list[str]:
+    def replay(self, dirty_dir: Path, wanted: Callable[[str], bool]) -> None:
         """Write every record of the current epoch whose block is `wanted` (awaits upload)
-        into the block's file in `dirty_dir`, sync those files, and start a new epoch;
-        return the ids of the blocks written.
+        into the block's file in `dirty_dir`, sync those files, and start a new epoch.
 
         A wanted block's file that is missing is created: a machine crash may lose a new
         file's name along with its pages.
@@ -104,7 +102,6 @@ class Journal:
                         len(touched))
         self.restart()
         self.sync()
-        return list(touched)
 
     def records(self) -> list[tuple[str, int, bytes]]:
         """The records a replay applies now (block id, offset, data), in order (rule 1);
@@ -135,6 +132,11 @@ class Journal:
         return out
 
     # -- appending (trio thread) -----------------------------------------------------------
+
+    @property
+    def has_records(self) -> bool:
+        """Whether this epoch holds records (its end then has rules to keep: rule 3)."""
+        return self.end > HEADER_SIZE
 
     def fits(self, count: int, nbytes: int) -> bool:
         """Whether `count` records holding `nbytes` of data fit in this epoch."""
