@@ -257,6 +257,13 @@ def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
         def disk_full(records: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
+        nearly_full = blocks.create()  # the journal may not grow into the reserve
+        blocks.write(nearly_full, 0, b"n" * 100)
+        blocks.journal.size = blocks.journal.end  # the next record needs more file
+        with monkeypatch.context() as m:
+            m.setattr(blocks, "disk_free", lambda: blocks.reserve)
+            await blocks.fsync([nearly_full])
+        assert nearly_full not in blocks.journal.live
         other = blocks.create()
         monkeypatch.setattr(blocks.journal, "append", disk_full)
         blocks.write(other, 0, b"o" * 100)

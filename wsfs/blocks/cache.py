@@ -31,7 +31,7 @@ from ..store import ObjectStore
 from . import pack as packs
 from .clean import CleanCache
 from .files import checksum, copy_all, object_key, pwrite_all
-from .journal import FSYNC_MAX, Journal
+from .journal import FSYNC_MAX, GROW, Journal
 
 log = logging.getLogger(__name__)
 
@@ -512,8 +512,11 @@ class BlockCache:
         async with self._journal_lock:
             if journal.has_records and not journal.live:
                 await self._restart_journal()  # rule 3: none of its blocks is dirty
-            if not journal.fits(sum(len(rs) for rs in ranges.values()), size):
+            count = sum(len(rs) for rs in ranges.values())
+            if not journal.fits(count, size):
                 return False
+            if journal.grows(count, size) and self.disk_free() < self.reserve + GROW:
+                return False  # its growth would eat the metadata's reserve on the cache disk
             records = [(b, start, os.pread(self._fd(b), end - start, start))
                        for b, rs in ranges.items() for start, end in rs]
             try:

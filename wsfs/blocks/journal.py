@@ -142,6 +142,10 @@ class Journal:
         """Whether `count` records holding `nbytes` of data fit in this epoch."""
         return self.end + nbytes + count * RECORD_OVERHEAD <= HEADER_SIZE + JOURNAL_MAX
 
+    def grows(self, count: int, nbytes: int) -> bool:
+        """Whether appending `count` records of `nbytes` would grow the file (by GROW)."""
+        return self.end + nbytes + count * RECORD_OVERHEAD > self.size
+
     def append(self, records: list[tuple[str, int, bytes]]) -> None:
         """Write records (block id, offset, data) into the page cache; `sync` makes them
         durable. On a failure (a full disk) nothing counts: the next append overwrites it."""
