@@ -624,9 +624,47 @@ def wl_d(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
         op("randwrite", path, cfg.rand_writes, cfg.fsync_every, timeout=T))
     rec(step("d.sqlite", f"d. SQLite: {cfg.sqlite_txns:,} one-row transactions"),
         op("sqlite", s.mnt / "bench.db", cfg.sqlite_txns, timeout=T))
+    rec(step("d.syncs", "d. daemon disk syncs per fsync(2) of SQLite (untimed)"),
+        daemon_syncs(s, cfg))
     s.sample_rss()
     rec(step("d.durable", "d. time to durable"),
         s.durable({"rand.bin": cfg.rand_bytes, "bench.db": None}))
+
+
+SYNC_CALLS = "fsync,fdatasync,sync_file_range,syncfs"
+SYNC_PROBE_TXNS = 50
+
+
+def daemon_syncs(s: System, cfg: Config) -> float | None:
+    """The daemon's own disk syncs per fsync(2) of a client running SQLite transactions,
+    both counted by strace (untimed: strace slows both). 0 means no fsync made anything
+    durable on the daemon's disk: its time in the d rows bought no durability there."""
+    pid = s.daemon_pid()
+    if pid is None or shutil.which("strace") is None:
+        return None
+    daemon_out, client_out = s.root / "strace-daemon.txt", s.root / "strace-client.txt"
+    trace = ["strace", "-f", "-c", "-e", f"trace={SYNC_CALLS}", "-o"]
+    tracer = subprocess.Popen([*trace, str(daemon_out), "-p", str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)  # attached to every thread of the daemon
+        run([*trace, str(client_out), sys.executable, str(HERE / "ops.py"), "sqlite",
+             str(s.mnt / "probe.db"), str(SYNC_PROBE_TXNS)], timeout=cfg.step_timeout)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+    client = strace_calls(client_out)
+    return strace_calls(daemon_out) / client if client else None
+
+
+def strace_calls(path: Path) -> int:
+    """The number of calls an `strace -c` summary counts, all syscalls together."""
+    total = 0
+    for line in path.read_text().splitlines():
+        cols = line.split()
+        if len(cols) >= 5 and cols[-1] in SYNC_CALLS.split(",") and cols[3].isdigit():
+            total += int(cols[3])
+    return total
 
 
 def wl_e(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> None:
@@ -782,10 +820,14 @@ def best_peer(results: Results, key: str) -> tuple[str | None, float | None]:
     return best
 
 
+# Rows that are not times: reported in tables of their own.
+NOT_TIMES = ("g.rss", "d.syncs")
+
+
 def targets(key: str) -> list[tuple[str, str, float]]:
     """The issue's targets for wsfs on this row: (description, baseline column, max ratio)."""
     out: list[tuple[str, str, float]] = []
-    if key.startswith(("g.rss",)):
+    if key in NOT_TIMES:
         return out
     if key.endswith(".durable"):
         # s3fs uploads inside the workload itself (on close), so its durable step is ~0:
@@ -802,7 +844,7 @@ def targets(key: str) -> list[tuple[str, str, float]]:
 
 def report(results: Results, meta: dict[str, Any], systems: list[str]) -> str:
     rows = [s for s in STEPS if any(s.key in results.times.get(n, {}) for n in systems)]
-    time_rows = [s for s in rows if s.key != "g.rss"]
+    time_rows = [s for s in rows if s.key not in NOT_TIMES]
     lines = [f"# wsfs benchmark — {meta['mode']} run, {meta['date']}", ""]
     lines += [f"- {k}: {v}" for k, v in meta["notes"].items()]
     lines += ["", "## Times (seconds; lower is better)", "",
@@ -834,6 +876,15 @@ def report(results: Results, meta: dict[str, Any], systems: list[str]) -> str:
             lines.append(f"| {w} | " + " | ".join(
                 f"{results.rss[n][w]:.0f}" if w in results.rss.get(n, {}) else "—"
                 for n in daemons) + " |")
+    synced = [n for n in systems if _num(results.times.get(n, {}).get("d.syncs")) is not None]
+    if synced:
+        lines += ["", "## What an fsync(2) does (untimed probe, strace)", "",
+                  f"The daemon's own fsync/fdatasync calls per fsync(2) of a client running "
+                  f"{SYNC_PROBE_TXNS} SQLite transactions (each commit syncs 4 times). 0: the "
+                  "fsyncs of the d rows made nothing durable on the daemon's disk.", "",
+                  "| " + " | ".join(synced) + " |", "|" + "---:|" * len(synced),
+                  "| " + " | ".join(f"{results.times[n]['d.syncs']:.2f}" for n in synced)
+                  + " |"]
     if "wsfs" in systems:
         lines += ["", "## wsfs against the issue's targets", "",
                   "| step | target | wsfs ratio | met |", "|---|---|---:|:---:|"]
@@ -871,7 +922,7 @@ def chart(results: Results, systems: list[str], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [s for s in STEPS if s.key != "g.rss"
+    rows = [s for s in STEPS if s.key not in NOT_TIMES
             and _num(results.times.get("local", {}).get(s.key))]
     cols = [n for n in systems if n != "local"]
     if not rows or not cols:
