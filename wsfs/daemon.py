@@ -36,6 +36,7 @@ from .lease import Lease
 from .meta import Metadata
 from .metrics import RateMeter
 from .progress import Progress
+from .readahead import set_readahead
 from .runtime import limit_malloc_arenas, registry_path, sd_notify, write_registry
 from .store import ObjectStore, open_store, probe
 from .sync import Flusher
@@ -158,6 +159,7 @@ class Daemon:
         if cfg.read_only:
             options.add("ro")
         listeners = await metrics.open_listeners(cfg.metrics) if cfg.metrics else []
+        mountpoint = os.path.realpath(cfg.mountpoint)  # (before the mount: see set_readahead)
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), options)
         except RuntimeError as e:
@@ -177,6 +179,7 @@ class Daemon:
                 nursery.start_soon(self._renew_lease, lease)
                 nursery.start_soon(self._write_status)
                 nursery.start_soon(self._watch_signals, nursery)
+                nursery.start_soon(self._widen_readahead, ops, mountpoint, sb.block_size)
                 if listeners:
                     nursery.start_soon(metrics.serve, listeners, self.status)
                 await pyfuse3.main()
@@ -284,6 +287,11 @@ class Daemon:
             tmp.replace(self.cache_dir / "status.json")
         except OSError as e:  # a full cache disk must not take the mount down with it
             log.debug("cannot write the status file: %s", e)
+
+    @staticmethod
+    async def _widen_readahead(ops: Operations, mountpoint: str, size: int) -> None:
+        await ops.initialized.wait()  # before, the kernel's answer to INIT would undo it
+        await trio.to_thread.run_sync(set_readahead, mountpoint, size)
 
     async def _watch_signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,

@@ -116,6 +116,7 @@ class Base(pyfuse3.Operations):
         self.read_only = read_only
         self.remote_fsync = remote_fsync
         self.nursery: trio.Nursery | None = None  # for readahead; set by the mount
+        self.initialized = trio.Event()  # see init()
         self._lookups: dict[int, int] = defaultdict(int)
         self._open: dict[int, int] = defaultdict(int)  # inode -> open file handles
         self._handles: dict[int, int] = {}  # fh -> inode
@@ -142,6 +143,12 @@ class Base(pyfuse3.Operations):
         self._reap_due = False
         self.marker_ino = meta.lookup(ROOT, MARKER)
         self._the_txn = _Txn(meta)
+
+    def init(self) -> None:
+        """Called by pyfuse3 while it answers the kernel's INIT request; the answer is
+        written by the time a task waiting on `initialized` runs (the kernel settles some
+        of the mount's parameters, such as its readahead, only then)."""
+        self.initialized.set()
 
     # -- helpers ---------------------------------------------------------------------------
 
