@@ -658,7 +658,7 @@ def daemon_syncs(s: System, cfg: Config) -> float | None:
 
 
 def strace_calls(path: Path) -> int:
-    """The number of calls an `strace -c` summary counts, all syscalls together."""
+    """The calls to SYNC_CALLS an `strace -c` summary counts, all of them together."""
     total = 0
     for line in path.read_text().splitlines():
         cols = line.split()

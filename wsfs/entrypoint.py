@@ -35,6 +35,7 @@ from typing import Any
 import pyfuse3
 
 from .errors import FlushError, MountError, UsageError, WsfsError
+from .runtime import mount_field
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def fstype_of(path: Path) -> str:
             fields = line.split()
             if len(fields) < 3:
                 continue
-            mp = fields[1].replace("\\040", " ")
+            mp = mount_field(fields[1])
             if (target == mp or target.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
                 best, fstype = mp, fields[2]
     return fstype

@@ -13,8 +13,9 @@ before.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
+
+from .runtime import mount_field
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,9 @@ def mount_device(mountpoint: str, mountinfo: str) -> str | None:
     found = None
     for line in mountinfo.splitlines():
         fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
+        if len(fields) > 4 and mount_field(fields[4]) == mountpoint:
             found = fields[2]
     return found
-
-
-def _unescape(field: str) -> str:
-    r"""mountinfo writes space, tab, newline and backslash in paths as octal (\040)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def set_readahead(mountpoint: str, size: int) -> None:

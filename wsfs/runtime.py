@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def write_registry(mountpoint: Path, cache_dir: Path, store_url: str) -> None:
     registry_path(mountpoint).write_text(json.dumps(
         {"pid": os.getpid(), "mountpoint": str(mountpoint), "cache_dir": str(cache_dir),
          "store": store_url}))
+
+
+def mount_field(field: str) -> str:
+    r"""A path or source field of /proc/self/mounts or mountinfo as it is: the kernel writes
+    space, tab, newline and backslash there as octal escapes (\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def is_mountpoint(path: Path) -> bool:

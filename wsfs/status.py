@@ -17,7 +17,7 @@ from typing import Any
 from .control import SyncRequest
 from .errors import FlushError, MountError
 from .progress import Progress, human_bytes, human_seconds
-from .runtime import RUN_DIR, is_mountpoint, pid_alive, registry_path
+from .runtime import RUN_DIR, is_mountpoint, mount_field, pid_alive, registry_path
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ def _proc_wsfs_mounts() -> dict[str, str]:
         for line in f:
             fields = line.split()
             if len(fields) > 2 and fields[2] == "fuse.wsfs":
-                mp = fields[1].replace("\\040", " ").replace("\\011", "\t")
-                found[mp] = fields[0].replace("\\040", " ")
+                found[mount_field(fields[1])] = mount_field(fields[0])
     return found
 
 
