@@ -44,7 +44,7 @@ STATFS_CACHE_SECONDS = 5.0
 # of SQL apiece. A batch goes REAP_DELAY after its first inode, at REAP_BATCH inodes, before
 # statfs counts inodes and before each flush cycle's snapshot (the unmount's too). A crash in
 # between leaves inodes with no name and nlink 0, which recovery deletes as it does files
-# unlinked while open.
+# unlinked while open. $WSFS_REAP_DELAY changes the delay (tests hold a batch open with it).
 REAP_BATCH = 512
 REAP_DELAY = 0.05
 # Listings kept for readdir (see `_listings`): `ls -lR`, `git status` and Jupyter's file
@@ -56,6 +56,15 @@ LISTING_CACHE_ENTRIES = 16384
 LISTING_CACHE_DIR_MAX = LISTING_CACHE_ENTRIES // 4
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 ListedEntry = tuple[pyfuse3.FileNameT, pyfuse3.EntryAttributes, int]  # name, attributes, cookie
+
+
+def reap_delay() -> float:
+    """REAP_DELAY, or $WSFS_REAP_DELAY when it is a number of seconds >= 0."""
+    try:
+        delay = float(os.environ.get("WSFS_REAP_DELAY", REAP_DELAY))
+    except ValueError:
+        return REAP_DELAY
+    return delay if delay >= 0 else REAP_DELAY
 
 
 def now_ns() -> int:
@@ -141,6 +150,7 @@ class Base(pyfuse3.Operations):
         self._locks: dict[int, trio.Lock] = {}
         self._doomed: set[int] = set()  # inodes to delete in the next batch (REAP_BATCH)
         self._reap_due = False
+        self._reap_delay = reap_delay()
         self.marker_ino = meta.lookup(ROOT, MARKER)
         self._the_txn = _Txn(meta)
 
@@ -240,7 +250,7 @@ class Base(pyfuse3.Operations):
             self.nursery.start_soon(self._reap_soon)
 
     async def _reap_soon(self) -> None:
-        await trio.sleep(REAP_DELAY)
+        await trio.sleep(self._reap_delay)
         self._reap_due = False
         try:
             self.reap()
