@@ -158,6 +158,21 @@ def best_of(runs: int, measure: Callable[[], float]) -> float:
     return min(measure() for _ in range(runs))
 
 
+# Steps that change the tree (extract, create, stat after create, delete) are repeated on
+# fresh copies (measure(i) for i = 0, 1, ...) and report the fastest, as long as a run takes
+# under REPEAT_UNDER seconds: a short step is the one the noise skews, and repeating the
+# peers' minute-long runs would add minutes and change nothing.
+REPEAT_UNDER = 10.0
+
+
+def best_of_fresh(runs: int, measure: Callable[[int], float]) -> tuple[float, int]:
+    """The fastest of up to `runs` runs of `measure(i)`; also how many ran."""
+    times: list[float] = []
+    while len(times) < runs and (not times or times[-1] < REPEAT_UNDER):
+        times.append(measure(len(times)))
+    return min(times), len(times)
+
+
 def drop_caches() -> None:
     """Drop the kernel's page, dentry and inode caches, where we are allowed to."""
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
@@ -580,9 +595,16 @@ def wl_a(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
     T = cfg.step_timeout
     s.mount()
     pkgs = s.mnt / "pkgs"
-    pkgs.mkdir()
-    rec(step("a.extract", f"a. extract {n:,} files (tar)"),
-        run(["tar", "-C", str(pkgs), "-xf", str(cfg.tarball)], timeout=T))
+
+    def extract(i: int) -> float:  # the first copy is the one imported from below
+        into = pkgs if i == 0 else s.mnt / f"pkgs.{i}"
+        into.mkdir()
+        return run(["tar", "-C", str(into), "-xf", str(cfg.tarball)], timeout=T)
+
+    took, copies = best_of_fresh(WARM_RUNS, extract)
+    rec(step("a.extract", f"a. extract {n:,} files (tar)"), took)
+    for i in range(1, copies):  # set-up: the durable step below waits for one copy
+        run(["rm", "-rf", str(s.mnt / f"pkgs.{i}")], timeout=T)
     imp = [sys.executable, "-s", "-c", IMPORT_CODE, str(pkgs)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["PYTHONPATH"] = str(pkgs)
@@ -672,15 +694,18 @@ def wl_e(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
     T = cfg.step_timeout
     n, d = cfg.meta_files, cfg.meta_dirs
     s.mount()
-    root = s.mnt / "meta"
-    rec(step("e.create", f"e. create {n:,} files in {d} dirs"),
-        op("create_files", root, n, d, timeout=T))
-    # Once: the first stat after the writes is the one that asks the filesystem (the kernel
-    # caches the answers: a second run costs ~3 ms on every system, FUSE or not).
-    rec(step("e.stat", f"e. stat {n:,} files"), op("stat_files", root, n, d, timeout=T))
+    roots = [s.mnt / f"meta{i}" for i in range(WARM_RUNS)]  # fresh trees: best_of_fresh
+    took, made = best_of_fresh(WARM_RUNS, lambda i: op("create_files", roots[i], n, d,
+                                                         timeout=T))
+    rec(step("e.create", f"e. create {n:,} files in {d} dirs"), took)
+    # Once per tree: the first stat after the writes is the one that asks the filesystem
+    # (the kernel caches the answers: a second run costs ~3 ms on every system, FUSE or not).
+    rec(step("e.stat", f"e. stat {n:,} files"),
+        min(op("stat_files", root, n, d, timeout=T) for root in roots[:made]))
     rec(step("e.ls", f"e. ls -lR {n:,} files"),
-        best_of(WARM_RUNS, lambda: run(["ls", "-lR", str(root)], timeout=T)))
-    rec(step("e.delete", f"e. delete {n:,} files"), op("delete_files", root, n, d, timeout=T))
+        best_of(WARM_RUNS, lambda: run(["ls", "-lR", str(roots[0])], timeout=T)))
+    rec(step("e.delete", f"e. delete {n:,} files"),
+        min(op("delete_files", root, n, d, timeout=T) for root in roots[:made]))
     op("create_files", s.mnt / "ren", cfg.rename_files, 1, timeout=T)  # set-up
     src, dst = s.mnt / "ren" / "d000", s.mnt / "ren2"
 
