@@ -37,7 +37,13 @@ from .meta import Metadata
 from .metrics import RateMeter
 from .progress import Progress
 from .readahead import set_readahead
-from .runtime import limit_malloc_arenas, registry_path, sd_notify, write_registry
+from .runtime import (
+    favour_the_fuse_thread,
+    limit_malloc_arenas,
+    registry_path,
+    sd_notify,
+    write_registry,
+)
 from .store import ObjectStore, open_store, probe
 from .sync import Flusher
 from .workspace import (
@@ -422,6 +428,7 @@ def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
     """Run the mount in this process until it is unmounted and flushed."""
     logs.add_file_handler(cache_dir / "wsfs.log")
     limit_malloc_arenas()
+    favour_the_fuse_thread()
     # `wsfs sync`'s signal must never kill the daemon, even outside the signal watcher's life.
     signal.signal(control.SYNC_SIGNAL, signal.SIG_IGN)
     daemon = Daemon(cfg, cache_dir, ready_fd)
