@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import botocore.exceptions as bex
 import botocore.session
 from botocore.config import Config
+from botocore.handlers import add_expect_header
 
 from wsfs.errors import StoreError
 from wsfs.store import RESERVED_PREFIX, TransientStoreError, check_key
@@ -110,9 +111,16 @@ class S3Store:
             if (region is None and endpoint_url is not None
                     and session.get_config_variable("region") is None):
                 region = "us-east-1"  # SigV4 needs some region; S3-compatibles accept this one
-            return session.create_client(
+            client = session.create_client(
                 "s3", endpoint_url=endpoint_url, region_name=region, config=config
             )
+            # No `Expect: 100-continue` on PUTs: botocore's handling of it loses a response's
+            # headers on a kept-alive connection that once answered such a request without
+            # the interim 100 (boto/boto3#3757), and the PUT then hangs until the read
+            # timeout (a minute of a final flush, seen with `rclone serve s3`). Our objects
+            # are small; sending the body before the server's go-ahead costs nothing.
+            client.meta.events.unregister("before-call.s3", add_expect_header)
+            return client
         except bex.ProfileNotFound as exc:
             raise StoreError(f"AWS profile {exc.kwargs.get('profile')!r} is not configured: "
                              "fix AWS_PROFILE or add the profile to ~/.aws/config.") from None
