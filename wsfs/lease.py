@@ -27,6 +27,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from .errors import LeaseError
+from .runtime import env_seconds
 from .store import NoSuchKey, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,7 @@ LEASE_TTL = 60.0
 
 def default_ttl() -> float:
     """The lease TTL: 60 s, or $WSFS_LEASE_TTL (tests use a few seconds)."""
-    try:
-        ttl = float(os.environ.get("WSFS_LEASE_TTL", LEASE_TTL))
-    except ValueError:
-        return LEASE_TTL
-    return ttl if ttl > 0 else LEASE_TTL
+    return env_seconds("WSFS_LEASE_TTL", LEASE_TTL, positive=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from pyfuse3 import FUSEError
 
 from ..blocks import BlockCache
 from ..meta import BlockRef, Inode, Metadata
+from ..runtime import env_seconds
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,6 @@ LISTING_CACHE_ENTRIES = 16384
 LISTING_CACHE_DIR_MAX = LISTING_CACHE_ENTRIES // 4
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 ListedEntry = tuple[pyfuse3.FileNameT, pyfuse3.EntryAttributes, int]  # name, attributes, cookie
-
-
-def reap_delay() -> float:
-    """REAP_DELAY, or $WSFS_REAP_DELAY when it is a number of seconds >= 0."""
-    try:
-        delay = float(os.environ.get("WSFS_REAP_DELAY", REAP_DELAY))
-    except ValueError:
-        return REAP_DELAY
-    return delay if delay >= 0 else REAP_DELAY
 
 
 def now_ns() -> int:
@@ -150,7 +142,7 @@ class Base(pyfuse3.Operations):
         self._locks: dict[int, trio.Lock] = {}
         self._doomed: set[int] = set()  # inodes to delete in the next batch (REAP_BATCH)
         self._reap_due = False
-        self._reap_delay = reap_delay()
+        self._reap_delay = env_seconds("WSFS_REAP_DELAY", REAP_DELAY)
         self.marker_ino = meta.lookup(ROOT, MARKER)
         self._the_txn = _Txn(meta)
 
