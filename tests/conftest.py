@@ -23,6 +23,7 @@ from faultproxy import FaultProxy
 from s3servers import S3Server, start_moto, start_rclone
 
 from wsfs.blocks.journal import Journal
+from wsfs.runtime import is_mountpoint
 
 WSFS = [sys.executable, "-m", "wsfs"]
 
@@ -41,8 +42,7 @@ def run_wsfs(*args: str, env: dict[str, str] | None = None, timeout: float = 120
 
 
 def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
+    return is_mountpoint(path)
 
 
 def force_unmount(path: Path) -> None:

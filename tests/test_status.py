@@ -87,6 +87,28 @@ def test_status_lists_mounts_and_refuses_non_mounts(ws: Workspace, tmp_path: Pat
     ws.unmount()
 
 
+def test_a_mountpoint_whose_path_holds_spaces(ws: Workspace) -> None:
+    """/proc/self/mounts writes a space as \\040: every command must still know the mount."""
+    ws.mnt = ws.root / "my work space"
+    ws.mnt.mkdir()
+    mnt = ws.mount()
+    (mnt / "kept").write_text("kept")
+    r = ws.wsfs("mount", ws.store_url, str(mnt), "--cache-dir", str(ws.root / "other"),
+                check=False)
+    assert r.returncode != 0 and "already mounted" in r.stderr, r.stderr
+    st = status_json(ws, str(mnt))
+    assert isinstance(st, dict) and st["state"] == "serving"
+    rows = status_json(ws)
+    assert isinstance(rows, list) and [r["state"] for r in rows
+                                       if r["mountpoint"] == str(mnt)] == ["serving"]
+    ws.wsfs("sync", str(mnt))
+    ws.unmount()
+    assert not (mnt / "kept").exists()
+    ws.fresh_cache()
+    assert (ws.mount() / "kept").read_text() == "kept"
+    ws.unmount()
+
+
 def test_sync_with_nothing_to_do_and_repeated(mounted: Workspace) -> None:
     mnt = mounted.mnt
     for i in range(3):

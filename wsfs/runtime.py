@@ -53,7 +53,8 @@ def mount_field(field: str) -> str:
 
 def is_mountpoint(path: Path) -> bool:
     with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f if len(line.split()) > 1)
+        return any(len(fields) > 1 and mount_field(fields[1]) == str(path)
+                   for fields in map(str.split, f))
 
 
 def pid_alive(pid: int) -> bool:
