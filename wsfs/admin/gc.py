@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,38 +126,31 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
     def old_enough(mtime: float | None) -> bool:
         return min_age <= 0 or (mtime is not None and start - mtime >= min_age)
 
-    doomed_objects: list[str] = []
-    for key, size, mtime in list_detailed(store, BLOCK_PREFIX):
-        if key.rsplit("/", 1)[-1] in live_objects:
-            continue
-        if not old_enough(mtime):
-            report.young_kept += 1
-            report.young_bytes_kept += size
-            continue
-        doomed_objects.append(key)
-        report.objects_deleted += 1
-        report.object_bytes_deleted += size
-    doomed_pages: list[str] = []
-    for key, size, mtime in list_detailed(store, ckpt.PAGE_PREFIX):
-        if key[len(ckpt.PAGE_PREFIX):] in live_pages:
-            continue
-        if not old_enough(mtime):
-            report.young_kept += 1
-            report.young_bytes_kept += size
-            continue
-        doomed_pages.append(key)
-        report.pages_deleted += 1
-        report.page_bytes_deleted += size
+    def sweep(prefix: str, live: Callable[[str], bool]) -> tuple[list[str], int]:
+        """The keys under `prefix` that are neither `live` (given the rest of the key) nor
+        young, and their total size; the young are counted in the report."""
+        doomed, doomed_bytes = [], 0
+        for key, size, mtime in list_detailed(store, prefix):
+            if live(key[len(prefix):]):
+                continue
+            if not old_enough(mtime):
+                report.young_kept += 1
+                report.young_bytes_kept += size
+                continue
+            doomed.append(key)
+            doomed_bytes += size
+        return doomed, doomed_bytes
+
+    doomed_objects, report.object_bytes_deleted = sweep(
+        BLOCK_PREFIX, lambda rest: rest.rsplit("/", 1)[-1] in live_objects)
+    doomed_pages, page_bytes = sweep(ckpt.PAGE_PREFIX, live_pages.__contains__)
     # A bundle goes with its manifest; one whose manifest never came (its writer crashed
     # between the two uploads) is deleted once it is old enough.
-    doomed_bundles: list[str] = []
-    for key, size, mtime in list_detailed(store, ckpt.BUNDLE_PREFIX):
-        name = key[len(ckpt.BUNDLE_PREFIX):]
-        if (name.isdigit() and int(name) in kept) or not old_enough(mtime):
-            continue
-        doomed_bundles.append(key)
-        report.pages_deleted += 1
-        report.page_bytes_deleted += size
+    doomed_bundles, bundle_bytes = sweep(
+        ckpt.BUNDLE_PREFIX, lambda name: name.isdigit() and int(name) in kept)
+    report.objects_deleted = len(doomed_objects)
+    report.pages_deleted = len(doomed_pages) + len(doomed_bundles)
+    report.page_bytes_deleted = page_bytes + bundle_bytes
     report.manifests_deleted = len(old)
     if not dry_run:
         # manifests first: a page is only ever deleted once no kept manifest names it
