@@ -341,6 +341,31 @@ def test_fsync_syncs_each_written_block_and_the_wal(tmp_path: Path,
     trio.run(main)
 
 
+def test_fsync_leaves_uploaded_blocks_to_the_store_and_syncs_their_checksums(
+        tmp_path: Path, recorder: SyncRecorder) -> None:
+    """A block the store holds needs no disk flush: the checksum that says so does."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        fh_ = pyfuse3.FileHandleT(fh)
+        for idx in range(3):
+            await ops.write(fh_, idx * BS, b"x" * 4096)
+        ids = blocks_of(ops)
+        # The flusher freezes and uploads block 0 before any fsync (its checksum is not
+        # committed yet); block 1 is written again and sealed with it, then the fsync.
+        await ops.write(fh_, BS + 8192, b"y" * 4096)
+        ops.blocks.seal_all()
+        ops.meta.set_uploaded({ids[0]: hashlib.sha256(b"whatever").hexdigest()})
+        await ops.fsync(fh_, True)
+        assert sorted(recorder.take()) == sorted([ids[1], ids[2], "meta.db-wal"])
+        durable = Metadata(tmp_path / "cache" / "meta.db")  # what a crash would find
+        try:
+            assert not durable.awaits_upload(ids[0]) and durable.awaits_upload(ids[1])
+        finally:
+            durable.close()
+
+    trio.run(main)
+
+
 def test_a_write_during_a_running_fsync_is_synced_by_the_next(
         tmp_path: Path, recorder: SyncRecorder) -> None:
     async def main() -> None:

@@ -257,12 +257,13 @@ class DataOps(Base):
         never implied durable blocks before this fsync(2) returns, and after it both are.
         The WAL is synced only if it holds changes this call needs that no finished sync
         covered, and not again when a running sync covers them (group commit).
+
+        Blocks with a checksum are left out: the store holds them, and the checksum that
+        says so is durable once this call returns (a statement before this call, so in the
+        WAL this call syncs or waits for), so a crash reads them from the store.
         """
         node = self._node(ino)
-        ids: list[str] = []
-        if stat.S_ISREG(node.mode) and node.size:
-            refs = self.meta.blocks_in(ino, 0, (node.size - 1) // self.bs)
-            ids = [r.id for r in refs.values()]
+        ids = self.meta.blocks_to_upload(ino) if stat.S_ISREG(node.mode) else []
         changes, data_changes = self.meta.total_changes, self.meta.data_changes
 
         def wal_needed() -> bool:  # else a finished sync of the WAL covered all this call needs

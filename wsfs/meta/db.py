@@ -495,6 +495,14 @@ class Metadata:
             )
         }
 
+    def blocks_to_upload(self, ino: int) -> list[str]:
+        """The blocks of `ino` that the store does not hold yet (no checksum): the only ones
+        an fsync(2) must make durable on the cache disk. The file's block map is scanned in
+        SQLite, not in Python: with a BlockRef built per block, an fsync of a 1 GiB file
+        spent ~3 ms listing its 1,024 blocks."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM blocks WHERE inode=? AND csum IS NULL", (ino,))]
+
     def set_block(self, ino: int, idx: int, block_id: str) -> None:
         """Map a new (dirty, never uploaded) block into a file, replacing what was there."""
         self._blocks_changed(ino)
