@@ -23,7 +23,7 @@ from faultproxy import FaultProxy
 from s3servers import S3Server, start_moto, start_rclone
 
 from wsfs.blocks.journal import Journal
-from wsfs.runtime import is_mountpoint
+from wsfs.runtime import is_mountpoint as is_mounted
 
 WSFS = [sys.executable, "-m", "wsfs"]
 
@@ -39,10 +39,6 @@ def run_wsfs(*args: str, env: dict[str, str] | None = None, timeout: float = 120
         raise AssertionError(f"wsfs {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
-
-
-def is_mounted(path: Path) -> bool:
-    return is_mountpoint(path)
 
 
 def force_unmount(path: Path) -> None:

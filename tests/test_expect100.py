@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -22,12 +23,16 @@ OK = (b"HTTP/1.1 200 OK\r\nETag: \"0\"\r\nContent-Length: 0\r\n"
       b"Connection: keep-alive\r\n\r\n")
 
 
-def _read_request(conn: socket.socket, buf: bytearray) -> dict[str, str]:
-    while b"\r\n\r\n" not in buf:
+def _recv_until(conn: socket.socket, buf: bytearray, ready: Callable[[], bool]) -> None:
+    while not ready():
         chunk = conn.recv(65536)
         if not chunk:
             raise ConnectionError("closed")
         buf += chunk
+
+
+def _read_request(conn: socket.socket, buf: bytearray) -> dict[str, str]:
+    _recv_until(conn, buf, lambda: b"\r\n\r\n" in buf)
     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
     buf[:] = rest
     lines = head.decode("latin-1").split("\r\n")
@@ -35,11 +40,7 @@ def _read_request(conn: socket.socket, buf: bytearray) -> dict[str, str]:
 
 
 def _read_body(conn: socket.socket, buf: bytearray, length: int) -> None:
-    while len(buf) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
+    _recv_until(conn, buf, lambda: len(buf) >= length)
     del buf[:length]
 
 

@@ -42,7 +42,7 @@ def env_seconds(name: str, default: float, *, positive: bool = False) -> float:
         value = float(os.environ.get(name, default))
     except ValueError:
         return default
-    return value if value > 0 or (value == 0 and not positive) else default
+    return value if (value > 0 if positive else value >= 0) else default
 
 
 def mount_field(field: str) -> str:
