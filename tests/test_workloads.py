@@ -235,7 +235,11 @@ READER = textwrap.dedent("""
     import json, os, sys, time
     nb, stop = sys.argv[1], sys.argv[2]
     reads, bad, last = 0, [], -1
-    while not os.path.exists(stop):
+    done = False
+    while not done:
+        # Checked before the read: a file opened just before the last save's rename still
+        # reads as the save before it; one opened after `stop` exists must read the last.
+        done = os.path.exists(stop)
         try:
             with open(nb) as f:
                 text = f.read()
