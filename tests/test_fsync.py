@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 import statistics
 import threading
@@ -171,6 +172,26 @@ def test_unpublished_work_is_recovered_when_nothing_was_published_since(ws: Work
     assert (mnt / "local-only").read_bytes() == b"not uploaded yet"
     mnt = ws.remount(wipe_cache=True)
     assert (mnt / "local-only").read_bytes() == b"not uploaded yet"
+    ws.unmount()
+
+
+def test_a_checkpoint_published_just_before_a_crash_is_recognised_as_ours(
+        ws: Workspace) -> None:
+    """A crash after the flusher published a checkpoint and before it recorded so leaves the
+    cache dir one number behind the store, with that number pending: the store's checkpoint
+    of that number is its own (the manifest's creation time is the one it recorded), so the
+    cache dir is still current and is used, not moved aside."""
+    mnt = ws.mount(flush_delay=NEVER)
+    (mnt / "published").write_bytes(b"in the last checkpoint")
+    ws.unmount()
+    conn = sqlite3.connect(ws.cache_dir / "meta.db")
+    with conn:
+        (seq,) = conn.execute("SELECT value FROM settings WHERE key='checkpoint_seq'").fetchone()
+        conn.execute("UPDATE settings SET value=? WHERE key='checkpoint_seq'", (int(seq) - 1,))
+    conn.close()
+    mnt = ws.mount(flush_delay=NEVER)  # the same cache dir
+    assert (mnt / "published").read_bytes() == b"in the last checkpoint"
+    assert not list(ws.cache_dir.parent.glob(f"{ws.cache_dir.name}.stale-*"))
     ws.unmount()
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,3 +214,49 @@ def test_a_taken_over_mount_stops_publishing(lws: Workspace, other: Workspace) -
     assert (mnt / "from-new-holder").read_text() == "kept"
     assert not (mnt / "from-old-holder").exists()
     other.unmount()
+
+
+def head_of(ws: Workspace) -> int:
+    store = Path(ws.store_url.removeprefix("file://"))
+    return int(json.loads((store / "meta" / "HEAD").read_text())["seq"])
+
+
+def setting_of(cache_dir: Path, key: str) -> str | None:
+    conn = sqlite3.connect(cache_dir / "meta.db")
+    try:
+        row = conn.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else str(row[0])
+
+
+def test_a_taken_over_cache_dir_is_behind_one_checkpoint_of_the_same_number(
+        lws: Workspace, other: Workspace) -> None:
+    """The old holder records the number of the checkpoint it is about to publish before it
+    finds itself fenced off. When the new holder then publishes exactly that number, a mount
+    on the old cache dir must still find it behind the store (moved aside), not take it for
+    current and publish that number again over the new holder's work."""
+    mnt = lws.mount()
+    (mnt / "base").write_text("published by the first holder")
+    lws.wsfs("sync", str(mnt))
+    head = head_of(lws)
+    other.mount("--force", flush_delay=3600)  # publishes only at its unmount
+    (mnt / "from-old-holder").write_text("must not reach the store")
+    lws.allowed_log_errors.append("another mount took over")
+    r = lws.wsfs("unmount", str(mnt), check=False, timeout=120)
+    assert r.returncode == 7, r.stderr
+    old_cache = lws.cache_dir
+    assert setting_of(old_cache, "pending_seq") == str(head + 1)  # it was about to publish
+    (other.mnt / "from-new-holder").write_text("kept")
+    other.unmount()
+    assert head_of(lws) == head + 1  # the number the old holder had recorded
+    mnt = lws.mount(cache_dir=old_cache)
+    assert (mnt / "from-new-holder").read_text() == "kept"
+    assert not (mnt / "from-old-holder").exists()
+    stale = list(old_cache.parent.glob(f"{old_cache.name}.stale-*"))
+    assert len(stale) == 1  # kept for recovery by hand, never deleted
+    lws.unmount()
+    mnt = lws.mount(cache_dir=lws.fresh_cache())
+    assert (mnt / "from-new-holder").read_text() == "kept"
+    assert (mnt / "base").read_text() == "published by the first holder"
+    lws.unmount()

@@ -261,7 +261,9 @@ class Flusher:
                 if block_id not in uploaded:
                     self.blocks.retire(block_id, uploaded=False)
         seq = self.seq + 1
+        created_ns = time.time_ns()  # names this publication (workspace.prepare_cache)
         self._own(self.meta.set_setting, "pending_seq", str(seq))
+        self._own(self.meta.set_setting, "pending_created_ns", str(created_ns))
         self.meta.flush()
         await trio.to_thread.run_sync(self.meta.sync, limiter=self.limiter)
         garbage = await trio.to_thread.run_sync(
@@ -274,7 +276,7 @@ class Flusher:
                 self.fenced = e
                 raise
         manifest = await ckpt.publish(self.store, copy, seq, self.known_pages, self.limiter,
-                                      bundle=self.final)
+                                      created_ns=created_ns, bundle=self.final)
         self._unbundled = (manifest.bundle is None
                            and len(set(manifest.pages)) >= ckpt.BUNDLE_MIN_PAGES)
         self.seq = seq

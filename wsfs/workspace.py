@@ -157,7 +157,8 @@ async def prepare_cache(
     A cache dir that holds this workspace as of the store's newest checkpoint (or newer: work
     not yet published when the daemon died) is used as it is, and its dirty blocks are
     uploaded by the next flush. A cache dir of another workspace is refused; one that is older
-    than the store (the workspace was mounted elsewhere since) is moved aside, never deleted.
+    than the store (the workspace was mounted elsewhere since, and a checkpoint of the same
+    number published there counts as newer) is moved aside, never deleted.
     """
     db = cache_dir / "meta.db"
     head = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
@@ -170,7 +171,9 @@ async def prepare_cache(
         meta = Metadata(db)
         try:
             ws = meta.get_setting("workspace_id")
-            local = {int(meta.get_setting(k) or 0) for k in ("checkpoint_seq", "pending_seq")}
+            published, pending, pending_created = (
+                int(meta.get_setting(k) or 0)
+                for k in ("checkpoint_seq", "pending_seq", "pending_created_ns"))
         finally:
             meta.close()
         if ws != sb.workspace_id:
@@ -178,13 +181,16 @@ async def prepare_cache(
                 f"the cache dir {cache_dir} belongs to another workspace ({ws}); "
                 "use a different --cache-dir"
             )
-        if head in local or max(local) > head:
-            log.info("using the metadata in %s (checkpoint %d)", cache_dir, max(local))
+        if published == head or max(published, pending) > head or (
+                pending == head and await _ours(store, head, pending_created, limiter)):
+            log.info("using the metadata in %s (checkpoint %d)", cache_dir,
+                     max(published, pending))
             return
         aside = cache_dir.with_name(f"{cache_dir.name}.stale-{int(time.time())}")
         log.warning(
-            "the cache dir %s is older than the store (checkpoint %d < %d): moving it to %s",
-            cache_dir, max(local), head, aside,
+            "the cache dir %s is behind the store (its checkpoint %d; the store's newest, %d, "
+            "was published by another mount): moving it to %s",
+            cache_dir, max(published, pending), head, aside,
         )
         shutil.move(str(cache_dir), aside)
         cache_dir.mkdir(parents=True)
@@ -213,6 +219,17 @@ async def prepare_cache(
     except* StoreError as group:
         raise group.exceptions[0] from None
     _adopt(db, sb)
+
+
+async def _ours(store: ObjectStore, seq: int, created_ns: int,
+                limiter: trio.CapacityLimiter) -> bool:
+    """Whether checkpoint `seq` is the one this cache dir's flusher was publishing when it
+    stopped (it records the publication's `created_ns` before it starts), not another mount's
+    of the same number: one that took the workspace over after this one was fenced off or
+    died, and published exactly one checkpoint. Using the cache dir then would publish that
+    number again over the other mount's work."""
+    manifest = await trio.to_thread.run_sync(ckpt.read_manifest, store, seq, limiter=limiter)
+    return manifest.created_ns == created_ns
 
 
 def _adopt(db: Path, sb: Superblock) -> None:

@@ -185,10 +185,15 @@ async def publish(
     known_pages: set[str],
     limiter: trio.CapacityLimiter,
     *,
+    created_ns: int | None = None,
     bundle: bool = False,
 ) -> Manifest:
     """Upload the pages the store lacks (and, with `bundle`, the bundle), then the manifest,
-    then HEAD (in that order)."""
+    then HEAD (in that order).
+
+    `created_ns` (default: now) names this publication: the flusher records it before it
+    starts, so that a cache dir can tell its own checkpoint from another mount's of the same
+    number (workspace.py)."""
     digests, blobs = await trio.to_thread.run_sync(split_pages, path, known_pages, bundle,
                                                    limiter=limiter)
     new = [d for d in blobs if d not in known_pages]
@@ -205,7 +210,8 @@ async def publish(
             sizes = tuple(len(blobs[d]) for d in order)
             nursery.start_soon(put, bundle_key(seq), b"".join(blobs[d] for d in order))
     del blobs
-    manifest = Manifest(seq, time.time_ns(), os.path.getsize(path), tuple(digests), sizes)
+    manifest = Manifest(seq, created_ns or time.time_ns(), os.path.getsize(path),
+                        tuple(digests), sizes)
     log.debug("checkpoint %d: %d of %d pages new%s", seq, len(new), len(digests),
               "" if sizes is None else ", bundled")
 
@@ -225,6 +231,11 @@ def read_head(store: ObjectStore) -> int | None:
         return None
 
 
+def read_manifest(store: ObjectStore, seq: int) -> Manifest:
+    """The manifest of checkpoint `seq` (blocking)."""
+    return Manifest.decode(store.get(manifest_key(seq)))
+
+
 async def fetch(
     store: ObjectStore, seq: int, path: Path, limiter: trio.CapacityLimiter,
     *, use_bundle: bool = True,
@@ -235,9 +246,7 @@ async def fetch(
     `use_bundle=False`, since later checkpoints reuse the pages and so every one must be
     there. Each page is written at its offsets as it arrives, never held in memory whole.
     """
-    manifest = Manifest.decode(
-        await trio.to_thread.run_sync(store.get, manifest_key(seq), limiter=limiter)
-    )
+    manifest = await trio.to_thread.run_sync(read_manifest, store, seq, limiter=limiter)
     order = manifest.distinct_pages()
     offsets: dict[str, list[int]] = {}
     for i, digest in enumerate(manifest.pages):
