@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, is_mounted, pid_alive, wait_pid_gone
+from conftest import WSFS, Workspace, is_mounted, pid_alive, wait_pid_gone
 from s3servers import S3Server, _start_with_retries, rclone_binary
 
 from wsfs import errors
@@ -245,6 +245,19 @@ def test_data_dir_inside_the_workspace_is_refused(ws: Workspace) -> None:
                      check=False)
     assert result.returncode == errors.UsageError.exit_code, result.stderr
     assert "must not contain each other" in result.stderr
+    assert not is_mounted(ws.mnt)
+
+
+def test_an_empty_data_dir_means_none(ws: Workspace) -> None:
+    """`--data-dir ''` (what the container script passes for an empty WSFS_DATA_DIR) means
+    no data dir, not the working directory: run from the workspace's parent, as a container
+    whose working directory is / is, that was refused as a data dir containing it."""
+    result = subprocess.run(
+        [*WSFS, "run", "--mount", ws.store_url, str(ws.mnt), "--data-dir", "", "--cache-dir",
+         str(ws.cache_dir), "--", "true"],
+        cwd=ws.mnt.parent, env={**os.environ, **ws.env}, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr
     assert not is_mounted(ws.mnt)
 
 

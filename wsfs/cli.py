@@ -63,6 +63,14 @@ def parse_timeout(text: str, what: str) -> float:
     return value
 
 
+def parse_dir(text: str, what: str) -> Path:
+    """A directory argument: an empty one is refused, since Path("") is the working
+    directory, which nobody means."""
+    if not text:
+        raise UsageError(f"{what} needs a directory, not an empty value")
+    return Path(text)
+
+
 def parse_label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -105,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("mount", help="mount STORE on MOUNTPOINT", formatter_class=fmt)
     store_args(sp)
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    sp.add_argument("--cache-dir", type=Path, default=None,
+    sp.add_argument("--cache-dir", default=None,
                     help="local cache directory (default: /var/cache/wsfs/<hash of STORE>)")
     sp.add_argument("--cache-size", default="10G", help="limit of the clean block cache")
     sp.add_argument("--dirty-limit", default="2G",
@@ -174,7 +182,7 @@ def apply_options(cfg: object, opts: list[str]) -> None:
             elif key == "nonempty":
                 cfg.nonempty = True
             elif key == "cache_dir" and sep:
-                cfg.cache_dir = Path(value)
+                cfg.cache_dir = parse_dir(value, "-o cache_dir=")
             elif key == "cache_size" and sep:
                 cfg.cache_size = parse_size(value)
             elif key == "dirty_limit" and sep:
@@ -224,7 +232,8 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
     from .config import MountConfig
 
     cfg = MountConfig(
-        store_url=args.store, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
+        store_url=args.store, mountpoint=args.mountpoint,
+        cache_dir=None if args.cache_dir is None else parse_dir(args.cache_dir, "--cache-dir"),
         cache_size=parse_size(args.cache_size), dirty_limit=parse_size(args.dirty_limit),
         flush_delay=parse_seconds(args.flush_delay, "--flush-delay"),
         unmount_timeout=parse_seconds(args.unmount_timeout, "--unmount-timeout"),

@@ -60,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction[Any],
         "SIGTERM")
     sp.add_argument("--mount", nargs=2, required=True, metavar=("STORE", "MOUNTPOINT"),
                     help="the workspace to mount and where")
-    sp.add_argument("--data-dir", type=Path, default=Path("/data"), metavar="DIR",
+    sp.add_argument("--data-dir", default="/data", metavar="DIR",
                     help="plain local directory to create for the notebook (never mounted or "
                     "uploaded); '' for none")
     sp.add_argument("--data-owner", default=None, metavar="UID:GID",
@@ -352,8 +352,8 @@ def run(args: argparse.Namespace) -> int:
     if args.credentials_file is not None:
         use_credentials_file(args.credentials_file)
     cfg = mount_config(args)
-    if str(args.data_dir):
-        prepare_data_dir(args.data_dir, args.mountpoint, args.data_owner)
+    if args.data_dir:  # a str: Path("") would be the working directory
+        prepare_data_dir(Path(args.data_dir), args.mountpoint, args.data_owner)
 
     if os.getpid() != 1:  # orphans of the notebook come to us, as they would to PID 1
         libc = ctypes.CDLL(None, use_errno=True)
