@@ -109,6 +109,30 @@ def test_a_mountpoint_whose_path_holds_spaces(ws: Workspace) -> None:
     ws.unmount()
 
 
+def test_a_mountpoint_named_through_a_symlink_or_dot_dot(ws: Workspace) -> None:
+    """The kernel records a mountpoint resolved; the commands must find the mount under any
+    name of it: a /workspace that is a symlink (a container image may make it one) was not
+    recognised as mounted, so `wsfs unmount` refused it and `wsfs run` at SIGTERM waited for
+    a daemon nobody had asked to stop."""
+    link = ws.root / "workspace"
+    link.symlink_to(ws.mnt)  # ws.mnt, the real directory, is what teardown checks
+    ws.wsfs("mount", ws.store_url, str(link), "--cache-dir", str(ws.cache_dir))
+    assert is_mounted(ws.mnt)
+    (link / "kept").write_text("kept")
+    r = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.root / "other"),
+                check=False)
+    assert r.returncode != 0 and "already mounted" in r.stderr, r.stderr
+    st = status_json(ws, str(link))
+    assert isinstance(st, dict) and st["state"] == "serving"
+    assert st["mountpoint"] == str(ws.mnt)
+    ws.wsfs("sync", str(ws.mnt / ".." / "workspace"))
+    ws.wsfs("unmount", str(link), timeout=300)  # flushes, unmounts, waits
+    assert not is_mounted(ws.mnt)
+    ws.fresh_cache()
+    assert (ws.mount() / "kept").read_text() == "kept"
+    ws.unmount()
+
+
 def test_sync_with_nothing_to_do_and_repeated(mounted: Workspace) -> None:
     mnt = mounted.mnt
     for i in range(3):

@@ -35,7 +35,7 @@ from typing import Any
 import pyfuse3
 
 from .errors import FlushError, MountError, UsageError, WsfsError
-from .runtime import mount_field
+from .runtime import canonical_mountpoint, mount_field
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ def fstype_of(path: Path) -> str:
 
 def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> None:
     """Create /data as an ordinary local directory, outside the workspace and any wsfs mount."""
-    data = data_dir.absolute()
-    mp = mountpoint.absolute()
+    data = canonical_mountpoint(data_dir)  # (resolved like the mountpoint, to compare)
+    mp = canonical_mountpoint(mountpoint)
     if data == mp or mp in data.parents or data in mp.parents:
         raise UsageError(f"the data dir {data} and the workspace {mp} must not contain each "
                          "other; pick separate directories")
@@ -347,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
                          "`wsfs run --mount STORE /workspace -- jupyter lab`")
     grace = parse_seconds(args.stop_timeout, "--stop-timeout")
     args.store, mountpoint = args.mount
-    args.mountpoint = Path(mountpoint).absolute()
+    args.mountpoint = canonical_mountpoint(Path(mountpoint))
     args.foreground = False
     if args.credentials_file is not None:
         use_credentials_file(args.credentials_file)

@@ -19,7 +19,7 @@ from typing import NoReturn
 from .config import MountConfig, default_cache_dir
 from .daemon import run_daemon
 from .errors import MountError, WsfsError
-from .runtime import is_mountpoint
+from .runtime import canonical_mountpoint, is_mountpoint
 from .store import open_store
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def prepare(cfg: MountConfig) -> Path:
     code, as one sentence like these. Reaching it here too made every mount pay twice for an
     S3 client and two round trips.
     """
-    cfg.mountpoint = cfg.mountpoint.absolute()
+    cfg.mountpoint = canonical_mountpoint(cfg.mountpoint)
     check_mountpoint(cfg)
     cache_dir = check_cache_dir(cfg)
     open_store(cfg.store_url, endpoint_url=cfg.endpoint_url, region=cfg.region)

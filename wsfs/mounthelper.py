@@ -114,7 +114,7 @@ def mount_main(argv: list[str]) -> int:
 def umount_main(argv: list[str]) -> int:
     """`umount.fuse.wsfs MOUNTPOINT [-flnrv] [-N NS] [-t TYPE]`: unmount and wait for the flush."""
     from .cli import main as cli_main
-    from .runtime import registry_path
+    from .runtime import canonical_mountpoint, registry_path
 
     positional = [a for i, a in enumerate(argv)
                   if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("-t", "-N"))]
@@ -122,7 +122,7 @@ def umount_main(argv: list[str]) -> int:
     if len(positional) != 1:
         print("umount.wsfs: usage: umount.wsfs MOUNTPOINT", file=sys.stderr)
         return UsageError.exit_code
-    mountpoint = Path(positional[0]).absolute()
+    mountpoint = canonical_mountpoint(Path(positional[0]))
     if "l" in flags:  # lazy: detach now, the daemon uploads alone
         return subprocess.run(["fusermount3", "-uz", str(mountpoint)]).returncode
     if not registry_path(mountpoint).exists():

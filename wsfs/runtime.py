@@ -8,6 +8,7 @@ daemon behind a mountpoint, wait for it, and read its status file in the cache d
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -20,6 +21,25 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RUN_DIR = Path(os.environ.get("WSFS_RUN_DIR", "/run/wsfs"))
+
+
+def canonical_mountpoint(path: Path) -> Path:
+    """`path` as the kernel names it once mounted (/proc/self/mounts): absolute, with `..` and
+    every symlink resolved, so that `wsfs unmount ../ws` or a /workspace that is a symlink
+    finds the mount. The last component is resolved by readlink(2), never stat(2): on a
+    mountpoint whose daemon hangs, a stat hangs too, and readlink does not reach the
+    filesystem mounted there."""
+    path = path.absolute()
+    for _ in range(40):  # the kernel's own limit of links in one path
+        if path.name in ("", ".", ".."):
+            return Path(os.path.realpath(path))
+        path = Path(os.path.realpath(path.parent)) / path.name
+        try:
+            target = os.readlink(path)
+        except OSError:  # not a symlink (EINVAL), or not there
+            return path
+        path = path.parent / target
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
 
 
 def registry_path(mountpoint: Path) -> Path:

@@ -17,7 +17,14 @@ from typing import Any
 from .control import SyncRequest
 from .errors import FlushError, MountError
 from .progress import Progress, human_bytes, human_seconds
-from .runtime import RUN_DIR, is_mountpoint, mount_field, pid_alive, registry_path
+from .runtime import (
+    RUN_DIR,
+    canonical_mountpoint,
+    is_mountpoint,
+    mount_field,
+    pid_alive,
+    registry_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,7 @@ def list_mounts() -> list[MountEntry]:
 
 def registry_entry(mountpoint: Path) -> MountEntry:
     """The registry entry of a mounted wsfs, or a MountError that says what is wrong."""
-    mp = mountpoint.absolute()
+    mp = canonical_mountpoint(mountpoint)
     path = registry_path(mp)
     try:
         reg = json.loads(path.read_text())

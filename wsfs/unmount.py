@@ -17,14 +17,14 @@ import pyfuse3
 
 from .errors import FlushError, MountError
 from .progress import Progress
-from .runtime import is_mountpoint, pid_alive, registry_path
+from .runtime import canonical_mountpoint, is_mountpoint, pid_alive, registry_path
 
 log = logging.getLogger(__name__)
 
 
 def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> None:
     """`wsfs unmount`: flush, unmount, and wait until the daemon has uploaded everything."""
-    mp = mountpoint.absolute()
+    mp = canonical_mountpoint(mountpoint)
     reg_path = registry_path(mp)
     try:
         reg = json.loads(reg_path.read_text())
