@@ -265,6 +265,32 @@ def test_gc_refuses_after_an_unclean_stop(ws: Workspace) -> None:
     assert ws.wsfs("gc", ws.store_url).returncode == 0
 
 
+def test_destroy_refuses_a_mount_that_started_during_its_prompt(ws: Workspace) -> None:
+    """The lease is checked before the prompt and taken after it: a mount that started in
+    between must make the destroy fail, not be taken over and deleted under its user."""
+    wsid = json.loads((store_dir(ws) / "wsfs.json").read_text())["workspace_id"]
+    prompt = subprocess.Popen([*WSFS, "destroy", ws.store_url], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **ws.env})
+    try:
+        assert prompt.stderr is not None
+        asked = ""
+        while "confirm" not in asked:  # the lease is checked: it waits for the id now
+            chunk = os.read(prompt.stderr.fileno(), 4096).decode()
+            assert chunk, f"destroy ended before asking: {asked}"
+            asked += chunk
+        mnt = ws.mount()
+        (mnt / "f").write_text("in use")
+        _, err = prompt.communicate(wsid + "\n", timeout=60)
+    finally:
+        prompt.kill()
+    assert prompt.returncode == 5 and "mounted" in err, asked + err
+    assert (mnt / "f").read_text() == "in use"
+    ws.unmount()
+    assert (ws.mount(cache_dir=ws.fresh_cache()) / "f").read_text() == "in use"
+    ws.unmount()
+
+
 def test_destroy_needs_confirmation_and_no_mount(ws: Workspace) -> None:
     root = store_dir(ws)
     (root / "notes").mkdir()

@@ -56,7 +56,9 @@ def destroy(store: ObjectStore, *, confirm: Callable[[str], bool],
     if not confirm(sb.workspace_id):
         raise Aborted(sb.workspace_id)
     lease = Lease(store, "wsfs destroy")
-    lease.acquire(force=True)  # checked above; from here on no mount can start
+    # Not forced unless asked: a mount may have started while the user typed the id.
+    # From here on no mount can start.
+    lease.acquire(force=force)
     report = DestroyReport(store.url, sb.workspace_id)
     renewed = time.monotonic()
     store.delete(ckpt.HEAD_KEY)
