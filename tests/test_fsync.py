@@ -314,7 +314,8 @@ def make_ops(tmp_path: Path) -> tuple[Operations, int]:
     blocks = BlockCache(cache, LocalStore(tmp_path / "store"), block_size=BS,
                         cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=trio.CapacityLimiter(4))
-    meta.after_commit = blocks.release_discarded
+    meta.after_commit = lambda: blocks.release_discarded(meta.commits)
+    blocks.synced_commits = lambda: meta.synced_commits
     meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, time.time_ns(), nlink=2, ino=1)
     node = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
     meta.add_entry(1, b"f", node.id)
@@ -466,7 +467,7 @@ def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
         ops.blocks.seal_all()
         if state == "uploaded":
             await ops.blocks.upload(first)
-            ops.blocks.retire(first, uploaded=True)
+            ops.blocks.retire(first, uploaded_at=0)
             ops.blocks.clean._recent.clear()  # from the clean cache's file, not from memory
             assert not ops.blocks.is_writable(first) and first not in ops.blocks._dirty
         await ops.fsync(fh_, False)
@@ -585,5 +586,42 @@ def test_a_failed_shared_wal_sync_is_redone_by_the_caller_that_waited(
         synced = recorder.take()
         assert synced.count("meta.db-wal") == 1  # g's own, after f's failed
         assert blocks_of(ops, 3)[0] in synced
+
+    trio.run(main)
+
+
+def test_a_let_go_block_file_stays_until_its_commit_is_synced(tmp_path: Path) -> None:
+    """A machine crash loses the commits no fdatasync of the WAL covered. The file of a block
+    such a commit let go of (dropped from its file, or uploaded with its checksum recorded)
+    must stay until that commit is durable: else the metadata that comes back after the
+    crash names a block with neither a file nor a checksum (a hole in fsynced data)."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        blocks, meta = ops.blocks, ops.meta
+        await ops.write(pyfuse3.FileHandleT(fh), 0, payload(3, BS + 10))
+        uploaded, dropped = blocks_of(ops)[0], blocks_of(ops)[1]
+        files = [tmp_path / "cache" / "dirty" / b for b in (uploaded, dropped)]
+        meta.flush()
+        await ops.fsync(pyfuse3.FileHandleT(fh), False)
+        for ref in meta.remove_blocks_from(2, 1):  # a truncate to one block
+            blocks.discard(ref.id)
+        blocks.seal_all()
+        meta.set_uploaded({uploaded: await blocks.upload(uploaded)})
+        meta.flush()  # commits both changes (and releases the dropped block to the sync)
+        blocks.retire(uploaded, uploaded_at=meta.commits)
+
+        async def maintain_a_while() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocks.maintain)
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+
+        await maintain_a_while()
+        assert all(f.exists() for f in files), "deleted before the commit was durable"
+        assert blocks.awaiting_sync()
+        meta.sync()
+        await maintain_a_while()
+        assert not any(f.exists() for f in files)
+        assert not blocks.awaiting_sync()
 
     trio.run(main)

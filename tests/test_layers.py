@@ -243,7 +243,7 @@ def test_recovery_adopts_or_drops_a_block_with_no_checksum_and_no_local_copy(
     assert in_store is not None and lost is not None
     store.put(object_key(in_store.id), b"x" * BS)  # uploaded, checksum never committed
     for ref in (in_store, lost):  # neither has a local copy any more
-        blocks.retire(ref.id, uploaded=True)
+        blocks.retire(ref.id, uploaded_at=0)
         (tmp_path / "cache" / "dirty" / ref.id).unlink()
     trio.run(recover, meta, blocks)
     adopted = meta.get_block(ino, 0)

@@ -355,11 +355,14 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
     """
     requeued = 0
     dirty = set(blocks.recover(meta.awaits_upload))
+    # What a daemon crash left may be in the page cache only: durable first, since the
+    # files of blocks it says are uploaded (or no longer referenced) are deleted next.
+    await trio.to_thread.run_sync(meta.sync, limiter=blocks.local_limiter)
     for block_id in dirty:
         if meta.awaits_upload(block_id):
             requeued += 1
         else:  # uploaded just before the crash, or no longer referenced: the file may go
-            blocks.retire(block_id, uploaded=True)
+            blocks.retire(block_id, meta.synced_commits)
     for ino, idx, block_id in meta.blocks_without_checksum():
         if block_id in dirty:
             continue

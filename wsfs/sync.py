@@ -72,6 +72,7 @@ class Flusher:
         self._awaiting_commit: list[str] = []  # uploaded; their checksums not yet committed
         meta.after_commit = self._after_commit
         meta.before_commit = blocks.make_commit_room
+        blocks.synced_commits = lambda: meta.synced_commits
         self.fenced: LeaseError | None = None
         self.soft_limit = blocks.dirty_limit // 2
         self.seq = int(meta.get_setting("checkpoint_seq") or 0)
@@ -143,6 +144,9 @@ class Flusher:
         while True:
             try:
                 self.meta.flush()
+                if self.blocks.awaiting_sync():  # files go once their commit is durable
+                    await trio.to_thread.run_sync(self.meta.sync,
+                                                  limiter=self.blocks.local_limiter)
             except (OSError, sqlite3.OperationalError) as e:  # a full disk: try again soon
                 log.warning("cannot commit the metadata yet: %s", e)
             await trio.sleep(COMMIT_INTERVAL)
@@ -259,7 +263,7 @@ class Flusher:
         finally:
             for block_id in sealed:
                 if block_id not in uploaded:
-                    self.blocks.retire(block_id, uploaded=False)
+                    self.blocks.retire(block_id, None)
         seq = self.seq + 1
         created_ns = time.time_ns()  # names this publication (workspace.prepare_cache)
         self._own(self.meta.set_setting, "pending_seq", str(seq))
@@ -299,10 +303,11 @@ class Flusher:
         Checked, not assumed: if an earlier commit failed and SQLite rolled it back (a full
         disk), a block's checksum may be gone, and the block must then be uploaded again.
         """
+        commit = self.meta.commits
         for block_id in self._awaiting_commit:
-            self.blocks.retire(block_id, uploaded=not self.meta.awaits_upload(block_id))
+            self.blocks.retire(block_id, None if self.meta.awaits_upload(block_id) else commit)
         self._awaiting_commit.clear()
-        self.blocks.release_discarded()
+        self.blocks.release_discarded(commit)
 
     def _own(self, write: Callable[..., None], *args: object) -> None:
         """Make a bookkeeping change and count it, so it does not look like unpublished work.
@@ -344,7 +349,7 @@ class Flusher:
             while True:
                 for block_id in [b for b in block_ids if attempt and self.blocks.is_doomed(b)]:
                     block_ids.remove(block_id)
-                    self.blocks.retire(block_id, uploaded=False)
+                    self.blocks.retire(block_id, None)
                 if not block_ids:
                     return
                 attempt += 1

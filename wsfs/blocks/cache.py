@@ -126,11 +126,17 @@ class BlockCache:
         # for it. Without it fsync syncs the blocks' files.
         self.durable_metadata: Callable[[], Awaitable[None]] | None = None
         self._doomed: set[str] = set()
-        # Files of discarded blocks (id, and the fd still open on it or -1): kept until the
-        # commit that drops their reference, then closed and deleted in batches by
-        # `maintain` in a worker thread (never in the FUSE thread).
+        # Files of blocks let go of (id, and the fd still open on it or -1): kept until the
+        # metadata change that lets them go is committed, then until a sync of the metadata
+        # makes that commit durable (a machine crash must not bring back metadata naming a
+        # block whose file is gone), then closed and deleted in batches by `maintain` in a
+        # worker thread (never in the FUSE thread).
         self._unlink_after_commit: list[tuple[str, int]] = []
+        self._unlink_after_sync: list[tuple[int, str, int]] = []  # (commit, id, fd)
         self._unlink_ready: list[tuple[str, int]] = []
+        # The number of metadata commits made durable so far (set by the flusher): files
+        # waiting for a commit up to it may go.
+        self.synced_commits: Callable[[], int] | None = None
         # The free-space estimate of `wait_for_room`: statvfs(2)'s answer, when it was asked
         # (monotonic seconds), and the bytes written into dirty blocks since.
         self._free_seen = 0
@@ -325,18 +331,38 @@ class BlockCache:
         if block_id in self._sealed:
             self._doomed.add(block_id)  # its upload is running: delete when the cycle ends
             return True
-        self._drop_dirty(block_id, after_commit=True)
+        self._drop_dirty(block_id)
         return False
 
-    def release_discarded(self) -> None:
-        """Let go of the files of blocks discarded before the metadata commit that just ran.
+    def release_discarded(self, commit: int) -> None:
+        """Let go of the files of blocks discarded before the metadata commit that just ran
+        (number `commit`), once that commit is durable.
 
         A discarded block's file outlives the transaction that dropped its reference: if the
         daemon dies before that commit, the metadata that comes back still names the block,
-        and its data must still be there (called by the metadata's commit hook).
+        and its data must still be there; if the machine dies before the commit reached the
+        disk, the same (called by the metadata's commit hook).
         """
-        self._unlink_ready.extend(self._unlink_after_commit)
+        self._unlink_after_sync.extend((commit, b, fd) for b, fd in self._unlink_after_commit)
         self._unlink_after_commit.clear()
+
+    def _release_synced(self) -> None:
+        """Move the files whose commit a metadata sync has made durable to the deletions."""
+        if not self._unlink_after_sync:
+            return
+        synced = self.synced_commits() if self.synced_commits is not None else None
+        keep = []
+        for entry in self._unlink_after_sync:
+            if synced is None or entry[0] <= synced:
+                self._unlink_ready.append(entry[1:])
+            else:
+                keep.append(entry)
+        self._unlink_after_sync = keep
+
+    def awaiting_sync(self) -> bool:
+        """Whether files wait for a metadata sync before they can go (the flusher then syncs
+        soon: on a full disk, writers wait for that space)."""
+        return bool(self._unlink_after_sync)
 
     def make_commit_room(self) -> None:
         """Before a metadata commit: if the disk is nearly full, give up the ballast."""
@@ -355,12 +381,13 @@ class BlockCache:
 
     def space_coming(self) -> bool:
         """Whether deleted blocks are about to free disk space (a full disk waits for it)."""
-        return bool(self._unlink_after_commit or self._unlink_ready)
+        return bool(self._unlink_after_commit or self._unlink_after_sync or self._unlink_ready)
 
     async def maintain(self) -> None:
         """Background upkeep in worker threads: delete released files and the clean copies
         of discarded blocks, refill the pool."""
         while True:
+            self._release_synced()
             doomed, self._unlink_ready = self._unlink_ready, []
             gone = self.clean.take_discarded()
             room = max(0, POOL_MAX - len(self._spare))
@@ -445,16 +472,20 @@ class BlockCache:
         """Whether a sealed block was discarded while its upload ran."""
         return block_id in self._doomed
 
-    def _drop_dirty(self, block_id: str, after_commit: bool = False) -> None:
+    def _drop_dirty(self, block_id: str, synced_after: int | None = None) -> None:
         """Forget a dirty block; its file is closed and deleted later in a worker thread
-        (closing the last fd of a file is part of what made a delete cost the FUSE thread)."""
-        # after the next commit, or as soon as the background deletes run
-        pending = self._unlink_after_commit if after_commit else self._unlink_ready
+        (closing the last fd of a file is part of what made a delete cost the FUSE thread):
+        after the next commit and its sync, or with `synced_after`, after a sync of the
+        metadata covering that commit."""
         fd = self._fds.pop(block_id, -1)
-        if fd >= 0 and len(pending) >= MAX_OPEN_FILES:  # many deletes between two commits
+        if fd >= 0 and len(self._unlink_after_commit) + len(self._unlink_after_sync) \
+                >= MAX_OPEN_FILES:  # many deletes between two syncs
             os.close(fd)
             fd = -1
-        pending.append((block_id, fd))
+        if synced_after is None:
+            self._unlink_after_commit.append((block_id, fd))
+        else:
+            self._unlink_after_sync.append((synced_after, block_id, fd))
         self.dirty_bytes -= self._dirty.pop(block_id)
         self._dirty_since.pop(block_id, None)
         self._unsynced.pop(block_id, None)
@@ -773,15 +804,16 @@ class BlockCache:
         if self.room_to_keep(sum(len(d) for d in members.values())):
             self.clean.keep(members)
 
-    def retire(self, block_id: str, uploaded: bool) -> None:
-        """End a sealed block's cycle: dropped if uploaded (its clean copy serves reads) or
-        discarded meanwhile, else writable again."""
+    def retire(self, block_id: str, uploaded_at: int | None) -> None:
+        """End a sealed block's cycle: dropped if uploaded (its clean copy serves reads; its
+        file goes once a sync covers `uploaded_at`, the commit of its checksum) or discarded
+        meanwhile, else writable again."""
         self._sealed.discard(block_id)
         if block_id in self._doomed:
             self._doomed.discard(block_id)
-            self._drop_dirty(block_id, after_commit=True)
-        elif uploaded:
             self._drop_dirty(block_id)
+        elif uploaded_at is not None:
+            self._drop_dirty(block_id, synced_after=uploaded_at)
 
     def close(self) -> None:
         self.journal.close()
@@ -792,12 +824,18 @@ class BlockCache:
         for block_id in self._spare:
             self._path(block_id).unlink(missing_ok=True)
         self._spare.clear()
+        self._release_synced()
         self._unlink_files(self._unlink_ready)
         self._unlink_ready.clear()
-        for _, fd in self._unlink_after_commit:  # their files stay: the commit did not run
+        # Their files stay: the commit or its sync did not run (the next mount deletes them).
+        for _, fd in self._unlink_after_commit:
+            if fd >= 0:
+                os.close(fd)
+        for _, _, fd in self._unlink_after_sync:
             if fd >= 0:
                 os.close(fd)
         self._unlink_after_commit = [(b, -1) for b, _ in self._unlink_after_commit]
+        self._unlink_after_sync = [(c, b, -1) for c, b, _ in self._unlink_after_sync]
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

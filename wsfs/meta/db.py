@@ -94,6 +94,10 @@ class Metadata:
         self.before_commit: Callable[[], None] | None = None  # makes room on the disk
         # Changes that only moved an inode's timestamps: fdatasync(2) need not sync those.
         self.time_changes = 0
+        # Commits made, and how many of them a finished `sync` has made durable: the block
+        # layer deletes a block's file only once the commit that let it go is durable.
+        self.commits = 0
+        self.synced_commits = 0
         # Inode rows by id, written through by every change: the handlers read the same few
         # inodes (a file, its directory) over and over, and a dict beats a statement 5 to 1.
         # Valid only as long as SQLite keeps what we wrote: `rollback()` clears it, and so
@@ -135,6 +139,7 @@ class Metadata:
 
     def close(self) -> None:
         self.flush()
+        self.sync()
         self.conn.close()
 
     # -- settings ---------------------------------------------------------------------------
@@ -194,6 +199,7 @@ class Metadata:
                 if not self.conn.in_transaction:
                     raise CommitLost(f"the metadata commit failed and was rolled back: {e}") from e
                 raise
+            self.commits += 1
         self._wrote = False
         if self.after_commit is not None:
             self.after_commit()
@@ -205,15 +211,23 @@ class Metadata:
         Only the WAL holds commits that are not yet durable: SQLite fsyncs the database file
         itself whenever it checkpoints the WAL into it (synchronous=NORMAL). fdatasync, as
         SQLite does: the WAL's length counts, its mtime does not (and costs a journal commit).
+
+        Counts the commits it covers in `synced_commits`: those counted before it began had
+        written their frames. (Two syncs finishing at once may leave the smaller count:
+        files then wait for the next sync, never the reverse.)
         """
+        covered = self.commits
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        except FileNotFoundError:  # no WAL: every commit is in the database file, synced
+            pass
+        else:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        if covered > self.synced_commits:
+            self.synced_commits = covered
 
     @property
     def total_changes(self) -> int:
