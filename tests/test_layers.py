@@ -251,3 +251,34 @@ def test_recovery_adopts_or_drops_a_block_with_no_checksum_and_no_local_copy(
     assert meta.get_block(ino, 1) is None  # a hole, not a wedge
     trio.run(flusher.cycle)
     assert ckpt.read_head(store) == 1
+
+
+@pytest.mark.parametrize("rollback", ["savepoint", "group"])
+def test_a_rolled_back_drop_keeps_the_blocks_it_let_go(tmp_path: Path, rollback: str) -> None:
+    """A handler that fails after dropping a file's blocks rolls its savepoint back; on a full
+    disk SQLite rolls the whole group back by itself. Either way the blocks are referenced
+    again and must stay dirty, files and all, not be deleted at the next commit: their file
+    would then read EIO, and every checkpoint after would refuse to publish without them."""
+    store, meta, blocks, flusher = make(tmp_path)
+    content = b"y" * (BS + 7)
+    ino = add_file(meta, blocks, b"f", content)
+    meta.flush()
+    ids = [r.id for r in meta.blocks_in(ino, 0, 1).values()]
+    if rollback == "savepoint":
+        meta.begin()
+    else:
+        meta.get_inode(ino)  # a group is open: the drop below writes into it
+        meta.conn.execute("BEGIN")
+    for ref in meta.remove_blocks_from(ino, 0):
+        blocks.discard(ref.id)
+    if rollback == "savepoint":
+        meta.rollback()
+    else:
+        meta.conn.rollback()  # what SQLite does on SQLITE_FULL
+        meta.get_inode(ino)  # the next call finds the group gone
+    assert [r.id for r in meta.blocks_in(ino, 0, 1).values()] == ids
+    assert all(blocks.is_writable(b) for b in ids)
+    meta.flush()
+    trio.run(flusher.cycle)  # uploads them and publishes
+    assert ckpt.read_head(store) == 1
+    assert all(r.csum is not None for r in meta.blocks_in(ino, 0, 1).values())

@@ -73,6 +73,7 @@ class Flusher:
         meta.after_commit = self._after_commit
         meta.before_commit = blocks.make_commit_room
         blocks.synced_commits = lambda: meta.synced_commits
+        meta.after_rollback = lambda: blocks.take_back(meta.awaits_upload)
         self.fenced: LeaseError | None = None
         self.soft_limit = blocks.dirty_limit // 2
         self.seq = int(meta.get_setting("checkpoint_seq") or 0)

@@ -334,6 +334,26 @@ class BlockCache:
         self._drop_dirty(block_id)
         return False
 
+    def take_back(self, referenced: Callable[[str], bool]) -> None:
+        """After a rollback (a handler's savepoint, or SQLite's own of the whole group on a
+        full disk): a block discarded since the last commit whose reference came back with
+        the rollback is a dirty block again, not a file to delete once the next commit runs.
+        `referenced(id)`: the metadata names the block without a checksum."""
+        self._doomed = {b for b in self._doomed if not referenced(b)}
+        gone = []
+        for block_id, fd in self._unlink_after_commit:
+            if not referenced(block_id):
+                gone.append((block_id, fd))
+                continue
+            length = os.stat(self._path(block_id)).st_size
+            if fd >= 0:
+                self._keep_fd(block_id, fd)
+            self._set_length(block_id, length)
+            self._dirty_since[block_id] = time.monotonic()
+            self._unsynced[block_id] = [(0, length)]  # the next fsync syncs it whole
+            log.warning("a rolled-back change keeps block %s", block_id)
+        self._unlink_after_commit = gone
+
     def release_discarded(self, commit: int) -> None:
         """Let go of the files of blocks discarded before the metadata commit that just ran
         (number `commit`), once that commit is durable.

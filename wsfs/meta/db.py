@@ -92,6 +92,9 @@ class Metadata:
         # reference this commit removed (set by the mount; meta itself knows no blocks).
         self.after_commit: Callable[[], None] | None = None
         self.before_commit: Callable[[], None] | None = None  # makes room on the disk
+        # Runs after any rollback, a savepoint's or SQLite's own of the whole group: the
+        # block layer takes back the blocks whose references came back.
+        self.after_rollback: Callable[[], None] | None = None
         # Changes that only moved an inode's timestamps: fdatasync(2) need not sync those.
         self.time_changes = 0
         # Commits made, and how many of them a finished `sync` has made durable: the block
@@ -136,6 +139,8 @@ class Metadata:
         disk or an I/O error does that): we wrote, and no transaction is open any more."""
         if self._wrote and not self.conn.in_transaction:
             self._reset_caches()
+            if self.after_rollback is not None:
+                self.after_rollback()
 
     def close(self) -> None:
         self.flush()
@@ -182,6 +187,8 @@ class Metadata:
             self._check_caches()
             self._xattr_inodes.update(
                 int(r[0]) for r in self.conn.execute("SELECT DISTINCT inode FROM xattrs"))
+            if self.after_rollback is not None:
+                self.after_rollback()
 
     def flush(self) -> None:
         """Commit everything so far: durable against a daemon crash, visible to snapshots.
