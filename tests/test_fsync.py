@@ -625,3 +625,26 @@ def test_a_let_go_block_file_stays_until_its_commit_is_synced(tmp_path: Path) ->
         assert not blocks.awaiting_sync()
 
     trio.run(main)
+
+
+def test_a_read_of_a_block_dropped_while_it_waited_reads_the_hole(tmp_path: Path) -> None:
+    """A read takes its blocks' list, then waits for each block in turn; a truncate that ran
+    meanwhile may have dropped a later one, never uploaded, whose file is gone. That part
+    reads as the hole the file now has there, not as EIO with a corruption logged."""
+    async def main() -> None:
+        ops, fh = make_ops(tmp_path)
+        await ops.write(pyfuse3.FileHandleT(fh), 0, payload(4, 5000))
+        ref = ops.meta.blocks_in(2, 0, 0)[0]
+        ops.meta.flush()
+        for gone in ops.meta.remove_blocks_from(2, 0):  # the truncate
+            ops.blocks.discard(gone.id)
+        ops.meta.flush()
+        ops.meta.sync()
+        async with trio.open_nursery() as nursery:  # deletes the file
+            nursery.start_soon(ops.blocks.maintain)
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+        assert not (tmp_path / "cache" / "dirty" / ref.id).exists()
+        assert await ops._read_block(2, ref, 0, 100) == b""
+
+    trio.run(main)

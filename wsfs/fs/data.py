@@ -86,13 +86,16 @@ class DataOps(Base):
         A block can move while its download waits: the repacker copies it to a new pack and
         the old one is deleted, or a writer replaces it. So a block that went missing is
         looked up once more, and read from where it is now (or as it is now), before the
-        failure counts.
+        failure counts. One that is gone from the file (a truncate ran while a read waited
+        for an earlier block) reads as the hole it is now.
         """
         try:
             return await self.blocks.read(ref.id, ref.csum, ref.pack, offset, size)
         except BlockCorrupt as e:
             now = self.meta.blocks_in(ino, ref.idx, ref.idx).get(ref.idx)
-            if now is not None and now != ref:
+            if now is None:  # dropped meanwhile: the hole the file has there now
+                return b""
+            if now != ref:
                 log.info("block %s moved while it was read; reading it again", ref.id)
                 return await self._read_block(ino, now, offset, size)
             log.error("%s", e)
