@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, is_mounted, pid_alive
+from conftest import WSFS, Workspace, is_mounted, pid_alive, wait_for
 from faultproxy import FaultProxy
 
 
@@ -213,4 +216,29 @@ def test_unmount_during_outage_keeps_dirty_data(proxied: tuple[Workspace, FaultP
     wait_drained(ws, int(st["checkpoint"]), timeout=60)
     mnt = ws.remount(wipe_cache=True)
     check_files(mnt, files)
+    ws.unmount()
+
+
+def test_an_interrupted_mount_leaves_no_mount_behind(
+        proxied: tuple[Workspace, FaultProxy]) -> None:
+    """Ctrl-C on `wsfs mount` while its daemon starts (here: on a stalled store) exits 130,
+    "interrupted"; the daemon runs on in its own session and mounts once the store answers.
+    Finding nobody waiting for its answer, it must unmount at once, not die on the broken
+    pipe and leave a dead mount ("Transport endpoint is not connected") behind."""
+    ws, proxy = proxied
+    proxy.stall(3.0)
+    cmd = subprocess.Popen([*WSFS, "mount", ws.store_url, str(ws.mnt), "--cache-dir",
+                            str(ws.cache_dir)], env={**os.environ, **ws.env},
+                           stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    cmd.send_signal(signal.SIGINT)
+    _, err = cmd.communicate(timeout=30)
+    assert cmd.returncode == 130, err
+    status = ws.cache_dir / "status.json"
+    wait_for("the daemon to mount, then end", lambda: status.exists()
+             and not pid_alive(int(str(ws.status()["pid"]))), timeout=90)
+    assert not is_mounted(ws.mnt)
+    assert "interrupted while starting" in (ws.cache_dir / "wsfs.log").read_text()
+    assert os.listdir(ws.mnt) == []  # a plain directory again, not a dead mount
+    (ws.mount() / "after").write_text("the workspace mounts again")
     ws.unmount()

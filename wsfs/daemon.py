@@ -84,6 +84,7 @@ class Daemon:
         self.lease_renewed: float | None = None
         self.lease_error: str | None = None
         self.syncs = 0
+        self.caller_gone = False  # the `wsfs mount` waiting for `report_ready` is gone
 
     def report_ready(self, error: WsfsError | None = None) -> None:
         """Tell the waiting `wsfs mount` (and systemd) how the start went."""
@@ -91,7 +92,10 @@ class Daemon:
         if error is not None:
             msg.update(code=error.exit_code, message=str(error))
         if self.ready_fd is not None:
-            os.write(self.ready_fd, json.dumps(msg).encode())
+            try:
+                os.write(self.ready_fd, json.dumps(msg).encode())
+            except BrokenPipeError:  # `wsfs mount` was interrupted: nobody wants the mount
+                self.caller_gone = True
             os.close(self.ready_fd)
             self.ready_fd = None
             # Detached: let go of the caller's terminal or pipes (logs go to wsfs.log).
@@ -185,6 +189,11 @@ class Daemon:
                 nursery.start_soon(self._renew_lease, lease)
                 nursery.start_soon(self._write_status)
                 nursery.start_soon(self._watch_signals, nursery)
+                if self.caller_gone:  # told "interrupted" already: undo the mount at once
+                    log.warning("`wsfs mount` was interrupted while starting: unmounting %s",
+                                cfg.mountpoint)
+                    self.unmounting = True
+                    nursery.start_soon(self._unmount_self)
                 nursery.start_soon(self._widen_readahead, ops, mountpoint, sb.block_size)
                 if listeners:
                     nursery.start_soon(metrics.serve, listeners, self.status)
