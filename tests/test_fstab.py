@@ -60,6 +60,14 @@ def write_tree(mnt: Path) -> dict[str, bytes]:
     return files
 
 
+def test_umount_of_what_is_not_mounted_exits_6(helpers: None, tmp_path: Path) -> None:
+    """docs/exit-codes.md: 6 when the mount is busy or not mounted, as `wsfs unmount`; the
+    helper passed on fusermount3's own 1 for a path it had no record of."""
+    for extra in ([], ["-l"]):
+        result = run([str(SBIN / "umount.fuse.wsfs"), str(tmp_path), *extra], dict(os.environ))
+        assert result.returncode == 6, (extra, result.stderr)
+
+
 def check_tree(ws: Workspace, files: dict[str, bytes]) -> None:
     """Mount on an empty cache with the CLI and compare every byte."""
     mnt = ws.mount(cache_dir=ws.fresh_cache())

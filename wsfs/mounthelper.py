@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import UsageError, WsfsError
+from .errors import MountError, UsageError, WsfsError
 
 DEFAULT_CREDENTIALS = Path("/etc/wsfs/credentials")
 # The helper's own options: they configure the environment, not the mount.
@@ -111,6 +111,13 @@ def mount_main(argv: list[str]) -> int:
     return cli_main(args)
 
 
+def _fusermount(flag: str, mountpoint: Path) -> int:
+    """Unmount without waiting; fusermount3 says why it failed, the code is ours (busy or
+    not mounted: MountError's, as for `wsfs unmount`)."""
+    failed = subprocess.run(["fusermount3", flag, str(mountpoint)]).returncode != 0
+    return MountError.exit_code if failed else 0
+
+
 def umount_main(argv: list[str]) -> int:
     """`umount.fuse.wsfs MOUNTPOINT [-flnrv] [-N NS] [-t TYPE]`: unmount and wait for the flush."""
     from .cli import main as cli_main
@@ -124,12 +131,12 @@ def umount_main(argv: list[str]) -> int:
         return UsageError.exit_code
     mountpoint = canonical_mountpoint(Path(positional[0]))
     if "l" in flags:  # lazy: detach now, the daemon uploads alone
-        return subprocess.run(["fusermount3", "-uz", str(mountpoint)]).returncode
+        return _fusermount("-uz", mountpoint)
     if not registry_path(mountpoint).exists():
         # Mounted under another WSFS_RUN_DIR, or not by wsfs: unmount without waiting.
         print(f"umount.wsfs: {mountpoint} is not registered in {registry_path(mountpoint).parent}"
               "; unmounting without waiting for the upload", file=sys.stderr)
-        return subprocess.run(["fusermount3", "-u", str(mountpoint)]).returncode
+        return _fusermount("-u", mountpoint)
     return cli_main((["-v"] if "v" in flags else []) + ["unmount", str(mountpoint)])
 
 
