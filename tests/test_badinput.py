@@ -226,6 +226,7 @@ BAD_OPTIONS = [
     (["-o", "cache_size=banana"], "is not a size"),
     (["-o", "flush_delay=-3"], "zero or more"),
     (["-o", "cache_dir"], "unknown mount option 'cache_dir'"),
+    (["-o", "ro,rw,default_permissions,bogus"], "unknown mount option 'bogus'"),
     (["--cache-dir="], "--cache-dir needs a directory"),  # not the working directory
     (["-o", "cache_dir="], "cache_dir= needs a directory"),
 ]

@@ -157,6 +157,20 @@ def test_mount_t_fuse_wsfs_read_only(helpers: None, ws: Workspace) -> None:
     assert not is_mounted(ws.mnt)
 
 
+def test_the_last_of_ro_and_rw_wins(ws: Workspace) -> None:
+    """As for mount(8): an fstab line's `ro` overridden by a later `rw` (say, from
+    `mount -o rw`) mounts writable; the reverse read-only."""
+    mnt = ws.mount("-o", "ro,default_permissions,rw")
+    (mnt / "written").write_text("writable")
+    ws.unmount()
+    mnt = ws.mount("-o", "rw,ro")
+    assert (mnt / "written").read_text() == "writable"
+    with pytest.raises(OSError) as exc:
+        (mnt / "refused").write_text("no")
+    assert exc.value.errno == errno.EROFS
+    ws.unmount()
+
+
 def test_helper_errors_reach_mount(helpers: None, ws: Workspace, tmp_path: Path) -> None:
     result = run(["mount", "-t", "fuse.wsfs", "-o", f"cache_dir={ws.cache_dir},bogus=1",
                   ws.store_url, str(ws.mnt)], mount_env(ws))

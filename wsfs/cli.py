@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # FUSE and mount(8) options passed through to the kernel as they are.
 FUSE_FLAGS = {"allow_other", "allow_root", "auto_unmount", "suid", "nosuid", "dev", "nodev",
-              "exec", "noexec", "atime", "noatime", "relatime", "rw", "sync", "async",
+              "exec", "noexec", "atime", "noatime", "relatime", "sync", "async",
               "dirsync"}
 # mount(8)/fstab/systemd options that mean nothing to the filesystem itself.
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev",
-           "owner", "group", "comment"}
+           "owner", "group", "comment",
+           "default_permissions"}  # (wsfs always mounts with it)
 
 
 def parse_size(text: str) -> int:
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .admin.commands import add_parsers as add_admin_parsers
 
     COMMANDS.update(add_admin_parsers(sub, store_args, fmt))
+    for sp in sub.choices.values():  # `wsfs mount -v ...` too, not only `wsfs -v mount ...`
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output")
     return p
 
 
@@ -175,8 +179,8 @@ def apply_options(cfg: object, opts: list[str]) -> None:
             key, sep, value = opt.partition("=")
             if key in IGNORED or key.startswith("x-"):
                 continue
-            if key == "ro":
-                cfg.read_only = True
+            if key in ("ro", "rw") and not sep:  # the last one wins, as for mount(8)
+                cfg.read_only = key == "ro"
             elif key in FUSE_FLAGS and not sep:
                 cfg.fuse_options.add(key)
             elif key == "nonempty":

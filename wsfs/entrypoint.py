@@ -130,7 +130,11 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
         m = re.fullmatch(r"(\d+):(\d+)", owner)
         if not m:
             raise UsageError(f"--data-owner must be UID:GID in numbers, not {owner!r}")
-        os.chown(data, int(m.group(1)), int(m.group(2)))
+        try:
+            os.chown(data, int(m.group(1)), int(m.group(2)))
+        except OSError as e:
+            raise MountError(f"cannot give the data dir {data} to {owner} ({e.strerror}); "
+                             "run as root, or leave --data-owner out") from None
     log.info("data dir %s is plain local disk (%s)", data, fstype_of(data))
 
 
@@ -365,11 +369,15 @@ def run(args: argparse.Namespace) -> int:
     log.info("mounting %s on %s", cfg.store_url, cfg.mountpoint)
     try:
         mount(cfg)
-    finally:
+    except BaseException:
         for s, h in previous.items():
             signal.signal(s, h)
+        raise
     reg = json.loads(registry_path(cfg.mountpoint).read_text())
     sup = Supervisor(cfg.mountpoint, int(reg["pid"]), Path(reg["cache_dir"]))
+    # Straight from the recording handlers to the supervisor's: as PID 1, a signal that
+    # found its default handler in between would be dropped by the kernel, and with a
+    # SIGTERM the final flush.
     sup.install_signals()
     sup.pending.extend(early)
     log.info("mounted (daemon pid %d, cache %s)", sup.daemon_pid, sup.cache_dir)
