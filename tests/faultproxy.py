@@ -48,11 +48,14 @@ class _Rule:
     code: str = "ServiceUnavailable"
     methods: frozenset[str] | None = None
     until: float = float("inf")  # monotonic time the rule ends (stalls and outages)
+    path: str | None = None  # only requests whose target contains this (e.g. "/data/")
 
-    def applies(self, method: str) -> bool:
+    def applies(self, method: str, target: str) -> bool:
         if self.kind == "pass" or time.monotonic() >= self.until:
             return False
         if self.methods is not None and method not in self.methods:
+            return False
+        if self.path is not None and self.path not in target:
             return False
         return random.random() < self.fraction
 
@@ -118,9 +121,11 @@ class FaultProxy:
         """Reset `fraction` of connections after reading their request."""
         self._set(_Rule("reset", fraction, methods=_methods(methods), until=_until(seconds)))
 
-    def stall(self, seconds: float, methods: Iterable[str] | None = None) -> None:
+    def stall(self, seconds: float, methods: Iterable[str] | None = None,
+              path: str | None = None) -> None:
         """For `seconds`, read requests and never answer them; reset them when it ends."""
-        self._set(_Rule("stall", 1.0, methods=_methods(methods), until=_until(seconds)))
+        self._set(_Rule("stall", 1.0, methods=_methods(methods), until=_until(seconds),
+                        path=path))
 
     def outage(self, seconds: float) -> None:
         """Refuse every connection for `seconds` (and reset those in flight)."""
@@ -200,7 +205,7 @@ class FaultProxy:
         if head is None:
             return
         lines = head.decode("latin-1").split("\r\n")
-        method = lines[0].split(" ", 1)[0]
+        method, _, target = lines[0].partition(" ")
         headers = [(k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines[1:]
                                                           if ln)]
         lower = {k.lower(): v for k, v in headers}
@@ -213,7 +218,7 @@ class FaultProxy:
         self.stats["requests"] += 1
         with self._lock:
             rule = self._rule
-        if rule.applies(method):
+        if rule.applies(method, target):
             self.stats[rule.kind] += 1
             if rule.kind == "error":
                 client.sendall(_error_response(rule.code))

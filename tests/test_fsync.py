@@ -189,10 +189,17 @@ def test_a_checkpoint_published_just_before_a_crash_is_recognised_as_ours(
         (seq,) = conn.execute("SELECT value FROM settings WHERE key='checkpoint_seq'").fetchone()
         conn.execute("UPDATE settings SET value=? WHERE key='checkpoint_seq'", (int(seq) - 1,))
     conn.close()
+    store = Path(ws.store_url.removeprefix("file://"))
+    manifest = store / "meta" / "manifests" / f"{int(seq):012d}.json"
+    published = manifest.read_bytes()
     mnt = ws.mount(flush_delay=NEVER)  # the same cache dir
     assert (mnt / "published").read_bytes() == b"in the last checkpoint"
     assert not list(ws.cache_dir.parent.glob(f"{ws.cache_dir.name}.stale-*"))
+    (mnt / "later").write_bytes(b"published next")
     ws.unmount()
+    # The next checkpoint has the next number: that one was not published again over itself.
+    assert json.loads((store / "meta" / "HEAD").read_text())["seq"] == int(seq) + 1
+    assert manifest.read_bytes() == published
 
 
 def workspace_of(kind: str, ws: Workspace, request: pytest.FixtureRequest,

@@ -231,26 +231,32 @@ def test_a_write_during_a_cycle_is_not_taken_as_published(tmp_path: Path) -> Non
     trio.run(main)
 
 
-def test_recovery_adopts_or_drops_a_block_with_no_checksum_and_no_local_copy(
+def test_recovery_reuploads_or_drops_a_block_with_no_checksum_and_no_local_copy(
     tmp_path: Path,
 ) -> None:
-    """A crash between an upload and the commit of its checksum must not wedge checkpoints."""
+    """A crash between an upload and the commit of its checksum must not wedge checkpoints.
+    A block found again (its object in the store, or its clean copy: it went up in a pack,
+    which only the lost commit named) is uploaded again as a new block; recording the one
+    found as stored would name `data/<id>`, which a packed block never had."""
     from wsfs.daemon import recover
+    from wsfs.meta.schema import referenced_objects
 
     store, meta, blocks, flusher = make(tmp_path)
-    ino = add_file(meta, blocks, b"f", b"x" * (BS + 5))
-    in_store, lost = meta.get_block(ino, 0), meta.get_block(ino, 1)
-    assert in_store is not None and lost is not None
-    store.put(object_key(in_store.id), b"x" * BS)  # uploaded, checksum never committed
-    for ref in (in_store, lost):  # neither has a local copy any more
+    ino = add_file(meta, blocks, b"f", b"x" * (2 * BS + 5))
+    alone, packed, lost = (meta.get_block(ino, i) for i in range(3))
+    assert alone is not None and packed is not None and lost is not None
+    store.put(object_key(alone.id), b"x" * BS)  # uploaded, checksum never committed
+    blocks.clean.keep({packed.id: b"x" * BS})  # uploaded in a pack: only its clean copy
+    for ref in (alone, packed, lost):  # none has a local copy any more
         blocks.retire(ref.id, uploaded_at=0)
         (tmp_path / "cache" / "dirty" / ref.id).unlink()
     trio.run(recover, meta, blocks)
-    adopted = meta.get_block(ino, 0)
-    assert adopted is not None and adopted.csum is not None
-    assert meta.get_block(ino, 1) is None  # a hole, not a wedge
+    again = [meta.get_block(ino, i) for i in range(2)]
+    assert all(r is not None and r.id not in (alone.id, packed.id) for r in again)
+    assert meta.get_block(ino, 2) is None  # a hole, not a wedge
     trio.run(flusher.cycle)
     assert ckpt.read_head(store) == 1
+    assert all(store.head(object_key(o)) is not None for o in referenced_objects(meta.conn))
 
 
 @pytest.mark.parametrize("rollback", ["savepoint", "group"])

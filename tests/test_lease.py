@@ -22,6 +22,7 @@ from conftest import Workspace, is_mounted, s3_workspace, wait_pid_gone
 from s3servers import S3Server
 
 from wsfs.errors import LeaseError
+from wsfs.lease import Holder, Lease, read_holder
 from wsfs.store import LocalStore, S3Store
 
 TTL = "3"  # seconds: WSFS_LEASE_TTL for every mount here, so expiry tests take seconds
@@ -260,3 +261,37 @@ def test_a_taken_over_cache_dir_is_behind_one_checkpoint_of_the_same_number(
     assert (mnt / "from-new-holder").read_text() == "kept"
     assert (mnt / "base").read_text() == "published by the first holder"
     lws.unmount()
+
+
+def test_a_lease_gone_from_the_store_fences_the_mount(lws: Workspace) -> None:
+    """Only a later holder's release (or `wsfs destroy`) deletes the lease: a mount that
+    finds it gone was taken over meanwhile. It must stop publishing, not write the lease back
+    and publish over the mounts since (their checkpoints, whose garbage they deleted)."""
+    mnt = lws.mount()
+    (Path(lws.store_url.removeprefix("file://")) / "lease").unlink()
+    (mnt / "late").write_text("must not reach the store")
+    lws.allowed_log_errors.append("another mount took over")
+    r = lws.wsfs("unmount", str(mnt), check=False, timeout=120)
+    assert r.returncode == 7, r.stderr
+    assert lease_of(lws) is None
+    mnt = lws.mount(cache_dir=lws.fresh_cache())
+    assert not (mnt / "late").exists()
+    lws.unmount()
+
+
+def test_a_lease_whose_conditional_write_lost_its_answer_is_ours(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conditional PUT landed but its answer was lost, and the client's retry was
+    refused (412): the lease found is this mount's own, not "already mounted" by itself."""
+    monkeypatch.setattr(Holder, "alive_here", lambda self: True)  # as a daemon's own pid is
+
+    class AnswerLost(LocalStore):
+        def put_if_absent(self, key: str, data: bytes) -> bool:
+            super().put_if_absent(key, data)
+            return False
+
+    store = AnswerLost(tmp_path / "store")
+    lease = Lease(store, str(tmp_path / "cache"))
+    lease.acquire()
+    holder = read_holder(store)
+    assert holder is not None and holder.mount_id == lease.mount_id

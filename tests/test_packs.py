@@ -22,7 +22,9 @@ from conftest import Workspace, s3_workspace
 from s3servers import S3Server
 from treecompare import assert_same, snapshot
 
+from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
+from wsfs.meta.schema import FORMAT_VERSION, create_schema
 from wsfs.store import LocalStore
 
 
@@ -188,3 +190,16 @@ def test_a_format_2_workspace_is_upgraded_and_repacked(ws: Workspace) -> None:
     for name, content in files.items():
         assert (mnt / name).read_bytes() == content
     ws.unmount()
+
+
+def test_an_upgrade_from_format_1_cut_short_by_a_crash_completes(tmp_path: Path) -> None:
+    """The format-1 upgrade commits statement by statement: after a crash between adding the
+    column and recording the format, the next open must finish it, not fail on the column
+    it finds already there."""
+    conn = sqlite3.connect(tmp_path / "meta.db", isolation_level=None)
+    create_schema(conn)  # (with the pack column and its index: the crash came after them)
+    conn.execute("UPDATE settings SET value='1' WHERE key='format'")
+    conn.close()
+    meta = Metadata(tmp_path / "meta.db")
+    assert meta.get_setting("format") == str(FORMAT_VERSION)
+    meta.close()

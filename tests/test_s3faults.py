@@ -10,6 +10,7 @@ after --unmount-timeout with exit 7 and the next mount uploads what was left.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -242,3 +243,27 @@ def test_an_interrupted_mount_leaves_no_mount_behind(
     assert os.listdir(ws.mnt) == []  # a plain directory again, not a dead mount
     (ws.mount() / "after").write_text("the workspace mounts again")
     ws.unmount()
+
+
+def test_the_lease_is_renewed_while_the_final_flush_runs(
+        proxied: tuple[Workspace, FaultProxy]) -> None:
+    """A container stop with a large backlog: the final flush can outlast the lease's TTL,
+    and another host would then take the workspace over from under the uploading mount. The
+    lease must be renewed until it is released (here: data uploads stall for three TTLs)."""
+    ws, proxy = proxied
+    ws.env["WSFS_LEASE_TTL"] = "2"
+    mnt = ws.mount(flush_delay=3600)
+    for i in range(4):
+        (mnt / f"f{i}").write_bytes(random.randbytes(1 << 20))
+    proxy.stall(6.0, methods=["PUT"], path="/data/")
+    unmount = subprocess.Popen([*WSFS, "unmount", str(mnt)], env={**os.environ, **ws.env},
+                               stderr=subprocess.PIPE, text=True)
+    renewed_while_flushing = set()
+    while unmount.poll() is None:
+        with contextlib.suppress(OSError, ValueError):  # (read while being rewritten)
+            st = ws.status()
+            if st["state"] == "flushing":
+                renewed_while_flushing.add(st["lease"]["renewed"])  # type: ignore[index]
+        time.sleep(0.1)
+    assert unmount.returncode == 0, unmount.stderr.read() if unmount.stderr else ""
+    assert len(renewed_while_flushing) >= 3, renewed_while_flushing

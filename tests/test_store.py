@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions as bex
 import pytest
 from botocore.stub import Stubber
 from s3servers import S3Server, free_port, start_moto, start_rclone
@@ -485,6 +486,20 @@ def test_error_mapping(_store_stubbed: tuple[S3Store, Stubber], code: str, statu
     assert isinstance(info.value, TransientStoreError) is transient
     assert getattr(info.value, "transient", False) is transient
     assert str(info.value).endswith(".") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("exc", [
+    bex.ConnectTimeoutError(endpoint_url="http://127.0.0.1:9"),  # a blackholed endpoint
+    bex.ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
+    bex.IncompleteReadError(actual_bytes=1, expected_bytes=2),  # a short body
+], ids=lambda e: type(e).__name__)
+def test_connection_failures_are_transient(_store_stubbed: tuple[S3Store, Stubber],
+                                           exc: Exception) -> None:
+    """Retried until the read deadline like a refused connection, not an EIO at once
+    with a traceback logged."""
+    store, _ = _store_stubbed
+    with pytest.raises(TransientStoreError):
+        store._raise(exc, "get", "k")
 
 
 def test_put_if_absent_falls_back_when_refused(_store_stubbed: tuple[S3Store, Stubber],

@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from . import __version__, control, logs, metrics
-from .blocks import BlockCache, BlockCorrupt, checksum
+from .blocks import BlockCache, BlockCorrupt
 from .config import MountConfig
 from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
 from .fs import Operations
@@ -122,6 +122,7 @@ class Daemon:
         prefetched = await take_lease(lease, cfg.force,
                                       partial(prefetch, store, sb, self.cache_dir, limiter))
         self.lease, self.lease_renewed = lease, time.time()
+        self._keep_renewing(lease)
         try:
             await prepare_cache(store, sb, self.cache_dir, limiter, prefetched)
             meta = Metadata(self.cache_dir / "meta.db")
@@ -136,7 +137,14 @@ class Daemon:
             # unreachable anyway. The lease expires by itself; this host retakes it at once.
             raise
         except BaseException:
+            if self.state != "starting":
+                # Failed while serving: this cache dir may hold uploaded blocks no checkpoint
+                # names yet, and `wsfs gc` deletes such objects unless a lease is left.
+                log.error("the lease stays in the store until a mount from %s publishes "
+                          "what it holds", self.cache_dir)
+                raise
             try:
+                await self._stop_renewing()
                 await trio.to_thread.run_sync(lease.release)
             except Exception as e:  # the store is down (an outage at unmount): keep the cause
                 log.warning("could not release the lease (it expires by itself): %s", e)
@@ -186,7 +194,6 @@ class Daemon:
                 ops.nursery = nursery
                 nursery.start_soon(flusher.run)
                 nursery.start_soon(blocks.maintain)
-                nursery.start_soon(self._renew_lease, lease)
                 nursery.start_soon(self._write_status)
                 nursery.start_soon(self._watch_signals, nursery)
                 if self.caller_gone:  # told "interrupted" already: undo the mount at once
@@ -226,20 +233,40 @@ class Daemon:
             meta.close()  # its last commit releases discarded blocks, which close() deletes
             blocks.close()
             registry_path(cfg.mountpoint).unlink(missing_ok=True)
+        await self._stop_renewing()
         await trio.to_thread.run_sync(lease.release)
         self.state = "done"
         self.write_status()
         log.info("every block is in %s; done", cfg.store_url)
 
+    def _keep_renewing(self, lease: Lease) -> None:
+        """Renew the lease from its taking until `_stop_renewing`, whatever the daemon does
+        meanwhile: fetching the metadata at the start, or the final flush of a large backlog,
+        can each outlast its TTL, and another host would then take the workspace over from
+        under a mount still uploading. (A system task: it outlives the serving nursery.)"""
+        self._renewing = trio.CancelScope()
+        self._renew_stopped = trio.Event()
+        trio.lowlevel.spawn_system_task(self._renew_lease, lease)
+
+    async def _stop_renewing(self) -> None:
+        """Stop renewing, and wait for a renewal in flight: one landing after the release
+        would leave the lease behind."""
+        self._renewing.cancel()
+        await self._renew_stopped.wait()
+
     async def _renew_lease(self, lease: Lease) -> None:
-        while True:
-            await trio.sleep(lease.ttl / 3)
-            try:
-                await trio.to_thread.run_sync(lease.renew)
-                self.lease_renewed, self.lease_error = time.time(), None
-            except Exception as e:
-                self.lease_error = str(e)
-                log.warning("could not renew the lease: %s", e)
+        try:
+            with self._renewing:
+                while True:
+                    await trio.sleep(lease.ttl / 3)
+                    try:
+                        await trio.to_thread.run_sync(lease.renew)
+                        self.lease_renewed, self.lease_error = time.time(), None
+                    except Exception as e:
+                        self.lease_error = str(e)
+                        log.warning("could not renew the lease: %s", e)
+        finally:
+            self._renew_stopped.set()
 
     async def _write_status(self) -> None:
         while True:
@@ -359,8 +386,10 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
 
     A block the metadata references must be either dirty here or uploaded with a checksum;
     anything else would stop every later checkpoint (the flusher refuses to publish a block
-    without a checksum). Such a block is looked up in the store and adopted if it is there,
-    and otherwise becomes a hole, loudly: it can only be data that no fsync acknowledged.
+    without a checksum). Such a block is looked up (its clean copy, or its own object in
+    the store) and, if found, uploaded again as a new block (the old object, if any, is left
+    to `wsfs gc`); otherwise it becomes a hole, loudly: it can only be data that no fsync
+    acknowledged.
     """
     requeued = 0
     dirty = set(blocks.recover(meta.awaits_upload))
@@ -381,8 +410,10 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
             log.error("inode %d lost block %d (%s) in a crash before it was saved: it reads "
                       "as zeros", ino, idx, block_id)
             meta.remove_block(ino, idx)
-        else:
-            meta.set_uploaded({block_id: checksum(content)})
+        else:  # uploaded before the crash: as an object of its own or in a pack, which
+            # this does not know, so recording it as stored could name an object the store
+            # lacks; uploaded again instead, as a new block
+            meta.set_block(ino, idx, blocks.create(content))
     orphans = meta.orphans()
     meta.begin()
     drop_blocks(meta, blocks, meta.delete_inodes(orphans))

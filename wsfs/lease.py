@@ -111,6 +111,8 @@ class Lease:
         if self.store.put_if_absent(LEASE_KEY, self._record()):
             return
         holder = read_holder(self.store)
+        if holder is not None and holder.mount_id == self.mount_id:
+            return  # our write landed, its answer was lost, and the client's retry was refused
         if holder is not None and not force:
             live = holder.expires > time.time() and holder.alive_here()
             if live:
@@ -137,13 +139,20 @@ class Lease:
         if self.lost:
             return
         holder = read_holder(self.store)
-        if holder is not None and holder.mount_id != self.mount_id:
-            self.lost = True
-            self.usurper = holder.describe()
+        if holder is None or holder.mount_id != self.mount_id:
+            self._lose(holder)
             log.error("another mount took over this workspace's lease (%s); unmount this one: "
-                      "its later changes may be overwritten in the store", holder.describe())
+                      "its later changes may be overwritten in the store", self.usurper)
             return
         self.store.put(LEASE_KEY, self._record())
+
+    def _lose(self, holder: Holder | None) -> None:
+        """Count the lease as taken over. A lease gone from the store counts too: only a
+        later holder's release (or `wsfs destroy`) deletes it, so writing it back, as this
+        did, let a fenced mount publish over the work of the mounts since."""
+        self.lost = True
+        self.usurper = (holder.describe() if holder is not None
+                        else "a mount that has released it since, or `wsfs destroy`")
 
     def check(self) -> None:
         """Raise LeaseError if another mount holds the lease now (blocking: one GET).
@@ -154,10 +163,9 @@ class Lease:
         """
         if not self.lost:
             holder = read_holder(self.store)
-            if holder is None or holder.mount_id == self.mount_id:
+            if holder is not None and holder.mount_id == self.mount_id:
                 return
-            self.lost = True
-            self.usurper = holder.describe()
+            self._lose(holder)
         raise LeaseError(
             f"another mount took over this workspace ({self.usurper}); this mount no longer "
             "publishes: its unsaved changes stay in its cache dir"

@@ -181,8 +181,12 @@ async def prepare_cache(
                 f"the cache dir {cache_dir} belongs to another workspace ({ws}); "
                 "use a different --cache-dir"
             )
-        if published == head or max(published, pending) > head or (
-                pending == head and await _ours(store, head, pending_created, limiter)):
+        ours = pending == head != published and await _ours(
+            store, head, pending_created, limiter)
+        if ours:  # it died after publishing `head`, before recording so: record it now, or
+            # its flusher would publish that number again, over the one the store has
+            _record_published(db, head)
+        if ours or published == head or max(published, pending) > head:
             log.info("using the metadata in %s (checkpoint %d)", cache_dir,
                      max(published, pending))
             return
@@ -230,6 +234,14 @@ async def _ours(store: ObjectStore, seq: int, created_ns: int,
     number again over the other mount's work."""
     manifest = await trio.to_thread.run_sync(ckpt.read_manifest, store, seq, limiter=limiter)
     return manifest.created_ns == created_ns
+
+
+def _record_published(db: Path, seq: int) -> None:
+    meta = Metadata(db)
+    try:
+        meta.set_setting("checkpoint_seq", str(seq))
+    finally:
+        meta.close()
 
 
 def _adopt(db: Path, sb: Superblock) -> None:

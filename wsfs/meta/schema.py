@@ -144,8 +144,11 @@ def upgrade(conn: sqlite3.Connection) -> None:
     row = conn.execute("SELECT value FROM settings WHERE key='format'").fetchone()
     fmt = int(row[0]) if row else 0
     if fmt == 1:
-        conn.execute("ALTER TABLE blocks ADD COLUMN pack TEXT")
-        conn.execute("CREATE INDEX blocks_by_pack ON blocks (pack)")
+        # Each statement commits by itself (the connection is in autocommit here): a crash
+        # between them must leave a database this can still upgrade.
+        if "pack" not in {r[1] for r in conn.execute("PRAGMA table_info(blocks)")}:
+            conn.execute("ALTER TABLE blocks ADD COLUMN pack TEXT")
+        conn.execute("CREATE INDEX IF NOT EXISTS blocks_by_pack ON blocks (pack)")
     if fmt in (1, 2):
         conn.execute("CREATE TABLE IF NOT EXISTS packs (id TEXT PRIMARY KEY, size INTEGER)"
                      " WITHOUT ROWID")

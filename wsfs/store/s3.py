@@ -151,13 +151,14 @@ class S3Store:
         if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
             raise StoreError(f"No usable AWS credentials found for {self._where}: "
                              f"{_CREDENTIALS_FIX}.") from None
-        if isinstance(exc, bex.EndpointConnectionError):
+        if isinstance(exc, bex.ConnectionError):  # refused, timed out, proxy, TLS
             # Unreachable may mean "wrong URL" or "network down for a minute": callers decide.
-            endpoint = self.endpoint_url or exc.kwargs.get("endpoint_url")
+            endpoint = self.endpoint_url or getattr(exc, "kwargs", {}).get("endpoint_url")
             raise TransientStoreError(
                 f"Cannot connect to the S3 endpoint {endpoint} for {self.url}: "
                 "check the endpoint URL (AWS_ENDPOINT_URL) and the network.") from None
-        if isinstance(exc, bex.HTTPClientError | bex.ResponseStreamingError):
+        if isinstance(exc, bex.HTTPClientError | bex.ResponseStreamingError
+                      | bex.IncompleteReadError):
             raise TransientStoreError(f"Cannot {what}: the connection failed ({exc}); "
                                       "check the network if this persists.") from None
         if isinstance(exc, bex.ParamValidationError):
