@@ -92,3 +92,24 @@ def test_a_packs_other_members_are_held_in_memory_for_their_reader(tmp_path: Pat
         assert clean.read(third, 0, 4) is None
     finally:
         clean.close()
+
+
+@pytest.mark.parametrize("deletable", [True, False])
+def test_the_copy_of_a_block_written_again_is_never_served(tmp_path: Path,
+                                                           deletable: bool) -> None:
+    """A block whose checksum's commit was lost (rolled back on a full disk, or in a crash)
+    is dirty again under the same id, and may be written: the copy its first upload kept
+    holds the older bytes. It must not be served, whether or not its deletion succeeds (a
+    full disk), until the next upload keeps a copy of the new bytes."""
+    cache = open_clean(tmp_path)
+    old, new = b"a" * 300_000, b"b" * 300_000
+    cache.keep({"x": old})
+    cache.forget("x")
+    if deletable:
+        cache.delete(cache.take_discarded())
+    else:  # the deletion fails: the entry stays on disk
+        cache.take_discarded()
+    assert "x" not in cache and cache.read("x", 0, 10) is None and cache.open("x") is None
+    cache.keep({"x": new})
+    assert cache.read("x", 0, 10) == new[:10]
+    cache.close()

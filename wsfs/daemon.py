@@ -399,6 +399,9 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
     for block_id in dirty:
         if meta.awaits_upload(block_id):
             requeued += 1
+            # Writable again: a copy kept by an upload whose checksum the crash lost would
+            # get stale with the next write.
+            blocks.clean.forget(block_id)
         else:  # uploaded just before the crash, or no longer referenced: the file may go
             blocks.retire(block_id, meta.synced_commits)
     for ino, idx, block_id in meta.blocks_without_checksum():

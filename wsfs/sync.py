@@ -306,7 +306,11 @@ class Flusher:
         """
         commit = self.meta.commits
         for block_id in self._awaiting_commit:
-            self.blocks.retire(block_id, None if self.meta.awaits_upload(block_id) else commit)
+            if self.meta.awaits_upload(block_id):  # its checksum's commit was rolled back
+                self.blocks.clean.forget(block_id)  # written again: its copy gets stale
+                self.blocks.retire(block_id, None)
+            else:
+                self.blocks.retire(block_id, commit)
         self._awaiting_commit.clear()
         self.blocks.release_discarded(commit)
 

@@ -87,11 +87,15 @@ class CleanCache:
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._fetched: OrderedDict[str, bytes] = OrderedDict()  # FETCHED_BLOCKS
         self._discarded: list[str] = []  # blocks whose clean copies are to be deleted
+        # Blocks whose id is being written again (`forget`): their copy here, if any, holds
+        # older bytes and is never served, until a new copy is kept or the old one deleted.
+        self._stale: set[str] = set()
         self._downloads: dict[str, trio.Event] = {}  # object key -> set when fetched
         self.downloads = 0  # blocks fetched from the store, readahead and prefetch included
 
     def __contains__(self, block_id: str) -> bool:
-        return block_id in self._recent or block_id in self._fetched or block_id in self.db
+        return block_id not in self._stale and (
+            block_id in self._recent or block_id in self._fetched or block_id in self.db)
 
     def volume(self) -> int:
         return int(self.db.volume())
@@ -113,6 +117,13 @@ class CleanCache:
         self._fetched.pop(block_id, None)
         self._discarded.append(block_id)
 
+    def forget(self, block_id: str) -> None:
+        """The block's id is written again (its checksum's commit was rolled back, or a crash
+        lost it, so the block is dirty once more): a copy kept after its earlier upload holds
+        older bytes, and must never be served, even if the next upload's copy cannot be kept."""
+        self._stale.add(block_id)
+        self.discard(block_id)
+
     def take_discarded(self) -> list[str]:
         """The blocks discarded since the last call, for `delete`."""
         gone, self._discarded = self._discarded, []
@@ -129,6 +140,9 @@ class CleanCache:
         except (OSError, sqlite3.Error) as e:  # they only take room until evicted
             log.log(logging.DEBUG if disk_full(e) else logging.WARNING,
                     "could not delete %d clean copies: %s", len(block_ids), e)
+            self._discarded.extend(b for b in block_ids if b in self._stale)  # (not served)
+        else:
+            self._stale.difference_update(block_ids)
 
     def close(self) -> None:
         self.delete(self.take_discarded())
@@ -138,6 +152,8 @@ class CleanCache:
 
     def read(self, block_id: str, offset: int, size: int) -> bytes | None:
         """Up to `size` bytes of a cached block from `offset`; None if it is not cached."""
+        if block_id in self._stale:
+            return None
         recent = self._recent.get(block_id)
         if recent is not None:
             self._recent.move_to_end(block_id)
@@ -169,6 +185,8 @@ class CleanCache:
     def open(self, block_id: str) -> bytes | IO[bytes] | None:
         """A cached block as bytes (small, kept inline) or an open file; None if not cached
         (blocking: for copies made file to file in a worker thread)."""
+        if block_id in self._stale:
+            return None
         f: bytes | IO[bytes] | None = self.db.get(block_id, default=None, read=True)
         return f
 
@@ -200,6 +218,8 @@ class CleanCache:
         except (OSError, sqlite3.OperationalError) as e:
             if not disk_full(e):
                 raise
+        else:
+            self._stale.difference_update(members)  # their copies are the new bytes now
 
     async def evict(self, amount: int) -> None:
         """Free `amount` bytes of the cache disk, if this cache holds them.
