@@ -288,3 +288,21 @@ def test_a_rolled_back_drop_keeps_the_blocks_it_let_go(tmp_path: Path, rollback:
     trio.run(flusher.cycle)  # uploads them and publishes
     assert ckpt.read_head(store) == 1
     assert all(r.csum is not None for r in meta.blocks_in(ino, 0, 1).values())
+
+
+@pytest.mark.parametrize("stopped", ["machine", "daemon", "cleanly"])
+def test_the_clean_cache_is_emptied_after_a_machine_crash_only(tmp_path: Path,
+                                                               stopped: str) -> None:
+    """Clean copies are written without fsync: after the machine went down, an entry may be
+    on disk without its bytes, and a hit is served unchecked. Recovery empties the cache
+    then (the store holds every copy), and only then: not after a crash of the daemon
+    alone (its writes were in the page cache), nor after a clean stop."""
+    from wsfs.daemon import boot_id, recover
+
+    _, meta, blocks, _ = make(tmp_path)
+    blocks.clean.keep({"c0ffee": b"z" * 5000})
+    meta.set_setting("boot_id", "an earlier boot" if stopped == "machine" else boot_id())
+    meta.set_setting("clean_unmount", "1" if stopped == "cleanly" else "0")
+    trio.run(recover, meta, blocks)
+    assert ("c0ffee" in blocks.clean) is (stopped != "machine")
+    assert meta.get_setting("boot_id") == boot_id()

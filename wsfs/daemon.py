@@ -417,6 +417,15 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
             # this does not know, so recording it as stored could name an object the store
             # lacks; uploaded again instead, as a new block
             meta.set_block(ino, idx, blocks.create(content))
+    boot = boot_id()
+    if meta.get_setting("clean_unmount") != "1" and meta.get_setting("boot_id") != boot:
+        # The machine went down under the last mount: the clean cache's files are written
+        # without fsync, so an entry may have reached the disk before its bytes. Served as
+        # they are (no checksum is checked on a hit), and copied into new blocks on a write,
+        # they would turn into data; the store holds every one of them.
+        log.warning("the machine stopped under the last mount: emptying the clean cache")
+        await trio.to_thread.run_sync(blocks.clean.clear, limiter=blocks.local_limiter)
+    meta.set_setting("boot_id", boot)
     orphans = meta.orphans()
     meta.begin()
     drop_blocks(meta, blocks, meta.delete_inodes(orphans))
@@ -425,6 +434,15 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
     if requeued or orphans:
         log.warning("recovered from an unclean stop: %d dirty blocks to upload, %d orphan "
                     "inodes removed", requeued, len(orphans))
+
+
+def boot_id() -> str:
+    """This boot of the machine: a mount that stopped uncleanly under another one went
+    down with the machine, not just with its daemon."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 async def take_lease(
