@@ -12,6 +12,8 @@ import json
 import random
 import sqlite3
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -281,3 +283,31 @@ def test_mount_on_a_damaged_checkpoint_is_refused_clearly(ws: Workspace) -> None
     assert r.returncode == 9, r.stderr
     assert "damaged" in r.stderr and "wsfs fsck" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fsck_and_du_beside_a_busy_mount_find_nothing_missing(ws: Workspace) -> None:
+    """A mount publishes checkpoints while fsck or du reads one, and deletes what the older
+    ones named (garbage) once a newer one is out: that is not damage. Here a writer rewrites
+    files while checkpoints go out every fraction of a second."""
+    mnt = ws.mount(flush_delay=0.05)
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            (mnt / f"f{i % 30}").write_bytes(random.randbytes(3000 + i % 5000))
+            i += 1
+            time.sleep(0.005)
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        for _ in range(3):
+            code, out = fsck(ws, "--verify-data")
+            assert code == 0, out
+            r = ws.wsfs("du", ws.store_url, "--json", check=False)
+            assert r.returncode == 0 and json.loads(r.stdout)["missing_objects"] == 0, r.stdout
+    finally:
+        stop.set()
+        writer.join()
+    ws.unmount()

@@ -255,8 +255,26 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+RECHECKS = 5  # checkpoints published under one check, at most, before it gives up
+
+
 async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
-    """Check the newest checkpoint of `store` against the store's objects."""
+    """Check the newest checkpoint of `store` against the store's objects.
+
+    Beside a mount, the checkpoint being checked can be replaced meanwhile, and the objects
+    only it named deleted once its successor is published (garbage, repacked packs): damage
+    found in a checkpoint that is no longer the newest is checked again on the newest.
+    """
+    for _ in range(RECHECKS):
+        report = await _check(store, verify_data)
+        if not report.damage or report.seq is None:
+            break
+        if await trio.to_thread.run_sync(ckpt.read_head, store) == report.seq:
+            break
+    return report
+
+
+async def _check(store: ObjectStore, verify_data: bool) -> Report:
     limiter = trio.CapacityLimiter(16)
     sb = await trio.to_thread.run_sync(read_superblock, store)
     report = Report(store.url)

@@ -68,7 +68,19 @@ class DuReport:
 
 
 def du(store: ObjectStore, *, top: int = 15) -> DuReport:
-    """Measure the workspace in `store` (blocking; fetches the newest checkpoint)."""
+    """Measure the workspace in `store` (blocking; fetches the newest checkpoint).
+
+    Measured again if a mount published a newer checkpoint meanwhile and objects the measured
+    one named are gone (deleted as garbage after it): those are not missing.
+    """
+    for _ in range(5):
+        report = _du(store, top)
+        if not report.missing_objects or ckpt.read_head(store) == report.checkpoint:
+            break
+    return report
+
+
+def _du(store: ObjectStore, top: int) -> DuReport:
     sb = read_superblock(store)
     head = ckpt.read_head(store)
     if head is None:
