@@ -10,8 +10,10 @@ What is live (never deleted):
 
 Why the grace period makes gc safe while a writer is mounted: a mounted writer uploads a
 cycle's blocks and pages *before* it publishes the checkpoint that references them, so for a
-moment they are in the store and referenced by nothing gc can see. A cycle publishes within
-seconds of its uploads (the flusher retries without end), so those objects are always young.
+moment they are in the store and referenced by nothing gc can see. A cycle publishes once its
+last upload is in (the flusher retries without end): within the grace period as long as that
+is longer than the dirty limit (or an unmount's backlog) takes to upload, which
+docs/operations.md asks of `--min-age`.
 And a block a new checkpoint references is either one of those young uploads, or was already
 referenced by the checkpoint gc read: block ids are never reused, so a block that left the
 tree never comes back, and a pack only ever holds the blocks it was uploaded with, so a pack
