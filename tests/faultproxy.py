@@ -111,10 +111,11 @@ class FaultProxy:
             self._outage_until = 0.0
 
     def errors(self, fraction: float = 1.0, code: str = "ServiceUnavailable",
-               methods: Iterable[str] | None = None, seconds: float | None = None) -> None:
+               methods: Iterable[str] | None = None, seconds: float | None = None,
+               path: str | None = None) -> None:
         """Answer `fraction` of requests with an S3 error (`code` is a key of ERRORS)."""
         assert code in ERRORS, code
-        self._set(_Rule("error", fraction, code, _methods(methods), _until(seconds)))
+        self._set(_Rule("error", fraction, code, _methods(methods), _until(seconds), path))
 
     def resets(self, fraction: float = 1.0, methods: Iterable[str] | None = None,
                seconds: float | None = None) -> None:

@@ -267,3 +267,20 @@ def test_the_lease_is_renewed_while_the_final_flush_runs(
         time.sleep(0.1)
     assert unmount.returncode == 0, unmount.stderr.read() if unmount.stderr else ""
     assert len(renewed_while_flushing) >= 3, renewed_while_flushing
+
+
+def test_an_unmount_whose_lease_release_fails_still_succeeds(
+        proxied: tuple[Workspace, FaultProxy]) -> None:
+    """Everything is in the store by the time the lease is released: a store that refuses
+    that last request must not turn the unmount into a failure (the lease expires)."""
+    ws, proxy = proxied
+    mnt = ws.mount()
+    (mnt / "kept").write_text("uploaded")
+    proxy.errors(1.0, "InternalError", methods=["DELETE"], path="/lease")
+    r = ws.wsfs("unmount", str(mnt), check=False, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert proxy.stats["error"] > 0  # the release was refused
+    proxy.pass_through()
+    assert (ws.mount(cache_dir=ws.fresh_cache(), flush_delay=1.0) / "kept").read_text() == \
+        "uploaded"
+    ws.unmount()
