@@ -286,7 +286,8 @@ class SyncRecorder:
         self.synced: list[str] = []
         self.hold: threading.Event | None = None
         self.fail: OSError | None = None
-        self.fail_once: set[str] = set()  # names whose next sync fails (EIO)
+        self.fail_once: set[str] = set()  # names whose next sync fails (errno below)
+        self.fail_once_errno = errno.EIO
         self._real = os.fdatasync
 
     def __call__(self, fd: int) -> None:
@@ -297,7 +298,7 @@ class SyncRecorder:
             raise self.fail
         if name in self.fail_once:
             self.fail_once.discard(name)
-            raise OSError(errno.EIO, "injected")
+            raise OSError(self.fail_once_errno, "injected")
         self._real(fd)
         self.synced.append(name)
 
@@ -566,7 +567,8 @@ def test_concurrent_fsyncs_share_one_wal_sync(tmp_path: Path, recorder: SyncReco
 def test_a_failed_shared_wal_sync_is_redone_by_the_caller_that_waited(
         tmp_path: Path, recorder: SyncRecorder) -> None:
     """Group commit never turns the leader's failure into a waiter's success: the waiter finds
-    the WAL unsynced after the leader's sync failed, and syncs it itself."""
+    the WAL unsynced after the leader's sync failed, and syncs it itself. (A full disk: after
+    an EIO no sync succeeds again, test_a_failed_metadata_sync_is_never_followed_by_a_success.)"""
     async def main() -> None:
         ops, fh = make_ops(tmp_path)
         f, g = pyfuse3.FileHandleT(fh), second_file(ops)[1]
@@ -583,13 +585,14 @@ def test_a_failed_shared_wal_sync_is_redone_by_the_caller_that_waited(
 
         recorder.hold = threading.Event()
         recorder.fail_once = {"meta.db-wal"}
+        recorder.fail_once_errno = errno.ENOSPC
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fsync, "f", f)
             await trio.sleep(0.2)
             nursery.start_soon(fsync, "g", g)  # waits for f's WAL sync, which fails
             await trio.sleep(0.2)
             recorder.hold.set()
-        assert results == {"f": errno.EIO, "g": 0}
+        assert results == {"f": errno.ENOSPC, "g": 0}
         synced = recorder.take()
         assert synced.count("meta.db-wal") == 1  # g's own, after f's failed
         assert blocks_of(ops, 3)[0] in synced
@@ -655,3 +658,28 @@ def test_a_read_of_a_block_dropped_while_it_waited_reads_the_hole(tmp_path: Path
         assert await ops._read_block(2, ref, 0, 100) == b""
 
     trio.run(main)
+
+
+def test_a_failed_metadata_sync_is_never_followed_by_a_success(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reports a failed writeback once: a later fdatasync through a new fd would
+    succeed over pages it never wrote. So once a sync of the metadata failed, every later
+    one fails too (fsync(2) says EIO), and no commit counts as durable: no block file goes."""
+    meta = Metadata(tmp_path / "meta.db")
+    meta.set_setting("a", "1")
+    meta.flush()
+
+    def fails(fd: int) -> None:
+        raise OSError(errno.EIO, "writeback failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fdatasync", fails)
+        with pytest.raises(OSError):
+            meta.sync()
+    meta.set_setting("b", "2")
+    meta.flush()
+    with pytest.raises(OSError):
+        meta.sync()
+    assert meta.synced_commits == 0
+    with pytest.raises(OSError):
+        meta.close()

@@ -280,3 +280,22 @@ def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
         assert (cache / "dirty" / other).read_bytes() == b"o" * 100
     finally:
         blocks.close()
+
+
+def test_a_block_taken_back_after_a_rollback_stays_in_the_journal(tmp_path: Path) -> None:
+    """A journaled block (its fsynced bytes in the journal only) dropped by a change that is
+    then rolled back comes back as a dirty block: the journal must hold it again, or a later
+    end of the epoch would throw away the only durable copy of those bytes."""
+    async def main() -> None:
+        blocks = open_blocks(tmp_path / "cache", tmp_path / "store")
+        block = blocks.create()
+        blocks.write(block, 0, b"acknowledged")
+        await blocks.fsync([block])
+        assert blocks.journal.live == {block}
+        blocks.discard(block)  # a change drops it...
+        assert blocks.journal.live == set()
+        blocks.take_back(lambda b: b == block)  # ...and is rolled back
+        assert blocks.journal.live == {block} and blocks.is_writable(block)
+        blocks.close()
+
+    trio.run(main)

@@ -17,7 +17,7 @@ from wsfs.blocks import pack as packs
 from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
-from wsfs.store import LocalStore, NoSuchKey
+from wsfs.store import LocalStore, NoSuchKey, TransientStoreError
 from wsfs.sync import Flusher
 
 BS = 1 << 20
@@ -238,10 +238,11 @@ def test_recovery_reuploads_or_drops_a_block_with_no_checksum_and_no_local_copy(
     A block found again (its object in the store, or its clean copy: it went up in a pack,
     which only the lost commit named) is uploaded again as a new block; recording the one
     found as stored would name `data/<id>`, which a packed block never had."""
-    from wsfs.daemon import recover
+    from wsfs.daemon import boot_id, recover
     from wsfs.meta.schema import referenced_objects
 
     store, meta, blocks, flusher = make(tmp_path)
+    meta.set_setting("boot_id", boot_id())  # the daemon crashed, not the machine
     ino = add_file(meta, blocks, b"f", b"x" * (2 * BS + 5))
     alone, packed, lost = (meta.get_block(ino, i) for i in range(3))
     assert alone is not None and packed is not None and lost is not None
@@ -306,3 +307,29 @@ def test_the_clean_cache_is_emptied_after_a_machine_crash_only(tmp_path: Path,
     trio.run(recover, meta, blocks)
     assert ("c0ffee" in blocks.clean) is (stopped != "machine")
     assert meta.get_setting("boot_id") == boot_id()
+
+
+def test_a_retried_publication_keeps_the_creation_time_it_recorded(tmp_path: Path) -> None:
+    """A cycle whose publish failed after its HEAD may have landed (the answer lost) is
+    retried under the same number: it must record the same creation time, or a crash after
+    the retry recorded a new one would take the cache dir's own checkpoint for another
+    mount's and move the cache dir aside."""
+    store, meta, blocks, flusher = make(tmp_path)
+    add_file(meta, blocks, b"f", b"data")
+    real_put, failing = store.put, [True]
+
+    def put(key: str, data: bytes) -> None:
+        real_put(key, data)
+        if key == ckpt.HEAD_KEY and failing.pop():
+            raise TransientStoreError("the answer was lost")
+
+    store.put = put  # type: ignore[method-assign]
+    failing.append(True)
+    with pytest.raises(TransientStoreError):
+        trio.run(flusher.cycle)
+    first = meta.get_setting("pending_created_ns")
+    failing.append(False)
+    trio.run(flusher.cycle)
+    assert meta.get_setting("pending_created_ns") == first
+    manifest = ckpt.read_manifest(store, int(meta.get_setting("checkpoint_seq") or 0))
+    assert str(manifest.created_ns) == first

@@ -295,3 +295,30 @@ def test_a_lease_whose_conditional_write_lost_its_answer_is_ours(
     lease.acquire()
     holder = read_holder(store)
     assert holder is not None and holder.mount_id == lease.mount_id
+
+
+def test_a_start_that_fails_keeps_the_lease_guarding_unpublished_work(lws: Workspace) -> None:
+    """A mount killed while its uploads were unpublished leaves its lease (gc refuses while
+    it is there). The next mount from that cache dir takes it over; if that mount then
+    fails to start, it must leave the lease too, or `wsfs gc` deletes the uploads that only
+    this cache dir's metadata names."""
+    mnt = lws.mount(flush_delay=3600)
+    with open(mnt / "unpublished", "w") as f:
+        f.write("only in this cache dir")
+        f.flush()
+        os.fsync(f.fileno())
+    lws.kill()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:  # the metrics port is taken: the mount fails after taking the lease
+        r = lws.wsfs("mount", lws.store_url, str(lws.mnt), "--cache-dir", str(lws.cache_dir),
+                     "--metrics", f"127.0.0.1:{busy.getsockname()[1]}", check=False)
+    finally:
+        busy.close()
+    assert r.returncode != 0 and not is_mounted(lws.mnt)
+    assert lease_of(lws) is not None
+    lws.allowed_log_errors.append("the lease stays in the store")
+    assert (lws.mount() / "unpublished").read_text() == "only in this cache dir"
+    lws.unmount()
+    assert lease_of(lws) is None

@@ -531,3 +531,12 @@ def test_more_than_1000_keys(_store_moto: S3Server, _store_aws_env: pytest.Monke
     assert [k for k, _ in store.list()] == keys
     store.delete_many(keys)
     assert list(store.list()) == []
+
+
+def test_a_tls_failure_is_not_transient(_store_stubbed: tuple[S3Store, Stubber]) -> None:
+    """A certificate the client refuses fails the same way on every try: say so at once."""
+    store, _ = _store_stubbed
+    with pytest.raises(StoreError) as info:
+        store._raise(bex.SSLError(endpoint_url="https://x", error="bad certificate"), "get", "k")
+    assert not isinstance(info.value, TransientStoreError)
+    assert "certificate" in str(info.value)

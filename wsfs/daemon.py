@@ -137,9 +137,10 @@ class Daemon:
             # unreachable anyway. The lease expires by itself; this host retakes it at once.
             raise
         except BaseException:
-            if self.state != "starting":
-                # Failed while serving: this cache dir may hold uploaded blocks no checkpoint
-                # names yet, and `wsfs gc` deletes such objects unless a lease is left.
+            if not stopped_cleanly(self.cache_dir):
+                # This cache dir may hold uploaded blocks no checkpoint names yet (a crash
+                # under an earlier mount, or this one failing while serving), and `wsfs gc`
+                # deletes such objects unless a lease is left in the store.
                 log.error("the lease stays in the store until a mount from %s publishes "
                           "what it holds", self.cache_dir)
                 raise
@@ -230,8 +231,10 @@ class Daemon:
             raise
         finally:
             self.write_status()
-            meta.close()  # its last commit releases discarded blocks, which close() deletes
-            blocks.close()
+            try:
+                meta.close()  # its last commit releases discarded blocks, which close() deletes
+            finally:
+                blocks.close()
             registry_path(cfg.mountpoint).unlink(missing_ok=True)
         await self._stop_renewing()
         try:
@@ -407,6 +410,15 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
             blocks.clean.forget(block_id)
         else:  # uploaded just before the crash, or no longer referenced: the file may go
             blocks.retire(block_id, meta.synced_commits)
+    boot = boot_id()
+    if meta.get_setting("clean_unmount") != "1" and meta.get_setting("boot_id") != boot:
+        # The machine went down under the last mount: the clean cache's files are written
+        # without fsync, so an entry may have reached the disk before its bytes. Served as
+        # they are (no checksum is checked on a hit), and copied into new blocks on a write,
+        # they would turn into data (below too); the store holds every one of them.
+        log.warning("the machine stopped under the last mount: emptying the clean cache")
+        await trio.to_thread.run_sync(blocks.clean.clear, limiter=blocks.local_limiter)
+    meta.set_setting("boot_id", boot)
     for ino, idx, block_id in meta.blocks_without_checksum():
         if block_id in dirty:
             continue
@@ -419,16 +431,7 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
         else:  # uploaded before the crash: as an object of its own or in a pack, which
             # this does not know, so recording it as stored could name an object the store
             # lacks; uploaded again instead, as a new block
-            meta.set_block(ino, idx, blocks.create(content))
-    boot = boot_id()
-    if meta.get_setting("clean_unmount") != "1" and meta.get_setting("boot_id") != boot:
-        # The machine went down under the last mount: the clean cache's files are written
-        # without fsync, so an entry may have reached the disk before its bytes. Served as
-        # they are (no checksum is checked on a hit), and copied into new blocks on a write,
-        # they would turn into data; the store holds every one of them.
-        log.warning("the machine stopped under the last mount: emptying the clean cache")
-        await trio.to_thread.run_sync(blocks.clean.clear, limiter=blocks.local_limiter)
-    meta.set_setting("boot_id", boot)
+            meta.set_block(ino, idx, await blocks.create_synced(content))
     orphans = meta.orphans()
     meta.begin()
     drop_blocks(meta, blocks, meta.delete_inodes(orphans))
@@ -437,6 +440,23 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
     if requeued or orphans:
         log.warning("recovered from an unclean stop: %d dirty blocks to upload, %d orphan "
                     "inodes removed", requeued, len(orphans))
+
+
+def stopped_cleanly(cache_dir: Path) -> bool:
+    """Whether the cache dir holds nothing unpublished: no metadata (or none readable) yet,
+    or metadata that records a clean stop (or a checkpoint fetched as it is)."""
+    db = cache_dir / "meta.db"
+    if not db.exists():
+        return True
+    try:
+        meta = Metadata(db)
+    except Exception:  # unreadable: assume the worst
+        return False
+    try:
+        return meta.get_setting("clean_unmount") == "1"
+    finally:
+        with contextlib.suppress(Exception):
+            meta.close()
 
 
 def boot_id() -> str:

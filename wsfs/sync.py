@@ -145,11 +145,15 @@ class Flusher:
         while True:
             try:
                 self.meta.flush()
-                if self.blocks.awaiting_sync():  # files go once their commit is durable
-                    await trio.to_thread.run_sync(self.meta.sync,
-                                                  limiter=self.blocks.local_limiter)
             except (OSError, sqlite3.OperationalError) as e:  # a full disk: try again soon
                 log.warning("cannot commit the metadata yet: %s", e)
+            if self.blocks.awaiting_sync():  # files go once their commit is durable (and on
+                # a full disk their space is what the failing commit above needs)
+                try:
+                    await trio.to_thread.run_sync(self.meta.sync,
+                                                  limiter=self.blocks.local_limiter)
+                except OSError as e:
+                    log.error("cannot sync the metadata: %s", e)
             await trio.sleep(COMMIT_INTERVAL)
 
     async def _flush_loop(self) -> None:
@@ -266,7 +270,11 @@ class Flusher:
                 if block_id not in uploaded:
                     self.blocks.retire(block_id, None)
         seq = self.seq + 1
-        created_ns = time.time_ns()  # names this publication (workspace.prepare_cache)
+        # Names this publication (workspace.prepare_cache): kept across retries of the same
+        # number, since an attempt whose answer was lost may have published it already.
+        created_ns = (int(self.meta.get_setting("pending_created_ns") or 0)
+                      if self.meta.get_setting("pending_seq") == str(seq) else 0)
+        created_ns = created_ns or time.time_ns()
         self._own(self.meta.set_setting, "pending_seq", str(seq))
         self._own(self.meta.set_setting, "pending_created_ns", str(created_ns))
         self.meta.flush()

@@ -181,8 +181,9 @@ async def prepare_cache(
                 f"the cache dir {cache_dir} belongs to another workspace ({ws}); "
                 "use a different --cache-dir"
             )
-        ours = pending == head != published and await _ours(
-            store, head, pending_created, limiter)
+        ours = pending == head != published and (
+            not pending_created  # recorded by no version before this one: trusted as before
+            or await _ours(store, head, pending_created, limiter))
         if ours:  # it died after publishing `head`, before recording so: record it now, or
             # its flusher would publish that number again, over the one the store has
             _record_published(db, head)

@@ -122,6 +122,7 @@ class BlockCache:
         self._journal_ready = False  # appends only once `recover` has replayed it
         self._journal_lock = trio.Lock()  # an epoch's end keeps appends out (rule 3)
         self._journal_drops = 0  # held blocks dropped so far
+        self._dropped_live: set[str] = set()  # ... this epoch: `take_back` may restore them
         # Makes every metadata change durable (set by the fs layer): an epoch's end waits
         # for it. Without it fsync syncs the blocks' files.
         self.durable_metadata: Callable[[], Awaitable[None]] | None = None
@@ -345,12 +346,19 @@ class BlockCache:
             if not referenced(block_id):
                 gone.append((block_id, fd))
                 continue
-            length = os.stat(self._path(block_id)).st_size
+            try:
+                length = os.stat(self._path(block_id)).st_size
+            except OSError as e:  # (a hook after a rollback must not fail in its turn)
+                log.error("cannot take back block %s: %s", block_id, e)
+                gone.append((block_id, fd))
+                continue
             if fd >= 0:
                 self._keep_fd(block_id, fd)
             self._set_length(block_id, length)
             self._dirty_since[block_id] = time.monotonic()
             self._unsynced[block_id] = [(0, length)]  # the next fsync syncs it whole
+            if block_id in self._dropped_live:  # its fsynced bytes may be in the journal only
+                self.journal.live.add(block_id)
             log.warning("a rolled-back change keeps block %s", block_id)
         self._unlink_after_commit = gone
 
@@ -511,6 +519,7 @@ class BlockCache:
         self._unsynced.pop(block_id, None)
         if block_id in self.journal.live:  # see `_restart_journal`
             self.journal.live.discard(block_id)
+            self._dropped_live.add(block_id)
             self._journal_drops += 1
         self._wake_writers()
 
@@ -603,6 +612,7 @@ class BlockCache:
             if drops == self._journal_drops:  # no held block was dropped meanwhile
                 break
         self.journal.restart()
+        self._dropped_live.clear()
 
     async def _sync_files(self, block_ids: list[str], also: Callable[[], None] | None) -> None:
         # Duplicates: the trio thread may close a block's fd while the worker fsyncs it (an

@@ -138,9 +138,11 @@ class CleanCache:
                 for block_id in block_ids:
                     self.db.delete(block_id)
         except (OSError, sqlite3.Error) as e:  # they only take room until evicted
-            log.log(logging.DEBUG if disk_full(e) else logging.WARNING,
-                    "could not delete %d clean copies: %s", len(block_ids), e)
-            self._discarded.extend(b for b in block_ids if b in self._stale)  # (not served)
+            retry = [b for b in block_ids if b in self._stale]  # (never served meanwhile)
+            log.log(logging.DEBUG if disk_full(e) or len(retry) == len(block_ids)
+                    else logging.WARNING, "could not delete %d clean copies: %s",
+                    len(block_ids), e)
+            self._discarded.extend(retry)
         else:
             self._stale.difference_update(block_ids)
 

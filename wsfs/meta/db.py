@@ -9,6 +9,7 @@ each handler atomic without locks (S3QL does the same). The database runs in WAL
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -101,6 +102,7 @@ class Metadata:
         # layer deletes a block's file only once the commit that let it go is durable.
         self.commits = 0
         self.synced_commits = 0
+        self._sync_failed = False
         # Inode rows by id, written through by every change: the handlers read the same few
         # inodes (a file, its directory) over and over, and a dict beats a statement 5 to 1.
         # Valid only as long as SQLite keeps what we wrote: `rollback()` clears it, and so
@@ -139,13 +141,21 @@ class Metadata:
         disk or an I/O error does that): we wrote, and no transaction is open any more."""
         if self._wrote and not self.conn.in_transaction:
             self._reset_caches()
-            if self.after_rollback is not None:
+            self._after_rollback()
+
+    def _after_rollback(self) -> None:
+        if self.after_rollback is not None:
+            try:
                 self.after_rollback()
+            except Exception:  # never instead of the failure that rolled back
+                log.exception("after a rollback")
 
     def close(self) -> None:
-        self.flush()
-        self.sync()
-        self.conn.close()
+        try:
+            self.flush()
+            self.sync()
+        finally:
+            self.conn.close()
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -187,8 +197,7 @@ class Metadata:
             self._check_caches()
             self._xattr_inodes.update(
                 int(r[0]) for r in self.conn.execute("SELECT DISTINCT inode FROM xattrs"))
-            if self.after_rollback is not None:
-                self.after_rollback()
+            self._after_rollback()
 
     def flush(self) -> None:
         """Commit everything so far: durable against a daemon crash, visible to snapshots.
@@ -223,6 +232,9 @@ class Metadata:
         written their frames. (Two syncs finishing at once may leave the smaller count:
         files then wait for the next sync, never the reverse.)
         """
+        if self._sync_failed:
+            raise OSError(errno.EIO, "an earlier sync of the metadata failed; remount to "
+                          "recover what the disk holds")
         covered = self.commits
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
@@ -231,6 +243,14 @@ class Metadata:
         else:
             try:
                 os.fdatasync(fd)
+            except OSError as e:
+                # The kernel reports a failed writeback (EIO) once: a later sync through a
+                # new fd would succeed over pages it never wrote. So every later one fails
+                # too: nothing counts as durable again in this mount (fsync(2) says EIO).
+                # A full disk is not that: its pages stay dirty, and a retry is honest.
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    self._sync_failed = True
+                raise
             finally:
                 os.close(fd)
         if covered > self.synced_commits:

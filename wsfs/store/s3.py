@@ -151,8 +151,9 @@ class S3Store:
         if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
             raise StoreError(f"No usable AWS credentials found for {self._where}: "
                              f"{_CREDENTIALS_FIX}.") from None
-        if isinstance(exc, bex.ConnectionError):  # refused, timed out, proxy, TLS
-            # Unreachable may mean "wrong URL" or "network down for a minute": callers decide.
+        if isinstance(exc, bex.ConnectionError) and not isinstance(exc, bex.SSLError):
+            # Refused, timed out, a proxy's (not TLS: a setting, not a moment). Unreachable may
+            # mean "wrong URL" or "network down for a minute": callers decide.
             endpoint = self.endpoint_url or getattr(exc, "kwargs", {}).get("endpoint_url")
             raise TransientStoreError(
                 f"Cannot connect to the S3 endpoint {endpoint} for {self.url}: "
