@@ -683,3 +683,19 @@ def test_a_failed_metadata_sync_is_never_followed_by_a_success(
     assert meta.synced_commits == 0
     with pytest.raises(OSError):
         meta.close()
+
+
+def test_a_listing_cached_before_a_group_rollback_is_not_served_after_it(
+        tmp_path: Path) -> None:
+    """On a full disk SQLite rolls a whole group of changes back; the change counter the
+    listing cache is keyed on does not go back with it, so a listing filled with a
+    rolled-back name was served on (the name listed, its lookup ENOENT)."""
+    ops, _ = make_ops(tmp_path)
+    ops.meta.flush()
+    ops.meta.conn.execute("BEGIN")
+    node = ops.meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
+    ops.meta.add_entry(1, b"lost", node.id)
+    assert b"lost" in [name for name, _, _ in ops._listing(1, 0)]
+    ops.meta.conn.rollback()  # what SQLite does on SQLITE_FULL
+    ops.meta.get_inode(1)  # the next call finds the group gone
+    assert [name for name, _, _ in ops._listing(1, 0)] == [b"f"]

@@ -27,7 +27,7 @@ from wsfs.blocks import BlockCache, object_key
 from wsfs.fs import Operations
 from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata, schema
-from wsfs.repack import PackUsage, Repacker, choose, chunks, pack_usage
+from wsfs.repack import FETCH_BUDGET, PackUsage, Repacker, choose, chunks, pack_usage
 from wsfs.store import LocalStore
 from wsfs.sync import Flusher
 
@@ -56,6 +56,11 @@ def test_choose_takes_settled_mostly_dead_packs_most_dead_first() -> None:
     assert [u.id for u in choose(usage, previous)] == ["mostly", "half"]
     assert choose(usage, {}) == []  # nothing is settled on the first pass
     assert [u.id for u in choose(usage, previous, budget=1000)] == ["mostly"]
+    # Survivors are read from whole packs: many nearly dead ones stop at the download budget,
+    # not at their few live bytes (a pass that downloads gigabytes times out, again and again).
+    nearly_dead = [PackUsage(f"p{i}", 4 << 20, 1, 10_000) for i in range(800)]
+    settled = {u.id: (u.members, u.live) for u in nearly_dead}
+    assert len(choose(nearly_dead, settled)) == FETCH_BUDGET // (4 << 20)
     assert chunks([("a", 3), ("b", 3), ("c", 3), ("d", 10)], target=6) == [
         ["a", "b"], ["c"], ["d"]]
 

@@ -75,6 +75,10 @@ DEFAULT_INTERVAL = 60.0
 DEAD_FRACTION = 0.5  # a pack at least this dead is repacked
 MIN_DEAD = 64 << 10  # ...and only if that frees at least this much (a request costs too)
 BUDGET = 8 << 20  # bytes of survivors moved per pass, at most (at least one pack)
+# Bytes of packs downloaded per pass, at most: survivors are read from whole packs, so a pass
+# over many nearly dead packs (a few KiB live in each) downloaded gigabytes for BUDGET, timed
+# out, and did the same again at the next pass, never switching anything.
+FETCH_BUDGET = 64 << 20
 PASS_TIMEOUT = 120.0
 HEAD_BATCH = 64  # packs of unknown size (older formats) sized per pass, with one HEAD each
 
@@ -153,8 +157,9 @@ def scan(db_path: Path, block_size: int) -> list[PackUsage]:
 
 
 def choose(usage: list[PackUsage], previous: dict[str, tuple[int, int]],
-           budget: int = BUDGET) -> list[PackUsage]:
-    """The packs worth repacking now, most dead bytes first, up to `budget` live bytes.
+           budget: int = BUDGET, fetch_budget: int = FETCH_BUDGET) -> list[PackUsage]:
+    """The packs worth repacking now, most dead bytes first, up to `budget` live bytes and
+    `fetch_budget` bytes of packs to download.
 
     Only packs that lost nothing since the previous pass (`previous`: id -> (members, live))
     qualify: one still losing members may well die whole without any copying.
@@ -164,12 +169,14 @@ def choose(usage: list[PackUsage], previous: dict[str, tuple[int, int]],
            and previous.get(u.id) == (u.members, u.live)]
     due.sort(key=lambda u: -u.dead)
     chosen: list[PackUsage] = []
-    total = 0
+    total = fetched = 0
     for u in due:
-        if chosen and total + u.live > budget:
+        size = u.size or 0
+        if chosen and (total + u.live > budget or fetched + size > fetch_budget):
             break
         chosen.append(u)
         total += u.live
+        fetched += size
     return chosen
 
 
@@ -234,8 +241,10 @@ class Repacker:
             if self.busy is not None and self.busy():
                 continue
             try:
-                with trio.move_on_after(PASS_TIMEOUT):
+                with trio.move_on_after(PASS_TIMEOUT) as scope:
                     await self.repack_once()
+                if scope.cancelled_caught:
+                    raise TimeoutError(f"a pass took more than {PASS_TIMEOUT:g}s")
             except Exception as e:
                 self.errors += 1
                 self.last_error = str(e)

@@ -223,9 +223,11 @@ class Operations(NameOps, DataOps):
         """The entries of directory `ino` past cookie `after`, from the listing cache while
         no metadata changed since it was filled; else from one query, which fills it when the
         listing starts at the beginning and the directory is small enough."""
-        if self._listings_at != self.meta.total_changes:
+        changes = (self.meta.total_changes, self.meta.dentry_changes)  # (the second also
+        # grows at a rollback, after which the first stays where it was)
+        if self._listings_at != changes:
             self._listings.clear()
-            self._listings_at = self.meta.total_changes
+            self._listings_at = changes
             self._listed_entries = 0
         cached = self._listings.get(ino)
         if cached is not None:
@@ -259,7 +261,10 @@ class Operations(NameOps, DataOps):
         await self._fsync_inode(int(fh))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        self.reap()  # the inodes waiting to be deleted are gone already for the counts
+        try:  # the inodes waiting to be deleted are gone already for the counts
+            self.reap()
+        except (OSError, sqlite3.OperationalError) as e:  # a full disk: df must still answer
+            log.warning("cannot delete %d unlinked inodes yet: %s", len(self._doomed), e)
         now = time.monotonic()
         if now - self._statfs_at > STATFS_CACHE_SECONDS:  # counting scans whole tables
             self._statfs_counts = self.meta.counts()

@@ -134,10 +134,10 @@ class Base(pyfuse3.Operations):
         self._listed_to: dict[int, int] = {}
         self._listed_at = -1
         # Whole listings of directories (cookies, then entries with their attributes), served
-        # again while no metadata changed at all: `meta.total_changes` is still
-        # `_listings_at` (see readdir).
+        # again while no metadata changed at all: `meta.total_changes` and
+        # `meta.dentry_changes` are still `_listings_at` (see readdir).
         self._listings: dict[int, tuple[list[int], list[ListedEntry]]] = {}
-        self._listings_at = -1
+        self._listings_at = (-1, -1)
         self._listed_entries = 0
         self._locks: dict[int, trio.Lock] = {}
         self._doomed: set[int] = set()  # inodes to delete in the next batch (REAP_BATCH)
