@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import WSFS, Workspace, is_mounted, wait_for
 
 MiB = 1 << 20
@@ -254,3 +255,21 @@ def test_json_log_format(ws: Workspace) -> None:
     records = [json.loads(line) for line in lines]
     assert any(r["msg"].startswith("mounted ") and r["level"] == "info" for r in records)
     assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)
+
+
+def test_the_daemon_log_is_rotated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wsfs.log lives on the cache disk: an outage logging for hours must not fill it."""
+    import logging
+
+    from wsfs import logs
+    monkeypatch.setattr(logs, "LOG_MAX", 10_000)
+    handler = logs.add_file_handler(tmp_path / "wsfs.log")
+    try:
+        for i in range(2_000):
+            logging.getLogger("wsfs.test").warning("retrying an upload, attempt %d", i)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    logs_on_disk = sorted(p.name for p in tmp_path.iterdir())
+    assert logs_on_disk == ["wsfs.log", "wsfs.log.1", "wsfs.log.2", "wsfs.log.3"]
+    assert sum((tmp_path / n).stat().st_size for n in logs_on_disk) < 5 * 10_000

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import time
 from pathlib import Path
 
@@ -56,10 +57,18 @@ def configure(verbosity: int, fmt: str = "text") -> None:
     root.setLevel(level)
 
 
+LOG_MAX = 16 << 20  # bytes of wsfs.log before it is rotated (LOG_KEEP older files kept)
+LOG_KEEP = 3
+
+
 def add_file_handler(path: Path) -> logging.Handler:
-    """Log INFO and up (or more, with -vv) to `path` without making the terminal louder."""
+    """Log INFO and up (or more, with -vv) to `path` without making the terminal louder.
+
+    Rotated: the log lives on the cache disk, whose space writers may be waiting for, and an
+    outage or a full disk logs a warning every few seconds for as long as it lasts.
+    """
     root = logging.getLogger()
-    handler = logging.FileHandler(path)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX, backupCount=LOG_KEEP)
     handler.setFormatter(formatter())
     level = min(root.level or logging.WARNING, logging.INFO)
     handler.setLevel(level)
