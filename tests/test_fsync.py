@@ -600,6 +600,14 @@ def test_a_failed_shared_wal_sync_is_redone_by_the_caller_that_waited(
     trio.run(main)
 
 
+async def maintain_a_while(blocks: BlockCache) -> None:
+    """Let the block cache's upkeep (deleting released files) run for a moment."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blocks.maintain)
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+
+
 def test_a_let_go_block_file_stays_until_its_commit_is_synced(tmp_path: Path) -> None:
     """A machine crash loses the commits no fdatasync of the WAL covered. The file of a block
     such a commit let go of (dropped from its file, or uploaded with its checksum recorded)
@@ -619,18 +627,11 @@ def test_a_let_go_block_file_stays_until_its_commit_is_synced(tmp_path: Path) ->
         meta.set_uploaded({uploaded: await blocks.upload(uploaded)})
         meta.flush()  # commits both changes (and releases the dropped block to the sync)
         blocks.retire(uploaded, uploaded_at=meta.commits)
-
-        async def maintain_a_while() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(blocks.maintain)
-                await trio.sleep(0.3)
-                nursery.cancel_scope.cancel()
-
-        await maintain_a_while()
+        await maintain_a_while(blocks)
         assert all(f.exists() for f in files), "deleted before the commit was durable"
         assert blocks.awaiting_sync()
         meta.sync()
-        await maintain_a_while()
+        await maintain_a_while(blocks)
         assert not any(f.exists() for f in files)
         assert not blocks.awaiting_sync()
 
@@ -650,10 +651,7 @@ def test_a_read_of_a_block_dropped_while_it_waited_reads_the_hole(tmp_path: Path
             ops.blocks.discard(gone.id)
         ops.meta.flush()
         ops.meta.sync()
-        async with trio.open_nursery() as nursery:  # deletes the file
-            nursery.start_soon(ops.blocks.maintain)
-            await trio.sleep(0.3)
-            nursery.cancel_scope.cancel()
+        await maintain_a_while(ops.blocks)  # deletes the file
         assert not (tmp_path / "cache" / "dirty" / ref.id).exists()
         assert await ops._read_block(2, ref, 0, 100) == b""
 

@@ -53,6 +53,7 @@ from .workspace import (
     prefetch,
     prepare_cache,
     read_superblock,
+    stopped_cleanly,
 )
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,7 @@ class Daemon:
                 log.error("the lease stays in the store until a mount from %s publishes "
                           "what it holds", self.cache_dir)
                 raise
-            try:
-                await self._stop_renewing()
-                await trio.to_thread.run_sync(lease.release)
-            except Exception as e:  # the store is down (an outage at unmount): keep the cause
-                log.warning("could not release the lease (it expires by itself): %s", e)
+            await self._release(lease)
             raise
         finally:
             lock.close()
@@ -236,11 +233,7 @@ class Daemon:
             finally:
                 blocks.close()
             registry_path(cfg.mountpoint).unlink(missing_ok=True)
-        await self._stop_renewing()
-        try:
-            await trio.to_thread.run_sync(lease.release)
-        except Exception as e:  # everything is in the store: the unmount succeeded all the same
-            log.warning("could not release the lease (it expires by itself): %s", e)
+        await self._release(lease)  # a failure leaves the unmount a success: all is stored
         self.state = "done"
         self.write_status()
         log.info("every block is in %s; done", cfg.store_url)
@@ -253,6 +246,15 @@ class Daemon:
         self._renewing = trio.CancelScope()
         self._renew_stopped = trio.Event()
         trio.lowlevel.spawn_system_task(self._renew_lease, lease)
+
+    async def _release(self, lease: Lease) -> None:
+        """Stop renewing the lease and release it; a store that refuses (an outage) only
+        leaves it to expire by itself."""
+        await self._stop_renewing()
+        try:
+            await trio.to_thread.run_sync(lease.release)
+        except Exception as e:
+            log.warning("could not release the lease (it expires by itself): %s", e)
 
     async def _stop_renewing(self) -> None:
         """Stop renewing, and wait for a renewal in flight: one landing after the release
@@ -440,23 +442,6 @@ async def recover(meta: Metadata, blocks: BlockCache) -> None:
     if requeued or orphans:
         log.warning("recovered from an unclean stop: %d dirty blocks to upload, %d orphan "
                     "inodes removed", requeued, len(orphans))
-
-
-def stopped_cleanly(cache_dir: Path) -> bool:
-    """Whether the cache dir holds nothing unpublished: no metadata (or none readable) yet,
-    or metadata that records a clean stop (or a checkpoint fetched as it is)."""
-    db = cache_dir / "meta.db"
-    if not db.exists():
-        return True
-    try:
-        meta = Metadata(db)
-    except Exception:  # unreadable: assume the worst
-        return False
-    try:
-        return meta.get_setting("clean_unmount") == "1"
-    finally:
-        with contextlib.suppress(Exception):
-            meta.close()
 
 
 def boot_id() -> str:

@@ -255,9 +255,6 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-RECHECKS = 5  # checkpoints published under one check, at most, before it gives up
-
-
 async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
     """Check the newest checkpoint of `store` against the store's objects.
 
@@ -265,7 +262,7 @@ async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
     only it named deleted once its successor is published (garbage, repacked packs): damage
     found in a checkpoint that is no longer the newest is checked again on the newest.
     """
-    for _ in range(RECHECKS):
+    for _ in range(ckpt.RECHECKS):
         report = await _check(store, verify_data)
         if not report.damage or report.seq is None:
             break

@@ -272,9 +272,9 @@ class Flusher:
         seq = self.seq + 1
         # Names this publication (workspace.prepare_cache): kept across retries of the same
         # number, since an attempt whose answer was lost may have published it already.
-        created_ns = (int(self.meta.get_setting("pending_created_ns") or 0)
-                      if self.meta.get_setting("pending_seq") == str(seq) else 0)
-        created_ns = created_ns or time.time_ns()
+        recorded = self.meta.get_setting("pending_created_ns")
+        created_ns = (int(recorded) if recorded and self.meta.get_setting("pending_seq") == str(seq)
+                      else time.time_ns())
         self._own(self.meta.set_setting, "pending_seq", str(seq))
         self._own(self.meta.set_setting, "pending_created_ns", str(created_ns))
         self.meta.flush()

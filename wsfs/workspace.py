@@ -168,14 +168,9 @@ async def prepare_cache(
             "so create it again in an empty location"
         )
     if db.exists():
-        meta = Metadata(db)
-        try:
-            ws = meta.get_setting("workspace_id")
-            published, pending, pending_created = (
-                int(meta.get_setting(k) or 0)
-                for k in ("checkpoint_seq", "pending_seq", "pending_created_ns"))
-        finally:
-            meta.close()
+        ws, *seqs = settings_of(db, "workspace_id", "checkpoint_seq", "pending_seq",
+                                "pending_created_ns")
+        published, pending, pending_created = (int(v or 0) for v in seqs)
         if ws != sb.workspace_id:
             raise MountError(
                 f"the cache dir {cache_dir} belongs to another workspace ({ws}); "
@@ -186,7 +181,7 @@ async def prepare_cache(
             or await _ours(store, head, pending_created, limiter))
         if ours:  # it died after publishing `head`, before recording so: record it now, or
             # its flusher would publish that number again, over the one the store has
-            _record_published(db, head)
+            _set_settings(db, checkpoint_seq=str(head))
         if ours or published == head or max(published, pending) > head:
             log.info("using the metadata in %s (checkpoint %d)", cache_dir,
                      max(published, pending))
@@ -237,22 +232,40 @@ async def _ours(store: ObjectStore, seq: int, created_ns: int,
     return manifest.created_ns == created_ns
 
 
-def _record_published(db: Path, seq: int) -> None:
+def settings_of(db: Path, *keys: str) -> list[str | None]:
+    """Settings of the database at `db` (opened and closed for them)."""
     meta = Metadata(db)
     try:
-        meta.set_setting("checkpoint_seq", str(seq))
+        return [meta.get_setting(k) for k in keys]
+    finally:
+        meta.close()
+
+
+def _set_settings(db: Path, **settings: str) -> None:
+    meta = Metadata(db)
+    try:
+        for key, value in settings.items():
+            meta.set_setting(key, value)
     finally:
         meta.close()
 
 
 def _adopt(db: Path, sb: Superblock) -> None:
-    """Mark a freshly fetched checkpoint as this cache dir's metadata."""
-    conn = Metadata(db)
+    """Mark a freshly fetched checkpoint as this cache dir's metadata: nothing is pending."""
+    _set_settings(db, workspace_id=sb.workspace_id, clean_unmount="1")
+
+
+def stopped_cleanly(cache_dir: Path) -> bool:
+    """Whether the cache dir holds nothing unpublished: no metadata yet, or metadata that
+    records a clean stop (or a checkpoint fetched as it is). Unreadable metadata may."""
+    db = cache_dir / "meta.db"
+    if not db.exists():
+        return True
     try:
-        conn.set_setting("workspace_id", sb.workspace_id)
-        conn.set_setting("clean_unmount", "1")  # exactly the checkpoint: nothing pending
-    finally:
-        conn.close()
+        (clean,) = settings_of(db, "clean_unmount")
+    except Exception:
+        return False
+    return clean == "1"
 
 
 def has_marker(meta: Metadata) -> bool:

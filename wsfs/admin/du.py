@@ -73,7 +73,7 @@ def du(store: ObjectStore, *, top: int = 15) -> DuReport:
     Measured again if a mount published a newer checkpoint meanwhile and objects the measured
     one named are gone (deleted as garbage after it): those are not missing.
     """
-    for _ in range(5):
+    for _ in range(ckpt.RECHECKS):
         report = _du(store, top)
         if not report.missing_objects or ckpt.read_head(store) == report.checkpoint:
             break

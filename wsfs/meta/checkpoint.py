@@ -223,6 +223,11 @@ async def publish(
     return manifest
 
 
+# How many times a reader of the newest checkpoint (fsck, du) starts again when a mount
+# published a newer one meanwhile and objects only the older one named are gone.
+RECHECKS = 5
+
+
 def read_head(store: ObjectStore) -> int | None:
     """The sequence number of the newest checkpoint, or None if none was ever published."""
     try:

@@ -136,12 +136,15 @@ class Metadata:
             int(r[0]) for r in self.conn.execute("SELECT DISTINCT inode FROM xattrs")
         }
 
-    def _check_caches(self) -> None:
+    def _check_caches(self) -> bool:
         """Reset the caches if SQLite rolled the group transaction back by itself (a full
-        disk or an I/O error does that): we wrote, and no transaction is open any more."""
+        disk or an I/O error does that): we wrote, and no transaction is open any more.
+        Returns whether it did."""
         if self._wrote and not self.conn.in_transaction:
             self._reset_caches()
             self._after_rollback()
+            return True
+        return False
 
     def _after_rollback(self) -> None:
         if self.after_rollback is not None:
@@ -153,7 +156,8 @@ class Metadata:
     def close(self) -> None:
         try:
             self.flush()
-            self.sync()
+            if self.commits > self.synced_commits:  # (an open to read settings syncs nothing)
+                self.sync()
         finally:
             self.conn.close()
 
@@ -194,10 +198,10 @@ class Metadata:
             self._parents.clear()
             self._nblocks.clear()
             self.dentry_changes += 1
-            self._check_caches()
-            self._xattr_inodes.update(
-                int(r[0]) for r in self.conn.execute("SELECT DISTINCT inode FROM xattrs"))
-            self._after_rollback()
+            if not self._check_caches():  # (else the whole group's rollback called the hook)
+                self._xattr_inodes.update(
+                    int(r[0]) for r in self.conn.execute("SELECT DISTINCT inode FROM xattrs"))
+                self._after_rollback()
 
     def flush(self) -> None:
         """Commit everything so far: durable against a daemon crash, visible to snapshots.
