@@ -10,7 +10,9 @@ a mount runs:
 - connection resets (RST after the request was read), for a fraction of requests;
 - stalls: requests are read and never answered until the stall ends, then reset;
 - full outages: the listening socket is closed, so connections are refused, and every
-  connection in flight is reset; the same port is listened on again when the outage ends.
+  connection in flight is reset; the same port is listened on again when the outage ends;
+- a bandwidth limit on what is sent upstream (request bodies: the uploads), shared by all
+  connections like an uplink, e.g. to time a container's stop against its grace period.
 
 Each request gets a connection of its own (the proxy rewrites `Connection: close` into the
 request it forwards), so a fault decided per connection is a fault per request, and the proxy
@@ -76,6 +78,7 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self.port = 0
         self.stats: Counter[str] = Counter()
+        self._uplink: _Uplink | None = None
 
     @property
     def url(self) -> str:
@@ -134,6 +137,12 @@ class FaultProxy:
             self._outage_until = time.monotonic() + seconds
         self.stats["outages"] += 1
         self._reset_active()
+
+    def throttle(self, bytes_per_second: float | None) -> None:
+        """Carry at most `bytes_per_second` of request bodies upstream, all connections
+        together (None: no limit). Faults are independent of it."""
+        with self._lock:
+            self._uplink = None if bytes_per_second is None else _Uplink(bytes_per_second)
 
     def outage_active(self) -> bool:
         return time.monotonic() < self._outage_until
@@ -235,10 +244,40 @@ class FaultProxy:
                                                                 "keep-alive")]
         new_head = "\r\n".join([lines[0], *(f"{k}: {v}" for k, v in kept),
                                 "Connection: close", "", ""]).encode("latin-1")
+        with self._lock:
+            uplink = self._uplink
         with socket.create_connection(self.upstream, timeout=120) as up:
-            up.sendall(new_head + body)
+            if uplink is None:
+                up.sendall(new_head + body)
+            else:
+                up.sendall(new_head)
+                for start in range(0, len(body), _Uplink.CHUNK):
+                    chunk = body[start:start + _Uplink.CHUNK]
+                    uplink.take(len(chunk))
+                    up.sendall(chunk)
+                self.stats["throttled_bytes"] += len(body)
             while chunk := up.recv(65536):
                 client.sendall(chunk)
+
+
+class _Uplink:
+    """A bandwidth shared by every connection: each chunk waits for its slot in time."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, rate: float) -> None:
+        assert rate > 0, rate
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()  # when the link has sent everything booked so far
+
+    def take(self, n: int) -> None:
+        """Book `n` bytes on the link and wait until they would have gone through it."""
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(self._free_at, now) + n / self.rate
+            wait = self._free_at - now
+        time.sleep(wait)
 
 
 class _Reader:

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, is_mounted, pid_alive, wait_pid_gone
+from conftest import WSFS, Workspace, force_unmount, is_mounted, pid_alive, wait_pid_gone
+from faultproxy import FaultProxy
 from s3servers import S3Server, _start_with_retries, rclone_binary
 
 from wsfs import errors
@@ -43,6 +44,8 @@ def save(rel, content):
         with open(path, "wb") as f:
             f.write(content)
 save("big.bin", os.urandom(3 * 1024 * 1024 + 12345))
+if os.environ.get("CHILD_BACKLOG"):  # incompressible bytes for the stop to upload
+    save("backlog.bin", os.urandom(int(os.environ["CHILD_BACKLOG"])))
 for i in range(20):
     save(f"proj/src/m{i}.py", (f"# module {i}\n" + "x = %d\n" % i * i).encode())
 token = open(os.path.join(out, "data-token")).read()
@@ -156,11 +159,11 @@ def store_contains(store_dir: Path, needle: bytes) -> bool:
     return False
 
 
-def verify_on_empty_cache(ep: Entrypoint, *, goodbye: bool) -> Path:
+def verify_on_empty_cache(ep: Entrypoint, *extra: str, goodbye: bool) -> Path:
     """Mount the store on a fresh cache: every file the child wrote, byte for byte."""
     ws = ep.ws
     assert not is_mounted(ws.mnt)
-    mnt = ws.mount(cache_dir=ws.fresh_cache())
+    mnt = ws.mount(*extra, cache_dir=ws.fresh_cache())
     got = tree_digests(mnt)
     expected = ep.expected_files()
     assert ("goodbye.txt" in expected) == goodbye
@@ -261,6 +264,28 @@ def test_an_empty_data_dir_means_none(ws: Workspace) -> None:
     assert not is_mounted(ws.mnt)
 
 
+@pytest.mark.parametrize(("kind", "code"), [("missing", 127), ("not executable", 126)])
+def test_a_command_that_cannot_start_exits_as_in_a_shell(ws: Workspace, kind: str,
+                                                         code: int) -> None:
+    """127 for a command not found, 126 for one found but not executable, as sh does; one
+    sentence, no traceback, and the workspace unmounted again."""
+    if kind == "missing":
+        command = f"nosuchcmd-{uuid.uuid4().hex[:8]}"
+    else:
+        script = ws.root / "not-executable.sh"
+        script.write_text("#!/bin/sh\necho hello\n")
+        script.chmod(0o644)
+        command = str(script)
+    result = ws.wsfs("run", "--mount", ws.store_url, str(ws.mnt), "--data-dir",
+                     str(ws.root / "data"), "--cache-dir", str(ws.cache_dir), "--", command,
+                     check=False)
+    assert result.returncode == code, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("wsfs: ") and command in last, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not is_mounted(ws.mnt)
+
+
 def test_store_without_workspace_never_starts_the_command(tmp_path: Path) -> None:
     (tmp_path / "store").mkdir()
     ws = Workspace(tmp_path, f"file://{tmp_path / 'store'}")
@@ -272,6 +297,76 @@ def test_store_without_workspace_never_starts_the_command(tmp_path: Path) -> Non
         assert not (ep.out / "ready").exists()
         assert not is_mounted(ws.mnt)
     finally:
+        ep.stop()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it: what a container's SIGKILL reaches (`wsfs run` is
+    a subreaper, so the daemon, forked off by the mount, is reparented under it)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((d / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+UPLINK = 4 << 20  # bytes per second through the proxy during the stop
+BACKLOG = 21 << 20  # + the child's 3 MiB: about 6 s of that uplink
+GRACE = 6.0  # the child ignores SIGTERM for its whole --stop-timeout
+KILL_AFTER = 10.0  # Docker's default
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_uploads_at_once_so_a_sigkill_10s_later_loses_nothing(
+        proxied: tuple[Workspace, FaultProxy]) -> None:
+    """`docker stop`: SIGTERM, then SIGKILL of every process 10 s later. The child ignores
+    SIGTERM and takes its whole 6 s grace, and the backlog needs about 6 s of the throttled
+    uplink: an upload that starts at the SIGTERM ends in time, one that waits for the child
+    (~12 s) does not."""
+    ws, proxy = proxied
+    ep = Entrypoint(ws, "ignore")
+    try:
+        ep.start_run("--stop-timeout", str(GRACE), env={"CHILD_BACKLOG": str(BACKLOG)})
+        ep.wait_ready()
+        assert ep.proc is not None
+        deadline = time.monotonic() + 10
+        while int(ws.status()["dirty_bytes"]) < BACKLOG:  # type: ignore[call-overload]
+            assert time.monotonic() < deadline, ws.status()
+            time.sleep(0.1)
+        daemon = ws.daemon_pid()
+        assert daemon is not None
+        proxy.throttle(UPLINK)
+        sigterm = time.monotonic()
+        ep.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            ep.proc.wait(KILL_AFTER)
+        stopped = ep.proc.poll()
+        took = time.monotonic() - sigterm
+        for pid in {*process_tree(ep.proc.pid), daemon}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        ep.proc.wait()
+        wait_pid_gone(daemon)
+        force_unmount(ws.mnt)
+        proxy.throttle(None)
+        print(f"stop of {(BACKLOG + (3 << 20)) / (1 << 20):.0f} MiB at "
+              f"{UPLINK / (1 << 20):.0f} MiB/s with a {GRACE:.0f} s child: "
+              f"{'exited ' + str(stopped) if stopped is not None else 'killed'} "
+              f"after {took:.1f} s")
+        # --force: a new container after a SIGKILL finds the lease of the killed one.
+        verify_on_empty_cache(ep, "--force", goodbye=False)
+        assert stopped == 0, f"not stopped {KILL_AFTER} s after SIGTERM:\n{ep.output()}"
+        assert "uploading the workspace's changes now" in ep.output()
+        ws.unmount()
+    finally:
+        proxy.throttle(None)
         ep.stop()
 
 

@@ -2,8 +2,10 @@
 
 It mounts the workspace, prepares /data as a plain local directory, runs the notebook command as
 its child and forwards signals to it. On SIGTERM (what `docker stop` and Kubernetes send) it
-stops the child (SIGTERM, then SIGKILL after `--stop-timeout`), flushes every dirty block,
-unmounts, waits for the daemon, and exits 0 — or 7 if the flush failed. If the child exits by
+asks the daemon to upload everything dirty at once, while it stops the child (SIGTERM, then
+SIGKILL after `--stop-timeout`); then it unmounts, waits for the daemon's final flush, and exits
+0 — or 7 if the flush failed. The platform SIGKILLs everything a fixed time after its SIGTERM
+(Docker 10 s, Kubernetes 30 s): the upload must not wait for the child. If the child exits by
 itself, the same unmount follows and the entrypoint exits with the child's status.
 
 The entrypoint may be PID 1: it handles every signal it cares about (the kernel drops unhandled
@@ -26,6 +28,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -34,7 +37,15 @@ from typing import Any
 
 import pyfuse3
 
-from .errors import FlushError, MountError, UsageError, WsfsError
+from .control import SyncRequest
+from .errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    FlushError,
+    MountError,
+    UsageError,
+    WsfsError,
+)
 from .runtime import canonical_mountpoint, mount_field
 
 log = logging.getLogger(__name__)
@@ -47,6 +58,10 @@ SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
                "AWS_SECURITY_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "WSFS_CREDENTIALS_FILE")
 PR_SET_CHILD_SUBREAPER = 36
 PROGRESS_EVERY = 2.0  # seconds between two progress lines while flushing
+# The child's grace after SIGTERM: short enough that child stop, flush and unmount fit in
+# Docker's 10 s together (the upload runs from the SIGTERM on, in parallel with the stop).
+DEFAULT_STOP_TIMEOUT = "3"
+SYNC_EVERY = 1.0  # at most one early-flush request a second while the command stops
 
 
 def add_parser(sub: argparse._SubParsersAction[Any],
@@ -65,8 +80,9 @@ def add_parser(sub: argparse._SubParsersAction[Any],
                     "uploaded); '' for none")
     sp.add_argument("--data-owner", default=None, metavar="UID:GID",
                     help="chown the data dir to this owner (unset: left as it is)")
-    sp.add_argument("--stop-timeout", default="10", metavar="SECONDS",
-                    help="seconds the child may take to exit after SIGTERM before SIGKILL")
+    sp.add_argument("--stop-timeout", default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
+                    help="seconds the child may take to exit after SIGTERM before SIGKILL "
+                    "(the upload of the workspace starts at the SIGTERM, not after)")
     sp.add_argument("--credentials-file", type=Path, default=None, metavar="FILE",
                     help="AWS shared-credentials file (mode 0600) with the store's keys")
     sp.add_argument("--keep-credentials", action="store_true",
@@ -138,6 +154,55 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
     log.info("data dir %s is plain local disk (%s)", data, fstype_of(data))
 
 
+class EarlyFlush:
+    """Uploads the workspace's changes while the command stops, instead of after it.
+
+    `wsfs sync`'s request (wsfs.control), not waited for: at SIGTERM the kernel hands over its
+    cached pages (syncfs) and the daemon starts a flush cycle at once. While the command is
+    still stopping, each answer is followed by a new request (at most one every SYNC_EVERY
+    seconds), so what it writes while it stops is on its way too, and the final flush at
+    unmount has little left to do. A thread, because syncfs blocks until the kernel's pages
+    are written, and the main thread must go on handling signals and the child.
+    """
+
+    def __init__(self, mountpoint: Path, daemon_pid: int, cache_dir: Path) -> None:
+        self.mountpoint = mountpoint
+        self.daemon_pid = daemon_pid
+        self.cache_dir = cache_dir
+        self.requests = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="early-flush", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Stop asking (the unmount's own flush takes over); wait for a syncfs in progress."""
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._done.is_set():
+            started = time.monotonic()
+            try:
+                pyfuse3.syncfs(str(self.mountpoint))
+            except OSError as e:
+                log.warning("syncfs(%s) failed: %s", self.mountpoint, e)
+            request = SyncRequest(self.cache_dir)
+            try:
+                request.send(self.daemon_pid)
+            except OSError as e:  # the daemon is gone: the supervisor reports it
+                log.warning("cannot ask the daemon to flush: %s", e)
+                request.cancel()
+                return
+            self.requests += 1
+            while request.answer() is None and not self._done.wait(0.1):
+                pass
+            request.cancel()
+            self._done.wait(max(0.0, SYNC_EVERY - (time.monotonic() - started)))
+
+
 class DaemonDied(MountError):
     """The daemon serving the workspace died under the running command."""
 
@@ -152,6 +217,7 @@ class Supervisor:
         self.pending: deque[int] = deque()
         self.child: subprocess.Popen[bytes] | None = None
         self.child_status: int | None = None
+        self.early_flush: EarlyFlush | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- signals ----------------------------------------------------------------------------
@@ -179,9 +245,13 @@ class Supervisor:
         """Run the notebook in its own process group, so signals reach all of its processes."""
         try:
             self.child = subprocess.Popen(command, env=env, process_group=0)
-        except OSError as e:
-            raise UsageError(f"cannot run {command[0]!r} ({e.strerror}); check the command "
-                             "and PATH") from None
+        except FileNotFoundError:
+            raise CommandNotFound(f"command not found: {command[0]!r}; check its name and "
+                                  "PATH") from None
+        except OSError as e:  # found, but EACCES, ENOEXEC, ...: a shell's 126
+            raise CommandNotExecutable(f"cannot run {command[0]!r} ({e.strerror}); it must be "
+                                       "an executable file (chmod +x; a script needs a #! "
+                                       "line)") from None
         log.info("started %s (pid %d)", command[0], self.child.pid)
         if os.isatty(0):  # give the terminal to the child, as a shell would
             old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
@@ -248,7 +318,11 @@ class Supervisor:
             while self.pending:
                 sig = self.pending.popleft()
                 if sig == signal.SIGTERM:
-                    log.info("got SIGTERM: stopping the command, then flushing the workspace")
+                    log.info("got SIGTERM: uploading the workspace's changes now, while the "
+                             "command stops")
+                    self.early_flush = EarlyFlush(self.mountpoint, self.daemon_pid,
+                                                  self.cache_dir)
+                    self.early_flush.start()
                     self.stop_child(grace)
                     return None
                 if sig != signal.SIGCHLD:
@@ -272,6 +346,8 @@ class Supervisor:
         from .runtime import is_mountpoint
 
         mp = str(self.mountpoint)
+        if self.early_flush is not None:
+            self.early_flush.finish()
         if is_mountpoint(self.mountpoint):
             log.info("unmounting %s", mp)
             try:

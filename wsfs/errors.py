@@ -69,3 +69,15 @@ class DamageError(WsfsError):
     """`wsfs fsck` found damage: blocks missing or corrupt, or inconsistent metadata."""
 
     exit_code = 9
+
+
+class CommandNotExecutable(WsfsError):
+    """`wsfs run`: the command was found but cannot be executed (as a shell exits)."""
+
+    exit_code = 126
+
+
+class CommandNotFound(WsfsError):
+    """`wsfs run`: the command was not found (as a shell exits)."""
+
+    exit_code = 127

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Container entrypoint: mount the workspace, prepare /data, run the notebook command ("$@"), and
-# on SIGTERM stop it, flush every byte to the store and unmount (see `wsfs run --help`).
+# on SIGTERM upload every byte to the store while stopping it, then unmount (`wsfs run --help`).
 #
 # Configuration comes from the environment; nothing secret ever goes on a command line:
 #   WSFS_STORE              s3://BUCKET[/PREFIX] or file:///DIR (required)
@@ -12,7 +12,8 @@
 #   WSFS_DIRTY_LIMIT        dirty bytes at which writers wait for uploads, e.g. 2G
 #   WSFS_FLUSH_DELAY        seconds a change may wait before it is uploaded
 #   WSFS_UNMOUNT_TIMEOUT    seconds the final flush retries an unreachable store
-#   WSFS_STOP_TIMEOUT       seconds the notebook gets after SIGTERM before SIGKILL (default 10)
+#   WSFS_STOP_TIMEOUT       seconds the notebook gets after SIGTERM before SIGKILL (default 3;
+#                           the upload starts at the SIGTERM, alongside)
 #   WSFS_ENDPOINT_URL       S3 endpoint (OVHcloud, MinIO, Ceph RGW, ...); WSFS_REGION its region
 #   WSFS_OPTIONS            extra mount options, comma-separated (allow_other,fsync=remote,...)
 #   WSFS_INIT               1: create the workspace if the store holds none
