@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pty
 import select
+import signal
 import socket
 import subprocess
 import time
@@ -14,7 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, is_mounted, wait_for
+from conftest import WSFS, Workspace, is_mounted, wait_for, wait_pid_gone
+
+from wsfs.errors import DaemonGoneError, MountError
 
 MiB = 1 << 20
 
@@ -143,6 +147,89 @@ def test_sync_with_nothing_to_do_and_repeated(mounted: Workspace) -> None:
     st = status_json(mounted, str(mnt))
     assert isinstance(st, dict) and st["dirty_bytes"] == 0 and st["syncs"] >= 4
     mounted.unmount()
+
+
+def test_status_of_a_mount_whose_daemon_was_killed(ws: Workspace) -> None:
+    """A daemon killed by SIGKILL leaves a dead mount ('Transport endpoint is not connected')
+    and a status.json that says "serving": `wsfs status` said so too, with the lease
+    "renewed 1s ago", and exited 0. It must say the mount is dead and how to recover, exit
+    with its own code, and not be fooled by the dead daemon's pid running another process."""
+    mnt = ws.mount(flush_delay=300)
+    (mnt / "unsaved.txt").write_text("only in the cache dir\n")
+    os.sync()
+    wait_for("the dirty block in status",
+             lambda: ws.status()["dirty_blocks"] == 1, timeout=10)  # type: ignore[comparison-overlap]
+    pid = ws.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_pid_gone(pid)
+    assert is_mounted(mnt)  # dead, still mounted: ENOTCONN
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt)
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # (the first access)
+
+    def check_dead(mounted: bool) -> None:
+        r = ws.wsfs("status", str(mnt), check=False)
+        assert r.returncode == DaemonGoneError.exit_code, r
+        assert f"{mnt}: dead" in r.stdout and f"pid {pid}" in r.stdout, r.stdout
+        assert "serving" not in r.stdout and "renewed" not in r.stdout, r.stdout
+        assert f"wsfs unmount {mnt}" in r.stdout and str(ws.cache_dir) in r.stdout
+        assert r.stderr.startswith("wsfs: the daemon of") and "is gone" in r.stderr
+        assert ("Transport endpoint is not connected" in r.stdout) == mounted
+        r = ws.wsfs("status", str(mnt), "--json", check=False)
+        assert r.returncode == DaemonGoneError.exit_code
+        st = json.loads(r.stdout)
+        assert st["state"] == "dead" and st["last_state"] == "serving" and not st["alive"]
+        assert st["mounted"] == mounted and st["dirty_blocks"] == 1
+        r = ws.wsfs("status", check=False)
+        assert r.returncode == DaemonGoneError.exit_code
+        assert [line.split()[1] for line in r.stdout.splitlines()
+                if line.startswith(f"{mnt} ")] == ["dead"], r.stdout
+        r = ws.wsfs("sync", str(mnt), check=False)
+        assert r.returncode == DaemonGoneError.exit_code and "is gone" in r.stderr, r
+
+    check_dead(mounted=True)
+    # the dead daemon's pid, taken by another process (a container's pids are few)
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        for path in (ws.cache_dir / "status.json", *(ws.root / "run").glob("*.json")):
+            record = json.loads(path.read_text())
+            record["pid"] = other.pid
+            path.write_text(json.dumps(record))
+        pid = other.pid
+        check_dead(mounted=True)
+    finally:
+        other.kill()
+        other.wait()
+
+    # `wsfs unmount` recovers: unmounts the dead mount, forgets it, says what to do
+    r = ws.wsfs("unmount", str(mnt), check=False)
+    assert r.returncode == DaemonGoneError.exit_code, r
+    assert "unmounted now" in r.stderr and str(ws.cache_dir) in r.stderr
+    assert not is_mounted(mnt)
+    r = ws.wsfs("status", str(mnt), check=False)
+    assert r.returncode == MountError.exit_code and "not a wsfs mount" in r.stderr
+    assert (ws.mount() / "unsaved.txt").read_text() == "only in the cache dir\n"
+    ws.unmount()
+    ws.fresh_cache()
+    assert (ws.mount() / "unsaved.txt").read_text() == "only in the cache dir\n"
+    ws.unmount()
+
+
+def test_status_of_a_killed_daemon_whose_mount_was_cleared(ws: Workspace) -> None:
+    mnt = ws.mount()
+    pid = ws.daemon_pid()
+    ws.kill()  # SIGKILL, then the dead mount cleared away
+    assert not is_mounted(mnt)
+    r = ws.wsfs("status", str(mnt), "--json", check=False)
+    assert r.returncode == DaemonGoneError.exit_code, r
+    st = json.loads(r.stdout)
+    assert st["state"] == "dead" and st["pid"] == pid and not st["mounted"]
+    r = ws.wsfs("status", str(mnt), check=False)
+    assert "mount:       gone already" in r.stdout, r.stdout
+    r = ws.wsfs("unmount", str(mnt), check=False)
+    assert r.returncode == DaemonGoneError.exit_code and "unmounted now" in r.stderr, r
+    assert str(mnt) not in ws.wsfs("status").stdout
 
 
 def scrape(port: int, path: str = "/metrics") -> dict[str, float]:

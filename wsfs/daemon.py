@@ -40,6 +40,7 @@ from .readahead import set_readahead
 from .runtime import (
     favour_the_fuse_thread,
     limit_malloc_arenas,
+    process_start,
     registry_path,
     sd_notify,
     write_registry,
@@ -78,6 +79,7 @@ class Daemon:
         self.unmounting = False
         # figures for `wsfs status` and --metrics (see status())
         self.started = time.time()
+        self.pid_start = process_start(os.getpid())  # tells this daemon from a pid reused
         self.rate = RateMeter()
         self.upload_rate = 0.0
         self.cache_bytes = 0
@@ -305,7 +307,8 @@ class Daemon:
         f, b = self.flusher, self.blocks
         lease = self.lease
         return {
-            "pid": os.getpid(), "state": self.state, "store": self.cfg.store_url,
+            "pid": os.getpid(), "pid_start": self.pid_start, "state": self.state,
+            "store": self.cfg.store_url,
             "mountpoint": str(self.cfg.mountpoint), "cache_dir": str(self.cache_dir),
             "time": time.time(), "started": self.started, "version": __version__,
             "dirty_bytes": b.dirty_bytes if b else 0, "dirty_blocks": b.dirty_count if b else 0,

@@ -71,6 +71,20 @@ class DamageError(WsfsError):
     exit_code = 9
 
 
+class DaemonGoneError(WsfsError):
+    """The daemon of a mount was killed or crashed: the mount is dead until it is unmounted
+    and mounted again (what the daemon had received stays in its cache dir)."""
+
+    exit_code = 10
+
+    @classmethod
+    def of(cls, mountpoint: object, pid: object, cache_dir: object) -> DaemonGoneError:
+        return cls(f"the daemon of {mountpoint} (pid {pid}) is gone: the mount is dead; "
+                   f"recover with `wsfs unmount {mountpoint}` (or `fusermount3 -uz "
+                   f"{mountpoint}`) and mount it again: the unsaved data stays in {cache_dir} "
+                   "and the next mount with that cache dir uploads it")
+
+
 class CommandNotExecutable(WsfsError):
     """`wsfs run`: the command was found but cannot be executed (as a shell exits)."""
 

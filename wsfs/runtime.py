@@ -51,8 +51,8 @@ def write_registry(mountpoint: Path, cache_dir: Path, store_url: str) -> None:
     """Record this process as the daemon serving `mountpoint`."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     registry_path(mountpoint).write_text(json.dumps(
-        {"pid": os.getpid(), "mountpoint": str(mountpoint), "cache_dir": str(cache_dir),
-         "store": store_url}))
+        {"pid": os.getpid(), "pid_start": process_start(os.getpid()),
+         "mountpoint": str(mountpoint), "cache_dir": str(cache_dir), "store": store_url}))
 
 
 def env_seconds(name: str, default: float, *, positive: bool = False) -> float:
@@ -90,6 +90,23 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(") ")[-1][0] != "Z"
     except OSError:
         return False
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat);
+    None if there is no such process. With the pid it names one process for good: a pid is
+    reused, a (pid, start) pair is not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def daemon_alive(pid: int, start: int | None) -> bool:
+    """Whether the daemon recorded as (`pid`, `start`) still runs: a dead daemon's pid may
+    be another process's by now (`start` None: recorded by an older wsfs, trust the pid)."""
+    return pid_alive(pid) and (start is None or process_start(pid) == start)
 
 
 def sd_notify(message: str) -> None:

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .control import SyncRequest
-from .errors import FlushError, MountError
+from .errors import DaemonGoneError, FlushError, MountError
 from .progress import Progress, human_bytes, human_seconds
 from .runtime import (
     RUN_DIR,
     canonical_mountpoint,
+    daemon_alive,
     is_mountpoint,
     mount_field,
-    pid_alive,
     registry_path,
 )
 
@@ -39,6 +39,7 @@ class MountEntry:
     pid: int | None
     cache_dir: str | None
     store: str | None
+    pid_start: int | None = None  # the daemon's start (runtime.process_start): pid reuse
 
 
 def _proc_wsfs_mounts() -> dict[str, str]:
@@ -64,8 +65,7 @@ def list_mounts() -> list[MountEntry]:
             reg = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        entries[reg["mountpoint"]] = MountEntry(reg["mountpoint"], int(reg["pid"]),
-                                                reg["cache_dir"], reg.get("store"))
+        entries[reg["mountpoint"]] = entry_of(reg)
     for mp, source in _proc_wsfs_mounts().items():
         entries.setdefault(mp, MountEntry(mp, None, None, source))
     return sorted(entries.values(), key=lambda e: e.mountpoint)
@@ -84,11 +84,22 @@ def registry_entry(mountpoint: Path) -> MountEntry:
             raise MountError(f"{mp} is mounted but not registered in {RUN_DIR}; set "
                              "WSFS_RUN_DIR to the run dir its daemon was started with")
         raise MountError(f"{mp} is not a wsfs mount; list the mounts with `wsfs status`")
-    return MountEntry(reg["mountpoint"], int(reg["pid"]), reg["cache_dir"], reg.get("store"))
+    return entry_of(reg)
+
+
+def entry_of(reg: dict[str, Any]) -> MountEntry:
+    """A registry file's record."""
+    return MountEntry(reg["mountpoint"], int(reg["pid"]), reg["cache_dir"], reg.get("store"),
+                      reg.get("pid_start"))
 
 
 def read_status(entry: MountEntry) -> dict[str, Any]:
-    """The daemon's status.json, with `alive` and `stale` added; {} when there is none."""
+    """The daemon's status.json, with `alive`, `stale` and `mounted` added.
+
+    A registered daemon that no longer runs (or whose pid is another process's by now) was
+    killed or crashed: its `state` becomes "dead", whatever it last wrote (kept as
+    `last_state`), and its figures are those of its last moment.
+    """
     st: dict[str, Any] = {}
     if entry.cache_dir is not None:
         try:
@@ -99,8 +110,14 @@ def read_status(entry: MountEntry) -> dict[str, Any]:
     st.setdefault("store", entry.store)
     st.setdefault("cache_dir", entry.cache_dir)
     st.setdefault("pid", entry.pid)
-    alive = entry.pid is not None and pid_alive(entry.pid)
+    start = entry.pid_start
+    if start is None and st.get("pid") == entry.pid:
+        start = st.get("pid_start")
+    alive = entry.pid is not None and daemon_alive(entry.pid, start)
     st["alive"] = alive
+    st["mounted"] = is_mountpoint(Path(entry.mountpoint))
+    if entry.pid is not None and not alive and st.get("state") not in ("done", "failed"):
+        st["last_state"], st["state"] = st.get("state"), "dead"
     st["stale"] = alive and time.time() - float(st.get("time") or 0) > STALE_AFTER
     if st.get("last_checkpoint_time") is not None:
         st["checkpoint_age"] = time.time() - float(st["last_checkpoint_time"])
@@ -111,8 +128,10 @@ def format_status(st: dict[str, Any]) -> str:
     """A person's view of one mount's status."""
     now = time.time()
     state = st.get("state", "unknown")
-    if not st.get("alive"):
-        state = "no daemon (registry only)" if st.get("pid") else "unknown (not in the registry)"
+    if st.get("pid") is None:
+        state = "unknown (not in the registry)"
+    elif state == "dead":
+        return _format_dead(st)
     elif st.get("stale"):
         state += f" (no update for {human_seconds(now - float(st.get('time') or 0))}: stuck?)"
     head = f"{st['mountpoint']}: {state}"
@@ -158,14 +177,40 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_dead(st: dict[str, Any]) -> str:
+    """A mount whose daemon is gone: what is left of it, and how to recover."""
+    mp = st["mountpoint"]
+    lines = [f"{mp}: dead (its daemon, pid {st['pid']}, is gone: killed or crashed)",
+             f"  store:       {st.get('store')}", f"  cache dir:   {st.get('cache_dir')}"]
+    if st.get("mounted"):
+        lines.append("  mount:       still there; every access fails with 'Transport "
+                     "endpoint is not connected'")
+    else:
+        lines.append("  mount:       gone already")
+    if "dirty_bytes" in st:
+        lines.append(f"  unsaved:     {human_bytes(st['dirty_bytes'])} in {st['dirty_blocks']} "
+                     "dirty blocks at the daemon's last report (in the cache dir)")
+    lines.append(f"  recover:     `wsfs unmount {mp}` (or `fusermount3 -uz {mp}`), then mount "
+                 "again with the same cache dir: the next mount uploads the unsaved data")
+    return "\n".join(lines)
+
+
+def dead_error(rows: list[dict[str, Any]]) -> DaemonGoneError | None:
+    """The error `wsfs status` exits with when a mount's daemon is gone."""
+    for st in rows:
+        if st.get("state") == "dead":
+            return DaemonGoneError.of(st["mountpoint"], st["pid"], st.get("cache_dir"))
+    return None
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per mount: the answer to "is everything saved?" for the whole machine."""
     if not rows:
         return "no wsfs mounts on this machine"
     out = [f"{'MOUNTPOINT':<30} {'STATE':<10} {'UNSAVED':>10} {'CHECKPOINT':<16} STORE"]
     for st in rows:
-        state = (st.get("state", "?") if st.get("alive")
-                 else "gone" if st.get("pid") else "unregistered")
+        state = (st.get("state", "?") if st.get("alive") or st.get("pid")
+                 else "unregistered")
         if st.get("stale"):
             state += "?"
         age = st.get("checkpoint_age")
@@ -177,13 +222,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def show(mountpoint: Path | None, *, as_json: bool) -> str:
-    """The text `wsfs status` prints."""
+def show(mountpoint: Path | None, *, as_json: bool) -> tuple[str, DaemonGoneError | None]:
+    """The text `wsfs status` prints, and the error it exits with (a dead mount) if any."""
     if mountpoint is None:
         rows = [read_status(e) for e in list_mounts()]
-        return json.dumps(rows, indent=1) if as_json else format_table(rows)
+        return (json.dumps(rows, indent=1) if as_json else format_table(rows)), dead_error(rows)
     st = read_status(registry_entry(mountpoint))
-    return json.dumps(st, indent=1) if as_json else format_status(st)
+    return (json.dumps(st, indent=1) if as_json else format_status(st)), dead_error([st])
 
 
 def sync(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> str:
@@ -197,9 +242,9 @@ def sync(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> s
 
     entry = registry_entry(mountpoint)
     assert entry.pid is not None and entry.cache_dir is not None
-    if not pid_alive(entry.pid):
-        raise MountError(f"the wsfs daemon of {entry.mountpoint} (pid {entry.pid}) is gone; "
-                         "unmount it with `fusermount3 -u` and mount it again")
+    st = read_status(entry)
+    if st["state"] == "dead":
+        raise DaemonGoneError.of(entry.mountpoint, entry.pid, entry.cache_dir)
     try:
         pyfuse3.syncfs(entry.mountpoint)
     except OSError as e:
@@ -219,7 +264,7 @@ def sync(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> s
                                      "data stays in the cache dir and the daemon keeps trying")
                 return (f"synced {entry.mountpoint}: checkpoint #{st.get('checkpoint')} "
                         f"in {human_seconds(time.monotonic() - start)}")
-            if not pid_alive(entry.pid):
+            if not st["alive"]:
                 if st.get("state") == "done":  # unmounted meanwhile: the final flush saved all
                     return f"synced {entry.mountpoint}: it was unmounted and fully uploaded"
                 raise FlushError(f"the wsfs daemon of {entry.mountpoint} stopped before the "

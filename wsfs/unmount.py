@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pyfuse3
 
-from .errors import FlushError, MountError
+from .errors import DaemonGoneError, FlushError, MountError
 from .progress import Progress
-from .runtime import canonical_mountpoint, is_mountpoint, pid_alive, registry_path
+from .runtime import canonical_mountpoint, daemon_alive, is_mountpoint, registry_path
+from .status import entry_of, read_status
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
         reg = json.loads(reg_path.read_text())
     except (OSError, ValueError):
         reg = None
+    if reg is not None and read_status(entry_of(reg))["state"] == "dead":
+        clear_dead_mount(mp, reg_path, reg)
     if not is_mountpoint(mp):
         raise MountError(f"{mp} is not mounted")
     if reg is None:
@@ -44,11 +47,27 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
         raise MountError(f"cannot unmount {mp}: {result.stderr.strip()}; close the files "
                          "and shells using it and try again")
     wait_for_daemon(int(reg["pid"]), Path(reg["cache_dir"]), progress=progress,
-                    timeout=timeout)
+                    timeout=timeout, pid_start=reg.get("pid_start"))
 
 
-def wait_for_daemon(pid: int, cache_dir: Path, *, progress: bool,
-                    timeout: float | None) -> None:
+def clear_dead_mount(mp: Path, reg_path: Path, reg: dict[str, object]) -> None:
+    """Unmount a mount whose daemon was killed (every access to it fails with ENOTCONN),
+    forget its registry record, and raise DaemonGoneError: nothing was uploaded."""
+    if is_mountpoint(mp):
+        result = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
+        if result.returncode != 0:  # busy: detach it, the files open there fail anyway
+            log.warning("fusermount3 -u %s failed (%s): unmounting lazily", mp,
+                        result.stderr.strip())
+            subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True, text=True)
+    reg_path.unlink(missing_ok=True)
+    raise DaemonGoneError(
+        f"the daemon of {mp} (pid {reg['pid']}) was gone (killed or crashed): {mp} is "
+        f"unmounted now; mount it again with the cache dir {reg['cache_dir']}: the next "
+        "mount uploads the data the daemon had not saved")
+
+
+def wait_for_daemon(pid: int, cache_dir: Path, *, progress: bool, timeout: float | None,
+                    pid_start: object = None) -> None:
     """Wait for the daemon to exit; succeed only if it reported every byte uploaded.
 
     `progress`: redraw a progress line on stderr (a terminal); it is logged either way.
@@ -56,7 +75,7 @@ def wait_for_daemon(pid: int, cache_dir: Path, *, progress: bool,
     status_file = cache_dir / "status.json"
     start = time.monotonic()
     display = Progress("flushing", tty=progress)
-    while pid_alive(pid):
+    while daemon_alive(pid, pid_start if isinstance(pid_start, int) else None):
         if timeout is not None and time.monotonic() - start > timeout:
             raise FlushError(f"the wsfs daemon (pid {pid}) is still flushing after "
                              f"{timeout:.0f}s; it goes on alone")

@@ -98,7 +98,10 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
 def cmd_status(args: argparse.Namespace) -> int:
     from ..status import show
 
-    print(show(args.mountpoint, as_json=args.json))
+    text, dead = show(args.mountpoint, as_json=args.json)
+    print(text, flush=True)
+    if dead is not None:  # after the figures: a script reads both, a person sees the fix
+        raise dead
     return 0
 
 
