@@ -249,6 +249,14 @@ def test_nonsense_init_options(tmp_path: Path, args: list[str], words: str) -> N
     check_refused(r, UsageError.exit_code, words)
 
 
+def test_mount_init_owner_must_be_numbers(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = run_wsfs("mount", f"file://{tmp_path / 's'}", str(mnt), "--init", "--owner", "jovyan",
+                 "--cache-dir", str(tmp_path / "cache"), check=False, timeout=TIMEOUT)
+    check_refused(r, UsageError.exit_code, "UID:GID")
+
+
 def test_bad_unmount_timeout(ws: Workspace) -> None:
     check_refused(attempt(ws, "unmount", str(ws.mnt), "--timeout", "-2"),
                   UsageError.exit_code, "zero or more")

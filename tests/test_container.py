@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import pwd
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -29,7 +34,10 @@ from wsfs import errors
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT_SH = ROOT / "packaging" / "container" / "entrypoint.sh"
-BIN_DIR = Path(sys.executable).parent  # where the `wsfs` console script is
+DOCKERFILE = ROOT / "packaging" / "container" / "Dockerfile"
+# `wsfs` for entrypoint.sh: this tree's code (a console script may be an older install).
+WSFS_SCRIPT = (f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.path.insert(0, "
+               f"{json.dumps(str(ROOT))}); from wsfs.cli import main; sys.exit(main())' \"$@\"\n")
 
 # The "notebook": writes through the mount and into the data dir, records itself, then waits.
 # argv: MODE WORKSPACE DATA_DIR OUT_DIR; MODE is trap (SIGTERM: write goodbye, exit 0),
@@ -53,6 +61,8 @@ with open(os.path.join(data, "only-in-data-" + token), "w") as f:
     f.write(("DATA " + token + "\n") * 5000)
 with open(os.path.join(out, "env.txt"), "w") as f:
     f.write("\n".join(f"{k}={v}" for k, v in sorted(os.environ.items())))
+with open(os.path.join(out, "ids.txt"), "w") as f:
+    f.write(f"{os.getuid()}:{os.getgid()}")
 def on_usr1(signum, frame):
     open(os.path.join(out, "got-usr1"), "w").close()
 def on_term(signum, frame):
@@ -74,7 +84,7 @@ while True:
 class Entrypoint:
     """One run of the entrypoint as a plain process, with its output in a file."""
 
-    def __init__(self, ws: Workspace, mode: str) -> None:
+    def __init__(self, ws: Workspace, mode: str, python: str = sys.executable) -> None:
         self.ws = ws
         self.out = ws.root / "out"
         self.out.mkdir(exist_ok=True)
@@ -82,7 +92,7 @@ class Entrypoint:
         self.token = uuid.uuid4().hex
         (self.out / "data-token").write_text(self.token)
         (self.out / "child.py").write_text(CHILD)
-        self.child = [sys.executable, str(self.out / "child.py"), mode, str(ws.mnt),
+        self.child = [python, str(self.out / "child.py"), mode, str(ws.mnt),
                       str(self.data), str(self.out)]
         self.log = ws.root / "entrypoint.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -96,7 +106,11 @@ class Entrypoint:
 
     def start_script(self, env: dict[str, str]) -> None:
         """packaging/container/entrypoint.sh CHILD, configured by the environment only."""
-        full = {**env, "PATH": f"{BIN_DIR}:{env.get('PATH', os.environ['PATH'])}",
+        bin_dir = self.ws.root / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        (bin_dir / "wsfs").write_text(WSFS_SCRIPT)
+        (bin_dir / "wsfs").chmod(0o755)
+        full = {**env, "PATH": f"{bin_dir}:{env.get('PATH', os.environ['PATH'])}",
                 "WSFS_RUN_DIR": self.ws.env["WSFS_RUN_DIR"]}
         self._start([str(ENTRYPOINT_SH), *self.child], full)
 
@@ -460,6 +474,84 @@ def test_credentials_file_readable_by_others_is_refused(
     assert f"chmod 600 {creds}" in result.stderr
     assert secret_rclone.secret_key not in result.stderr
     assert not is_mounted(ws.mnt)
+
+
+def dockerfile_env_and_cmd() -> tuple[dict[str, str], list[str]]:
+    """The example image's ENV and CMD, as `docker build` reads them."""
+    env: dict[str, str] = {}
+    cmd: list[str] = []
+    for line in DOCKERFILE.read_text().replace("\\\n", " ").splitlines():
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[4:]))  # type: ignore[misc]
+        elif line.startswith("CMD "):
+            cmd = json.loads(line[4:])
+    return env, cmd
+
+
+@pytest.fixture
+def open_root() -> Iterator[Path]:
+    """A directory other users may traverse (pytest's tmp_path is root's alone)."""
+    root = Path(tempfile.mkdtemp(prefix="wsfs-image-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root
+    if not is_mounted(root / "mnt"):  # never delete through a mount left behind
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(240)
+def test_the_image_runs_the_notebook_as_its_user_with_its_environment(open_root: Path) -> None:
+    """The example image's ENV and CMD through entrypoint.sh, at a notebook's first start
+    (WSFS_INIT=1): the command runs as WSFS_USER with the container's environment, the S3
+    keys excepted, and owns the new workspace's root and /data, so it can write there."""
+    image_env, cmd = dockerfile_env_and_cmd()
+    assert cmd[:2] == ["jupyter", "lab"], cmd  # the notebook itself: no --reset-env wrapper
+    assert image_env["WSFS_USER"] == "jovyan"
+    nobody = pwd.getpwnam("nobody")  # this machine has no jovyan: the same with another user
+    python = "/usr/bin/python3"  # the child needs a Python that nobody may run (a venv under
+    if not os.access(python, os.X_OK):  # /root is root's alone)
+        pytest.skip(f"no {python}")
+    (open_root / "store").mkdir()
+    ws = Workspace(open_root, f"file://{open_root / 'store'}")  # no workspace yet
+    ep = Entrypoint(ws, "trap", python)
+    ep.out.chmod(0o777)
+    token, secret = uuid.uuid4().hex, f"sk-{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WSFS_", "AWS_"))}
+    env.update(image_env)
+    env.update({"WSFS_USER": "nobody", "WSFS_MOUNTPOINT": str(ws.mnt),
+                "WSFS_DATA_DIR": str(ep.data), "WSFS_CACHE_DIR": str(ws.cache_dir),
+                "WSFS_STORE": ws.store_url, "WSFS_INIT": "1", "WSFS_FLUSH_DELAY": "30",
+                "JUPYTER_TOKEN": token, "CUDA_VISIBLE_DEVICES": "0,1",
+                "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": secret})
+    try:
+        ep.start_script(env)
+        ep.wait_ready()
+        assert (ep.out / "ids.txt").read_text() == f"{nobody.pw_uid}:{nobody.pw_gid}"
+        child = dict(line.split("=", 1) for line in
+                     (ep.out / "env.txt").read_text().splitlines() if "=" in line)
+        assert child["JUPYTER_TOKEN"] == token
+        assert child["CUDA_VISIBLE_DEVICES"] == "0,1"
+        assert child["HOME"] == nobody.pw_dir
+        assert child["USER"] == child["LOGNAME"] == "nobody"
+        assert child["PATH"].endswith(env["PATH"])
+        assert "AWS_ACCESS_KEY_ID" not in child and secret not in str(child)
+        assert ep.data.stat().st_uid == nobody.pw_uid
+        assert ep.proc is not None
+        ep.proc.send_signal(signal.SIGTERM)
+        assert ep.wait() == 0, ep.output()
+        mnt = verify_on_empty_cache(ep, goodbye=True)
+        assert (mnt.stat().st_uid, mnt.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        assert (mnt / "big.bin").stat().st_uid == nobody.pw_uid
+        ws.unmount()
+    finally:
+        ep.stop()
+
+
+def test_entrypoint_script_needs_a_user_of_the_image(tmp_path: Path) -> None:
+    env = {**os.environ, "WSFS_STORE": f"file://{tmp_path}", "WSFS_USER": "no-such-user-wsfs"}
+    result = subprocess.run([str(ENTRYPOINT_SH), "true"], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert result.returncode == 2
+    assert "WSFS_USER=no-such-user-wsfs" in result.stderr
 
 
 def test_entrypoint_script_needs_a_store(tmp_path: Path) -> None:

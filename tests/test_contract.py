@@ -165,6 +165,21 @@ def test_mount_init_creates_a_new_workspace(bare: Workspace) -> None:
         bare.teardown()
 
 
+def test_mount_init_owner_owns_the_new_root_directory(bare: Workspace) -> None:
+    """`--owner UID:GID` with `--init`, as `wsfs init --owner`: a notebook user who is not the
+    mounting root can write in the workspace it gets."""
+    try:
+        mnt = bare.mount("--init", "--owner", "4321:8765")
+        st = mnt.stat()
+        assert (st.st_uid, st.st_gid) == (4321, 8765)
+        mnt = bare.remount(wipe_cache=True)  # it is in the store, not only in this cache
+        st = mnt.stat()
+        assert (st.st_uid, st.st_gid) == (4321, 8765)
+        bare.unmount()
+    finally:
+        bare.teardown()
+
+
 def test_mount_init_keeps_an_existing_workspace(ws: Workspace) -> None:
     first = superblock(ws)["workspace_id"]
     mnt = ws.mount()

@@ -72,6 +72,14 @@ def parse_dir(text: str, what: str) -> Path:
     return Path(text)
 
 
+def parse_owner(text: str, what: str) -> tuple[int, int]:
+    """UID:GID in numbers: names would be looked up on this machine, not where it is used."""
+    m = re.fullmatch(r"(\d+):(\d+)", text)
+    if not m:
+        raise UsageError(f"{what} must be UID:GID in numbers, not {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def parse_label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -140,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--framework", default=None, help="with --init: framework in the marker")
     sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                     help="with --init: label in the marker")
+    sp.add_argument("--owner", default=None, metavar="UID:GID",
+                    help="with --init: owner of the root directory (default: the mounting user)")
     sp.add_argument("--force", action="store_true",
                     help="take the workspace over even if another mount holds its lease")
     sp.add_argument("--metrics", default=None, metavar="ADDR:PORT",
@@ -217,12 +227,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .store import open_store, probe
     from .workspace import create
 
-    owner = (os.getuid(), os.getgid())
-    if args.owner:
-        m = re.fullmatch(r"(\d+):(\d+)", args.owner)
-        if not m:
-            raise UsageError(f"--owner must be UID:GID in numbers, not {args.owner!r}")
-        owner = (int(m.group(1)), int(m.group(2)))
+    owner = parse_owner(args.owner, "--owner") if args.owner else (os.getuid(), os.getgid())
     labels = dict(parse_label(x) for x in args.label)
     store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
     probe(store)
@@ -246,6 +251,7 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         foreground=args.foreground, endpoint_url=args.endpoint_url, region=args.region,
         init=args.init, framework=args.framework,
         labels=dict(parse_label(x) for x in args.label), force=args.force,
+        owner=None if args.owner is None else parse_owner(args.owner, "--owner"),
     )
     cfg.metrics = getattr(args, "metrics", None)
     apply_options(cfg, args.options)

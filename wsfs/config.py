@@ -32,6 +32,7 @@ class MountConfig:
     init: bool = False
     framework: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    owner: tuple[int, int] | None = None  # with init: of the root directory (None: ours)
     force: bool = False
     nonempty: bool = False
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint, off when None

@@ -119,7 +119,7 @@ class Daemon:
             if not cfg.init:
                 raise
             sb = await create(store, framework=cfg.framework, labels=cfg.labels,
-                              owner=(os.getuid(), os.getgid()))
+                              owner=cfg.owner or (os.getuid(), os.getgid()))
         lock = take_cache_lock(self.cache_dir)
         lease = Lease(store, str(self.cache_dir))
         prefetched = await take_lease(lease, cfg.force,

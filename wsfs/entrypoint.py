@@ -22,7 +22,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import select
 import signal
 import stat
@@ -143,11 +142,10 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
     if fstype_of(data).startswith("fuse.wsfs"):
         raise UsageError(f"the data dir {data} is on a wsfs mount; it must be local disk")
     if owner:
-        m = re.fullmatch(r"(\d+):(\d+)", owner)
-        if not m:
-            raise UsageError(f"--data-owner must be UID:GID in numbers, not {owner!r}")
+        from .cli import parse_owner
+
         try:
-            os.chown(data, int(m.group(1)), int(m.group(2)))
+            os.chown(data, *parse_owner(owner, "--data-owner"))
         except OSError as e:
             raise MountError(f"cannot give the data dir {data} to {owner} ({e.strerror}); "
                              "run as root, or leave --data-owner out") from None

@@ -6,7 +6,8 @@
 #   WSFS_STORE              s3://BUCKET[/PREFIX] or file:///DIR (required)
 #   WSFS_MOUNTPOINT         where to mount it (default /workspace)
 #   WSFS_DATA_DIR           plain local scratch directory (default /data; empty: none)
-#   WSFS_DATA_OWNER         UID:GID to chown the data dir to (default: left as it is)
+#   WSFS_DATA_OWNER         UID:GID to chown the data dir to (default: WSFS_USER's, else left
+#                           as it is)
 #   WSFS_CACHE_DIR          local cache directory (default /var/cache/wsfs/<hash of store>)
 #   WSFS_CACHE_SIZE         clean block cache limit, e.g. 10G
 #   WSFS_DIRTY_LIMIT        dirty bytes at which writers wait for uploads, e.g. 2G
@@ -16,7 +17,12 @@
 #                           the upload starts at the SIGTERM, alongside)
 #   WSFS_ENDPOINT_URL       S3 endpoint (OVHcloud, MinIO, Ceph RGW, ...); WSFS_REGION its region
 #   WSFS_OPTIONS            extra mount options, comma-separated (allow_other,fsync=remote,...)
+#   WSFS_USER               the user the command runs as (a name or uid in /etc/passwd): its
+#                           uid, gid and groups, HOME, USER, LOGNAME and SHELL; the rest of the
+#                           environment is kept (JUPYTER_TOKEN, CUDA_VISIBLE_DEVICES, PATH, ...).
+#                           Unset: root, like wsfs itself (which mounts)
 #   WSFS_INIT               1: create the workspace if the store holds none
+#   WSFS_OWNER              with WSFS_INIT: UID:GID owning its root directory (default: WSFS_USER's)
 #   WSFS_FRAMEWORK          with WSFS_INIT: the framework recorded in the marker
 #   WSFS_LABELS             with WSFS_INIT: labels for the marker, comma-separated KEY=VALUE
 #   WSFS_VERBOSE            1: more log output
@@ -33,6 +39,20 @@ fi
 if [ $# -eq 0 ]; then
     echo "wsfs-entrypoint: no command to run; give the notebook command as the container's CMD" >&2
     exit 2
+fi
+
+if [ -n "${WSFS_USER:-}" ]; then
+    # passwd: name:password:uid:gid:gecos:home:shell
+    if ! IFS=: read -r user _ uid gid _ home shell < <(getent passwd "$WSFS_USER"); then
+        echo "wsfs-entrypoint: WSFS_USER=$WSFS_USER is no user of this image; create it" \
+             "(useradd) or fix WSFS_USER" >&2
+        exit 2
+    fi
+    : "${WSFS_OWNER:=$uid:$gid}" "${WSFS_DATA_OWNER:=$uid:$gid}"
+    # Not `setpriv --reset-env`: the notebook needs the container's environment. `wsfs run`
+    # withholds the credentials from it.
+    set -- setpriv --reuid="$uid" --regid="$gid" --init-groups \
+        env HOME="$home" USER="$user" LOGNAME="$user" SHELL="${shell:-/bin/sh}" "$@"
 fi
 
 args=(run --mount "$WSFS_STORE" "${WSFS_MOUNTPOINT:-/workspace}" --data-dir "${WSFS_DATA_DIR-/data}")
@@ -53,6 +73,7 @@ case "${WSFS_KEEP_CREDENTIALS:-0}" in 1|yes|true) args+=(--keep-credentials) ;; 
 case "${WSFS_INIT:-0}" in
     1|yes|true)
         args+=(--init)
+        [ -n "${WSFS_OWNER:-}" ] && args+=(--owner "$WSFS_OWNER")
         [ -n "${WSFS_FRAMEWORK:-}" ] && args+=(--framework "$WSFS_FRAMEWORK")
         if [ -n "${WSFS_LABELS:-}" ]; then
             IFS=, read -r -a labels <<< "$WSFS_LABELS"
