@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import WSFS, Workspace, is_mounted, wait_for, wait_pid_gone
+from faultproxy import FaultProxy
 
 from wsfs.errors import DaemonGoneError, MountError
 
@@ -274,6 +275,100 @@ def test_metrics_endpoint(ws: Workspace) -> None:
     assert (mnt / "m.bin").read_bytes() == data
     m = scrape(port)
     assert m["wsfs_cache_misses_total"] >= 1
+    ws.unmount()
+
+
+def families(port: int) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    """A scrape parsed by prometheus_client: family name -> [(sample, labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {f.name: [(s.name, s.labels, s.value) for s in f.samples]
+            for f in text_string_to_metric_families(text)}
+
+
+def sample(fams: dict[str, list[tuple[str, dict[str, str], float]]], name: str,
+           **labels: str) -> float:
+    """The value of one sample (by its full name and some of its labels), summed over the
+    others: `sample(m, "wsfs_fuse_request_seconds_count", op="write")`."""
+    family = name.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
+    values = [v for n, lb, v in fams.get(family, []) if n == name
+              and all(lb.get(k) == want for k, want in labels.items())]
+    assert values, f"no sample {name}{labels} in the scrape"
+    return sum(values)
+
+
+def test_metrics_latency_histograms_and_process(ws: Workspace) -> None:
+    """Histograms of the FUSE requests by operation and of the store requests by kind, whose
+    counts grow with the work done; and the process's figures."""
+    port = free_port()
+    before_mount = time.time()
+    mnt = ws.mount("--metrics", f"127.0.0.1:{port}", flush_delay=300)
+    (mnt / "a.bin").write_bytes(os.urandom(MiB))
+    m = families(port)
+    fuse = {lb["op"] for n, lb, _ in m["wsfs_fuse_request_seconds"]}
+    assert {"lookup", "create", "write", "getattr"} <= fuse, fuse
+    buckets = [(float(lb["le"]), v) for n, lb, v in m["wsfs_fuse_request_seconds"]
+               if n.endswith("_bucket") and lb["op"] == "write"]
+    assert buckets[-1] == (float("inf"), sample(m, "wsfs_fuse_request_seconds_count",
+                                                op="write"))
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+    kinds = {lb["kind"] for n, lb, _ in m["wsfs_store_request_seconds"]}
+    assert {"get", "put", "put_if_absent", "delete", "list"} <= kinds, kinds
+    writes = sample(m, "wsfs_fuse_request_seconds_count", op="write")
+    puts = sample(m, "wsfs_store_request_seconds_count", kind="put")
+    assert sample(m, "wsfs_store_errors_total") == 0
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds"):
+        assert sample(m, name) > 0, name
+    started = sample(m, "process_start_time_seconds")
+    assert before_mount - 2 <= started <= time.time(), (before_mount, started)
+
+    for i in range(20):
+        (mnt / f"f{i}").write_bytes(os.urandom(4096))
+        os.stat(mnt / f"f{i}")
+    ws.wsfs("sync", str(mnt))
+    m = families(port)
+    assert sample(m, "wsfs_fuse_request_seconds_count", op="write") >= writes + 20
+    assert sample(m, "wsfs_fuse_request_seconds_count", op="create") >= 21
+    assert sample(m, "wsfs_fuse_request_seconds_sum", op="write") > 0
+    assert sample(m, "wsfs_store_request_seconds_count", kind="put") > puts
+    ws.unmount()
+
+
+@pytest.mark.timeout(240)
+def test_metrics_show_an_outage_from_mount_time(proxied: tuple[Workspace, FaultProxy]
+                                                ) -> None:
+    """A store that fails from the moment the mount is up: the failed requests are counted
+    from the first, and the checkpoint age grows from the mount (it was absent: nothing had
+    been published by this mount, so an alert on it never fired)."""
+    ws, proxy = proxied
+    port = free_port()
+    mnt = ws.mount("--metrics", f"127.0.0.1:{port}", flush_delay=2)
+    proxy.errors(1.0, "ServiceUnavailable")  # before the mount's first flush cycle
+    mounted_at = time.time()
+    data = os.urandom(300_000)
+    (mnt / "during-the-outage.bin").write_bytes(data)
+    wait_for("an upload retried", lambda: ws.status()["retries"] != 0, timeout=60)
+    assert ws.status()["last_checkpoint_time"] is None  # none published since the mount
+    m = families(port)
+    assert sample(m, "wsfs_dirty_bytes") >= len(data)
+    age = sample(m, "wsfs_checkpoint_age_seconds")
+    assert age >= time.time() - mounted_at - 1, (age, time.time() - mounted_at)
+    assert sample(m, "wsfs_store_errors_total", kind="put") >= 1
+    assert sample(m, "wsfs_store_request_seconds_count", kind="put") >= 1
+    wait_for("the checkpoint age to grow",
+             lambda: sample(families(port), "wsfs_checkpoint_age_seconds") > age + 1,
+             timeout=30)
+    proxy.pass_through()
+    wait_for("the backlog drained",
+             lambda: sample(families(port), "wsfs_dirty_bytes") == 0, timeout=120)
+    wait_for("a checkpoint published",
+             lambda: sample(families(port), "wsfs_checkpoint_age_seconds") < 10, timeout=60)
+    ws.unmount()
+    ws.fresh_cache()
+    assert (ws.mount() / "during-the-outage.bin").read_bytes() == data
     ws.unmount()
 
 

@@ -32,6 +32,7 @@ from .config import MountConfig
 from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
 from .fs import Operations
 from .fs.base import drop_blocks
+from .latency import Latencies, SharedLatencies
 from .lease import Lease
 from .meta import Metadata
 from .metrics import RateMeter
@@ -46,6 +47,8 @@ from .runtime import (
     write_registry,
 )
 from .store import ObjectStore, open_store, probe
+from .store.timed import KINDS as TIMED_KINDS
+from .store.timed import TimedStore
 from .sync import Flusher
 from .workspace import (
     Superblock,
@@ -87,6 +90,8 @@ class Daemon:
         self.lease_renewed: float | None = None
         self.lease_error: str | None = None
         self.syncs = 0
+        self.fuse_latency = Latencies()  # for --metrics, from the first request on
+        self.store_latency = SharedLatencies(TIMED_KINDS)
         self.caller_gone = False  # the `wsfs mount` waiting for `report_ready` is gone
 
     def report_ready(self, error: WsfsError | None = None) -> None:
@@ -112,7 +117,7 @@ class Daemon:
     async def serve(self) -> None:
         cfg = self.cfg
         limiter = trio.CapacityLimiter(32)
-        store = open_checked_store(cfg)
+        store = TimedStore(open_checked_store(cfg), self.store_latency)
         try:
             sb = read_superblock(store)
         except NoWorkspaceError:
@@ -170,7 +175,8 @@ class Daemon:
             flusher.repacker.interval = 0  # a read-only mount rewrites nothing in the store
         ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
                          read_only=cfg.read_only,
-                         remote_fsync=flusher.sync_now if cfg.fsync_remote else None)
+                         remote_fsync=flusher.sync_now if cfg.fsync_remote else None,
+                         latencies=self.fuse_latency)
         flusher.before_pin = ops.reap
         options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",
                    "default_permissions", *cfg.fuse_options}
@@ -203,7 +209,8 @@ class Daemon:
                     nursery.start_soon(self._unmount_self)
                 nursery.start_soon(self._widen_readahead, ops, mountpoint, sb.block_size)
                 if listeners:
-                    nursery.start_soon(metrics.serve, listeners, self.status)
+                    nursery.start_soon(metrics.serve, listeners, metrics.Figures(
+                        self.status, self.fuse_latency, self.store_latency))
                 await pyfuse3.main()
                 log.info("unmounted %s; uploading what is left", cfg.mountpoint)
                 self.state = "flushing"

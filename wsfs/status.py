@@ -154,7 +154,10 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("checkpoint_age") is not None:
         ckpt += f", published {human_seconds(st['checkpoint_age'])} ago"
     else:
-        ckpt += " (none published by this mount yet)"
+        ckpt += " (none published by this mount yet"
+        if st.get("started"):
+            ckpt += f"; mounted {human_seconds(now - float(st['started']))} ago"
+        ckpt += ")"
     lines.append(ckpt)
     lines.append(f"  cache:       {human_bytes(st.get('cache_bytes', 0))} of "
                  f"{human_bytes(st.get('cache_limit', 0))} "

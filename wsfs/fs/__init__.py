@@ -17,6 +17,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from time import perf_counter
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -334,17 +335,20 @@ class Operations(NameOps, DataOps):
         return True  # the kernel checks permissions itself (default_permissions)
 
 def _guarded(fn: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
-    """Turn any unexpected failure of a handler into an errno instead of a dead mount.
+    """Turn any unexpected failure of a handler into an errno instead of a dead mount, and
+    time the handler (`wsfs_fuse_request_seconds`; ~0.3 µs a request, see wsfs/latency.py).
 
     pyfuse3 lets an exception other than FUSEError end its main loop, which would take the
     whole mount down for one bad request. A full disk becomes ENOSPC, any other OSError keeps
     its errno, and everything else is logged with its traceback and answered with EIO.
     """
+    op = fn.__name__
 
     @functools.wraps(fn)
-    async def handler(*args: object, **kwargs: object) -> object:
+    async def handler(self: Operations, *args: object, **kwargs: object) -> object:
+        start = perf_counter()
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except FUSEError:
             raise
         except sqlite3.OperationalError as e:
@@ -360,6 +364,8 @@ def _guarded(fn: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[ob
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)
             raise FUSEError(errno.EIO) from None
+        finally:
+            self.latencies.observe(op, perf_counter() - start)
 
     return handler
 

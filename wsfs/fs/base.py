@@ -27,6 +27,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..blocks import BlockCache
+from ..latency import Latencies
 from ..meta import BlockRef, Inode, Metadata
 from ..runtime import env_seconds
 
@@ -108,8 +109,11 @@ class Base(pyfuse3.Operations):
         cache_timeout: float = 300.0,
         read_only: bool = False,
         remote_fsync: Callable[[], Awaitable[None]] | None = None,
+        latencies: Latencies | None = None,
     ) -> None:
         super().__init__()
+        # every handler's duration, by operation (see _guarded in fs/__init__.py)
+        self.latencies = latencies if latencies is not None else Latencies()
         self.meta = meta
         self.blocks = blocks
         self.bs = blocks.block_size
