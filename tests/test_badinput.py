@@ -222,13 +222,13 @@ BAD_OPTIONS = [
     (["--unmount-timeout", "inf"], "zero or more"),
     (["-o", "bogus"], "unknown mount option 'bogus'"),
     (["-o", "rw,bogus=1"], "unknown mount option 'bogus=1'"),
-    (["-o", "fsync=sometimes"], "fsync=sometimes"),
+    (["-o", "fsync=sometimes"], "-o fsync must be local or remote, not 'sometimes'"),
     (["-o", "cache_size=banana"], "is not a size"),
     (["-o", "flush_delay=-3"], "zero or more"),
-    (["-o", "cache_dir"], "unknown mount option 'cache_dir'"),
+    (["-o", "cache_dir"], "'cache_dir' needs a value: -o cache_dir=DIR"),
     (["-o", "ro,rw,default_permissions,bogus"], "unknown mount option 'bogus'"),
     (["--cache-dir="], "--cache-dir needs a directory"),  # not the working directory
-    (["-o", "cache_dir="], "cache_dir= needs a directory"),
+    (["-o", "cache_dir="], "-o cache_dir needs a directory"),
 ]
 
 

@@ -11,31 +11,34 @@ DEFAULT_CACHE_ROOT = Path("/var/cache/wsfs")
 
 @dataclass
 class MountConfig:
-    """Everything `wsfs mount` was told (see `wsfs mount --help` for the meaning)."""
+    """Everything `wsfs mount` was told. The options' meanings and defaults are in one table,
+    wsfs/options.py: the fields without a default here are its options, all set by the CLI."""
 
     store_url: str
     mountpoint: Path
-    cache_dir: Path | None = None
-    cache_size: int = 10 << 30
-    dirty_limit: int = 2 << 30
-    flush_delay: float = 5.0
+    endpoint_url: str | None
+    region: str | None
+    profile: str | None
+    credentials_file: Path | None
+    cache_dir: Path | None
+    cache_size: int
+    dirty_limit: int
+    flush_delay: float
+    fsync_remote: bool
+    unmount_timeout: float
+    read_timeout: float
+    enospc_timeout: float
+    read_only: bool
+    nonempty: bool
+    metrics: str | None  # ADDR:PORT of the Prometheus endpoint, off when None
+    force: bool
+    init: bool
+    framework: str | None
+    labels: dict[str, str]
+    owner: tuple[int, int] | None  # with init: of the root directory (None: ours)
     foreground: bool = False
     fuse_options: set[str] = field(default_factory=set)
-    read_only: bool = False
-    fsync_remote: bool = False
-    unmount_timeout: float = 600.0
-    read_timeout: float = 60.0
-    enospc_timeout: float = 60.0
     cache_timeout: float = 300.0
-    endpoint_url: str | None = None
-    region: str | None = None
-    init: bool = False
-    framework: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
-    owner: tuple[int, int] | None = None  # with init: of the root directory (None: ours)
-    force: bool = False
-    nonempty: bool = False
-    metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint, off when None
 
 
 def default_cache_dir(store_url: str) -> Path:

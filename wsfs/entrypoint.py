@@ -24,7 +24,6 @@ import logging
 import os
 import select
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -45,6 +44,7 @@ from .errors import (
     UsageError,
     WsfsError,
 )
+from .options import MOUNT, environment_help
 from .runtime import canonical_mountpoint, mount_field
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def add_parser(sub: argparse._SubParsersAction[Any],
     sp = sub.add_parser(
         "run", formatter_class=fmt,
         usage="wsfs run --mount STORE MOUNTPOINT [--data-dir DIR] [mount options] -- COMMAND...",
+        epilog=environment_help(MOUNT),
         help="container entrypoint: mount, run COMMAND, flush and unmount when it ends or on "
         "SIGTERM")
     sp.add_argument("--mount", nargs=2, required=True, metavar=("STORE", "MOUNTPOINT"),
@@ -82,8 +83,6 @@ def add_parser(sub: argparse._SubParsersAction[Any],
     sp.add_argument("--stop-timeout", default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
                     help="seconds the child may take to exit after SIGTERM before SIGKILL "
                     "(the upload of the workspace starts at the SIGTERM, not after)")
-    sp.add_argument("--credentials-file", type=Path, default=None, metavar="FILE",
-                    help="AWS shared-credentials file (mode 0600) with the store's keys")
     sp.add_argument("--keep-credentials", action="store_true",
                     help="also pass the AWS credential variables to COMMAND, which otherwise "
                     "does not see them")
@@ -92,24 +91,6 @@ def add_parser(sub: argparse._SubParsersAction[Any],
             sp._add_action(action)
     sp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                     help="the notebook command and its arguments")
-
-
-def use_credentials_file(path: Path) -> None:
-    """Point boto3 at a shared-credentials file after checking nobody else can read it."""
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise UsageError(f"cannot read the credentials file {path} ({e.strerror}); "
-                         "check the path") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"the credentials file {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise UsageError(f"the credentials file {path} is readable by others (mode "
-                         f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`")
-    if st.st_uid not in (0, os.geteuid()):
-        raise UsageError(f"the credentials file {path} belongs to uid {st.st_uid}; "
-                         "it must belong to root or to the user running wsfs")
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path.absolute())
 
 
 def fstype_of(path: Path) -> str:
@@ -142,7 +123,7 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
     if fstype_of(data).startswith("fuse.wsfs"):
         raise UsageError(f"the data dir {data} is on a wsfs mount; it must be local disk")
     if owner:
-        from .cli import parse_owner
+        from .options import parse_owner
 
         try:
             os.chown(data, *parse_owner(owner, "--data-owner"))
@@ -412,8 +393,10 @@ def show_progress() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`wsfs run`: see the module docstring."""
-    from .cli import mount_config, parse_seconds
+    from .cli import mount_config
+    from .credentials import use_credentials
     from .mount import mount
+    from .options import parse_seconds
     from .runtime import registry_path
 
     show_progress()
@@ -427,9 +410,8 @@ def run(args: argparse.Namespace) -> int:
     args.store, mountpoint = args.mount
     args.mountpoint = canonical_mountpoint(Path(mountpoint))
     args.foreground = False
-    if args.credentials_file is not None:
-        use_credentials_file(args.credentials_file)
     cfg = mount_config(args)
+    use_credentials(cfg.credentials_file, cfg.profile)
     if args.data_dir:  # a str: Path("") would be the working directory
         prepare_data_dir(Path(args.data_dir), args.mountpoint, args.data_owner)
 

@@ -7,9 +7,9 @@ With `/sbin/mount.fuse.wsfs` installed (packaging/install-mount-helper.sh), an f
 works with `mount /workspace`: util-linux runs `mount.fuse.wsfs SOURCE MOUNTPOINT -o OPTIONS`,
 and this helper turns that into `wsfs mount SOURCE MOUNTPOINT -o OPTIONS`, which returns once
 the filesystem serves. Options only mount(8) or systemd care about (`_netdev`, `noauto`,
-`nofail`, `x-systemd.*`, ...) are ignored by `wsfs mount` itself. Two options are the helper's:
-`credentials_file=PATH` (an AWS shared-credentials file, mode 0600; default
-/etc/wsfs/credentials when it exists and the environment has no keys) and `profile=NAME`.
+`nofail`, `x-systemd.*`, ...) are ignored by `wsfs mount` itself. One default is the helper's:
+without `credentials_file=` (an AWS shared-credentials file, mode 0600), it uses
+/etc/wsfs/credentials when that exists and the environment names no keys.
 
 Installed as `/sbin/umount.fuse.wsfs`, the same script makes `umount /workspace` wait for the
 final upload like `wsfs unmount` does; without it (or with `umount -i`, `fusermount3 -u`) the
@@ -23,10 +23,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import MountError, UsageError, WsfsError
 
 DEFAULT_CREDENTIALS = Path("/etc/wsfs/credentials")
-# The helper's own options: they configure the environment, not the mount.
+# Variables that say where the keys are: with any of them, /etc/wsfs/credentials is not used.
+KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SHARED_CREDENTIALS_FILE", "WSFS_CREDENTIALS_FILE")
+HELP = """\
+usage: {prog} STORE MOUNTPOINT [-sfnv] [-o OPTIONS]
+
+What mount(8) runs for a `fuse.wsfs` line of /etc/fstab or `mount -t fuse.wsfs STORE
+MOUNTPOINT`: it runs `wsfs mount STORE MOUNTPOINT -o OPTIONS` and returns once the workspace
+serves. OPTIONS are those of `wsfs mount` (see `wsfs mount --help`) and the FUSE ones
+(allow_other, ro, ...); mount(8)'s and systemd's own (_netdev, nofail, x-systemd.*) are
+ignored. Without credentials_file=, /etc/wsfs/credentials is used when it exists and the
+environment names no keys.
+
+  -o OPTIONS   comma-separated mount options
+  -v           more log output
+  -f           do everything but the mount (mount -f)
+  -s, -n       accepted and ignored
+  -h, --help   this help
+  -V, --version  the version
+"""
+UMOUNT_HELP = """\
+usage: {prog} MOUNTPOINT [-lv]
+
+What umount(8) runs for a fuse.wsfs mount: like `wsfs unmount MOUNTPOINT`, it unmounts and
+returns only once the daemon has uploaded everything (its exit status says whether it did).
+
+  -l           lazy: detach at once, the daemon uploads the rest alone
+  -v           more log output
+  -h, --help   this help
+  -V, --version  the version
+"""
 
 
 def parse_mount_args(argv: list[str]) -> tuple[str, str, list[str], bool, bool]:
@@ -70,27 +100,14 @@ def parse_mount_args(argv: list[str]) -> tuple[str, str, list[str], bool, bool]:
     return source, mountpoint, options, verbose, fake
 
 
-def take_helper_options(options: list[str]) -> list[str]:
-    """Apply credentials_file= and profile= to the environment; return the other options."""
-    rest: list[str] = []
-    creds: str | None = None
-    for group in options:
-        for opt in filter(None, (o.strip() for o in group.split(","))):
-            key, _, value = opt.partition("=")
-            if key == "credentials_file":
-                creds = value
-            elif key == "profile":
-                os.environ["AWS_PROFILE"] = value
-            else:
-                rest.append(opt)
-    from .entrypoint import use_credentials_file
-
-    if creds:
-        use_credentials_file(Path(creds))
-    elif (DEFAULT_CREDENTIALS.exists() and "AWS_ACCESS_KEY_ID" not in os.environ
-          and "AWS_SHARED_CREDENTIALS_FILE" not in os.environ):
-        use_credentials_file(DEFAULT_CREDENTIALS)
-    return rest
+def with_default_credentials(options: list[str]) -> list[str]:
+    """The options, plus credentials_file=/etc/wsfs/credentials when nothing names the keys."""
+    given = any(o.strip().partition("=")[0] == "credentials_file"
+                for group in options for o in group.split(","))
+    if (given or any(v in os.environ for v in KEY_VARIABLES)
+            or not DEFAULT_CREDENTIALS.exists()):
+        return options
+    return [*options, f"credentials_file={DEFAULT_CREDENTIALS}"]
 
 
 def mount_main(argv: list[str]) -> int:
@@ -98,7 +115,6 @@ def mount_main(argv: list[str]) -> int:
 
     try:
         source, mountpoint, options, verbose, fake = parse_mount_args(argv)
-        rest = take_helper_options(options)
     except WsfsError as e:
         print(f"mount.wsfs: {e}", file=sys.stderr)
         return e.exit_code
@@ -106,8 +122,9 @@ def mount_main(argv: list[str]) -> int:
         return 0
     args = ["-v"] if verbose else []
     args += ["mount", source, mountpoint]
-    if rest:
-        args += ["-o", ",".join(rest)]
+    options = with_default_credentials(options)
+    if options:
+        args += ["-o", ",".join(options)]
     return cli_main(args)
 
 
@@ -143,7 +160,15 @@ def umount_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch on the name we were called by: mount.* or umount.*."""
     argv = sys.argv if argv is None else argv
-    if Path(argv[0]).name.startswith("umount."):
+    prog = Path(argv[0]).name
+    if "-h" in argv[1:] or "--help" in argv[1:]:
+        text = UMOUNT_HELP if prog.startswith("umount.") else HELP
+        print(text.format(prog=prog), end="")
+        return 0
+    if "-V" in argv[1:] or "--version" in argv[1:]:
+        print(f"{prog} (wsfs {__version__})")
+        return 0
+    if prog.startswith("umount."):
         return umount_main(argv[1:])
     return mount_main(argv[1:])
 

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError, WsfsError
+from ..errors import WsfsError
+from ..options import parse_seconds
 from ..store import ObjectStore
 
 Command = Callable[[argparse.Namespace], int]
@@ -23,16 +24,6 @@ class Aborted(WsfsError):
     """The user did not confirm a destructive command."""
 
     exit_code = 1
-
-
-def _seconds(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{what} must be a number of seconds, not {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise UsageError(f"{what} must be zero or more seconds, not {text!r}")
-    return value
 
 
 def _open(args: argparse.Namespace) -> ObjectStore:
@@ -52,12 +43,14 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
     """Add this module's verbs to the `wsfs` parser; return their command functions."""
     sp = sub.add_parser("status", formatter_class=fmt,
                         help="what a mount has not saved yet (all mounts without MOUNTPOINT)")
-    sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?", default=None)
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?", default=None,
+                    help="where a workspace is mounted (default: every wsfs mount)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = sub.add_parser("sync", formatter_class=fmt,
                         help="upload everything written to MOUNTPOINT so far, and wait")
-    sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
+                    help="where the workspace is mounted")
     sp.add_argument("--timeout", default=None,
                     help="fail after this many seconds (the daemon keeps trying)")
 
@@ -65,7 +58,7 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
                         help="logical and stored size of a workspace, and its largest "
                         "directories (no mount needed)")
     store_args(sp)
-    sp.add_argument("--top", type=int, default=15, help="how many directories to show")
+    sp.add_argument("--top", type=int, default=15, metavar="N", help="how many directories to show")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = sub.add_parser("ls", formatter_class=fmt,
@@ -76,7 +69,7 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
     sp = sub.add_parser("gc", formatter_class=fmt,
                         help="delete objects no kept checkpoint references (safe while mounted)")
     store_args(sp)
-    sp.add_argument("--min-age", default="3600",
+    sp.add_argument("--min-age", default="3600", metavar="SECONDS",
                     help="seconds an unreferenced object must have existed before it is "
                     "deleted: a mounted writer's uploads are unreferenced until it publishes")
     sp.add_argument("--dry-run", action="store_true", help="say what would be deleted, only")
@@ -108,7 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from ..status import sync
 
-    timeout = None if args.timeout is None else _seconds(args.timeout, "--timeout")
+    timeout = None if args.timeout is None else parse_seconds(args.timeout, "--timeout")
     summary = sync(args.mountpoint, progress=sys.stderr.isatty(), timeout=timeout)
     if sys.stderr.isatty():
         print(summary, file=sys.stderr)
@@ -140,7 +133,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from .gc import format_report, gc
 
-    report = gc(_open(args), min_age=_seconds(args.min_age, "--min-age"),
+    report = gc(_open(args), min_age=parse_seconds(args.min_age, "--min-age"),
                 dry_run=args.dry_run, force=args.force)
     if args.json:
         _print_json(report.to_json())
