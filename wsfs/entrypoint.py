@@ -162,6 +162,7 @@ class EarlyFlush:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        warned = False
         while not self._done.is_set():
             started = time.monotonic()
             try:
@@ -176,9 +177,13 @@ class EarlyFlush:
                 request.cancel()
                 return
             self.requests += 1
-            while request.answer() is None and not self._done.wait(0.1):
-                pass
+            answer = request.answer()
+            while answer is None and not self._done.wait(0.1):
+                answer = request.answer()
             request.cancel()
+            if answer is not None and not answer[0] and not warned:
+                log.warning("the upload at SIGTERM failed (%s); the final flush retries", answer[1])
+                warned = True
             self._done.wait(max(0.0, SYNC_EVERY - (time.monotonic() - started)))
 
 
