@@ -133,6 +133,20 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
     log.info("data dir %s is plain local disk (%s)", data, fstype_of(data))
 
 
+def syncfs(path: Path) -> None:
+    """syncfs(2) without the GIL: pyfuse3.syncfs holds it for the whole call, which would
+    freeze the supervisor (signals, the child's SIGKILL) while the kernel hands over its pages
+    to a daemon that may be waiting for uploads."""
+    libc = ctypes.CDLL(None, use_errno=True)  # ctypes releases the GIL around foreign calls
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
 class EarlyFlush:
     """Uploads the workspace's changes while the command stops, instead of after it.
 
@@ -166,7 +180,7 @@ class EarlyFlush:
         while not self._done.is_set():
             started = time.monotonic()
             try:
-                pyfuse3.syncfs(str(self.mountpoint))
+                syncfs(self.mountpoint)
             except OSError as e:
                 log.warning("syncfs(%s) failed: %s", self.mountpoint, e)
             request = SyncRequest(self.cache_dir)
