@@ -142,6 +142,13 @@ def test_command_line_values_are_checked_even_where_a_flag_wins() -> None:
         parse("--cache-size", "1G", "-o", "cache_size=big")
 
 
+def test_run_takes_the_mount_options_and_their_variables() -> None:
+    args = build_parser().parse_args(["run", "--mount", "s3://bucket/ws", "/mnt",
+                                      "-o", "fsync=remote", "--", "true"])
+    options.resolve(args, {"WSFS_CACHE_SIZE": "3G", "WSFS_FSYNC": "local"})
+    assert (args.cache_size, args.fsync) == (3 << 30, True)
+
+
 def test_store_commands_take_endpoint_and_region_from_the_environment() -> None:
     args = build_parser().parse_args(["fsck", "s3://bucket/ws", "--region", "sbg"])
     options.resolve(args, {"WSFS_ENDPOINT_URL": "http://e", "WSFS_REGION": "gra"})

@@ -39,11 +39,11 @@ serves. OPTIONS are those of `wsfs mount` (see `wsfs mount --help`) and the FUSE
 ignored. Without credentials_file=, /etc/wsfs/credentials is used when it exists and the
 environment names no keys.
 
-  -o OPTIONS   comma-separated mount options
-  -v           more log output
-  -f           do everything but the mount (mount -f)
-  -s, -n       accepted and ignored
-  -h, --help   this help
+  -o OPTIONS     comma-separated mount options
+  -v             more log output
+  -f             do everything but the mount (mount -f)
+  -s, -n         accepted and ignored
+  -h, --help     this help
   -V, --version  the version
 """
 UMOUNT_HELP = """\
@@ -52,9 +52,9 @@ usage: {prog} MOUNTPOINT [-lv]
 What umount(8) runs for a fuse.wsfs mount: like `wsfs unmount MOUNTPOINT`, it unmounts and
 returns only once the daemon has uploaded everything (its exit status says whether it did).
 
-  -l           lazy: detach at once, the daemon uploads the rest alone
-  -v           more log output
-  -h, --help   this help
+  -l             lazy: detach at once, the daemon uploads the rest alone
+  -v             more log output
+  -h, --help     this help
   -V, --version  the version
 """
 

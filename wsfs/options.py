@@ -114,9 +114,9 @@ def parse_switch(text: str, what: str) -> bool:
 class Option:
     """One option of `wsfs mount`: `--name-with-dashes`, `-o name=`, `WSFS_NAME`."""
 
-    name: str  # the -o key and the MountConfig field
+    name: str  # the -o key and the MountConfig field, unless o_key or field_name say
     help: str
-    metavar: str | None  # None: a switch, on or off
+    metavar: str | None  # None: a switch, on or off (parse_switch)
     parse: Callable[[str, str], Any] = parse_text
     default: str | None = None  # as the user would write it; None: unset (or off)
     default_doc: str | None = None  # the default in words, when not a value
@@ -197,14 +197,12 @@ OPTIONS = (
            "before it fails with EIO", "SECONDS", parse=parse_timeout, default="60"),
     Option("enospc_timeout", "seconds a writer waits on a full cache disk, with no space "
            "freed, before it gets ENOSPC", "SECONDS", parse=parse_seconds, default="60"),
-    Option("read_only", "mount read-only", None, parse=parse_switch, o_key="ro", o_off="rw"),
-    Option("nonempty", "mount over a non-empty MOUNTPOINT, hiding its files", None,
-           parse=parse_switch),
+    Option("read_only", "mount read-only", None, o_key="ro", o_off="rw"),
+    Option("nonempty", "mount over a non-empty MOUNTPOINT, hiding its files", None),
     Option("metrics", "serve Prometheus metrics on http://ADDR:PORT/metrics", "ADDR:PORT",
            default_doc="off"),
-    Option("force", "take the workspace over even if another mount holds its lease", None,
-           parse=parse_switch),
-    Option("init", "create the workspace if STORE holds none", None, parse=parse_switch),
+    Option("force", "take the workspace over even if another mount holds its lease", None),
+    Option("init", "create the workspace if STORE holds none", None),
     Option("framework", "the framework recorded in the marker of a workspace created here",
            "NAME"),
     Option("label", "a label recorded in the marker of a workspace created here", "KEY=VALUE",
@@ -297,7 +295,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
 def _value(o: Option, texts: list[str], what: str) -> Any:
     """The value of `texts` given in one form: each is checked; a repeated option's are
     collected, otherwise the last wins (as for mount(8))."""
-    values = [o.parse(text, what) for text in texts]
+    parse = parse_switch if o.switch else o.parse
+    values = [parse(text, what) for text in texts]
     return o.collect(values) if o.repeat else values[-1]
 
 
