@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -21,7 +22,7 @@ import pytest
 from conftest import Workspace, is_mounted, run_wsfs
 from s3servers import S3Server
 from test_badinput import attempt, check_refused, mount_args
-from test_container import keyless_env, secret_rclone
+from test_container import Entrypoint, keyless_env, secret_rclone
 
 from wsfs import __version__, options
 from wsfs.cli import build_parser, mount_config
@@ -199,6 +200,24 @@ def test_init_from_the_environment(tmp_path: Path) -> None:
         ws.unmount()
     finally:
         ws.teardown()
+
+
+def test_the_container_script_keeps_the_precedence(ws: Workspace) -> None:
+    """entrypoint.sh's WSFS_OPTIONS is -o: it beats WSFS_CACHE_SIZE, as for `wsfs mount` (the
+    script turned the variables into flags, which beat -o)."""
+    ep = Entrypoint(ws, "trap")
+    try:
+        ep.start_script({**os.environ, "WSFS_STORE": ws.store_url,
+                         "WSFS_MOUNTPOINT": str(ws.mnt), "WSFS_DATA_DIR": str(ep.data),
+                         "WSFS_CACHE_DIR": str(ws.cache_dir), "WSFS_CACHE_SIZE": "3G",
+                         "WSFS_OPTIONS": "cache_size=64M"})
+        ep.wait_ready()
+        assert ws.status()["cache_limit"] == 64 << 20
+        assert ep.proc is not None
+        ep.proc.send_signal(signal.SIGTERM)
+        assert ep.wait() == 0, ep.output()
+    finally:
+        ep.stop()
 
 
 def s3_ws(server: S3Server, root: Path) -> Workspace:

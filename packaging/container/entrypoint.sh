@@ -2,33 +2,30 @@
 # Container entrypoint: mount the workspace, prepare /data, run the notebook command ("$@"), and
 # on SIGTERM upload every byte to the store while stopping it, then unmount (`wsfs run --help`).
 #
-# Configuration comes from the environment; nothing secret ever goes on a command line:
+# Configuration comes from the environment; nothing secret ever goes on a command line. wsfs
+# itself reads every mount option's variable (WSFS_CACHE_DIR, WSFS_CACHE_SIZE, WSFS_DIRTY_LIMIT,
+# WSFS_FLUSH_DELAY, WSFS_UNMOUNT_TIMEOUT, WSFS_ENDPOINT_URL, WSFS_REGION, WSFS_INIT=1,
+# WSFS_OWNER, WSFS_FRAMEWORK, WSFS_LABELS, WSFS_CREDENTIALS_FILE, ...: the table in
+# docs/user-guide.md#options, or `wsfs mount --help`); this script adds those of the container:
 #   WSFS_STORE              s3://BUCKET[/PREFIX] or file:///DIR (required)
 #   WSFS_MOUNTPOINT         where to mount it (default /workspace)
 #   WSFS_DATA_DIR           plain local scratch directory (default /data; empty: none)
 #   WSFS_DATA_OWNER         UID:GID to chown the data dir to (default: WSFS_USER's, else left
 #                           as it is)
-#   WSFS_CACHE_DIR          local cache directory (default /var/cache/wsfs/<hash of store>)
-#   WSFS_CACHE_SIZE         clean block cache limit, e.g. 10G
-#   WSFS_DIRTY_LIMIT        dirty bytes at which writers wait for uploads, e.g. 2G
-#   WSFS_FLUSH_DELAY        seconds a change may wait before it is uploaded
-#   WSFS_UNMOUNT_TIMEOUT    seconds the final flush retries an unreachable store
 #   WSFS_STOP_TIMEOUT       seconds the notebook gets after SIGTERM before SIGKILL (default 3;
 #                           the upload starts at the SIGTERM, alongside)
-#   WSFS_ENDPOINT_URL       S3 endpoint (OVHcloud, MinIO, Ceph RGW, ...); WSFS_REGION its region
-#   WSFS_OPTIONS            extra mount options, comma-separated (allow_other,fsync=remote,...)
+#   WSFS_OPTIONS            extra mount options, comma-separated (allow_other,fsync=remote,...);
+#                           like -o, they beat the variables above
 #   WSFS_USER               the user the command runs as (a name or uid in /etc/passwd): its
 #                           uid, gid and groups, HOME, USER, LOGNAME and SHELL; the rest of the
 #                           environment is kept (JUPYTER_TOKEN, CUDA_VISIBLE_DEVICES, PATH, ...).
-#                           Unset: root, like wsfs itself (which mounts)
-#   WSFS_INIT               1: create the workspace if the store holds none
-#   WSFS_OWNER              with WSFS_INIT: UID:GID owning its root directory (default: WSFS_USER's)
-#   WSFS_FRAMEWORK          with WSFS_INIT: the framework recorded in the marker
-#   WSFS_LABELS             with WSFS_INIT: labels for the marker, comma-separated KEY=VALUE
+#                           Unset: root, like wsfs itself (which mounts). WSFS_OWNER (the owner
+#                           of a workspace WSFS_INIT=1 creates) defaults to this user
 #   WSFS_VERBOSE            1: more log output
 # Credentials, either
 #   AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN) in the environment, or
-#   WSFS_CREDENTIALS_FILE   an AWS shared-credentials file, mode 0600 (AWS_PROFILE picks a profile)
+#   WSFS_CREDENTIALS_FILE   an AWS shared-credentials file, mode 0600 (WSFS_PROFILE or
+#                           AWS_PROFILE picks a profile)
 # The notebook command does not inherit them (WSFS_KEEP_CREDENTIALS=1 to pass them on).
 set -euo pipefail
 
@@ -48,7 +45,8 @@ if [ -n "${WSFS_USER:-}" ]; then
              "(useradd) or fix WSFS_USER" >&2
         exit 2
     fi
-    : "${WSFS_OWNER:=$uid:$gid}" "${WSFS_DATA_OWNER:=$uid:$gid}"
+    : "${WSFS_DATA_OWNER:=$uid:$gid}"
+    export WSFS_OWNER="${WSFS_OWNER:-$uid:$gid}"  # read by wsfs itself
     # Not `setpriv --reset-env`: the notebook needs the container's environment. `wsfs run`
     # withholds the credentials from it.
     set -- setpriv --reuid="$uid" --regid="$gid" --init-groups \
@@ -58,29 +56,9 @@ fi
 args=(run --mount "$WSFS_STORE" "${WSFS_MOUNTPOINT:-/workspace}" --data-dir "${WSFS_DATA_DIR-/data}")
 [ -n "${WSFS_VERBOSE:-}" ] && [ "${WSFS_VERBOSE}" != 0 ] && args=(-v "${args[@]}")
 [ -n "${WSFS_DATA_OWNER:-}" ] && args+=(--data-owner "$WSFS_DATA_OWNER")
-[ -n "${WSFS_CACHE_DIR:-}" ] && args+=(--cache-dir "$WSFS_CACHE_DIR")
-[ -n "${WSFS_CACHE_SIZE:-}" ] && args+=(--cache-size "$WSFS_CACHE_SIZE")
-[ -n "${WSFS_DIRTY_LIMIT:-}" ] && args+=(--dirty-limit "$WSFS_DIRTY_LIMIT")
-[ -n "${WSFS_FLUSH_DELAY:-}" ] && args+=(--flush-delay "$WSFS_FLUSH_DELAY")
-[ -n "${WSFS_UNMOUNT_TIMEOUT:-}" ] && args+=(--unmount-timeout "$WSFS_UNMOUNT_TIMEOUT")
 [ -n "${WSFS_STOP_TIMEOUT:-}" ] && args+=(--stop-timeout "$WSFS_STOP_TIMEOUT")
-[ -n "${WSFS_ENDPOINT_URL:-}" ] && args+=(--endpoint-url "$WSFS_ENDPOINT_URL")
-[ -n "${WSFS_REGION:-}" ] && args+=(--region "$WSFS_REGION")
 [ -n "${WSFS_OPTIONS:-}" ] && args+=(-o "$WSFS_OPTIONS")
-# A path, not a secret: wsfs checks its mode and hands it to boto3 through the environment.
-[ -n "${WSFS_CREDENTIALS_FILE:-}" ] && args+=(--credentials-file "$WSFS_CREDENTIALS_FILE")
 case "${WSFS_KEEP_CREDENTIALS:-0}" in 1|yes|true) args+=(--keep-credentials) ;; esac
-case "${WSFS_INIT:-0}" in
-    1|yes|true)
-        args+=(--init)
-        [ -n "${WSFS_OWNER:-}" ] && args+=(--owner "$WSFS_OWNER")
-        [ -n "${WSFS_FRAMEWORK:-}" ] && args+=(--framework "$WSFS_FRAMEWORK")
-        if [ -n "${WSFS_LABELS:-}" ]; then
-            IFS=, read -r -a labels <<< "$WSFS_LABELS"
-            for label in "${labels[@]}"; do args+=(--label "$label"); done
-        fi
-        ;;
-esac
 
 # exec: `wsfs run` becomes PID 1 (or this script's pid) and receives the platform's SIGTERM.
 exec "${WSFS_BIN:-wsfs}" "${args[@]}" -- "$@"
