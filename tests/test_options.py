@@ -309,6 +309,8 @@ def test_every_help_reads_well(command: str) -> None:
     assert not re.search(r"\(default: (None|False|\[\])\)", out), out
     for entry in help_entries(out):
         assert entry.count("(default") <= 1, entry
+    if "--endpoint-url" in out:  # every command that opens a store: its variables
+        assert "WSFS_ENDPOINT_URL" in out and "WSFS_REGION" in out, out
     description = out.split("\n\n")[1]
     assert description[0].isupper() or description.startswith("wsfs "), out
 

@@ -89,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     def store_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("store", metavar="STORE", help=STORE_HELP)
         options.add_flags(sp, options.STORE)
+        sp.epilog = options.variables_help(options.STORE)
 
-    sp = sub.add_parser("init", help="create an empty workspace in STORE", formatter_class=fmt)
+    init_options = (*options.STORE, "framework", "label", "owner")
+    sp = sub.add_parser("init", help="create an empty workspace in STORE", formatter_class=fmt,
+                        epilog=options.variables_help(init_options))
     sp.add_argument("store", metavar="STORE", help=STORE_HELP)
-    options.add_flags(sp, (*options.STORE, "framework", "label", "owner"))
+    options.add_flags(sp, init_options)
 
     sp = sub.add_parser("mount", help="mount STORE on MOUNTPOINT", formatter_class=fmt,
                         description=MOUNT_DESCRIPTION,
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=fmt)
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
                     help="where the workspace is mounted")
-    sp.add_argument("--timeout", default=None,
+    sp.add_argument("--timeout", default=None, metavar="SECONDS",
                     help="give up waiting after this many seconds (the daemon goes on)")
 
     sp = sub.add_parser("fsck", help="check STORE's newest checkpoint against its objects "

@@ -310,6 +310,13 @@ def environment_help(names: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
+def variables_help(names: Iterable[str]) -> str:
+    """The epilog of a command without -o: its options' environment variables."""
+    lines = ["environment variables (a flag beats its variable):"]
+    lines += [f"  {BY_NAME[n].env_form():<30} {BY_NAME[n].flag}" for n in names]
+    return "\n".join(lines)
+
+
 def markdown_table(names: Iterable[str] = MOUNT) -> str:
     """The user guide's table of options (docs/user-guide.md; a test keeps the two equal)."""
     rows = ["| Flag | `-o` (fstab) | Environment | Default | Meaning |",

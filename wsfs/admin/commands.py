@@ -51,7 +51,7 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
                         help="upload everything written to MOUNTPOINT so far, and wait")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
                     help="where the workspace is mounted")
-    sp.add_argument("--timeout", default=None,
+    sp.add_argument("--timeout", default=None, metavar="SECONDS",
                     help="fail after this many seconds (the daemon keeps trying)")
 
     sp = sub.add_parser("du", formatter_class=fmt,
