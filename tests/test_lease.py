@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, is_mounted, s3_workspace, wait_pid_gone
+from conftest import Workspace, is_mounted, s3_workspace, wait_for, wait_pid_gone
 from s3servers import S3Server
+from test_failstart import gated_head, start_mount
 
-from wsfs.errors import LeaseError
+from wsfs.errors import LeaseError, MountError
 from wsfs.lease import Holder, Lease, read_holder
 from wsfs.store import LocalStore, S3Store
 
@@ -308,15 +309,20 @@ def test_a_start_that_fails_keeps_the_lease_guarding_unpublished_work(lws: Works
         f.flush()
         os.fsync(f.fileno())
     lws.kill()
-    busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
-    busy.listen()
-    try:  # the metrics port is taken: the mount fails after taking the lease
-        r = lws.wsfs("mount", lws.store_url, str(lws.mnt), "--cache-dir", str(lws.cache_dir),
-                     "--metrics", f"127.0.0.1:{busy.getsockname()[1]}", check=False)
-    finally:
-        busy.close()
-    assert r.returncode != 0 and not is_mounted(lws.mnt)
+    dead = (lease_of(lws) or {}).get("mount_id")
+    # The mountpoint vanishes once the lease is taken over: the mount fails after it.
+    with gated_head(lws):
+        proc = start_mount(lws, lws.cache_dir)
+        try:
+            wait_for("the lease taken over", lambda: (lease_of(lws) or {}).get("mount_id")
+                     not in (dead, None), timeout=60)
+            lws.mnt.rmdir()
+        except BaseException:
+            proc.kill()
+            raise
+    _, err = proc.communicate(timeout=60)
+    lws.mnt.mkdir()
+    assert proc.returncode == MountError.exit_code and not is_mounted(lws.mnt), err
     assert lease_of(lws) is not None
     lws.allowed_log_errors.append("the lease stays in the store")
     assert (lws.mount() / "unpublished").read_text() == "only in this cache dir"

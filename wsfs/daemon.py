@@ -14,9 +14,11 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -36,6 +38,7 @@ from .latency import Latencies, SharedLatencies
 from .lease import Lease
 from .meta import Metadata
 from .metrics import RateMeter
+from .preflight import refusal_fix
 from .progress import Progress
 from .readahead import set_readahead
 from .runtime import (
@@ -53,6 +56,7 @@ from .sync import Flusher
 from .workspace import (
     Superblock,
     create,
+    drop_prefetched,
     has_marker,
     prefetch,
     prepare_cache,
@@ -76,6 +80,7 @@ class Daemon:
         self.cfg = cfg
         self.cache_dir = cache_dir
         self.ready_fd = ready_fd
+        self.listeners: list[trio.SocketListener] = []  # --metrics, bound before the lease
         self.state = "starting"
         self.flusher: Flusher | None = None
         self.blocks: BlockCache | None = None
@@ -114,9 +119,20 @@ class Daemon:
         if error is None:
             sd_notify("READY=1")
 
+    def leave_nothing(self, made: bool) -> None:
+        """After a failed start, remove the cache dir `wsfs mount` made for it (`made`) if it
+        never served and holds nothing unpublished: what it holds then is at most a copy of
+        the store's newest checkpoint, and the lease was given back."""
+        if made and self.state == "starting" and stopped_cleanly(self.cache_dir):
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+
     async def serve(self) -> None:
         cfg = self.cfg
         limiter = trio.CapacityLimiter(32)
+        # Everything that can refuse the mount comes before the lease: a mount that fails
+        # holding it leaves the workspace looking mounted or crashed to every other host.
+        if cfg.metrics:
+            self.listeners = await metrics.open_listeners(cfg.metrics)
         store = TimedStore(open_checked_store(cfg), self.store_latency)
         try:
             sb = read_superblock(store)
@@ -125,10 +141,18 @@ class Daemon:
                 raise
             sb = await create(store, framework=cfg.framework, labels=cfg.labels,
                               owner=cfg.owner or (os.getuid(), os.getgid()))
+        # The first file written into the cache dir: every check is behind (until now the
+        # daemon logs to the terminal of `wsfs mount`, which reports what fails).
+        logs.add_file_handler(self.cache_dir / "wsfs.log")
         lock = take_cache_lock(self.cache_dir)
         lease = Lease(store, str(self.cache_dir))
-        prefetched = await take_lease(lease, cfg.force,
-                                      partial(prefetch, store, sb, self.cache_dir, limiter))
+        try:
+            prefetched = await take_lease(lease, cfg.force,
+                                          partial(prefetch, store, sb, self.cache_dir, limiter))
+        except LeaseError:
+            drop_prefetched(self.cache_dir)  # a guess fetched for a mount that cannot be
+            lock.close()
+            raise
         self.lease, self.lease_renewed = lease, time.time()
         self._keep_renewing(lease)
         try:
@@ -148,7 +172,8 @@ class Daemon:
             if not stopped_cleanly(self.cache_dir):
                 # This cache dir may hold uploaded blocks no checkpoint names yet (a crash
                 # under an earlier mount, or this one failing while serving), and `wsfs gc`
-                # deletes such objects unless a lease is left in the store.
+                # deletes such objects unless a lease is left in the store. (A start that
+                # fails before serving leaves a clean cache dir clean: Flusher.serving.)
                 log.error("the lease stays in the store until a mount from %s publishes "
                           "what it holds", self.cache_dir)
                 raise
@@ -182,12 +207,15 @@ class Daemon:
                    "default_permissions", *cfg.fuse_options}
         if cfg.read_only:
             options.add("ro")
-        listeners = await metrics.open_listeners(cfg.metrics) if cfg.metrics else []
+        listeners = self.listeners
         mountpoint = os.path.realpath(cfg.mountpoint)  # (before the mount: see set_readahead)
         try:
-            pyfuse3.init(ops, str(cfg.mountpoint), options)
-        except RuntimeError as e:
-            raise MountError(f"the kernel refused to mount {cfg.mountpoint}: {e}") from None
+            fuse_mount(ops, cfg.mountpoint, options)
+        except BaseException:
+            meta.close()  # clean still, if it was: nothing was served (Flusher.serving)
+            blocks.close()
+            raise
+        flusher.serving()
         self.state = "serving"
         write_registry(cfg.mountpoint, self.cache_dir, cfg.store_url)
         # Before the answer: `wsfs mount` exits the moment it has it, and whatever runs next
@@ -506,9 +534,41 @@ def take_cache_lock(cache_dir: Path) -> IO[str]:
     return f
 
 
-def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
-    """Run the mount in this process until it is unmounted and flushed."""
-    logs.add_file_handler(cache_dir / "wsfs.log")
+def fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
+    """Mount, or raise MountError saying why the kernel (or fusermount3) refused.
+
+    libfuse says why on stderr only, and only its message names the cause (`mount failed:
+    Operation not permitted`): it is caught in a file, to become part of the one sentence
+    (a file, not a pipe: an `auto_unmount` fusermount3 keeps it open for the mount's life).
+    """
+    with tempfile.TemporaryFile() as said:
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+            error = None
+        except RuntimeError as e:
+            error = e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        why = " ".join(said.read().decode(errors="replace").split())
+    if error is None:
+        if why:
+            log.warning("libfuse: %s", why)
+        return
+    raise MountError(f"the kernel refused to mount {mountpoint} ({why or error})"
+                     f"{refusal_fix(why)}")
+
+
+def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,
+               made: bool = False) -> None:
+    """Run the mount in this process until it is unmounted and flushed.
+
+    `made`: `wsfs mount` created the cache dir for this mount; a start that fails before
+    serving removes it again, leaving nothing behind.
+    """
     limit_malloc_arenas()
     favour_the_fuse_thread()
     # `wsfs sync`'s signal must never kill the daemon, even outside the signal watcher's life.
@@ -517,6 +577,7 @@ def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
     try:
         trio.run(daemon.serve)
     except WsfsError as e:
+        daemon.leave_nothing(made)
         if daemon.ready_fd is not None:
             daemon.report_ready(e)
             sys.exit(e.exit_code)
@@ -524,6 +585,7 @@ def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None) -> None:
         raise
     except BaseException as e:
         log.exception("the wsfs daemon failed")
+        daemon.leave_nothing(made)
         if daemon.ready_fd is not None:
             err = MountError(f"the wsfs daemon failed while starting: {e}")
             daemon.report_ready(err)

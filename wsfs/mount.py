@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -19,6 +20,8 @@ from typing import NoReturn
 from .config import MountConfig, default_cache_dir
 from .daemon import run_daemon
 from .errors import MountError, WsfsError
+from .metrics import parse_address
+from .preflight import check_cache_location, check_fuse
 from .runtime import canonical_mountpoint, is_mountpoint
 from .store import open_store
 
@@ -39,12 +42,16 @@ def check_mountpoint(cfg: MountConfig) -> None:
         )
 
 
-def check_cache_dir(cfg: MountConfig) -> Path:
+def check_cache_dir(cfg: MountConfig) -> tuple[Path, bool]:
+    """The cache dir, made if missing, and whether this mount made it. Where it would live
+    is checked before anything is created there."""
     cache = cfg.cache_dir or default_cache_dir(cfg.store_url)
     cache = cache.absolute()
     mp = cfg.mountpoint
     if cache == mp or mp in cache.parents:
         raise MountError(f"the cache dir {cache} must not be inside the mountpoint {mp}")
+    check_cache_location(cache)
+    made = not cache.exists()
     try:
         cache.mkdir(parents=True, exist_ok=True)
         probe_file = cache / ".write-test"
@@ -54,29 +61,49 @@ def check_cache_dir(cfg: MountConfig) -> Path:
         raise MountError(
             f"the cache dir {cache} is not writable ({e.strerror}); choose another --cache-dir"
         ) from None
-    return cache
+    return cache, made
 
 
-def prepare(cfg: MountConfig) -> Path:
-    """Every local check that can fail before a daemon starts, so errors reach the terminal.
+def check_metrics_address(address: str) -> None:
+    """Refuse a --metrics address that cannot be served (malformed, unknown host, port in use)
+    before anything else happens; the daemon binds it for good before it takes the lease."""
+    host, port = parse_address(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, addr in infos:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(addr)
+    except OSError as e:
+        raise MountError(f"cannot serve metrics on {address}: {e.strerror or e}; choose "
+                         "another --metrics address") from None
 
-    The store is only checked for a well-formed URL here; the daemon reaches it (the store
-    answers, the workspace exists) and reports any failure over the ready pipe with its exit
-    code, as one sentence like these. Reaching it here too made every mount pay twice for an
-    S3 client and two round trips.
+
+def prepare(cfg: MountConfig) -> tuple[Path, bool]:
+    """Every local check that can fail before a daemon starts, so errors reach the terminal;
+    the cache dir (and whether this mount made it) once all have passed.
+
+    The cache dir is made last, when nothing else is left to refuse. The store is only
+    checked for a well-formed URL here; the daemon reaches it (the store answers, the
+    workspace exists) before it takes the lease or writes into the cache dir, and reports any
+    failure over the ready pipe with its exit code, as one sentence like these. Reaching it
+    here too made every mount pay twice for an S3 client and two round trips.
     """
+    if cfg.metrics:
+        check_metrics_address(cfg.metrics)
+    open_store(cfg.store_url, endpoint_url=cfg.endpoint_url, region=cfg.region)
+    check_fuse()
     cfg.mountpoint = canonical_mountpoint(cfg.mountpoint)
     check_mountpoint(cfg)
-    cache_dir = check_cache_dir(cfg)
-    open_store(cfg.store_url, endpoint_url=cfg.endpoint_url, region=cfg.region)
-    return cache_dir
+    return check_cache_dir(cfg)
 
 
 def mount(cfg: MountConfig) -> None:
     """`wsfs mount`: returns once the filesystem serves (or serves until unmounted)."""
-    cache_dir = prepare(cfg)
+    cache_dir, made = prepare(cfg)
     if cfg.foreground:
-        run_daemon(cfg, cache_dir, None)
+        run_daemon(cfg, cache_dir, None, made)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -85,7 +112,7 @@ def mount(cfg: MountConfig) -> None:
         os.setsid()
         code = 0
         try:
-            run_daemon(cfg, cache_dir, write_end)
+            run_daemon(cfg, cache_dir, write_end, made)
         except SystemExit as e:
             code = int(e.code or 0)
         except BaseException:

@@ -85,8 +85,6 @@ class Flusher:
         self._published_changes = -1  # unknown at start: publish once to be sure
         if meta.get_setting("clean_unmount") == "1" and blocks.dirty_count == 0:
             # The last run published everything and stopped cleanly: nothing is pending.
-            meta.set_setting("clean_unmount", "0")
-            meta.flush()
             self._published_changes = meta.total_changes
         self._own_changes = 0  # changes the current cycle made itself since its pin
         self._pending_since: float | None = None
@@ -227,6 +225,20 @@ class Flusher:
             finally:
                 self._cycle_finished.set()
                 self._cycle_finished = trio.Event()
+
+    def serving(self) -> None:
+        """Record, durably, that the cache dir is in use: the mount serves from now on (the
+        daemon calls this once mounted, before the first request can arrive), so a crash
+        from here on reads as an unclean stop. Until then the cache dir keeps the clean stop
+        it had: a start that fails before serving wrote nothing through it, and gives the
+        lease back (Daemon.serve)."""
+        if self.meta.get_setting("clean_unmount") != "1":
+            return
+        unchanged = self.meta.total_changes == self._published_changes
+        self.meta.set_setting("clean_unmount", "0")
+        self.meta.flush()
+        if unchanged:  # that setting is no change to publish
+            self._published_changes = self.meta.total_changes
 
     def kick(self) -> None:
         """Start a cycle now instead of at the next due time."""

@@ -148,6 +148,12 @@ async def prefetch(
     return head
 
 
+def drop_prefetched(cache_dir: Path) -> None:
+    """Remove what `prefetch` fetched, for a mount that did not get the lease."""
+    for name in (PREFETCH, "prefetch.part"):
+        (cache_dir / name).unlink(missing_ok=True)
+
+
 async def prepare_cache(
     store: ObjectStore, sb: Superblock, cache_dir: Path, limiter: trio.CapacityLimiter,
     prefetched: int = 0,

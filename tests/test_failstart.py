@@ -1,0 +1,206 @@
+"""A failed start leaves nothing behind.
+
+Every check that can refuse a mount (the --metrics address, /dev/fuse, CAP_SYS_ADMIN, where
+the cache dir lives) runs before the lease is taken or anything is written: the store keeps no
+lease (no "unclean stop", `wsfs gc` not refused, no other host kept waiting) and no cache dir
+appears. A failure after the lease (the kernel refusing the mount) gives it back. Each case
+runs the real command line; the machine's own /dev and capabilities are changed only inside a
+private mount namespace (`unshare -m`) or a child's capability sets (`setpriv`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import WSFS, Workspace, is_mounted, wait_for
+from test_badinput import attempt, check_refused, mount_args
+
+from wsfs.errors import MountError, NoWorkspaceError, UsageError
+from wsfs.preflight import in_container
+from wsfs.workspace import stopped_cleanly
+
+TIMEOUT = 60
+
+
+def lease_of(ws: Workspace) -> dict[str, object] | None:
+    path = Path(ws.store_url.removeprefix("file://")) / "lease"
+    return dict(json.loads(path.read_bytes())) if path.exists() else None
+
+
+def assert_nothing_left(ws: Workspace, cache: Path) -> None:
+    """No lease in the store, the workspace idle for `wsfs ls`, no cache dir made."""
+    assert lease_of(ws) is None, "a refused mount must not leave a lease in the store"
+    rows = json.loads(ws.wsfs("ls", ws.store_url, "--json").stdout)
+    assert [r["stale_lease"] for r in rows] == [False], rows
+    assert not cache.exists(), f"a refused mount left {sorted(cache.rglob('*'))}"
+    assert not is_mounted(ws.mnt)
+
+
+# -- checks before the lease --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("address", "code", "words"), [
+    ("localhost", UsageError.exit_code, "must be HOST:PORT"),
+    ("localhost:99999", UsageError.exit_code, "must be HOST:PORT"),
+    ("no-such-host.invalid:9100", MountError.exit_code, "cannot serve metrics"),
+    ("busy", MountError.exit_code, "cannot serve metrics"),
+])
+def test_bad_metrics_address_refused_before_the_lease(ws: Workspace, address: str, code: int,
+                                                      words: str) -> None:
+    cache = ws.root / "fresh-cache"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if address == "busy":
+            address = f"127.0.0.1:{busy.getsockname()[1]}"
+        r = attempt(ws, *mount_args(ws, "--cache-dir", str(cache), "--metrics", address))
+    check_refused(r, code, words, mnt=ws.mnt)
+    assert_nothing_left(ws, cache)
+
+
+def test_an_existing_cache_dir_untouched_by_a_refused_mount(ws: Workspace) -> None:
+    ws.mount()
+    ws.unmount()
+    before = {p: p.stat().st_mtime_ns for p in ws.cache_dir.rglob("*")}
+    r = attempt(ws, *mount_args(ws, "--metrics", "localhost"))
+    check_refused(r, UsageError.exit_code, "HOST:PORT", mnt=ws.mnt)
+    assert {p: p.stat().st_mtime_ns for p in ws.cache_dir.rglob("*")} == before
+    assert lease_of(ws) is None
+
+
+def test_a_store_refusing_writes_nothing_into_the_cache_dir(ws: Workspace, tmp_path: Path
+                                                            ) -> None:
+    """The store is reached (and the workspace read) before the daemon writes its log or
+    lock: a cache dir made ready by hand (a volume, say) stays empty."""
+    cache = tmp_path / "volume"
+    cache.mkdir(mode=0o700)
+    r = attempt(ws, *mount_args(ws, "--cache-dir", str(cache),
+                                store=f"file://{tmp_path / 'no-workspace'}"))
+    check_refused(r, NoWorkspaceError.exit_code, "wsfs init", mnt=ws.mnt)
+    assert list(cache.iterdir()) == []
+
+
+def in_namespace(script: str, ws: Workspace, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run `script`, then `argv`, in a private mount namespace of their own."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a mount namespace here")
+    env = {**os.environ, **ws.env}
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-ec",
+                           f'{script}\nexec "$@"', "sh", *argv],
+                          capture_output=True, text=True, env=env, timeout=TIMEOUT)
+
+
+def test_missing_dev_fuse(ws: Workspace) -> None:
+    """A container started without --device /dev/fuse: one sentence with the fix."""
+    cache = ws.root / "fresh-cache"
+    r = in_namespace("mount -t tmpfs none /dev; mknod -m 666 /dev/null c 1 3", ws,
+                     *WSFS, *mount_args(ws, "--cache-dir", str(cache)))
+    fix = "--device /dev/fuse --cap-add SYS_ADMIN" if in_container() else "modprobe fuse"
+    check_refused(r, MountError.exit_code, "/dev/fuse is missing", fix, mnt=ws.mnt)
+    assert_nothing_left(ws, cache)
+
+
+def test_dev_fuse_that_cannot_be_opened(ws: Workspace) -> None:
+    """/dev/fuse there but no FUSE device behind it (a node made by hand with a wrong
+    number; a device cgroup that denies it fails the same way)."""
+    cache = ws.root / "fresh-cache"
+    r = in_namespace("mount -t tmpfs none /dev; mknod -m 666 /dev/null c 1 3; "
+                     "mknod -m 666 /dev/fuse c 10 254", ws,
+                     *WSFS, *mount_args(ws, "--cache-dir", str(cache)))
+    check_refused(r, MountError.exit_code, "/dev/fuse cannot be opened", mnt=ws.mnt)
+    assert_nothing_left(ws, cache)
+
+
+def test_without_cap_sys_admin(ws: Workspace) -> None:
+    """A container started without --cap-add SYS_ADMIN: one sentence with the fix."""
+    cache = ws.root / "fresh-cache"
+    r = subprocess.run(["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--",
+                        *WSFS, *mount_args(ws, "--cache-dir", str(cache))],
+                       capture_output=True, text=True, env={**os.environ, **ws.env},
+                       timeout=TIMEOUT)
+    fix = "--cap-add SYS_ADMIN" if in_container() else "full root privileges"
+    check_refused(r, MountError.exit_code, "CAP_SYS_ADMIN", fix, mnt=ws.mnt)
+    assert_nothing_left(ws, cache)
+
+
+def test_cache_dir_inside_another_wsfs_mount(ws: Workspace, tmp_path: Path) -> None:
+    """Accepted, it would upload the second workspace's cache into the first, which could
+    then never be unmounted; refused before anything is written there."""
+    first = ws.mount()
+    other = Workspace(tmp_path / "other", f"file://{tmp_path / 'store2'}")
+    other.init()
+    for cache in (first / "cache", first / "deeper" / "cache"):
+        r = attempt(other, *mount_args(other, "--cache-dir", str(cache)))
+        check_refused(r, MountError.exit_code, f"inside the wsfs mount {first}", mnt=other.mnt)
+    # the same store, too: refused for the same reason, not after the lease
+    r = attempt(ws, *mount_args(other, "--cache-dir", str(first / "cache"), store=ws.store_url))
+    check_refused(r, MountError.exit_code, "inside the wsfs mount", mnt=other.mnt)
+    assert sorted(p.name for p in first.iterdir()) == [".workspace.initialized"]
+    ws.unmount()
+
+
+# -- a failure after the lease ------------------------------------------------------------------
+
+@contextlib.contextmanager
+def gated_head(ws: Workspace) -> Iterator[None]:
+    """Hold every mount of `ws` at its first read of the store's checkpoint HEAD (a FIFO in
+    its place) until the block ends; `wait_for` the lease meanwhile, then change the world.
+    A mount reads HEAD after taking the lease, or while taking it (its prefetch)."""
+    head = Path(ws.store_url.removeprefix("file://")) / "meta" / "HEAD"
+    content = head.read_bytes()
+    saved = head.with_name("HEAD.saved")
+    head.rename(saved)
+    os.mkfifo(head)
+    try:
+        yield
+    finally:
+        # O_RDWR never blocks; the waiting reader reads `content`, then EOF once it is closed
+        with open(os.open(head, os.O_RDWR), "wb") as fifo:
+            saved.rename(head)  # every later read gets the file itself
+            fifo.write(content)
+
+
+def start_mount(ws: Workspace, cache: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([*WSFS, *mount_args(ws, "--cache-dir", str(cache))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WSFS_RUN_DIR": "/tmp/wsfs-test-run", **ws.env})
+
+
+@pytest.mark.parametrize("cache_kind", ["fresh", "clean"])
+def test_kernel_refusing_the_mount_gives_the_lease_back(ws: Workspace, cache_kind: str) -> None:
+    """The mountpoint vanishes between the checks and the mount, so the kernel (libfuse)
+    refuses it after the lease is taken: the lease goes back, a fresh cache dir goes, a
+    clean one stays clean, and no ERROR about publishing is logged."""
+    if cache_kind == "clean":
+        ws.mount()
+        ws.unmount()
+    cache = ws.cache_dir if cache_kind == "clean" else ws.root / "fresh-cache"
+    with gated_head(ws):
+        proc = start_mount(ws, cache)
+        try:
+            wait_for("the lease", lambda: lease_of(ws) is not None, timeout=TIMEOUT)
+            ws.mnt.rmdir()
+        except BaseException:
+            proc.kill()
+            raise
+    out, err = proc.communicate(timeout=TIMEOUT)
+    ws.mnt.mkdir()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    check_refused(r, MountError.exit_code, "refused to mount", "No such file", mnt=ws.mnt)
+    assert "publish" not in err
+    if cache_kind == "fresh":
+        assert_nothing_left(ws, cache)
+    else:
+        assert lease_of(ws) is None
+        assert stopped_cleanly(cache)
+        ws.check_log()
+    ws.mount(cache_dir=cache)  # at once: no lease to wait out, no recovery
+    assert "unclean stop" not in (cache / "wsfs.log").read_text()
+    ws.unmount()
+    ws.wsfs("gc", ws.store_url)
