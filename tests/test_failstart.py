@@ -1,4 +1,4 @@
-"""A failed start leaves nothing behind.
+"""A failed start leaves nothing behind, and the cache dir is private.
 
 Every check that can refuse a mount (the --metrics address, /dev/fuse, CAP_SYS_ADMIN, where
 the cache dir lives) runs before the lease is taken or anything is written: the store keeps no
@@ -13,15 +13,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, is_mounted, wait_for
+from conftest import WSFS, Workspace, is_mounted, run_wsfs, wait_for
 from test_badinput import attempt, check_refused, mount_args
 
+from wsfs.config import default_cache_dir
 from wsfs.errors import MountError, NoWorkspaceError, UsageError
 from wsfs.preflight import in_container
 from wsfs.workspace import stopped_cleanly
@@ -204,3 +208,110 @@ def test_kernel_refusing_the_mount_gives_the_lease_back(ws: Workspace, cache_kin
     assert "unclean stop" not in (cache / "wsfs.log").read_text()
     ws.unmount()
     ws.wsfs("gc", ws.store_url)
+
+
+# -- private by default -------------------------------------------------------------------------
+
+def modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode)
+            for p in [root, *root.rglob("*")]}
+
+
+def test_cache_dir_and_its_files_are_private(ws: Workspace) -> None:
+    mnt = ws.mount()
+    with open(mnt / "secret", "wb") as f:  # a dirty block, the journal, the WAL
+        f.write(b"x" * 100_000)
+        f.flush()
+        os.fsync(f.fileno())
+    found = modes(ws.cache_dir)
+    assert {"wsfs.log", "status.json", "meta.db", "journal"} <= set(found), found
+    assert any(name.startswith("dirty/") for name in found), found
+    open_to_others = {name: f"{mode:04o}" for name, mode in found.items() if mode & 0o077}
+    assert not open_to_others, f"readable by others: {open_to_others}"
+    assert found["."] == 0o700
+    # the registry of mounts says no more than /proc/self/mounts: any user's `wsfs status`
+    (registry,) = Path(ws.env["WSFS_RUN_DIR"]).glob("*.json")
+    assert stat.S_IMODE(registry.stat().st_mode) == 0o644
+    ws.unmount()
+    ws.mount()  # clean blocks downloaded, a checkpoint fetched: private too
+    assert (mnt / "secret").read_bytes() == b"x" * 100_000
+    assert not {n: m for n, m in modes(ws.cache_dir).items() if m & 0o077}
+    ws.unmount()
+
+
+def test_an_open_cache_dir_is_made_private(ws: Workspace) -> None:
+    """A cache dir an older wsfs (or a user) left open: the mount closes it, and says so."""
+    ws.mount()
+    ws.unmount()
+    ws.cache_dir.chmod(0o755)
+    (ws.cache_dir / "wsfs.log").chmod(0o644)
+    r = ws.wsfs("mount", *mount_args(ws)[1:])
+    assert "made it 0700" in r.stderr
+    assert stat.S_IMODE(ws.cache_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((ws.cache_dir / "wsfs.log").stat().st_mode) == 0o600
+    ws.unmount()
+
+
+def test_default_cache_dir_of_a_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url = "s3://bucket/ws"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    root_dir = default_cache_dir(url)
+    assert root_dir.parent == Path("/var/cache/wsfs")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir(url) == tmp_path / "xdg" / "wsfs" / root_dir.name
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert default_cache_dir(url) == tmp_path / "home" / ".cache" / "wsfs" / root_dir.name
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir(url) == tmp_path / "home" / ".cache" / "wsfs" / root_dir.name
+
+
+def test_a_user_mounts_with_the_default_cache_dir(ws: Workspace, tmp_path: Path) -> None:
+    """A mount by a user other than root, through fusermount3, with no --cache-dir: the cache
+    goes under ~/.cache/wsfs (root's /var/cache/wsfs is not theirs to write), private.
+    /dev/fuse is made usable by all inside a private mount namespace (Debian's udev makes it
+    0666; this machine may not), and the user keeps CAP_DAC_READ_SEARCH only to reach a
+    Python interpreter that may live under root's home."""
+    # fusermount3 checks the mountpoint as the user, who cannot reach into pytest's tmp dir
+    top = Path(tempfile.mkdtemp(prefix="wsfs-user-"))
+    try:
+        user_mount(ws, top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def user_mount(ws: Workspace, top: Path) -> None:
+    home, store, mnt = top / "home", top / "store", top / "mnt"
+    for d in (top, home, store, mnt):
+        d.mkdir(exist_ok=True)
+        os.chown(d, 65534, 65534)
+    url = f"file://{store}"
+    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+            "env", f"HOME={home}", "XDG_RUNTIME_DIR=", "XDG_CACHE_HOME=", "WSFS_RUN_DIR="]
+    fuse = top / "fuse"
+    script = f"""
+        mknod -m 666 {fuse} c 10 229; mount --bind {fuse} /dev/fuse
+        {' '.join(user)} {' '.join(WSFS)} init {url}
+        {' '.join(user)} {' '.join(WSFS)} mount {url} {mnt}
+        {' '.join(user)} sh -c 'echo hello > {mnt}/f'
+        {' '.join(user)} {' '.join(WSFS)} unmount {mnt}
+        {' '.join(user)} {' '.join(WSFS)} mount {url} {mnt}
+        {' '.join(user)} cat {mnt}/f
+        {' '.join(user)} {' '.join(WSFS)} unmount {mnt}
+        true"""
+    caches = home / ".cache" / "wsfs"
+    try:
+        r = in_namespace(script, ws, "true")
+    finally:  # a daemon left mounted in the namespace keeps it: end it
+        for status in caches.glob("*/status.json"):
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(json.loads(status.read_text())["pid"]), 9)
+    assert r.returncode == 0, r.stderr
+    assert "hello" in r.stdout
+    cache = next(c for c in caches.iterdir() if c.name != "run")
+    assert cache.stat().st_uid == 65534
+    assert not {n: f"{m:04o}" for n, m in modes(cache).items() if m & 0o077}
+    assert (cache / "wsfs.log").exists()
+    run_wsfs("gc", url)

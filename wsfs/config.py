@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,4 +43,12 @@ class MountConfig:
 
 
 def default_cache_dir(store_url: str) -> Path:
-    return DEFAULT_CACHE_ROOT / hashlib.sha256(store_url.encode()).hexdigest()[:16]
+    """/var/cache/wsfs/<hash of the store URL> for root; for any other user, who cannot write
+    there, the same under $XDG_CACHE_HOME/wsfs (else ~/.cache/wsfs), as the XDG base
+    directory spec has it (a relative $XDG_CACHE_HOME is ignored)."""
+    key = hashlib.sha256(store_url.encode()).hexdigest()[:16]
+    if os.geteuid() == 0:
+        return DEFAULT_CACHE_ROOT / key
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return root / "wsfs" / key

@@ -569,6 +569,8 @@ def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,
     `made`: `wsfs mount` created the cache dir for this mount; a start that fails before
     serving removes it again, leaving nothing behind.
     """
+    # Private by default: the cache dir holds every file name, the data and the logs.
+    os.umask(0o077)
     limit_malloc_arenas()
     favour_the_fuse_thread()
     # `wsfs sync`'s signal must never kill the daemon, even outside the signal watcher's life.

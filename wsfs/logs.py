@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import time
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def add_file_handler(path: Path) -> logging.Handler:
     """
     root = logging.getLogger()
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX, backupCount=LOG_KEEP)
+    # Readable by its owner only: it names the workspace's files. A log an older wsfs made
+    # readable by all is closed too (new and rotated ones are 0600 by the daemon's umask).
+    os.chmod(path, 0o600)
     handler.setFormatter(formatter())
     level = min(root.level or logging.WARNING, logging.INFO)
     handler.setLevel(level)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -43,8 +44,8 @@ def check_mountpoint(cfg: MountConfig) -> None:
 
 
 def check_cache_dir(cfg: MountConfig) -> tuple[Path, bool]:
-    """The cache dir, made if missing, and whether this mount made it. Where it would live
-    is checked before anything is created there."""
+    """The cache dir, made (0700) if missing and private if it was not; and whether this
+    mount made it. Where it would live is checked before anything is created there."""
     cache = cfg.cache_dir or default_cache_dir(cfg.store_url)
     cache = cache.absolute()
     mp = cfg.mountpoint
@@ -53,7 +54,7 @@ def check_cache_dir(cfg: MountConfig) -> tuple[Path, bool]:
     check_cache_location(cache)
     made = not cache.exists()
     try:
-        cache.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         probe_file = cache / ".write-test"
         probe_file.write_bytes(b"")
         probe_file.unlink()
@@ -61,7 +62,29 @@ def check_cache_dir(cfg: MountConfig) -> tuple[Path, bool]:
         raise MountError(
             f"the cache dir {cache} is not writable ({e.strerror}); choose another --cache-dir"
         ) from None
+    make_private(cache)
     return cache, made
+
+
+def make_private(cache: Path) -> None:
+    """Close the cache dir to other users: it holds every file name, the data and the logs.
+
+    The directory is the boundary (as ~/.ssh is): files inside one that is 0700 cannot be
+    reached by others whatever their own modes, so an older cache dir is tightened, not
+    walked file by file. The daemon creates its files 0600 (umask 077) all the same.
+    """
+    mode = stat.S_IMODE(cache.stat().st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        cache.chmod(0o700)
+    except OSError as e:
+        raise MountError(
+            f"the cache dir {cache} is open to other users (mode {mode:04o}) and cannot be "
+            f"made private ({e.strerror}); run `chmod 700 {cache}` or choose another "
+            "--cache-dir") from None
+    log.warning("the cache dir %s was open to other users (mode %04o): made it 0700",
+                cache, mode)
 
 
 def check_metrics_address(address: str) -> None:

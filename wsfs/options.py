@@ -181,7 +181,7 @@ OPTIONS = (
            default_doc="$AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials"),
     Option("cache_dir", "local cache directory: the data not uploaded yet, the blocks read, "
            "the metadata and wsfs.log", "DIR", parse=parse_dir,
-           default_doc="/var/cache/wsfs/<hash of STORE>"),
+           default_doc="/var/cache/wsfs/<hash of STORE>; a non-root user: ~/.cache/wsfs/<hash>"),
     Option("cache_size", "limit of the clean (uploaded) block cache", "SIZE",
            parse=parse_size, default="10G"),
     Option("dirty_limit", "bytes not yet uploaded at which writers wait for uploads", "SIZE",

@@ -20,7 +20,20 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = Path(os.environ.get("WSFS_RUN_DIR", "/run/wsfs"))
+
+
+def default_run_dir() -> Path:
+    """/run/wsfs for root; for another user, who cannot write there, $XDG_RUNTIME_DIR/wsfs
+    (else ~/.cache/wsfs/run): each user's `wsfs status` lists that user's mounts."""
+    if os.geteuid() == 0:
+        return Path("/run/wsfs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "wsfs"
+    return Path.home() / ".cache" / "wsfs" / "run"
+
+
+RUN_DIR = Path(os.environ.get("WSFS_RUN_DIR") or default_run_dir())
 
 
 def canonical_mountpoint(path: Path) -> Path:
@@ -48,11 +61,19 @@ def registry_path(mountpoint: Path) -> Path:
 
 
 def write_registry(mountpoint: Path, cache_dir: Path, store_url: str) -> None:
-    """Record this process as the daemon serving `mountpoint`."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    registry_path(mountpoint).write_text(json.dumps(
-        {"pid": os.getpid(), "pid_start": process_start(os.getpid()),
-         "mountpoint": str(mountpoint), "cache_dir": str(cache_dir), "store": store_url}))
+    """Record this process as the daemon serving `mountpoint`.
+
+    Readable by all, unlike the daemon's other files (its umask is 077): it says no more than
+    /proc/self/mounts, and lets any user's `wsfs status` list the mount."""
+    if not RUN_DIR.exists():
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        RUN_DIR.chmod(0o755)
+    fd = os.open(registry_path(mountpoint), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with open(fd, "w") as f:
+        os.fchmod(fd, 0o644)
+        f.write(json.dumps({"pid": os.getpid(), "pid_start": process_start(os.getpid()),
+                            "mountpoint": str(mountpoint), "cache_dir": str(cache_dir),
+                            "store": store_url}))
 
 
 def env_seconds(name: str, default: float, *, positive: bool = False) -> float:

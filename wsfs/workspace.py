@@ -199,7 +199,7 @@ async def prepare_cache(
             cache_dir, max(published, pending), head, aside,
         )
         shutil.move(str(cache_dir), aside)
-        cache_dir.mkdir(parents=True)
+        cache_dir.mkdir(mode=0o700, parents=True)
     fetched = cache_dir / PREFETCH
     use_prefetched = prefetched == head and fetched.exists()
     # What an earlier run left beside a missing database belongs to no checkpoint we know.
