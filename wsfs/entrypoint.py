@@ -81,8 +81,8 @@ def add_parser(sub: argparse._SubParsersAction[Any],
     sp.add_argument("--data-owner", default=None, metavar="UID:GID",
                     help="chown the data dir to this owner (unset: left as it is)")
     sp.add_argument("--stop-timeout", default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
-                    help="seconds the child may take to exit after SIGTERM before SIGKILL "
-                    "(the upload of the workspace starts at the SIGTERM, not after)")
+                    help="seconds COMMAND may take to exit after SIGTERM before SIGKILL; the "
+                    "workspace's upload starts at the SIGTERM, alongside")
     sp.add_argument("--keep-credentials", action="store_true",
                     help="also pass the AWS credential variables to COMMAND, which otherwise "
                     "does not see them")
