@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pty
+import re
 import select
 import signal
 import socket
@@ -386,18 +387,15 @@ def test_metrics_port_in_use_fails_the_mount(ws: Workspace) -> None:
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
 
 
-def test_unmount_progress_at_a_terminal_and_in_the_log(ws: Workspace) -> None:
-    """At a terminal `wsfs unmount` draws bytes left; in a pipe it is quiet; the log has it."""
-    mnt = ws.mount(flush_delay=300)
-    (mnt / "a.bin").write_bytes(os.urandom(3 * MiB))
-    os.sync()
+def at_a_terminal(ws: Workspace, *args: str, timeout: float = 120) -> tuple[int, str]:
+    """Run `wsfs ARGS` with its stderr on a pseudo-terminal; return its code and what it
+    drew there."""
     master, slave = pty.openpty()
-    env = {**os.environ, **ws.env}
-    proc = subprocess.Popen([*WSFS, "unmount", str(mnt)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    proc = subprocess.Popen([*WSFS, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=slave, env={**os.environ, **ws.env})
     os.close(slave)
     out = b""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([master], [], [], 0.5)
         if ready:
@@ -411,8 +409,16 @@ def test_unmount_progress_at_a_terminal_and_in_the_log(ws: Workspace) -> None:
         elif proc.poll() is not None:
             break
     os.close(master)
-    assert proc.wait(timeout=60) == 0
-    text = out.decode(errors="replace")
+    return proc.wait(timeout=60), out.decode(errors="replace")
+
+
+def test_unmount_progress_at_a_terminal_and_in_the_log(ws: Workspace) -> None:
+    """At a terminal `wsfs unmount` draws bytes left; in a pipe it is quiet; the log has it."""
+    mnt = ws.mount(flush_delay=300)
+    (mnt / "a.bin").write_bytes(os.urandom(3 * MiB))
+    os.sync()
+    code, text = at_a_terminal(ws, "unmount", str(mnt))
+    assert code == 0, text
     assert "flushing" in text and "left" in text, text
     assert "\r" in text  # redrawn in place, then cleared
     assert not is_mounted(mnt)
@@ -425,6 +431,55 @@ def test_unmount_progress_at_a_terminal_and_in_the_log(ws: Workspace) -> None:
     r = ws.wsfs("unmount", str(mnt))
     assert r.stderr == "" and r.stdout == ""
     assert (ws.cache_dir / "wsfs.log").read_text().count("progress what='flushing") >= 2
+    ws.check_log()
+
+
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def countdown(text: str) -> tuple[list[tuple[int, int]], str]:
+    """What a progress display drew: the (bytes, blocks) left of each frame, and the line it
+    ended with. Sizes must be written in binary units with one decimal (or whole bytes)."""
+    frames = [f.replace("\x1b[K", "").strip() for f in re.split(r"[\r\n]", text)]
+    frames = [f for f in frames if f]
+    left = []
+    for frame in frames[:-1]:
+        m = re.search(r": (\d+(?:\.\d)?) (B|KiB|MiB|GiB) left \((\d+) blocks\)", frame)
+        assert m, f"not a progress line: {frame!r}"
+        assert (m.group(2) == "B") == ("." not in m.group(1)), frame
+        left.append((int(float(m.group(1)) * UNITS[m.group(2)]), int(m.group(3))))
+    return left, frames[-1] if frames else ""
+
+
+@pytest.mark.timeout(240)
+def test_sync_and_unmount_count_down_and_end_with_a_closing_line(
+        proxied: tuple[Workspace, FaultProxy]) -> None:
+    """At a terminal, `wsfs sync` and `wsfs unmount` count the bytes and blocks left down,
+    and end with one line that says all is in the store, how much went up and how long it
+    took (the unmount cleared its line and ended with nothing). The uploads go through a
+    proxy that carries 8 MiB/s: more packs than are uploaded at once, so the flush takes
+    seconds and the countdown has steps."""
+    ws, proxy = proxied
+    mnt = ws.mount(flush_delay=300)
+    blocks = 48
+    for verb, done in (("sync", "synced"), ("unmount", "unmounted")):
+        for i in range(blocks):
+            (mnt / f"{verb}-{i}.bin").write_bytes(os.urandom(MiB))
+        os.sync()
+        wait_for("the backlog in status",  # before the command: the countdown starts full
+                 lambda: ws.status()["dirty_blocks"] == blocks, timeout=20)  # type: ignore[comparison-overlap]
+        proxy.throttle(8 * MiB)
+        code, text = at_a_terminal(ws, verb, str(mnt))
+        proxy.throttle(None)
+        assert code == 0, text
+        left, last = countdown(text)
+        assert left and left[0] == (blocks * MiB, blocks), text
+        assert left == sorted(left, reverse=True) and len(set(left)) >= 2, (verb, left)
+        m = re.fullmatch(rf"wsfs: all in the store \((\d+\.\d) MiB uploaded, checkpoint #\d+\); "
+                         rf"{done} {re.escape(str(mnt))} in (\d+\.\d) s", last)
+        assert m, f"no closing line: {last!r}"
+        assert float(m.group(1)) >= blocks, last
+    assert not is_mounted(mnt)
     ws.check_log()
 
 

@@ -326,13 +326,13 @@ class Daemon:
 
     async def _show_flush_progress(self) -> None:
         """The final flush's progress: a live line at a terminal (-f), and the log."""
-        f, b = self.flusher, self.blocks
-        assert f is not None and b is not None
+        f = self.flusher
+        assert f is not None
         progress = Progress(f"flushing {self.cfg.mountpoint}", tty=sys.stderr.isatty())
         try:
             while True:
-                progress.update(b.dirty_bytes, self.upload_rate, b.dirty_count,
-                                note=f.last_error)
+                left_bytes, left_blocks = f.not_uploaded()
+                progress.update(left_bytes, self.upload_rate, left_blocks, note=f.last_error)
                 await trio.sleep(0.5)
         finally:
             progress.finish()
@@ -341,12 +341,15 @@ class Daemon:
         """The daemon's figures, for `wsfs status`, `wsfs unmount`'s progress and --metrics."""
         f, b = self.flusher, self.blocks
         lease = self.lease
+        left = (f.not_uploaded() if f else (b.dirty_bytes, b.dirty_count) if b else (0, 0))
         return {
             "pid": os.getpid(), "pid_start": self.pid_start, "state": self.state,
             "store": self.cfg.store_url,
             "mountpoint": str(self.cfg.mountpoint), "cache_dir": str(self.cache_dir),
             "time": time.time(), "started": self.started, "version": __version__,
-            "dirty_bytes": b.dirty_bytes if b else 0, "dirty_blocks": b.dirty_count if b else 0,
+            # written and not yet in the store (the cache's dirty blocks count until the
+            # commit after their upload)
+            "dirty_bytes": left[0], "dirty_blocks": left[1],
             "dirty_limit": self.cfg.dirty_limit,
             "cache_hits": b.hits if b else 0, "cache_misses": b.misses if b else 0,
             "downloads": b.clean.downloads if b else 0,

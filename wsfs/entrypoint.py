@@ -45,6 +45,7 @@ from .errors import (
     WsfsError,
 )
 from .options import MOUNT, environment_help
+from .progress import human_bytes
 from .runtime import canonical_mountpoint, mount_field
 
 log = logging.getLogger(__name__)
@@ -369,8 +370,8 @@ class Supervisor:
         while self.daemon_alive():
             status = read_status(status_file) or status
             if time.monotonic() >= next_report and status:
-                log.info("flushing: %.1f MB in %s blocks left, %s blocks uploaded, "
-                         "checkpoint %s", int(str(status.get("dirty_bytes", 0))) / 1e6,
+                log.info("flushing: %s in %s blocks left, %s blocks uploaded, "
+                         "checkpoint %s", human_bytes(int(str(status.get("dirty_bytes", 0)))),
                          status.get("dirty_blocks"), status.get("uploaded_blocks"),
                          status.get("checkpoint"))
                 next_report = time.monotonic() + PROGRESS_EVERY

@@ -1,9 +1,11 @@
 """Progress of a flush, for a person at a terminal and for the log.
 
 One renderer serves `wsfs unmount`, `wsfs sync` and the daemon's own final flush at container
-stop: at a terminal it redraws one line (bytes left, upload rate, ETA) a few times a second;
-anywhere else it stays quiet on the terminal and writes a line to the log every few seconds,
-so a container's log still says how the last flush went.
+stop: at a terminal it redraws one line (bytes and blocks left, upload rate, ETA) a few times
+a second, counting down, and ends with a closing line (`closing`); anywhere else it stays
+quiet on the terminal and writes a line to the log every few seconds, so a container's log
+still says how the last flush went. Sizes are written one way everywhere in wsfs's output:
+binary units with one decimal (`human_bytes`: 12.0 MiB, 1.5 GiB; bytes below 1 KiB as 512 B).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB': binary units, three significant figures."""
+    """1536 -> '1.5 KiB': binary units, one decimal."""
     value = float(n)
     for unit in _UNITS:
         if abs(value) < 1024 or unit == _UNITS[-1]:
@@ -38,6 +40,20 @@ def human_seconds(s: float) -> str:
     if s < 86400:
         return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
     return f"{int(s // 86400)}d{int(s % 86400 // 3600):02d}h"
+
+
+def human_elapsed(s: float) -> str:
+    """4.23 -> '4.2 s': how long a command took (`human_seconds` from a minute on)."""
+    return f"{max(0.0, s):.1f} s" if s < 60 else human_seconds(s)
+
+
+def closing(uploaded: int, done: str, elapsed: float, checkpoint: object = None) -> str:
+    """The line that ends a flush that saved everything: 'wsfs: all in the store
+    (123.4 MiB uploaded, checkpoint #12); unmounted /workspace in 4.2 s'."""
+    detail = f"{human_bytes(max(0, uploaded))} uploaded"
+    if checkpoint is not None:
+        detail += f", checkpoint #{checkpoint}"
+    return f"wsfs: all in the store ({detail}); {done} in {human_elapsed(elapsed)}"
 
 
 def describe(left: int, rate: float, blocks: int | None = None) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .control import SyncRequest
 from .errors import DaemonGoneError, FlushError, MountError
-from .progress import Progress, human_bytes, human_seconds
+from .progress import Progress, closing, human_bytes, human_seconds
 from .runtime import (
     RUN_DIR,
     canonical_mountpoint,
@@ -253,6 +253,7 @@ def sync(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> s
     except OSError as e:
         log.warning("syncfs(%s) failed: %s", entry.mountpoint, e)
     start = time.monotonic()
+    uploaded_before = int(st.get("uploaded_bytes", 0))
     request = SyncRequest(Path(entry.cache_dir))
     request.send(entry.pid)
     display = Progress(f"syncing {entry.mountpoint}", tty=progress)
@@ -265,11 +266,14 @@ def sync(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> s
                 if not ok:
                     raise FlushError(f"the sync of {entry.mountpoint} failed ({error}); the "
                                      "data stays in the cache dir and the daemon keeps trying")
-                return (f"synced {entry.mountpoint}: checkpoint #{st.get('checkpoint')} "
-                        f"in {human_seconds(time.monotonic() - start)}")
+                return closing(int(st.get("uploaded_bytes", 0)) - uploaded_before,
+                               f"synced {entry.mountpoint}", time.monotonic() - start,
+                               st.get("checkpoint"))
             if not st["alive"]:
                 if st.get("state") == "done":  # unmounted meanwhile: the final flush saved all
-                    return f"synced {entry.mountpoint}: it was unmounted and fully uploaded"
+                    return closing(int(st.get("uploaded_bytes", 0)) - uploaded_before,
+                                   f"{entry.mountpoint} was unmounted meanwhile",
+                                   time.monotonic() - start, st.get("checkpoint"))
                 raise FlushError(f"the wsfs daemon of {entry.mountpoint} stopped before the "
                                  f"sync finished ({st.get('last_error')})")
             if timeout is not None and time.monotonic() - start > timeout:

@@ -70,6 +70,7 @@ class Flusher:
         # it queued for deletion (fs/base.py), so no checkpoint carries files deleted before it.
         self.before_pin: Callable[[], None] | None = None
         self._awaiting_commit: list[str] = []  # uploaded; their checksums not yet committed
+        self._awaiting_bytes = 0  # their dirty length
         meta.after_commit = self._after_commit
         meta.before_commit = blocks.make_commit_room
         blocks.synced_commits = lambda: meta.synced_commits
@@ -109,6 +110,13 @@ class Flusher:
         self._unbundled = False  # this daemon published the newest checkpoint without one
 
     # -- what is pending -------------------------------------------------------------------
+
+    def not_uploaded(self) -> tuple[int, int]:
+        """Bytes and blocks written and not yet in the store: the dirty blocks, less those
+        uploaded whose checksums await their commit. (At unmount that commit comes only at
+        the end of the cycle, so the dirty figures alone never counted down.)"""
+        return (max(0, self.blocks.dirty_bytes - self._awaiting_bytes),
+                max(0, self.blocks.dirty_count - len(self._awaiting_commit)))
 
     def pending(self) -> bool:
         """True while something written is not yet covered by a published checkpoint."""
@@ -332,6 +340,7 @@ class Flusher:
             else:
                 self.blocks.retire(block_id, commit)
         self._awaiting_commit.clear()
+        self._awaiting_bytes = 0
         self.blocks.release_discarded(commit)
 
     def _own(self, write: Callable[..., None], *args: object) -> None:
@@ -406,6 +415,7 @@ class Flusher:
         # crash in between would leave the metadata naming a block with neither a checksum
         # nor a local copy (tests/test_crash.py found it). Batched: one commit per tick.
         self._awaiting_commit.extend(block_ids)
+        self._awaiting_bytes += size
         self.uploaded_blocks += len(block_ids)
         self.uploaded_bytes += length
 

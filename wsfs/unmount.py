@@ -12,11 +12,12 @@ import logging
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 
 from .errors import DaemonGoneError, FlushError, MountError
-from .progress import Progress
+from .progress import Progress, closing
 from .runtime import canonical_mountpoint, daemon_alive, is_mountpoint, registry_path
 from .status import entry_of, read_status
 
@@ -24,7 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> None:
-    """`wsfs unmount`: flush, unmount, and wait until the daemon has uploaded everything."""
+    """`wsfs unmount`: flush, unmount, and wait until the daemon has uploaded everything.
+
+    `progress`: count down on stderr (a terminal) and end with a closing line; the log gets
+    the progress either way.
+    """
+    start = time.monotonic()
     mp = canonical_mountpoint(mountpoint)
     reg_path = registry_path(mp)
     try:
@@ -38,6 +44,8 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
     if reg is None:
         raise MountError(f"{mp} is not a wsfs mount of this machine (no {reg_path}); "
                          "unmount it with `fusermount3 -u`")
+    cache_dir = Path(reg["cache_dir"])
+    uploaded_before = int(_read_status(cache_dir).get("uploaded_bytes", 0))
     try:
         pyfuse3.syncfs(str(mp))
     except OSError as e:
@@ -46,8 +54,15 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
     if result.returncode != 0:
         raise MountError(f"cannot unmount {mp}: {result.stderr.strip()}; close the files "
                          "and shells using it and try again")
-    wait_for_daemon(int(reg["pid"]), Path(reg["cache_dir"]), progress=progress,
-                    timeout=timeout, pid_start=reg.get("pid_start"))
+    display = Progress(f"flushing {mp}", tty=progress)
+    try:
+        st = wait_for_daemon(int(reg["pid"]), cache_dir, display=display, timeout=timeout,
+                             pid_start=reg.get("pid_start"))
+    except BaseException:
+        display.finish()
+        raise
+    display.finish(closing(int(st.get("uploaded_bytes", 0)) - uploaded_before,
+                           f"unmounted {mp}", time.monotonic() - start, st.get("checkpoint")))
 
 
 def clear_dead_mount(mp: Path, reg_path: Path, reg: dict[str, object]) -> None:
@@ -66,31 +81,28 @@ def clear_dead_mount(mp: Path, reg_path: Path, reg: dict[str, object]) -> None:
         "mount uploads the data the daemon had not saved")
 
 
-def wait_for_daemon(pid: int, cache_dir: Path, *, progress: bool, timeout: float | None,
-                    pid_start: object = None) -> None:
-    """Wait for the daemon to exit; succeed only if it reported every byte uploaded.
+def _read_status(cache_dir: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((cache_dir / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
 
-    `progress`: redraw a progress line on stderr (a terminal); it is logged either way.
-    """
-    status_file = cache_dir / "status.json"
+
+def wait_for_daemon(pid: int, cache_dir: Path, *, display: Progress, timeout: float | None,
+                    pid_start: object = None) -> dict[str, Any]:
+    """Wait for the daemon to exit, showing what is left on `display`; return its last
+    status if it reported every byte uploaded, else raise FlushError."""
     start = time.monotonic()
-    display = Progress("flushing", tty=progress)
     while daemon_alive(pid, pid_start if isinstance(pid_start, int) else None):
         if timeout is not None and time.monotonic() - start > timeout:
             raise FlushError(f"the wsfs daemon (pid {pid}) is still flushing after "
                              f"{timeout:.0f}s; it goes on alone")
-        try:
-            st = json.loads(status_file.read_text())
-        except (OSError, ValueError):
-            st = {}
+        st = _read_status(cache_dir)
         if st:
             display.update(int(st.get("dirty_bytes", 0)), float(st.get("upload_rate", 0)),
                            int(st.get("dirty_blocks", 0)), note=st.get("last_error"))
         time.sleep(0.2)
-    display.finish()
-    try:
-        st = json.loads(status_file.read_text())
-    except (OSError, ValueError):
-        st = {}
+    st = _read_status(cache_dir)
     if st.get("state") != "done":
         raise FlushError.stopped_early(st, cache_dir)
+    return st
