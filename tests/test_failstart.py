@@ -25,6 +25,7 @@ import pytest
 from conftest import WSFS, Workspace, is_mounted, run_wsfs, wait_for
 from test_badinput import attempt, check_refused, mount_args
 
+from wsfs import preflight
 from wsfs.config import default_cache_dir
 from wsfs.errors import MountError, NoWorkspaceError, UsageError
 from wsfs.preflight import in_container
@@ -149,6 +150,25 @@ def test_cache_dir_inside_another_wsfs_mount(ws: Workspace, tmp_path: Path) -> N
     ws.unmount()
 
 
+@pytest.mark.parametrize(("fstype", "refused"), [
+    ("nfs4", "a network filesystem"), ("cifs", "a network filesystem"),
+    ("9p", "a network filesystem"), ("ceph", "a network filesystem"),
+    ("fuse.sshfs", "a FUSE filesystem"), ("fuseblk", "a FUSE filesystem"),
+    ("overlay", None), ("tmpfs", None), ("ext4", None), ("xfs", None), ("btrfs", None),
+])
+def test_which_filesystems_may_hold_a_cache_dir(monkeypatch: pytest.MonkeyPatch,
+                                                fstype: str, refused: str | None) -> None:
+    """Local filesystems (a container's overlay root included) hold a cache dir; FUSE and
+    network ones are refused, naming the filesystem. (A real wsfs mount: above.)"""
+    where = preflight.MountInfo(Path("/srv"), fstype, "server:/export")
+    monkeypatch.setattr(preflight, "mount_of", lambda path: where)
+    if refused is None:
+        preflight.check_cache_location(Path("/srv/cache"))
+        return
+    with pytest.raises(MountError, match=f"on {refused} \\({fstype}, mounted on /srv\\)"):
+        preflight.check_cache_location(Path("/srv/cache"))
+
+
 # -- a failure after the lease ------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -208,6 +228,26 @@ def test_kernel_refusing_the_mount_gives_the_lease_back(ws: Workspace, cache_kin
     assert "unclean stop" not in (cache / "wsfs.log").read_text()
     ws.unmount()
     ws.wsfs("gc", ws.store_url)
+
+
+@pytest.mark.parametrize(("why", "profile", "container", "fix"), [
+    ("fusermount3: mount failed: Operation not permitted", "", True,
+     "--device /dev/fuse --cap-add SYS_ADMIN"),
+    ("fuse: mount failed: Permission denied", "docker-default (enforce)", True,
+     "--security-opt apparmor=unconfined"),
+    ("fuse: mount failed: Permission denied", "docker-default (complain)", False, ""),
+    ("fusermount3: bad mount point /x: Permission denied", "docker-default (enforce)", True,
+     ""),
+    ("fuse: mount failed: Operation not permitted", "", False, ""),
+])
+def test_the_fix_named_for_a_refused_mount(monkeypatch: pytest.MonkeyPatch, why: str,
+                                          profile: str, container: bool, fix: str) -> None:
+    """What libfuse said, turned into the fix: only for mount(2) refused, not a bad
+    mountpoint; AppArmor only when it enforces."""
+    monkeypatch.setattr(preflight, "apparmor_profile", lambda: profile)
+    monkeypatch.setattr(preflight, "in_container", lambda: container)
+    said = preflight.refusal_fix(why)
+    assert (fix in said) if fix else said == "", said
 
 
 # -- private by default -------------------------------------------------------------------------

@@ -159,8 +159,12 @@ def check_cache_location(cache: Path) -> None:
 
 
 def apparmor_profile() -> str:
-    """The AppArmor profile confining this process ('' without AppArmor)."""
-    for path in ("/proc/self/attr/apparmor/current", "/proc/self/attr/current"):
+    """The AppArmor profile confining this process, like 'docker-default (enforce)'; '' without
+    AppArmor. (The older attr/current is another LSM's, SELinux's say, unless AppArmor is in.)"""
+    paths = ["/proc/self/attr/apparmor/current"]
+    if Path("/sys/module/apparmor").exists():
+        paths.append("/proc/self/attr/current")
+    for path in paths:
         try:
             return Path(path).read_text().strip("\0\n ")
         except OSError:
@@ -177,9 +181,10 @@ def refusal_fix(why: str) -> str:
                                                                 "Permission denied")):
         return ""  # e.g. "bad mount point ...: Permission denied" is the mountpoint's
     profile = apparmor_profile()
-    if profile and not profile.startswith("unconfined"):
-        return (f": the AppArmor profile {profile.split()[0]} forbids mounting; start the "
-                "container with `--security-opt apparmor=unconfined`")
+    if profile.endswith("(enforce)"):
+        fix = ("start the container with `--security-opt apparmor=unconfined`" if in_container()
+               else "run wsfs unconfined")
+        return f": the AppArmor profile {profile.split()[0]} may forbid mounting; {fix}"
     if in_container():
         return f": {CONTAINER_FIX}"
     return ""
