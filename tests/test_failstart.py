@@ -134,6 +134,19 @@ def test_without_cap_sys_admin(ws: Workspace) -> None:
     assert_nothing_left(ws, cache)
 
 
+def test_without_fusermount3(ws: Workspace, tmp_path: Path) -> None:
+    """fuse3 not installed: root could mount without it, but neither `wsfs unmount` nor the
+    daemon's own unmount at SIGTERM could undo the mount."""
+    cache = ws.root / "fresh-cache"
+    bare = tmp_path / "bin"  # a PATH with what the daemon's start needs, but fusermount3
+    bare.mkdir()
+    r = subprocess.run([*WSFS, *mount_args(ws, "--cache-dir", str(cache))],
+                       capture_output=True, text=True, timeout=TIMEOUT,
+                       env={**os.environ, **ws.env, "PATH": str(bare)})
+    check_refused(r, MountError.exit_code, "fusermount3 is missing", "fuse3", mnt=ws.mnt)
+    assert_nothing_left(ws, cache)
+
+
 def test_cache_dir_inside_another_wsfs_mount(ws: Workspace, tmp_path: Path) -> None:
     """Accepted, it would upload the second workspace's cache into the first, which could
     then never be unmounted; refused before anything is written there."""
