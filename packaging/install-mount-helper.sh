@@ -27,7 +27,7 @@ scripts="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'
 target="$scripts/mount.wsfs"
 if [ ! -x "$target" ]; then
     echo "install-mount-helper: $target not found; install wsfs into $PYTHON first" \
-         "(pip install wsfs)" >&2
+         "(bash packaging/install.sh)" >&2
     exit 1
 fi
 if ! command -v fusermount3 >/dev/null 2>&1; then

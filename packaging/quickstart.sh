@@ -1,28 +1,26 @@
 #!/usr/bin/env bash
 # One command from a fresh Debian/Ubuntu machine to a mounted workspace on the embedded store:
-#   sudo bash packaging/quickstart.sh [MOUNTPOINT] [STORE_DIR]
-# Installs fuse3, libfuse3-dev, pkg-config and wsfs, creates the workspace if it does not exist,
-# and mounts it (default: /workspace on file:///var/lib/wsfs/store).
+#   bash packaging/quickstart.sh [MOUNTPOINT] [STORE_DIR]
+# as root, or as a user with sudo (it re-runs itself through sudo; `sudo bash ...` works too).
+# Installs wsfs with packaging/install.sh (the Debian packages it needs, a venv in /opt/wsfs or
+# $WSFS_PREFIX, /usr/local/bin/wsfs and the mount helpers), creates the workspace if it does not
+# exist, and mounts it (default: /workspace on file:///var/lib/wsfs/store).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MOUNTPOINT="${1:-/workspace}"
 STORE_DIR="${2:-/var/lib/wsfs/store}"
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "quickstart: run as root (sudo): mounting and installing packages need it" >&2
-  exit 1
+  command -v sudo >/dev/null || {
+    echo "quickstart: run as root: installing packages and mounting need it, and this machine has no sudo" >&2
+    exit 1
+  }
+  exec sudo -- env ${PYTHON:+PYTHON="$PYTHON"} ${WSFS_PREFIX:+WSFS_PREFIX="$WSFS_PREFIX"} \
+    bash "$here/quickstart.sh" "$MOUNTPOINT" "$STORE_DIR"
 fi
-missing=()
-for pkg in fuse3 libfuse3-dev pkg-config; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-PY="${PYTHON:-python3}"
-"$PY" -m pip install -q --disable-pip-version-check .
+bash "$here/install.sh"
+wsfs="${WSFS_PREFIX:-/opt/wsfs}/bin/wsfs"
 
 mkdir -p "$MOUNTPOINT" "$STORE_DIR"
-"$PY" -m wsfs mount --init "file://$STORE_DIR" "$MOUNTPOINT"
+"$wsfs" mount --init "file://$STORE_DIR" "$MOUNTPOINT"
 echo "wsfs: $MOUNTPOINT is mounted on file://$STORE_DIR; stop it with: wsfs unmount $MOUNTPOINT"

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it.
 #   bash tests/run.sh            the default suite (what CI runs)
+#   bash tests/run.sh -m smoke   the smoke tests (a few minutes; CI runs them on fresh machines)
 #   bash tests/run.sh -m slow    the soak tests
-# Extra arguments go to pytest.
+# Extra arguments go to pytest. As root, or as a user with sudo for the Debian packages (the
+# tests themselves mount filesystems and need root).
+#
+# The Debian packages come from packaging/install.sh (what the build needs) plus the tools the
+# tests call. The Python side goes into a virtual environment of the checkout, .venv (PYTHON
+# picks the interpreter it is made from, default python3), with wsfs installed editable and its
+# `test` extras: never the system Python (PEP 668), never the /opt/wsfs that install.sh makes
+# for real use, and the console scripts (wsfs, mount.wsfs) run the code of this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config git systemd util-linux strace; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
-if [ ${#need_apt[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+bash packaging/install.sh --packages-only git systemd util-linux strace
+
+PY=$(command -v "${PYTHON:-python3}")
+VENV=.venv
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  "$PY" -m venv --clear "$VENV"
 fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
 
-PY="${PYTHON:-python3}"
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
-
-"$PY" -m ruff check wsfs tests
-"$PY" -m mypy
-exec "$PY" -m pytest -p no:cacheprovider "$@"
+"$VENV/bin/python" -m ruff check wsfs tests
+"$VENV/bin/python" -m mypy
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

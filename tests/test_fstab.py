@@ -30,16 +30,26 @@ __all__ = ["secret_rclone"]  # the fixture, shared with test_container
 
 
 @pytest.fixture(scope="module")
-def helpers() -> None:
-    """Install the mount helpers the documented way; skip if /sbin cannot be written."""
+def helpers() -> Iterator[None]:
+    """Install the mount helpers the documented way; skip if /sbin cannot be written. The links
+    an install had made (packaging/install.sh: into /opt/wsfs) are put back afterwards."""
     if not os.access(SBIN, os.W_OK):
         pytest.skip("installing /sbin/mount.fuse.wsfs needs root")
+    names = ("mount.fuse.wsfs", "mount.wsfs", "umount.fuse.wsfs")
+    before = {name: os.readlink(SBIN / name) for name in names if (SBIN / name).is_symlink()}
     result = subprocess.run(["sh", str(INSTALL)], capture_output=True, text=True,
                             env={**os.environ, "PYTHON": sys.executable}, timeout=60)
     assert result.returncode == 0, result.stderr
     script = Path(sys.executable).parent / "mount.wsfs"
-    for name in ("mount.fuse.wsfs", "mount.wsfs", "umount.fuse.wsfs"):
-        assert (SBIN / name).resolve() == script.resolve(), name
+    try:
+        for name in names:
+            assert (SBIN / name).resolve() == script.resolve(), name
+        yield
+    finally:
+        for name in names:
+            (SBIN / name).unlink(missing_ok=True)
+            if name in before:
+                (SBIN / name).symlink_to(before[name])
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 120

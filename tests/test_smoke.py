@@ -1,6 +1,9 @@
 """The shortest end-to-end proof: write through a mount, read it back on a fresh machine."""
 
+import pytest
 from conftest import Workspace
+
+pytestmark = pytest.mark.smoke
 
 
 def test_write_unmount_remount_on_empty_cache(any_ws: Workspace) -> None:

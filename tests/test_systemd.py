@@ -23,7 +23,7 @@ from wsfs import errors
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "packaging" / "systemd"
-INSTALLED_WSFS = "/usr/local/bin/wsfs"
+INSTALLED_WSFS = "/opt/wsfs/bin/wsfs"  # as shipped; packaging/install.sh renders the prefix
 
 
 def analyze(unit_dir: Path, unit: str) -> subprocess.CompletedProcess[str]:
@@ -45,6 +45,7 @@ def unit_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("unit", ["wsfs@workspace.service", "workspace.mount"])
 def test_units_pass_systemd_analyze_verify(unit_dir: Path, unit: str) -> None:
     result = analyze(unit_dir, unit)
@@ -65,6 +66,7 @@ def test_service_unit_contract() -> None:
     text = (UNITS / "wsfs@.service").read_text()
     lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in text.splitlines()
              if "=" in line and not line.startswith("#")}
+    assert lines["ExecStart"].startswith(INSTALLED_WSFS + " ")
     assert lines["Type"] == "notify"
     assert "mount --foreground" in lines["ExecStart"]
     assert lines["ExecStop"].endswith("unmount %f")

@@ -1,0 +1,156 @@
+"""packaging/install.sh: what a user installs is whole. wsfs in its own venv, `wsfs` and the
+mount helpers linked into place, and the systemd units' ExecStart= and Documentation= naming
+files that exist after the install, wherever it installs (WSFS_PREFIX); re-running upgrades.
+And no doc sends anyone to `pip install wsfs` from a registry, where wsfs is not published.
+
+The install here goes into a temporary prefix and temporary link directories; README's own
+commands on fresh Debian machines are checked by .ci/run (../shared/tools/fresh-debian).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL = ROOT / "packaging" / "install.sh"
+UNITS = ROOT / "packaging" / "systemd"
+DEFAULT_PREFIX = "/opt/wsfs"
+HELPERS = ("mount.fuse.wsfs", "mount.wsfs", "umount.fuse.wsfs")
+
+
+def unit_settings(text: str) -> list[tuple[str, str]]:
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith(("#", ";"))]
+    return [(k.strip(), v.strip()) for k, _, v in (line.partition("=") for line in lines) if v]
+
+
+def executables(text: str) -> list[str]:
+    """The programs of every Exec*= line, without systemd's prefixes (-, @, +, !, :)."""
+    return [value.split()[0].lstrip("-@+!:") for key, value in unit_settings(text)
+            if key.startswith("Exec")]
+
+
+def documentation(text: str) -> list[str]:
+    return [url for key, value in unit_settings(text) if key == "Documentation"
+            for url in value.split()]
+
+
+@pytest.mark.smoke
+def test_repo_units_name_what_an_install_provides() -> None:
+    """The units as shipped are written for the default prefix: each program is a console script
+    of the package or a system binary, each document a file that install.sh copies."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for unit in sorted(UNITS.iterdir()):
+        text = unit.read_text()
+        for exe in executables(text):
+            if exe.startswith(DEFAULT_PREFIX):
+                assert exe.removeprefix(f"{DEFAULT_PREFIX}/bin/") in scripts, (unit.name, exe)
+            else:
+                assert Path(exe).exists(), (unit.name, exe)
+        docs = documentation(text)
+        assert docs, unit.name
+        for url in docs:
+            doc = url.removeprefix(f"file://{DEFAULT_PREFIX}/share/doc/wsfs/")
+            assert doc != url, (unit.name, url)
+            assert (ROOT / doc).is_file(), (unit.name, url)
+
+
+def install(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHON": sys.executable, "WSFS_PREFIX": str(tmp_path / "prefix"),
+           "WSFS_BIN_DIR": str(tmp_path / "bin"), "WSFS_SBIN_DIR": str(tmp_path / "sbin"),
+           "WSFS_UNIT_DIR": str(tmp_path / "units")}
+    return subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def check_installed(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    wsfs = tmp_path / "bin" / "wsfs"
+    assert wsfs.resolve() == (prefix / "bin" / "wsfs").resolve()
+    version = subprocess.run([str(wsfs), "--version"], capture_output=True, text=True,
+                             timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("wsfs "), version
+    for name in HELPERS:
+        assert (tmp_path / "sbin" / name).resolve() == (prefix / "bin" / "mount.wsfs").resolve()
+    installed = [*(tmp_path / "units").iterdir(),
+                 *(prefix / "share" / "doc" / "wsfs" / "examples").iterdir()]
+    assert sorted(u.name for u in installed) == sorted(u.name for u in UNITS.iterdir())
+    for unit in installed:
+        text = unit.read_text()
+        assert DEFAULT_PREFIX not in text, unit
+        for exe in executables(text):
+            assert os.access(exe, os.X_OK), (unit.name, exe)
+        for url in documentation(text):
+            assert url.startswith("file://") and Path(url[len("file://"):]).is_file(), \
+                (unit.name, url)
+    if shutil.which("systemd-analyze"):
+        verify = subprocess.run(["systemd-analyze", "verify", "wsfs@workspace.service"],
+                                capture_output=True, text=True, timeout=60,
+                                cwd=tmp_path / "units")
+        output = (verify.stdout + verify.stderr).strip()
+        assert verify.returncode == 0 and output == "", output
+
+
+@pytest.mark.smoke
+def test_install_into_a_prefix_is_whole_and_rerunning_upgrades(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("install.sh runs as root (or re-runs itself through sudo)")
+    result = install(tmp_path)
+    assert result.returncode == 0, result.stderr
+    check_installed(tmp_path)
+    # A broken or older install is replaced by the next run, at the same version number.
+    prefix = tmp_path / "prefix"
+    cli = next(prefix.glob("lib/python3*/site-packages/wsfs/cli.py"))
+    cli.write_text("raise SystemExit('stale')\n")
+    result = install(tmp_path)
+    assert result.returncode == 0, result.stderr
+    check_installed(tmp_path)
+
+
+def test_without_root_or_sudo_install_says_so_in_one_line(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the script as another user")
+    path = "/usr/bin:/bin"
+    if shutil.which("sudo", path=path):
+        pytest.skip("this machine has sudo: install.sh would use it")
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "bash", str(INSTALL)], capture_output=True, text=True, timeout=60,
+        env={"PATH": path, "HOME": str(tmp_path), "PYTHON": "/usr/bin/python3"},
+        cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "run as root" in result.stderr, result.stderr
+    assert "no sudo" in result.stderr
+
+
+# A registry install of wsfs: `pip install wsfs`, `pip install -U wsfs[test]`, ... (not a
+# path such as `pip install /src/wsfs` or `pip install .`).
+REGISTRY_INSTALL = re.compile(r"pip3? install(\s+-{1,2}[\w-]+(=\S+)?)*\s+['\"]?wsfs\b(?![/.\w-])")
+
+
+def test_no_doc_says_pip_install_wsfs_from_a_registry() -> None:
+    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"),
+             *(p for p in (ROOT / "packaging").rglob("*") if p.is_file()),
+             *(ROOT / "wsfs").rglob("*.py")]
+    bad = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+           for path in files
+           for n, line in enumerate(path.read_text().splitlines(), 1)
+           if REGISTRY_INSTALL.search(line)]
+    assert not bad, "wsfs is not on a registry; say `bash packaging/install.sh`:\n" + \
+        "\n".join(bad)
+
+
+def test_the_registry_pattern_matches_what_it_should() -> None:
+    """Control for the check above."""
+    assert REGISTRY_INSTALL.search("pip install wsfs")
+    assert REGISTRY_INSTALL.search("python3 -m pip install -U wsfs[test]")
+    assert not REGISTRY_INSTALL.search("pip install /src/wsfs jupyterlab")
+    assert not REGISTRY_INSTALL.search("pip install . in this source tree")
+    assert not REGISTRY_INSTALL.search("bash packaging/install.sh dist/wsfs-0.1.0.whl")
