@@ -1,4 +1,6 @@
-"""systemd: the unit files pass `systemd-analyze verify`, and the Type=notify contract holds
+"""systemd: the unit files pass `systemd-analyze verify`, wsfs@.service is hardened as far as a
+FUSE daemon allows (its mount stays in the host's namespace, and every system call the daemon
+and `wsfs unmount` make is one its filter allows), and the Type=notify contract holds
 without systemd — `wsfs mount --foreground` sends READY=1 to $NOTIFY_SOCKET only once the
 mount serves, never when the mount is refused, and ExecStop's `wsfs unmount` returns only after
 the daemon (the service's main process) has uploaded everything and exited.
@@ -7,6 +9,7 @@ the daemon (the service's main process) has uploaded everything and exited.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +27,7 @@ from wsfs import errors
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "packaging" / "systemd"
 INSTALLED_WSFS = "/opt/wsfs/bin/wsfs"  # as shipped; packaging/install.sh renders the prefix
+USER_GUIDE = ROOT / "docs" / "user-guide.md"
 
 
 def analyze(unit_dir: Path, unit: str) -> subprocess.CompletedProcess[str]:
@@ -80,6 +84,66 @@ def test_service_unit_contract() -> None:
     assert "Type=fuse.wsfs" in mount_unit and "credentials_file=" in mount_unit
 
 
+def service_settings() -> dict[str, str]:
+    return {k: v for k, _, v in (line.partition("=") for line in
+                                  (UNITS / "wsfs@.service").read_text().splitlines())
+            if v and not k.startswith("#")}
+
+
+# Each of these gives the service a mount namespace of its own (or, PrivateUsers=, takes away the
+# CAP_SYS_ADMIN of mount(2)): the FUSE mount would then be seen by the service alone.
+NAMESPACING = ("PrivateTmp", "PrivateDevices", "PrivateMounts", "PrivateUsers", "PrivateNetwork",
+               "ProtectSystem", "ProtectHome", "ProtectKernelTunables", "ProtectKernelModules",
+               "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProcSubset",
+               "ReadOnlyPaths", "ReadWritePaths", "InaccessiblePaths", "TemporaryFileSystem",
+               "BindPaths", "BindReadOnlyPaths", "RootDirectory", "RootImage", "MountFlags")
+
+
+def test_service_is_hardened_as_far_as_a_fuse_daemon_allows() -> None:
+    lines = service_settings()
+    assert lines["UMask"] == "0077"
+    assert lines["NoNewPrivileges"] == "yes"
+    assert "CAP_SYS_ADMIN" in lines["CapabilityBoundingSet"].split()
+    assert lines["DevicePolicy"] == "closed" and lines["DeviceAllow"] == "/dev/fuse rw"
+    assert "@mount" in lines["SystemCallFilter"].split()
+    assert [k for k in NAMESPACING if k in lines] == []
+
+
+@pytest.mark.smoke
+def test_security_score_is_the_one_the_docs_state(unit_dir: Path) -> None:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    result = subprocess.run([exe, "security", "--offline=true", "wsfs@workspace.service"],
+                            capture_output=True, text=True, timeout=60, cwd=unit_dir)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d) (\w+)", result.stdout)
+    if m is None and "--offline" in result.stderr:
+        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+    assert m is not None, result.stdout + result.stderr
+    assert float(m.group(1)) <= 4.5, result.stdout
+    assert f"rates it **{m.group(1)} {m.group(2)}**" in USER_GUIDE.read_text()
+
+
+def allowed_system_calls(filter_spec: str) -> set[str]:
+    """The calls a SystemCallFilter= allow list lets through, its @groups expanded."""
+    allowed: set[str] = set()
+    todo = filter_spec.split()
+    while todo:
+        out = subprocess.run(["systemd-analyze", "syscall-filter", todo.pop()],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        for name in re.findall(r"^    (\S+)", out, re.MULTILINE):
+            if name.startswith("@"):
+                todo.append(name)
+            else:
+                allowed.add(name)
+    return allowed
+
+
+def traced_calls(trace: Path) -> list[tuple[str, str]]:
+    """(name, arguments) of every call in an `strace -f -o` file."""
+    return re.findall(r"^\d+ +(\w+)\((.*)", trace.read_text(), re.MULTILINE)
+
+
 class NotifySocket:
     """A unix datagram socket standing in for systemd's $NOTIFY_SOCKET."""
 
@@ -106,9 +170,10 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     s.close()
 
 
-def start_foreground(ws: Workspace, notify: NotifySocket) -> subprocess.Popen[str]:
+def start_foreground(ws: Workspace, notify: NotifySocket, wrapper: tuple[str, ...] = ()
+                     ) -> subprocess.Popen[str]:
     env = {**os.environ, **ws.env, "NOTIFY_SOCKET": str(notify.path)}
-    return subprocess.Popen([*WSFS, "mount", "--foreground", ws.store_url, str(ws.mnt),
+    return subprocess.Popen([*wrapper, *WSFS, "mount", "--foreground", ws.store_url, str(ws.mnt),
                              "--cache-dir", str(ws.cache_dir), "--flush-delay", "60"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -183,3 +248,51 @@ def test_refused_mount_never_notifies_ready(tmp_path: Path, notify: NotifySocket
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+@pytest.mark.smoke
+def test_the_service_makes_no_call_its_hardening_forbids(
+        ws: Workspace, notify: NotifySocket, tmp_path: Path) -> None:
+    """What ExecStart= and ExecStop= run, traced through a day's kinds of work: every system call
+    is in SystemCallFilter=, no namespace is made (RestrictNamespaces=), every socket is of an
+    allowed family, and no memory is made writable and executable (MemoryDenyWriteExecute=)."""
+    if shutil.which("strace") is None or shutil.which("systemd-analyze") is None:
+        pytest.skip("needs strace and systemd-analyze (apt-get install strace systemd)")
+    lines = service_settings()
+    allowed = allowed_system_calls(lines["SystemCallFilter"])
+    families = set(lines["RestrictAddressFamilies"].split())
+    traces = [tmp_path / "daemon.trace", tmp_path / "unmount.trace"]
+    proc = start_foreground(ws, notify, ("strace", "-f", "-qq", "-o", str(traces[0])))
+    try:
+        wait_ready(proc, notify, ws.mnt)
+        d = ws.mnt / "d"
+        d.mkdir()
+        (d / "data.bin").write_bytes(os.urandom(3_000_000))
+        os.link(d / "data.bin", d / "hard")
+        os.symlink("data.bin", d / "soft")
+        os.rename(d / "hard", ws.mnt / "moved")
+        os.setxattr(ws.mnt / "moved", "user.tag", b"1")
+        with open(ws.mnt / "moved", "r+b") as f:
+            f.truncate(1000)
+            os.fsync(f.fileno())
+        assert sorted(os.listdir(d)) == ["data.bin", "soft"]
+        ws.wsfs("sync", str(ws.mnt), timeout=120)
+        unmount = subprocess.run(["strace", "-f", "-qq", "-o", str(traces[1]), *WSFS, "unmount",
+                                  str(ws.mnt)], capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, **ws.env})
+        assert unmount.returncode == 0, unmount.stderr
+        assert proc.wait(120) == 0, proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    calls = [call for trace in traces for call in traced_calls(trace)]
+    names = {name for name, _ in calls}
+    assert "mount" in names and "umount2" in names, "the trace missed the mount"
+    assert sorted(names - allowed) == []
+    assert [c for c in calls if c[0] in ("unshare", "setns") or "CLONE_NEW" in c[1]] == []
+    used_families = {args.split(",")[0] for name, args in calls if name == "socket"}
+    assert used_families <= families
+    assert [c for c in calls if c[0] in ("mmap", "mprotect", "pkey_mprotect")
+            and ("PROT_WRITE|PROT_EXEC" in c[1]
+                 or (c[0] != "mmap" and "PROT_EXEC" in c[1]))] == []
