@@ -121,7 +121,8 @@ def test_security_score_is_the_one_the_docs_state(unit_dir: Path) -> None:
         pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
     assert m is not None, result.stdout + result.stderr
     assert float(m.group(1)) <= 4.5, result.stdout
-    assert f"rates it **{m.group(1)} {m.group(2)}**" in USER_GUIDE.read_text()
+    # The docs give the score for each Debian's systemd (the rating changes between versions).
+    assert f"**{m.group(1)} {m.group(2)}** with" in USER_GUIDE.read_text()
 
 
 def allowed_system_calls(filter_spec: str) -> set[str]:
