@@ -180,6 +180,36 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+# -- tiers (see tests/README.md) ----------------------------------------------------------
+
+# The tiers, fastest first; each test is in exactly one. The first four need neither root nor
+# FUSE: `python -m pytest -m 'not mount and not crash and not slow'` runs them in seconds.
+FAST_TIERS = ("store", "layers", "ops", "cli")
+TIERS = (*FAST_TIERS, "mount", "crash")
+
+# Fixtures that hand a test a Workspace, which only the real command line mounts.
+MOUNT_FIXTURES = frozenset({"ws", "mounted", "any_ws", "proxied", "shared"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each test its tier: its own mark or its module's (`pytestmark`), else `mount`.
+
+    A test that claims no tier is assumed to need root and FUSE, so that the fast tiers never
+    pick up a test that cannot run there; one that uses a mount fixture while marked with a
+    fast tier is an error, not a silent skip."""
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked with tiers {sorted(tiers)}: "
+                                    "give it one")
+        mounts = MOUNT_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if tiers & set(FAST_TIERS) and mounts:
+            raise pytest.UsageError(f"{item.nodeid} is marked {tiers.pop()} but uses the fixture "
+                                    f"{sorted(mounts)[0]}, which mounts: mark it mount")
+        if not tiers:
+            item.add_marker(pytest.mark.mount)
+
+
 # -- servers (started once per session, stopped at its end) -------------------------------
 
 @pytest.fixture(scope="session")

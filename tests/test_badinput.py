@@ -240,6 +240,7 @@ def test_nonsense_sizes_and_options(ws: Workspace, extra: list[str], words: str)
     assert not any(ws.cache_dir.glob("*")), "a refused mount must not touch the cache dir"
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(("args", "words"), [
     (["--owner", "root"], "UID:GID"),
     (["--label", "novalue"], "KEY=VALUE"),
@@ -249,6 +250,7 @@ def test_nonsense_init_options(tmp_path: Path, args: list[str], words: str) -> N
     check_refused(r, UsageError.exit_code, words)
 
 
+@pytest.mark.cli
 def test_mount_init_owner_must_be_numbers(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -270,6 +272,7 @@ def test_argparse_errors_are_usage_errors(ws: Workspace) -> None:
         check_refused(attempt(ws, *args), UsageError.exit_code, words, "--help", mnt=ws.mnt)
 
 
+@pytest.mark.cli
 def test_exit_codes_are_distinct() -> None:
     codes = [c.exit_code for c in (WsfsError, UsageError, StoreError, NoWorkspaceError,
                                    LeaseError, MountError, FormatError)]

@@ -59,6 +59,7 @@ def test_deleted_files_leave_the_clean_cache(ws: Workspace) -> None:
     assert sorted(os.listdir(mnt / "gone")) == []
 
 
+@pytest.mark.layers
 def test_discarded_copies_pending_at_close_are_deleted(tmp_path: Path) -> None:
     """A copy discarded just before the unmount is deleted by close, not left for good."""
     clean = open_clean(tmp_path)
@@ -74,6 +75,7 @@ def test_discarded_copies_pending_at_close_are_deleted(tmp_path: Path) -> None:
         again.close()
 
 
+@pytest.mark.layers
 def test_a_packs_other_members_are_held_in_memory_for_their_reader(tmp_path: Path) -> None:
     """A pack's download hands its other members to the readers that ask next (readahead:
     a sequential reader wants them soon) from memory, not from the copy just written; a
@@ -94,6 +96,7 @@ def test_a_packs_other_members_are_held_in_memory_for_their_reader(tmp_path: Pat
         clean.close()
 
 
+@pytest.mark.layers
 @pytest.mark.parametrize("deletable", [True, False])
 def test_the_copy_of_a_block_written_again_is_never_served(tmp_path: Path,
                                                            deletable: bool) -> None:

@@ -193,6 +193,7 @@ def test_mount_init_keeps_an_existing_workspace(ws: Workspace) -> None:
     ws.unmount()
 
 
+@pytest.mark.cli
 def test_exit_codes_are_documented() -> None:
     """docs/exit-codes.md lists every error class with the code wsfs/errors.py gives it."""
     doc = (ROOT / "docs" / "exit-codes.md").read_text()

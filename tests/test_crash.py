@@ -224,6 +224,8 @@ import pytest  # noqa: E402
 from conftest import Workspace, lose_unsynced_writes, pid_alive, wait_pid_gone  # noqa: E402
 from s3servers import start_moto  # noqa: E402
 
+pytestmark = pytest.mark.crash
+
 CYCLES = int(os.environ.get("WSFS_CRASH_CYCLES", "22"))
 SEED = int(os.environ.get("WSFS_CRASH_SEED", "20240917"))
 

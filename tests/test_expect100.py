@@ -19,6 +19,8 @@ import pytest
 
 from wsfs.store.s3 import S3Store
 
+pytestmark = pytest.mark.store
+
 OK = (b"HTTP/1.1 200 OK\r\nETag: \"0\"\r\nContent-Length: 0\r\n"
       b"Connection: keep-alive\r\n\r\n")
 

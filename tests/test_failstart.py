@@ -305,6 +305,7 @@ def test_an_open_cache_dir_is_made_private(ws: Workspace) -> None:
     ws.unmount()
 
 
+@pytest.mark.cli
 def test_default_cache_dir_of_a_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     url = "s3://bucket/ws"
     monkeypatch.setattr(os, "geteuid", lambda: 0)

@@ -129,6 +129,7 @@ def test_a_closed_file_survives_a_daemon_kill_after_the_commit_interval(
     ws.unmount()
 
 
+@pytest.mark.ops
 def test_flush_is_not_implemented(tmp_path: Path) -> None:
     """ENOSYS, so the kernel stops sending FLUSH at every close (see the test above)."""
     async def main() -> None:
@@ -342,6 +343,7 @@ def second_file(ops: Operations) -> tuple[int, pyfuse3.FileHandleT]:
     return node.id, pyfuse3.FileHandleT(int(ops._open_handle(node.id).fh))
 
 
+@pytest.mark.ops
 def test_fsync_syncs_each_written_block_and_the_wal(tmp_path: Path,
                                                      recorder: SyncRecorder) -> None:
     async def main() -> None:
@@ -371,6 +373,7 @@ def test_fsync_syncs_each_written_block_and_the_wal(tmp_path: Path,
     trio.run(main)
 
 
+@pytest.mark.ops
 def test_fsync_leaves_uploaded_blocks_to_the_store_and_syncs_their_checksums(
         tmp_path: Path, recorder: SyncRecorder) -> None:
     """A block the store holds needs no disk flush: the checksum that says so does."""
@@ -396,6 +399,7 @@ def test_fsync_leaves_uploaded_blocks_to_the_store_and_syncs_their_checksums(
     trio.run(main)
 
 
+@pytest.mark.ops
 def test_a_write_during_a_running_fsync_is_synced_by_the_next(
         tmp_path: Path, recorder: SyncRecorder) -> None:
     async def main() -> None:
@@ -428,6 +432,7 @@ def test_a_write_during_a_running_fsync_is_synced_by_the_next(
     trio.run(main)
 
 
+@pytest.mark.ops
 def test_a_failed_block_sync_fails_the_fsync_and_is_retried(
         tmp_path: Path, recorder: SyncRecorder) -> None:
     async def main() -> None:
@@ -462,6 +467,7 @@ def test_fdatasync_survives_a_daemon_kill(ws: Workspace) -> None:
     ws.unmount()
 
 
+@pytest.mark.ops
 @pytest.mark.parametrize("state", ["sealed", "uploaded"])
 def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
         state: str, tmp_path: Path, recorder: SyncRecorder) -> None:
@@ -499,6 +505,7 @@ def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
     trio.run(main)
 
 
+@pytest.mark.ops
 def test_a_cut_tail_block_is_synced_before_the_metadata_names_it(
         tmp_path: Path, recorder: SyncRecorder) -> None:
     """Truncating into the middle of a block copies its head into a new block; that copy of
@@ -520,6 +527,7 @@ def test_a_cut_tail_block_is_synced_before_the_metadata_names_it(
     trio.run(main)
 
 
+@pytest.mark.ops
 def test_concurrent_fsyncs_share_one_wal_sync(tmp_path: Path, recorder: SyncRecorder) -> None:
     """Group commit: an fsync whose changes a running WAL sync already covers waits for that
     sync instead of starting its own, and returns only after it ended; one with a change
@@ -564,6 +572,7 @@ def test_concurrent_fsyncs_share_one_wal_sync(tmp_path: Path, recorder: SyncReco
     trio.run(main)
 
 
+@pytest.mark.ops
 def test_a_failed_shared_wal_sync_is_redone_by_the_caller_that_waited(
         tmp_path: Path, recorder: SyncRecorder) -> None:
     """Group commit never turns the leader's failure into a waiter's success: the waiter finds
@@ -608,6 +617,7 @@ async def maintain_a_while(blocks: BlockCache) -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.ops
 def test_a_let_go_block_file_stays_until_its_commit_is_synced(tmp_path: Path) -> None:
     """A machine crash loses the commits no fdatasync of the WAL covered. The file of a block
     such a commit let go of (dropped from its file, or uploaded with its checksum recorded)
@@ -638,6 +648,7 @@ def test_a_let_go_block_file_stays_until_its_commit_is_synced(tmp_path: Path) ->
     trio.run(main)
 
 
+@pytest.mark.ops
 def test_a_read_of_a_block_dropped_while_it_waited_reads_the_hole(tmp_path: Path) -> None:
     """A read takes its blocks' list, then waits for each block in turn; a truncate that ran
     meanwhile may have dropped a later one, never uploaded, whose file is gone. That part
@@ -658,6 +669,7 @@ def test_a_read_of_a_block_dropped_while_it_waited_reads_the_hole(tmp_path: Path
     trio.run(main)
 
 
+@pytest.mark.layers
 def test_a_failed_metadata_sync_is_never_followed_by_a_success(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel reports a failed writeback once: a later fdatasync through a new fd would
@@ -683,6 +695,7 @@ def test_a_failed_metadata_sync_is_never_followed_by_a_success(
         meta.close()
 
 
+@pytest.mark.ops
 def test_a_listing_cached_before_a_group_rollback_is_not_served_after_it(
         tmp_path: Path) -> None:
     """On a full disk SQLite rolls a whole group of changes back; the change counter the

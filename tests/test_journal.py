@@ -43,6 +43,7 @@ def open_blocks(cache: Path, store: Path,
     return blocks
 
 
+@pytest.mark.layers
 def test_replay_restores_what_small_fsyncs_acknowledged(tmp_path: Path) -> None:
     cache, store = tmp_path / "cache", tmp_path / "store"
 
@@ -78,6 +79,7 @@ def test_replay_restores_what_small_fsyncs_acknowledged(tmp_path: Path) -> None:
         blocks.close()
 
 
+@pytest.mark.layers
 def test_a_block_synced_through_its_file_is_never_reverted_by_an_older_record(
         tmp_path: Path) -> None:
     """Rule 2: once journaled, a block synced through its own file (a big fsync) ends the
@@ -105,6 +107,7 @@ def test_a_block_synced_through_its_file_is_never_reverted_by_an_older_record(
         blocks.close()
 
 
+@pytest.mark.layers
 def test_a_torn_record_ends_the_replay(tmp_path: Path) -> None:
     """A record cut short by the crash was never acknowledged, nor anything after it."""
     cache, store = tmp_path / "cache", tmp_path / "store"
@@ -136,6 +139,7 @@ def test_a_torn_record_ends_the_replay(tmp_path: Path) -> None:
         blocks.close()
 
 
+@pytest.mark.layers
 def test_an_epoch_ends_once_no_block_it_holds_is_dirty_after_the_metadata_sync(
         tmp_path: Path) -> None:
     """Rule 3: the journal starts over when its blocks are gone, and only after the metadata
@@ -208,6 +212,7 @@ def test_fsynced_random_writes_survive_a_machine_crash(ws: Workspace) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.layers
 def test_replay_leaves_out_blocks_no_longer_awaiting_upload(tmp_path: Path) -> None:
     """A block uploaded (or dropped) before the crash is not written again, nor its file
     made anew: the store holds it, and the metadata no longer waits for it."""
@@ -234,6 +239,7 @@ def test_replay_leaves_out_blocks_no_longer_awaiting_upload(tmp_path: Path) -> N
         blocks.close()
 
 
+@pytest.mark.layers
 def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A journal that is full ends its epoch at the next fsync of a block it holds; one that
@@ -282,6 +288,7 @@ def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
         blocks.close()
 
 
+@pytest.mark.layers
 def test_a_block_taken_back_after_a_rollback_stays_in_the_journal(tmp_path: Path) -> None:
     """A journaled block (its fsynced bytes in the journal only) dropped by a change that is
     then rolled back comes back as a dirty block: the journal must hold it again, or a later

@@ -20,6 +20,8 @@ from wsfs.meta import checkpoint as ckpt
 from wsfs.store import LocalStore, NoSuchKey, TransientStoreError
 from wsfs.sync import Flusher
 
+pytestmark = pytest.mark.layers
+
 BS = 1 << 20
 
 

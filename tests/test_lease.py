@@ -280,6 +280,7 @@ def test_a_lease_gone_from_the_store_fences_the_mount(lws: Workspace) -> None:
     lws.unmount()
 
 
+@pytest.mark.layers
 def test_a_lease_whose_conditional_write_lost_its_answer_is_ours(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The conditional PUT landed but its answer was lost, and the client's retry was

@@ -35,6 +35,7 @@ def add_file(meta: Metadata, name: bytes) -> int:
     return node.id
 
 
+@pytest.mark.layers
 def test_rollback_forgets_a_cached_change(tmp_path: Path) -> None:
     meta = fresh_meta(tmp_path)
     ino = add_file(meta, b"f")
@@ -50,6 +51,7 @@ def test_rollback_forgets_a_cached_change(tmp_path: Path) -> None:
     assert back is not None and (back.size, back.nlink) == (0, 1)
 
 
+@pytest.mark.layers
 def test_rolled_back_delete_keeps_inode_and_xattrs(tmp_path: Path) -> None:
     meta = fresh_meta(tmp_path)
     ino = add_file(meta, b"f")
@@ -64,6 +66,7 @@ def test_rolled_back_delete_keeps_inode_and_xattrs(tmp_path: Path) -> None:
     assert meta.list_xattrs(ino) == [b"user.k"]
 
 
+@pytest.mark.layers
 def test_group_rolled_back_by_sqlite_resets_the_caches(tmp_path: Path) -> None:
     """A full disk makes SQLite roll the whole open transaction back by itself: every later
     read must come from the database again, not from what the cache saw written."""
@@ -81,6 +84,7 @@ def test_group_rolled_back_by_sqlite_resets_the_caches(tmp_path: Path) -> None:
     assert meta.lookup(1, b"g") is None
 
 
+@pytest.mark.layers
 def test_block_count_cache_follows_block_changes_and_rollbacks(tmp_path: Path) -> None:
     """st_blocks comes from a cached count: every change of the block map and every rollback
     (of one handler, or of the whole group by SQLite) must be seen."""
@@ -108,6 +112,7 @@ def test_block_count_cache_follows_block_changes_and_rollbacks(tmp_path: Path) -
     assert meta.block_count(ino) == 0
 
 
+@pytest.mark.layers
 def test_parent_cache_follows_a_rename(tmp_path: Path) -> None:
     meta = fresh_meta(tmp_path)
     a = meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, 1, nlink=2)
@@ -127,6 +132,7 @@ class Ctx:
     umask = 0o022
 
 
+@pytest.mark.ops
 def test_create_of_an_existing_name_is_eexist_and_leaves_nothing(tmp_path: Path) -> None:
     """create finds an existing name through the unique index, after inserting the inode:
     the inode must go again, and the inode cache must not keep it."""

@@ -77,6 +77,7 @@ def forms(name: str, text: str) -> dict[str, tuple[list[str], dict[str, str]]]:
             "env": ([], {o.env: text})}
 
 
+@pytest.mark.cli
 def test_every_mount_option_has_a_sample_and_a_config_field() -> None:
     assert sorted(SAMPLES) == sorted(options.MOUNT)
     fields = set(MountConfig.__dataclass_fields__)
@@ -84,6 +85,7 @@ def test_every_mount_option_has_a_sample_and_a_config_field() -> None:
         assert options.BY_NAME[name].field in fields, name
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("form", ["flag", "-o", "env"])
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_each_option_in_each_form_reaches_the_config(name: str, form: str) -> None:
@@ -94,6 +96,7 @@ def test_each_option_in_each_form_reaches_the_config(name: str, form: str) -> No
     assert default != expected, f"{name}: the sample must differ from the default"
 
 
+@pytest.mark.cli
 def test_defaults() -> None:
     cfg = parse()
     assert (cfg.cache_size, cfg.dirty_limit, cfg.flush_delay) == (10 << 30, 2 << 30, 5.0)
@@ -103,6 +106,7 @@ def test_defaults() -> None:
     assert cfg.labels == {}
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(("name", "values"), [
     ("cache_size", ("1G", "2G", "3G")),
     ("fsync", ("remote", "local", "remote")),
@@ -124,6 +128,7 @@ def test_precedence_flag_then_o_then_environment_then_default(
     assert field(parse(env={o.env: ""}), name) == field(parse(), name)  # empty: unset
 
 
+@pytest.mark.cli
 def test_precedence_of_switches() -> None:
     assert parse("--no-init", env={"WSFS_INIT": "1"}).init is False
     assert parse("-o", "init=0", env={"WSFS_INIT": "1"}).init is False
@@ -133,16 +138,19 @@ def test_precedence_of_switches() -> None:
     assert parse(env={"WSFS_READ_ONLY": "1"}).read_only is True
 
 
+@pytest.mark.cli
 def test_fuse_flags_and_ignored_options_stay_out_of_the_table() -> None:
     cfg = parse("-o", "allow_other,noatime,_netdev,x-systemd.automount,fsname=x,owner")
     assert cfg.fuse_options == {"allow_other", "noatime"}
 
 
+@pytest.mark.cli
 def test_command_line_values_are_checked_even_where_a_flag_wins() -> None:
     with pytest.raises(UsageError, match="-o cache_size 'big' is not a size"):
         parse("--cache-size", "1G", "-o", "cache_size=big")
 
 
+@pytest.mark.cli
 def test_run_takes_the_mount_options_and_their_variables() -> None:
     args = build_parser().parse_args(["run", "--mount", "s3://bucket/ws", "/mnt",
                                       "-o", "fsync=remote", "--", "true"])
@@ -150,6 +158,7 @@ def test_run_takes_the_mount_options_and_their_variables() -> None:
     assert (args.cache_size, args.fsync) == (3 << 30, True)
 
 
+@pytest.mark.cli
 def test_store_commands_take_endpoint_and_region_from_the_environment() -> None:
     args = build_parser().parse_args(["fsck", "s3://bucket/ws", "--region", "sbg"])
     options.resolve(args, {"WSFS_ENDPOINT_URL": "http://e", "WSFS_REGION": "gra"})
@@ -268,6 +277,7 @@ def test_credentials_file_readable_by_others_is_refused_by_wsfs_mount(ws: Worksp
 
 # -- the docs ---------------------------------------------------------------------------------
 
+@pytest.mark.cli
 def test_the_user_guide_table_is_the_code_table() -> None:
     guide = (ROOT / "docs" / "user-guide.md").read_text()
     assert options.markdown_table() in guide, (
@@ -294,12 +304,14 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
+@pytest.mark.cli
 def test_every_argument_has_a_help() -> None:
     for command, parser in subparsers().items():
         for action in parser._actions:
             assert action.help, f"wsfs {command}: {action.dest} has no help"
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("command", ["", *sorted(subparsers())])
 def test_every_help_reads_well(command: str) -> None:
     """A description of its own (not a module docstring), no default shown twice or shown
@@ -315,6 +327,7 @@ def test_every_help_reads_well(command: str) -> None:
     assert description[0].isupper() or description.startswith("wsfs "), out
 
 
+@pytest.mark.cli
 def test_mount_help_explains_mountpoint_and_lists_the_variables() -> None:
     out = run_wsfs("mount", "--help").stdout
     entry = next(e for e in help_entries(out) if e.startswith("MOUNTPOINT"))
@@ -330,6 +343,7 @@ def mount_helper(*argv: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, cwd=ROOT, env=dict(os.environ))
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("prog", ["/sbin/mount.fuse.wsfs", "/sbin/umount.fuse.wsfs"])
 def test_mount_helper_help_and_version(prog: str) -> None:
     for flag in ("--version", "-V"):

@@ -192,6 +192,7 @@ def test_a_format_2_workspace_is_upgraded_and_repacked(ws: Workspace) -> None:
     ws.unmount()
 
 
+@pytest.mark.layers
 def test_an_upgrade_from_format_1_cut_short_by_a_crash_completes(tmp_path: Path) -> None:
     """The format-1 upgrade commits statement by statement: after a crash between adding the
     column and recording the format, the next open must finish it, not fail on the column

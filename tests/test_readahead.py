@@ -5,6 +5,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Workspace
 
 from wsfs.readahead import mount_device
@@ -18,6 +19,7 @@ MOUNTINFO = """\
 """
 
 
+@pytest.mark.layers
 def test_mount_device_reads_escaped_paths_and_the_newest_mount() -> None:
     assert mount_device("/tmp/with space", MOUNTINFO) == "0:39"
     assert mount_device("/tmp/m", MOUNTINFO) == "0:41"  # mounted over the one before

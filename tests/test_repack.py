@@ -43,6 +43,7 @@ def unlink(meta: Metadata, blocks: BlockCache, ino: int) -> None:
     meta.commit()
 
 
+@pytest.mark.layers
 def test_choose_takes_settled_mostly_dead_packs_most_dead_first() -> None:
     half = PackUsage("half", 4 << 20, 10, 2 << 20)
     mostly = PackUsage("mostly", 4 << 20, 1, 100)
@@ -69,6 +70,7 @@ def data_keys(store: LocalStore) -> dict[str, int]:
     return {k: s for k, s in store.list("data/")}
 
 
+@pytest.mark.layers
 def test_repack_moves_survivors_and_the_old_pack_goes(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     store, meta, blocks, flusher = make(tmp_path)
@@ -131,6 +133,7 @@ def one_pack_thinned(tmp_path: Path, keep: int = 1
     return store, meta, blocks, flusher, inos
 
 
+@pytest.mark.layers
 def test_repack_reads_an_uncached_survivor_from_the_old_pack(tmp_path: Path) -> None:
     store, meta, blocks, flusher, inos = one_pack_thinned(tmp_path)
     old = meta.get_block(inos[0], 0)
@@ -154,6 +157,7 @@ def test_repack_reads_an_uncached_survivor_from_the_old_pack(tmp_path: Path) -> 
     assert bytes([1]) * 50_000 in store.get(object_key(ref.pack or ""))
 
 
+@pytest.mark.layers
 def test_a_survivor_deleted_during_the_upload_does_not_move(tmp_path: Path) -> None:
     store, meta, blocks, flusher, inos = one_pack_thinned(tmp_path, keep=2)
     real_put = store.put
@@ -174,6 +178,7 @@ def test_a_survivor_deleted_during_the_upload_does_not_move(tmp_path: Path) -> N
     assert len(data_keys(store)) == 1  # the new pack; the old one is gone
 
 
+@pytest.mark.ops
 def test_a_read_that_looked_up_the_old_pack_finds_the_block_in_the_new_one(
         tmp_path: Path) -> None:
     """A read looks a block up, then waits on its download; meanwhile the block is repacked
@@ -191,6 +196,7 @@ def test_a_read_that_looked_up_the_old_pack_finds_the_block_in_the_new_one(
     assert trio.run(ops._read_block, inos[0], stale, 10, 5) == bytes([1]) * 5
 
 
+@pytest.mark.layers
 def test_a_failed_upload_switches_nothing(tmp_path: Path) -> None:
     store, meta, blocks, _flusher, inos = one_pack_thinned(tmp_path)
     before = meta.get_block(inos[0], 0)
@@ -211,6 +217,7 @@ def test_a_failed_upload_switches_nothing(tmp_path: Path) -> None:
     assert trio.run(repacker.repack_once) == 1
 
 
+@pytest.mark.layers
 def test_a_format_2_database_is_upgraded(tmp_path: Path) -> None:
     """Format 2 had no `packs` table: each pack in use gets a row of unknown size, which the
     repacker learns from the store before it judges the pack."""
@@ -446,6 +453,7 @@ def test_an_outage_during_repacking_delays_it_and_loses_nothing(
     fresh_check(ws, left)
 
 
+@pytest.mark.layers
 def test_a_damaged_old_pack_is_left_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture
                                           ) -> None:
     """A survivor whose only copy is a damaged pack is not 'repacked' from bad bytes."""

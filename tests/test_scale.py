@@ -54,6 +54,7 @@ def store(tmp_path: Path) -> LocalStore:
     return LocalStore(tmp_path / "store")
 
 
+@pytest.mark.layers
 def test_bundle_fetches_the_same_database(store: LocalStore, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A bundled checkpoint comes back byte for byte, in ranged reads of a few pages each."""
@@ -76,6 +77,7 @@ def test_bundle_fetches_the_same_database(store: LocalStore, tmp_path: Path,
     assert len(ranges) >= 3 and sum(n for _, n in ranges) == sum(manifest.bundle)
 
 
+@pytest.mark.layers
 def test_small_or_unbundled_checkpoints_have_no_bundle(store: LocalStore,
                                                        tmp_path: Path) -> None:
     make_db(tmp_path / "small.db", ckpt.BUNDLE_MIN_PAGES // 2)
@@ -85,6 +87,7 @@ def test_small_or_unbundled_checkpoints_have_no_bundle(store: LocalStore,
     assert store.head(ckpt.bundle_key(1)) is None and store.head(ckpt.bundle_key(2)) is None
 
 
+@pytest.mark.layers
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "short"])
 def test_a_bad_bundle_falls_back_to_the_pages(store: LocalStore, tmp_path: Path,
                                               damage: str) -> None:
@@ -101,6 +104,7 @@ def test_a_bad_bundle_falls_back_to_the_pages(store: LocalStore, tmp_path: Path,
     assert fetch(store, 1, tmp_path / "out.db") == content
 
 
+@pytest.mark.layers
 def test_fsck_reads_the_pages_not_the_bundle(store: LocalStore, tmp_path: Path) -> None:
     """A bundle must not hide a lost page: the next checkpoint reuses it."""
     make_db(tmp_path / "src.db", 10)
@@ -112,6 +116,7 @@ def test_fsck_reads_the_pages_not_the_bundle(store: LocalStore, tmp_path: Path) 
                                     use_bundle=False))
 
 
+@pytest.mark.layers
 def test_prune_deletes_a_bundle_with_its_manifest(store: LocalStore, tmp_path: Path) -> None:
     make_db(tmp_path / "src.db", 10)
     publish(store, tmp_path / "src.db", 1, bundle=True)
@@ -264,6 +269,7 @@ def test_the_mount_command_returns_as_soon_as_the_daemon_serves(ws: Workspace) -
     ws.unmount()
 
 
+@pytest.mark.layers
 def test_the_inode_cache_stays_under_its_bound(tmp_path: Path) -> None:
     """Every cache in Metadata is bounded by a size, not by the tree: after more inodes than
     the bound are created and read, the caches hold at most the bound."""
@@ -282,6 +288,7 @@ def test_the_inode_cache_stays_under_its_bound(tmp_path: Path) -> None:
         meta.close()
 
 
+@pytest.mark.layers
 def test_the_clean_cache_maps_no_memory(tmp_path: Path) -> None:
     """diskcache opens a SQLite connection per thread; each must neither map the database
     nor cache more than CLEAN_DB_CACHE_PAGES pages (they held 250 MB at 100,000 files)."""

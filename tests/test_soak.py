@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import Workspace
 
+pytestmark = pytest.mark.crash
+
 MiB = 1 << 20
 SECONDS = float(os.environ.get("WSFS_SOAK_SECONDS", "600"))
 SLOTS = 48

@@ -494,6 +494,7 @@ def test_json_log_format(ws: Workspace) -> None:
     assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)
 
 
+@pytest.mark.layers
 def test_the_daemon_log_is_rotated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """wsfs.log lives on the cache disk: an outage logging for hours must not fill it."""
     import logging

@@ -43,7 +43,7 @@ from wsfs.store import (
     probe,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.store, pytest.mark.timeout(60)]
 
 BUCKET = "wsfs-test"
 BACKENDS = ["local", "moto", "rclone"]

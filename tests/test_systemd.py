@@ -50,6 +50,7 @@ def unit_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.smoke
+@pytest.mark.cli
 @pytest.mark.parametrize("unit", ["wsfs@workspace.service", "workspace.mount"])
 def test_units_pass_systemd_analyze_verify(unit_dir: Path, unit: str) -> None:
     result = analyze(unit_dir, unit)
@@ -57,6 +58,7 @@ def test_units_pass_systemd_analyze_verify(unit_dir: Path, unit: str) -> None:
     assert result.returncode == 0 and output == "", output
 
 
+@pytest.mark.cli
 def test_verify_catches_a_broken_unit(unit_dir: Path) -> None:
     """Control: the check above really parses our files."""
     broken = unit_dir / "broken@.service"
@@ -66,6 +68,7 @@ def test_verify_catches_a_broken_unit(unit_dir: Path) -> None:
     assert "notifyy" in result.stdout + result.stderr
 
 
+@pytest.mark.cli
 def test_service_unit_contract() -> None:
     text = (UNITS / "wsfs@.service").read_text()
     lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in text.splitlines()
