@@ -91,6 +91,16 @@ def test_a_store_refusing_writes_nothing_into_the_cache_dir(ws: Workspace, tmp_p
     assert list(cache.iterdir()) == []
 
 
+def test_a_foreground_start_fails_in_one_line(ws: Workspace, tmp_path: Path) -> None:
+    """`wsfs mount -f` (systemd's way) runs the daemon in the command's own process: a start
+    refused by the store is said once, not also as an ERROR log line."""
+    cache = ws.root / "fresh-cache"
+    r = attempt(ws, *mount_args(ws, "-f", "--cache-dir", str(cache),
+                                store=f"file://{tmp_path / 'no-workspace'}"))
+    check_refused(r, NoWorkspaceError.exit_code, "wsfs init", mnt=ws.mnt)
+    assert not cache.exists()
+
+
 def in_namespace(script: str, ws: Workspace, *argv: str) -> subprocess.CompletedProcess[str]:
     """Run `script`, then `argv`, in a private mount namespace of their own."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:

@@ -586,7 +586,8 @@ def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,
         if daemon.ready_fd is not None:
             daemon.report_ready(e)
             sys.exit(e.exit_code)
-        log.error("%s", e)
+        if daemon.state != "starting":  # a failed start: `wsfs mount -f` says it, once
+            log.error("%s", e)
         raise
     except BaseException as e:
         log.exception("the wsfs daemon failed")
