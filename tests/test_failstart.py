@@ -173,6 +173,7 @@ def test_cache_dir_inside_another_wsfs_mount(ws: Workspace, tmp_path: Path) -> N
     ws.unmount()
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(("fstype", "refused"), [
     ("nfs4", "a network filesystem"), ("cifs", "a network filesystem"),
     ("9p", "a network filesystem"), ("ceph", "a network filesystem"),
@@ -253,6 +254,7 @@ def test_kernel_refusing_the_mount_gives_the_lease_back(ws: Workspace, cache_kin
     ws.wsfs("gc", ws.store_url)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(("why", "profile", "container", "fix"), [
     ("fusermount3: mount failed: Operation not permitted", "", True,
      "--device /dev/fuse --cap-add SYS_ADMIN"),
