@@ -40,9 +40,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from s3servers import S3Server, rclone_binary, start_moto  # noqa: E402
+
+from wsfs.runtime import is_mountpoint, pid_alive  # noqa: E402
 
 SYSTEMS = ["local", "floor", "s3fs", "rclone", "wsfs"]
 PEERS = ["s3fs", "rclone"]
@@ -64,27 +66,14 @@ _live_mounts: set[Path] = set()
 _live_procs: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
-
-
 def force_unmount(path: Path) -> None:
     for args in (["-u"], ["-uz"]):
-        if not is_mounted(path):
+        if not is_mountpoint(path):
             break
         with contextlib.suppress(subprocess.TimeoutExpired):
             subprocess.run(["fusermount3", *args, str(path)], capture_output=True, timeout=30)
         time.sleep(0.2)
     _live_mounts.discard(path)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[-1][0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_gone(pid: int, timeout: float) -> bool:
@@ -196,7 +185,7 @@ def peak_rss_mb(pid: int | None) -> float | None:
 
 def wait_mounted(path: Path, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not is_mounted(path):
+    while not is_mountpoint(path):
         if proc is not None and proc.poll() is not None:
             raise StepError(f"the daemon exited with status {proc.returncode} while mounting")
         if time.monotonic() > deadline:
@@ -278,7 +267,7 @@ class System:
 
     def teardown(self) -> None:
         self.sample_rss()
-        if is_mounted(self.mnt):
+        if is_mountpoint(self.mnt):
             force_unmount(self.mnt)
         for pid in self.pids_seen:
             if pid_alive(pid):

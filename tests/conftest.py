@@ -23,7 +23,7 @@ from faultproxy import FaultProxy
 from s3servers import S3Server, start_moto, start_rclone
 
 from wsfs.blocks.journal import Journal
-from wsfs.runtime import is_mountpoint as is_mounted
+from wsfs.runtime import is_mountpoint, pid_alive
 
 WSFS = [sys.executable, "-m", "wsfs"]
 
@@ -44,7 +44,7 @@ def run_wsfs(*args: str, env: dict[str, str] | None = None, timeout: float = 120
 def force_unmount(path: Path) -> None:
     """Last-resort teardown: never leave a mount behind to hang later tests or CI."""
     for args in (["-u"], ["-uz"]):
-        if not is_mounted(path):
+        if not is_mountpoint(path):
             return
         subprocess.run(["fusermount3", *args, str(path)], capture_output=True, timeout=30)
         time.sleep(0.2)
@@ -76,7 +76,7 @@ class Workspace:
             self.cache_dir = cache_dir
         self.wsfs("mount", self.store_url, str(self.mnt), "--cache-dir", str(self.cache_dir),
                   "--flush-delay", str(flush_delay), *extra)
-        assert is_mounted(self.mnt)
+        assert is_mountpoint(self.mnt)
         return self.mnt
 
     def fresh_cache(self) -> Path:
@@ -87,7 +87,7 @@ class Workspace:
 
     def unmount(self) -> None:
         self.wsfs("unmount", str(self.mnt), timeout=300)
-        assert not is_mounted(self.mnt)
+        assert not is_mountpoint(self.mnt)
         self.check_log()
 
     def remount(self, *, wipe_cache: bool = True, **kw: object) -> Path:
@@ -132,16 +132,6 @@ class Workspace:
                 while time.monotonic() < deadline and pid_alive(pid):
                     time.sleep(0.1)
                 os.kill(pid, signal.SIGKILL)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[-1][0] != "Z"
-    return False
 
 
 def wait_pid_gone(pid: int, timeout: float = 30) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, is_mounted, run_wsfs, s3_workspace
+from conftest import Workspace, run_wsfs, s3_workspace
 from s3servers import S3Server, free_port
 
 from wsfs.errors import (
@@ -24,6 +24,7 @@ from wsfs.errors import (
     UsageError,
     WsfsError,
 )
+from wsfs.runtime import is_mountpoint
 
 TIMEOUT = 60  # any case that takes longer than this counts as a hang
 
@@ -41,7 +42,7 @@ def check_refused(result: subprocess.CompletedProcess[str], code: int, *words: s
     for word in words:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     if mnt is not None:
-        assert not is_mounted(mnt)
+        assert not is_mountpoint(mnt)
     return lines[0]
 
 
@@ -168,7 +169,7 @@ def test_mountpoint_already_mounted(ws: Workspace) -> None:
     # Same store, same mountpoint, other cache dir: the mountpoint check comes first.
     r = attempt(ws, *mount_args(ws, "--cache-dir", str(ws.root / "cache-x")))
     check_refused(r, MountError.exit_code, "already mounted")
-    assert is_mounted(ws.mnt)
+    assert is_mountpoint(ws.mnt)
     ws.unmount()
 
 

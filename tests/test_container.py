@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, force_unmount, is_mounted, pid_alive, wait_pid_gone
+from conftest import WSFS, Workspace, force_unmount, wait_pid_gone
 from faultproxy import FaultProxy
 from s3servers import S3Server, _start_with_retries, rclone_binary
 
 from wsfs import errors
+from wsfs.runtime import is_mountpoint, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT_SH = ROOT / "packaging" / "container" / "entrypoint.sh"
@@ -176,7 +177,7 @@ def store_contains(store_dir: Path, needle: bytes) -> bool:
 def verify_on_empty_cache(ep: Entrypoint, *extra: str, goodbye: bool) -> Path:
     """Mount the store on a fresh cache: every file the child wrote, byte for byte."""
     ws = ep.ws
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
     mnt = ws.mount(*extra, cache_dir=ws.fresh_cache())
     got = tree_digests(mnt)
     expected = ep.expected_files()
@@ -196,7 +197,7 @@ def test_sigterm_stops_the_command_flushes_everything_and_exits_0(entry: Entrypo
     entry.start_run("--stop-timeout", "20")
     entry.wait_ready()
     assert entry.proc is not None
-    assert is_mounted(entry.ws.mnt)
+    assert is_mountpoint(entry.ws.mnt)
     entry.proc.send_signal(signal.SIGUSR1)  # forwarded to the child as it is
     deadline = time.monotonic() + 10
     while not (entry.out / "got-usr1").exists():
@@ -211,7 +212,7 @@ def test_sigterm_stops_the_command_flushes_everything_and_exits_0(entry: Entrypo
     assert entry.wait() == 0, entry.output()
     out = entry.output()
     assert "flushing:" in out and "every block is in the store" in out, out
-    assert not is_mounted(entry.ws.mnt)
+    assert not is_mountpoint(entry.ws.mnt)
     assert entry.ws.status()["state"] == "done"
     entry.ws.check_log()
     verify_on_empty_cache(entry, goodbye=True)
@@ -241,7 +242,7 @@ def test_command_exit_status_passes_through_and_data_stays_local(ws: Workspace) 
         ep.start_run()
         assert ep.wait() == 3, ep.output()
         assert "every block is in the store" in ep.output()
-        assert not is_mounted(ws.mnt)
+        assert not is_mountpoint(ws.mnt)
         # /data: an ordinary local directory, whose files stay there and nowhere else.
         data_file = ep.data / f"only-in-data-{ep.token}"
         assert data_file.read_text().startswith(f"DATA {ep.token}")
@@ -262,7 +263,7 @@ def test_data_dir_inside_the_workspace_is_refused(ws: Workspace) -> None:
                      check=False)
     assert result.returncode == errors.UsageError.exit_code, result.stderr
     assert "must not contain each other" in result.stderr
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
 
 
 def test_an_empty_data_dir_means_none(ws: Workspace) -> None:
@@ -275,7 +276,7 @@ def test_an_empty_data_dir_means_none(ws: Workspace) -> None:
         cwd=ws.mnt.parent, env={**os.environ, **ws.env}, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 0, result.stderr
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
 
 
 @pytest.mark.parametrize(("kind", "code"), [("missing", 127), ("not executable", 126)])
@@ -297,7 +298,7 @@ def test_a_command_that_cannot_start_exits_as_in_a_shell(ws: Workspace, kind: st
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("wsfs: ") and command in last, result.stderr
     assert "Traceback" not in result.stderr
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
 
 
 def test_store_without_workspace_never_starts_the_command(tmp_path: Path) -> None:
@@ -309,7 +310,7 @@ def test_store_without_workspace_never_starts_the_command(tmp_path: Path) -> Non
         assert ep.wait() == errors.NoWorkspaceError.exit_code, ep.output()
         assert "no wsfs workspace" in ep.output()
         assert not (ep.out / "ready").exists()
-        assert not is_mounted(ws.mnt)
+        assert not is_mountpoint(ws.mnt)
     finally:
         ep.stop()
 
@@ -473,7 +474,7 @@ def test_credentials_file_readable_by_others_is_refused(
     assert result.returncode == errors.UsageError.exit_code, result.stderr
     assert f"chmod 600 {creds}" in result.stderr
     assert secret_rclone.secret_key not in result.stderr
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
 
 
 def dockerfile_env_and_cmd() -> tuple[dict[str, str], list[str]]:
@@ -494,7 +495,7 @@ def open_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="wsfs-image-", dir="/tmp"))
     root.chmod(0o755)
     yield root
-    if not is_mounted(root / "mnt"):  # never delete through a mount left behind
+    if not is_mountpoint(root / "mnt"):  # never delete through a mount left behind
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -573,6 +574,6 @@ def test_daemon_death_stops_the_command(ws: Workspace) -> None:
         wait_pid_gone(pid)
         assert ep.wait() == errors.MountError.exit_code, ep.output()
         assert "daemon" in ep.output() and "died" in ep.output()
-        assert not is_mounted(ws.mnt)
+        assert not is_mountpoint(ws.mnt)
     finally:
         ep.stop()

@@ -15,10 +15,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, is_mounted
+from conftest import Workspace
 
 import wsfs
 from wsfs import errors
+from wsfs.runtime import is_mountpoint
 
 MARKER = ".workspace.initialized"
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +106,7 @@ def test_mount_of_a_store_without_workspace_is_refused_with_exit_4(bare: Workspa
     result = bare.wsfs("mount", bare.store_url, str(bare.mnt), "--cache-dir",
                        str(bare.cache_dir), check=False)
     assert_refused(result, errors.NoWorkspaceError.exit_code, "no wsfs workspace", "--init")
-    assert not is_mounted(bare.mnt)
+    assert not is_mountpoint(bare.mnt)
     assert not any(Path(bare.store_url.removeprefix("file://")).iterdir()), \
         "a refused mount must not write to the store"
 
@@ -118,7 +119,7 @@ def test_mount_without_workspace_on_s3_is_refused_with_exit_4(
     result = w.wsfs("mount", w.store_url, str(w.mnt), "--cache-dir", str(w.cache_dir),
                     check=False)
     assert_refused(result, errors.NoWorkspaceError.exit_code, "no wsfs workspace")
-    assert not is_mounted(w.mnt)
+    assert not is_mountpoint(w.mnt)
 
 
 def remove_marker_from_metadata(cache_dir: Path) -> None:
@@ -141,7 +142,7 @@ def test_mount_of_metadata_without_marker_is_refused_with_exit_4(ws: Workspace) 
     result = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.cache_dir),
                      check=False)
     assert_refused(result, errors.NoWorkspaceError.exit_code, MARKER)
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
     # The refusal releases the lease: the untouched store mounts on a fresh cache.
     mnt = ws.mount(cache_dir=ws.fresh_cache())
     assert (mnt / MARKER).exists()
@@ -236,6 +237,6 @@ def test_env_credentials_never_show_in_ps_or_logs(secret_rclone: S3Server,
                           str(bad.cache_dir), check=False)
         assert result.returncode == errors.StoreError.exit_code, result.stderr
         assert wrong not in result.stdout + result.stderr
-        assert not is_mounted(bad.mnt)
+        assert not is_mountpoint(bad.mnt)
     finally:
         ws.teardown()

@@ -221,8 +221,10 @@ if __name__ == "__main__":
 # -- the tests ------------------------------------------------------------------------------------
 
 import pytest  # noqa: E402
-from conftest import Workspace, lose_unsynced_writes, pid_alive, wait_pid_gone  # noqa: E402
+from conftest import Workspace, lose_unsynced_writes, wait_pid_gone  # noqa: E402
 from s3servers import start_moto  # noqa: E402
+
+from wsfs.runtime import pid_alive  # noqa: E402
 
 pytestmark = pytest.mark.crash
 

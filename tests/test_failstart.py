@@ -22,13 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, is_mounted, run_wsfs, wait_for
+from conftest import WSFS, Workspace, run_wsfs, wait_for
 from test_badinput import attempt, check_refused, mount_args
 
 from wsfs import preflight
 from wsfs.config import default_cache_dir
 from wsfs.errors import MountError, NoWorkspaceError, UsageError
 from wsfs.preflight import in_container
+from wsfs.runtime import is_mountpoint
 from wsfs.workspace import stopped_cleanly
 
 TIMEOUT = 60
@@ -45,7 +46,7 @@ def assert_nothing_left(ws: Workspace, cache: Path) -> None:
     rows = json.loads(ws.wsfs("ls", ws.store_url, "--json").stdout)
     assert [r["stale_lease"] for r in rows] == [False], rows
     assert not cache.exists(), f"a refused mount left {sorted(cache.rglob('*'))}"
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
 
 
 # -- checks before the lease --------------------------------------------------------------------

@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, is_mounted, pid_alive, wait_pid_gone
+from conftest import Workspace, wait_pid_gone
 from s3servers import S3Server
 from test_container import keyless_env, ps_lines_with, secret_rclone, write_credentials
 
 from wsfs import errors
+from wsfs.runtime import is_mountpoint, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "packaging" / "install-mount-helper.sh"
@@ -96,7 +97,7 @@ def test_fstab_line_mounts_and_umount_waits_for_the_upload(
         "-online.target 0 0\n")
     result = run(["mount", "--fstab", str(fstab), str(ws.mnt)], mount_env(ws))
     assert result.returncode == 0, result.stderr
-    assert is_mounted(ws.mnt)
+    assert is_mountpoint(ws.mnt)
     mounts = Path("/proc/self/mounts").read_text()
     line = next(x for x in mounts.splitlines() if x.split()[1] == str(ws.mnt))
     assert line.split()[2] == "fuse.wsfs" and "allow_other" in line
@@ -138,7 +139,7 @@ def test_fstab_on_s3_with_endpoint_and_credentials_file(
         # daemon's last upload, so wait for the daemon before looking at the store.
         result = run(["umount", "-i", str(ws.mnt)], mount_env(ws, env))
         assert result.returncode == 0, result.stderr
-        assert not is_mounted(ws.mnt)
+        assert not is_mountpoint(ws.mnt)
         wait_pid_gone(pid, timeout=60)
         assert ws.status()["state"] == "done"
         log = (ws.cache_dir / "wsfs.log").read_text()
@@ -164,7 +165,7 @@ def test_mount_t_fuse_wsfs_read_only(helpers: None, ws: Workspace) -> None:
     finally:
         result = run(["umount", str(ws.mnt)], mount_env(ws))
     assert result.returncode == 0, result.stderr
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
 
 
 def test_the_last_of_ro_and_rw_wins(ws: Workspace) -> None:
@@ -192,7 +193,7 @@ def test_helper_errors_reach_mount(helpers: None, ws: Workspace, tmp_path: Path)
                   f"file://{empty}", str(ws.mnt)], mount_env(ws))
     assert result.returncode != 0
     assert "no wsfs workspace" in result.stderr
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
 
 
 def test_helper_called_directly_returns_the_wsfs_exit_code(ws: Workspace,
@@ -213,13 +214,13 @@ def test_helper_called_directly_returns_the_wsfs_exit_code(ws: Workspace,
     assert "chmod 600" in result.stderr
     # -f (fake) does nothing, successfully
     result = run([str(helper), ws.store_url, str(ws.mnt), "-f", "-o", "rw"], mount_env(ws))
-    assert result.returncode == 0 and not is_mounted(ws.mnt)
+    assert result.returncode == 0 and not is_mountpoint(ws.mnt)
 
 
 @pytest.fixture(autouse=True)
 def _no_leftover_mount(tmp_path: Path) -> Iterator[None]:
     yield
     mnt = tmp_path / "mnt"
-    if is_mounted(mnt):
+    if is_mountpoint(mnt):
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
         time.sleep(0.2)

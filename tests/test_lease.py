@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, is_mounted, s3_workspace, wait_for, wait_pid_gone
+from conftest import Workspace, s3_workspace, wait_for, wait_pid_gone
 from s3servers import S3Server
 from test_failstart import gated_head, start_mount
 
 from wsfs.errors import LeaseError, MountError
 from wsfs.lease import Holder, Lease, read_holder
+from wsfs.runtime import is_mountpoint
 from wsfs.store import LocalStore, S3Store
 
 TTL = "3"  # seconds: WSFS_LEASE_TTL for every mount here, so expiry tests take seconds
@@ -68,7 +69,7 @@ def mount_refused(ws: Workspace, *extra: str) -> str:
                 *extra, check=False, timeout=60)
     assert r.returncode == LeaseError.exit_code, r.stderr
     assert "Traceback" not in r.stderr
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
     return r.stderr
 
 
@@ -323,7 +324,7 @@ def test_a_start_that_fails_keeps_the_lease_guarding_unpublished_work(lws: Works
             raise
     _, err = proc.communicate(timeout=60)
     lws.mnt.mkdir()
-    assert proc.returncode == MountError.exit_code and not is_mounted(lws.mnt), err
+    assert proc.returncode == MountError.exit_code and not is_mountpoint(lws.mnt), err
     assert lease_of(lws) is not None
     lws.allowed_log_errors.append("the lease stays in the store")
     assert (lws.mount() / "unpublished").read_text() == "only in this cache dir"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Workspace, is_mounted, run_wsfs
+from conftest import Workspace, run_wsfs
 from s3servers import S3Server
 from test_badinput import attempt, check_refused, mount_args
 from test_container import Entrypoint, keyless_env, secret_rclone
@@ -28,6 +28,7 @@ from wsfs import __version__, options
 from wsfs.cli import build_parser, mount_config
 from wsfs.config import MountConfig
 from wsfs.errors import StoreError, UsageError
+from wsfs.runtime import is_mountpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 __all__ = ["secret_rclone"]  # the fixture, shared with test_container
@@ -185,7 +186,7 @@ def test_three_forms_and_their_precedence_through_a_real_mount(ws: Workspace) ->
            "WSFS_DIRTY_LIMIT": "96M", "WSFS_READ_ONLY": "1", "WSFS_FLUSH_DELAY": "1"}
     ws.env.update(env)
     ws.wsfs("mount", ws.store_url, str(ws.mnt))
-    assert is_mounted(ws.mnt)
+    assert is_mountpoint(ws.mnt)
     status = ws.status()
     assert (status["cache_limit"], status["dirty_limit"]) == (3 << 30, 96 << 20)
     with pytest.raises(OSError, match="Read-only"):
@@ -251,7 +252,7 @@ def test_credentials_file_and_profile_as_mount_options(secret_rclone: S3Server,
     try:
         r = ws.wsfs(*mount_args(ws, "-o", f"credentials_file={creds}"), check=False)
         assert r.returncode == StoreError.exit_code, r.stderr  # [default]'s keys are wrong
-        assert not is_mounted(ws.mnt)
+        assert not is_mountpoint(ws.mnt)
         ws.mount("-o", f"credentials_file={creds},profile=alt")
         (ws.mnt / "f").write_text("saved")
         ws.unmount()

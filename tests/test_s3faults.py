@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, is_mounted, pid_alive, wait_for
+from conftest import WSFS, Workspace, wait_for
 from faultproxy import FaultProxy
+
+from wsfs.runtime import is_mountpoint, pid_alive
 
 
 def payload(name: str, size: int) -> bytes:
@@ -206,7 +208,7 @@ def test_unmount_during_outage_keeps_dirty_data(proxied: tuple[Workspace, FaultP
     assert str(ws.cache_dir) in result.stderr and "next mount" in result.stderr, result.stderr
     assert result.stderr.count("\n") <= 2 and "Traceback" not in result.stderr
     assert 4 <= took <= 30, f"unmount took {took:.1f}s with --unmount-timeout 5"
-    assert not is_mounted(mnt)
+    assert not is_mountpoint(mnt)
     assert not pid_alive(pid)
     st = json.loads((ws.cache_dir / "status.json").read_text())
     assert st["state"] == "failed" and st["dirty_bytes"] > 0, st
@@ -238,7 +240,7 @@ def test_an_interrupted_mount_leaves_no_mount_behind(
     status = ws.cache_dir / "status.json"
     wait_for("the daemon to mount, then end", lambda: status.exists()
              and not pid_alive(int(str(ws.status()["pid"]))), timeout=90)
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
     assert "interrupted while starting" in (ws.cache_dir / "wsfs.log").read_text()
     assert os.listdir(ws.mnt) == []  # a plain directory again, not a dead mount
     (ws.mount() / "after").write_text("the workspace mounts again")

@@ -17,10 +17,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, is_mounted, wait_for, wait_pid_gone
+from conftest import WSFS, Workspace, wait_for, wait_pid_gone
 from faultproxy import FaultProxy
 
 from wsfs.errors import DaemonGoneError, MountError
+from wsfs.runtime import is_mountpoint
 
 MiB = 1 << 20
 
@@ -68,7 +69,7 @@ def test_status_shows_unsaved_data_and_sync_publishes_it(ws: Workspace) -> None:
 
     # a crash right after the sync: a fresh machine sees everything that was synced
     ws.kill()
-    assert not is_mounted(mnt)
+    assert not is_mountpoint(mnt)
     ws.fresh_cache()
     mnt = ws.mount()
     assert (mnt / "big.bin").read_bytes() == big
@@ -124,7 +125,7 @@ def test_a_mountpoint_named_through_a_symlink_or_dot_dot(ws: Workspace) -> None:
     link = ws.root / "workspace"
     link.symlink_to(ws.mnt)  # ws.mnt, the real directory, is what teardown checks
     ws.wsfs("mount", ws.store_url, str(link), "--cache-dir", str(ws.cache_dir))
-    assert is_mounted(ws.mnt)
+    assert is_mountpoint(ws.mnt)
     (link / "kept").write_text("kept")
     r = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.root / "other"),
                 check=False)
@@ -134,7 +135,7 @@ def test_a_mountpoint_named_through_a_symlink_or_dot_dot(ws: Workspace) -> None:
     assert st["mountpoint"] == str(ws.mnt)
     ws.wsfs("sync", str(ws.mnt / ".." / "workspace"))
     ws.wsfs("unmount", str(link), timeout=300)  # flushes, unmounts, waits
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
     ws.fresh_cache()
     assert (ws.mount() / "kept").read_text() == "kept"
     ws.unmount()
@@ -165,7 +166,7 @@ def test_status_of_a_mount_whose_daemon_was_killed(ws: Workspace) -> None:
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     wait_pid_gone(pid)
-    assert is_mounted(mnt)  # dead, still mounted: ENOTCONN
+    assert is_mountpoint(mnt)  # dead, still mounted: ENOTCONN
     with pytest.raises(OSError) as e:
         os.listdir(mnt)
     assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # (the first access)
@@ -208,7 +209,7 @@ def test_status_of_a_mount_whose_daemon_was_killed(ws: Workspace) -> None:
     r = ws.wsfs("unmount", str(mnt), check=False)
     assert r.returncode == DaemonGoneError.exit_code, r
     assert "unmounted now" in r.stderr and str(ws.cache_dir) in r.stderr
-    assert not is_mounted(mnt)
+    assert not is_mountpoint(mnt)
     r = ws.wsfs("status", str(mnt), check=False)
     assert r.returncode == MountError.exit_code and "not a wsfs mount" in r.stderr
     assert (ws.mount() / "unsaved.txt").read_text() == "only in the cache dir\n"
@@ -222,7 +223,7 @@ def test_status_of_a_killed_daemon_whose_mount_was_cleared(ws: Workspace) -> Non
     mnt = ws.mount()
     pid = ws.daemon_pid()
     ws.kill()  # SIGKILL, then the dead mount cleared away
-    assert not is_mounted(mnt)
+    assert not is_mountpoint(mnt)
     r = ws.wsfs("status", str(mnt), "--json", check=False)
     assert r.returncode == DaemonGoneError.exit_code, r
     st = json.loads(r.stdout)
@@ -382,7 +383,7 @@ def test_metrics_port_in_use_fails_the_mount(ws: Workspace) -> None:
                     "--metrics", f"127.0.0.1:{port}", check=False)
     assert r.returncode == 6, r.stderr
     assert "metrics" in r.stderr and "Traceback" not in r.stderr
-    assert not is_mounted(ws.mnt)
+    assert not is_mountpoint(ws.mnt)
     bad = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--metrics", "nonsense", check=False)
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
 
@@ -421,7 +422,7 @@ def test_unmount_progress_at_a_terminal_and_in_the_log(ws: Workspace) -> None:
     assert code == 0, text
     assert "flushing" in text and "left" in text, text
     assert "\r" in text  # redrawn in place, then cleared
-    assert not is_mounted(mnt)
+    assert not is_mountpoint(mnt)
     log = (ws.cache_dir / "wsfs.log").read_text()
     assert "progress what='flushing" in log and "every block is in" in log
 
@@ -479,7 +480,7 @@ def test_sync_and_unmount_count_down_and_end_with_a_closing_line(
                          rf"{done} {re.escape(str(mnt))} in (\d+\.\d) s", last)
         assert m, f"no closing line: {last!r}"
         assert float(m.group(1)) >= blocks, last
-    assert not is_mounted(mnt)
+    assert not is_mountpoint(mnt)
     ws.check_log()
 
 

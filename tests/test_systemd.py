@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, is_mounted
+from conftest import WSFS, Workspace
 
 from wsfs import errors
+from wsfs.runtime import is_mountpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "packaging" / "systemd"
@@ -188,7 +189,7 @@ def wait_ready(proc: subprocess.Popen[str], notify: NotifySocket, mnt: Path) -> 
     while True:
         msg = notify.receive()
         if msg is not None and "READY=1" in msg.split("\n"):
-            assert is_mounted(mnt), "READY=1 came before the mount"
+            assert is_mountpoint(mnt), "READY=1 came before the mount"
             assert (mnt / ".workspace.initialized").stat().st_size > 0
             return
         if msg is None:
@@ -227,7 +228,7 @@ def test_sigterm_to_the_service_flushes_and_exits_0(ws: Workspace,
         (ws.mnt / "notes.md").write_text("# notes\n" * 1000)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, proc.communicate()
-        assert not is_mounted(ws.mnt)
+        assert not is_mountpoint(ws.mnt)
         mnt = ws.mount(cache_dir=ws.fresh_cache())
         assert (mnt / "notes.md").read_text() == "# notes\n" * 1000
         ws.unmount()
@@ -247,7 +248,7 @@ def test_refused_mount_never_notifies_ready(tmp_path: Path, notify: NotifySocket
         while (msg := notify.receive()) is not None:
             messages.append(msg)
         assert not any("READY=1" in m for m in messages), messages
-        assert not is_mounted(ws.mnt)
+        assert not is_mountpoint(ws.mnt)
     finally:
         if proc.poll() is None:
             proc.kill()
