@@ -341,7 +341,7 @@ class FloorFS(pyfuse3.Operations):
             if cookie <= start_id:
                 continue
             node = nodes[ino]
-            if not pyfuse3.readdir_reply(token, name, node.attr(), cookie):  # type: ignore[arg-type]
+            if not pyfuse3.readdir_reply(token, name, node.attr(), cookie):
                 break
             node.lookups += 1
 

@@ -352,7 +352,7 @@ def test_sigterm_uploads_at_once_so_a_sigkill_10s_later_loses_nothing(
         ep.wait_ready()
         assert ep.proc is not None
         deadline = time.monotonic() + 10
-        while int(ws.status()["dirty_bytes"]) < BACKLOG:  # type: ignore[call-overload]
+        while int(ws.status()["dirty_bytes"]) < BACKLOG:
             assert time.monotonic() < deadline, ws.status()
             time.sleep(0.1)
         daemon = ws.daemon_pid()

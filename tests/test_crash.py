@@ -241,7 +241,7 @@ def wait_drained(ws: Workspace, since: float, timeout: float = 60) -> dict[str, 
         except (OSError, ValueError):
             st = {}
         if (st.get("dirty_bytes") == 0 and st.get("dirty_blocks") == 0
-                and float(st.get("last_checkpoint_time") or 0) > since  # type: ignore[arg-type]
+                and float(st.get("last_checkpoint_time") or 0) > since
                 and st.get("state") == "serving"):
             return st
         assert time.monotonic() < deadline, f"recovered dirty data not uploaded: {st}"
@@ -352,7 +352,7 @@ def test_sigkill_during_the_final_flush(tmp_path: Path) -> None:
             while ws.status().get("state") != "flushing":
                 assert time.monotonic() < deadline, ws.status()
                 time.sleep(0.05)
-            dirty = int(ws.status()["dirty_bytes"])  # type: ignore[call-overload]
+            dirty = int(ws.status()["dirty_bytes"])
             assert dirty > 40 * MiB, dirty
             os.kill(pid, signal.SIGKILL)
             wait_pid_gone(pid)

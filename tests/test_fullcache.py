@@ -122,7 +122,7 @@ def test_enospc_only_when_full_of_dirty_data(proxied: tuple[Workspace, FaultProx
         acked[name] = data
     took = time.monotonic() - start
     assert failed is not None, "40 files of 4 MiB fitted on a 64 MiB disk with the store down"
-    dirty = int(ws.status()["dirty_bytes"])  # type: ignore[call-overload]
+    dirty = int(ws.status()["dirty_bytes"])
     print(f"ENOSPC after {len(acked) - 4} files written during the outage ({took:.1f}s), "
           f"{dirty >> 20} MiB dirty, {free_bytes(small_disk) >> 20} MiB free")
     assert dirty > DISK // 2
@@ -141,11 +141,11 @@ def test_enospc_only_when_full_of_dirty_data(proxied: tuple[Workspace, FaultProx
     assert integrity(ws.cache_dir / "meta.db") == "ok"
     # deleting dirty data frees space at once, without the store
     victim = "late01.bin"
-    dirty = int(ws.status()["dirty_bytes"])  # type: ignore[call-overload]
+    dirty = int(ws.status()["dirty_bytes"])
     os.unlink(mnt / victim)
     del acked[victim]
     deadline = time.monotonic() + 10  # the blocks go when the kernel forgets the inode
-    while int(ws.status()["dirty_bytes"]) > dirty - FILE:  # type: ignore[call-overload]
+    while int(ws.status()["dirty_bytes"]) > dirty - FILE:
         assert time.monotonic() < deadline, "deleting a dirty file freed nothing"
         time.sleep(0.1)
     write_synced(mnt / "after-delete.bin", payload("after-delete", 1 << 20))

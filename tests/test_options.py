@@ -103,7 +103,7 @@ def test_defaults() -> None:
     assert (cfg.cache_size, cfg.dirty_limit, cfg.flush_delay) == (10 << 30, 2 << 30, 5.0)
     assert (cfg.unmount_timeout, cfg.read_timeout, cfg.enospc_timeout) == (600, 60, 60)
     assert not (cfg.fsync_remote or cfg.read_only or cfg.init or cfg.force or cfg.nonempty)
-    assert cfg.cache_dir is cfg.endpoint_url is cfg.metrics is cfg.credentials_file is None
+    assert (cfg.cache_dir, cfg.endpoint_url, cfg.metrics, cfg.credentials_file) == (None,) * 4
     assert cfg.labels == {}
 
 

@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import Workspace
@@ -312,7 +313,7 @@ def test_cached_misses_never_hide_new_names(d: Path) -> None:
     """Misses are cached by the kernel for long: every way of making a name must clear them."""
     (d / "src").write_text("s")
     (d / "srcdir").mkdir()
-    makers = {
+    makers: dict[str, Callable[[Path], object]] = {
         "created": lambda p: p.write_text("c"),
         "made-dir": lambda p: p.mkdir(),
         "symlinked": lambda p: os.symlink("src", p),

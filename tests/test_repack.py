@@ -14,6 +14,7 @@ import random
 import signal
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -112,7 +113,12 @@ def test_repack_moves_survivors_and_the_old_pack_goes(tmp_path: Path,
     assert trio.run(repacker.repack_once) == 0  # the new pack is all alive
     scans: list[int] = []
     real_scan = repack.scan
-    monkeypatch.setattr(repack, "scan", lambda *a: scans.append(1) or real_scan(*a))
+
+    def counted_scan(*a: Any) -> Any:
+        scans.append(1)
+        return real_scan(*a)
+
+    monkeypatch.setattr(repack, "scan", counted_scan)
     for _ in range(3):
         trio.run(repacker.repack_once)
     assert scans == []  # nothing changed, nothing was due: an idle workspace is not scanned

@@ -53,14 +53,14 @@ def wait_drained(ws: Workspace, after_checkpoint: int, timeout: float) -> float:
     start = time.monotonic()
     while True:
         st = ws.status()
-        if st["dirty_bytes"] == 0 and int(st["checkpoint"]) > after_checkpoint:  # type: ignore[call-overload]
+        if st["dirty_bytes"] == 0 and int(st["checkpoint"]) > after_checkpoint:
             return time.monotonic() - start
         assert time.monotonic() - start < timeout, f"not drained after {timeout}s: {st}"
         time.sleep(0.2)
 
 
 def checkpoint(ws: Workspace) -> int:
-    return int(ws.status()["checkpoint"])  # type: ignore[call-overload]
+    return int(ws.status()["checkpoint"])
 
 
 def uncached_setup(ws: Workspace, *mount_args: str) -> tuple[Path, dict[str, bytes]]:
@@ -175,7 +175,7 @@ def test_outage_of_60s(proxied: tuple[Workspace, FaultProxy]) -> None:
         time.sleep(2)  # a steady trickle, not a disk-filling flood
     assert max(eio_times) <= 8, f"uncached reads took up to {max(eio_times):.1f}s to fail"
     st = ws.status()
-    assert st["dirty_bytes"] > 0 and st["state"] == "serving", st  # type: ignore[operator]
+    assert st["dirty_bytes"] > 0 and st["state"] == "serving", st
     assert checkpoint(ws) == before, "a checkpoint was published during the outage"
     while proxy.outage_active():
         time.sleep(0.2)
@@ -265,7 +265,7 @@ def test_the_lease_is_renewed_while_the_final_flush_runs(
         with contextlib.suppress(OSError, ValueError):  # (read while being rewritten)
             st = ws.status()
             if st["state"] == "flushing":
-                renewed_while_flushing.add(st["lease"]["renewed"])  # type: ignore[index]
+                renewed_while_flushing.add(st["lease"]["renewed"])
         time.sleep(0.1)
     assert unmount.returncode == 0, unmount.stderr.read() if unmount.stderr else ""
     assert len(renewed_while_flushing) >= 3, renewed_while_flushing

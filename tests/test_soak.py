@@ -225,7 +225,7 @@ def test_soak(ws: Workspace) -> None:
     threads = [threading.Thread(target=run_guarded, args=(m, fn, 1000 + k), daemon=True)
                for k, fn in enumerate(roles)]
     start = time.monotonic()
-    first_checkpoint = int(ws.status()["checkpoint"])  # type: ignore[call-overload]
+    first_checkpoint = int(ws.status()["checkpoint"])
     for t in threads:
         t.start()
     while time.monotonic() - start < SECONDS and not m.stop.is_set():
@@ -236,7 +236,7 @@ def test_soak(ws: Workspace) -> None:
         assert not t.is_alive(), "a worker thread hung"
     assert not m.errors, "\n".join(m.errors[:10])
     time.sleep(1)  # let the status file catch up with the last cycle
-    checkpoints = int(ws.status()["checkpoint"]) - first_checkpoint  # type: ignore[call-overload]
+    checkpoints = int(ws.status()["checkpoint"]) - first_checkpoint
     compare(mnt, m, "on the mount")
     mnt = ws.remount(wipe_cache=True)
     checked = compare(mnt, m, "after a remount on an empty cache")

@@ -273,7 +273,7 @@ def test_random_operations_match_a_local_disk(ws: Workspace, tmp_path: Path) -> 
 
     Machine.ws = ws
     Machine.local_root = tmp_path / "local"
-    run_state_machine_as_test(  # type: ignore[no-untyped-call]
+    run_state_machine_as_test(
         Machine,
         settings=settings(max_examples=EXAMPLES, stateful_step_count=30, deadline=None,
                           database=None, phases=PHASES, print_blob=True,

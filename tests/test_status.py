@@ -45,7 +45,7 @@ def test_status_shows_unsaved_data_and_sync_publishes_it(ws: Workspace) -> None:
     os.sync()  # the kernel hands its cached pages to the daemon
     # status.json is rewritten every half second: wait for the snapshot after the writes
     wait_for("the dirty bytes in status",
-             lambda: ws.status()["dirty_bytes"] >= len(big),  # type: ignore[operator]
+             lambda: ws.status()["dirty_bytes"] >= len(big),
              timeout=10)
     st = status_json(ws, str(mnt))
     assert isinstance(st, dict)
@@ -161,7 +161,7 @@ def test_status_of_a_mount_whose_daemon_was_killed(ws: Workspace) -> None:
     (mnt / "unsaved.txt").write_text("only in the cache dir\n")
     os.sync()
     wait_for("the dirty block in status",
-             lambda: ws.status()["dirty_blocks"] == 1, timeout=10)  # type: ignore[comparison-overlap]
+             lambda: ws.status()["dirty_blocks"] == 1, timeout=10)
     pid = ws.daemon_pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -468,7 +468,7 @@ def test_sync_and_unmount_count_down_and_end_with_a_closing_line(
             (mnt / f"{verb}-{i}.bin").write_bytes(os.urandom(MiB))
         os.sync()
         wait_for("the backlog in status",  # before the command: the countdown starts full
-                 lambda: ws.status()["dirty_blocks"] == blocks, timeout=20)  # type: ignore[comparison-overlap]
+                 lambda: ws.status()["dirty_blocks"] == blocks, timeout=20)
         proxy.throttle(8 * MiB)
         code, text = at_a_terminal(ws, verb, str(mnt))
         proxy.throttle(None)
