@@ -9,6 +9,7 @@ a mount runs:
   for a fraction of requests or all of them, optionally only for some methods;
 - connection resets (RST after the request was read), for a fraction of requests;
 - stalls: requests are read and never answered until the stall ends, then reset;
+- delays: requests are held until the delay ends, then forwarded (they land late);
 - full outages: the listening socket is closed, so connections are refused, and every
   connection in flight is reset; the same port is listened on again when the outage ends;
 - a bandwidth limit on what is sent upstream (request bodies: the uploads), shared by all
@@ -131,6 +132,13 @@ class FaultProxy:
         self._set(_Rule("stall", 1.0, methods=_methods(methods), until=_until(seconds),
                         path=path))
 
+    def delay(self, seconds: float, methods: Iterable[str] | None = None,
+              path: str | None = None) -> None:
+        """For `seconds` (or until the rule is switched), hold matching requests, then
+        forward them: they land late, as a request stalled in a network does."""
+        self._set(_Rule("delay", 1.0, methods=_methods(methods), until=_until(seconds),
+                        path=path))
+
     def outage(self, seconds: float) -> None:
         """Refuse every connection for `seconds` (and reset those in flight)."""
         with self._lock:
@@ -228,7 +236,12 @@ class FaultProxy:
         self.stats["requests"] += 1
         with self._lock:
             rule = self._rule
-        if rule.applies(method, target):
+        if rule.applies(method, target) and rule.kind == "delay":
+            self.stats["delay"] += 1
+            while (time.monotonic() < rule.until and self._rule is rule
+                   and not self._stop.is_set()):
+                time.sleep(0.05)
+        elif rule.applies(method, target):
             self.stats[rule.kind] += 1
             if rule.kind == "error":
                 client.sendall(_error_response(rule.code))

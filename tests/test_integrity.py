@@ -86,8 +86,11 @@ class Checkpoint:
         """Publish this (tampered) database as the store's newest checkpoint."""
         self.conn.close()
         assert self.seq is not None
-        trio.run(ckpt.publish, self.store, self.path, self.seq + 1, set(),
-                 trio.CapacityLimiter(4))
+        seq = self.seq + 1
+        claimed = ckpt.claim_head(self.store, "tampering")
+        trio.run(lambda: ckpt.publish(self.store, self.path, seq, set(),
+                                      trio.CapacityLimiter(4),
+                                      head_etag=claimed[1] if claimed else None))
 
 
 @pytest.fixture

@@ -36,6 +36,18 @@ class RecordingStore(LocalStore):
         super().put(key, data)
         self.puts.append(key)
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        done = super().put_if_absent(key, data)
+        if done:
+            self.puts.append(key)
+        return done
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        tag = super().put_if_match(key, data, etag)
+        if tag is not None:
+            self.puts.append(key)
+        return tag
+
 
 def make(tmp_path: Path) -> tuple[RecordingStore, Metadata, BlockCache, Flusher]:
     store = RecordingStore(tmp_path / "store")
@@ -318,14 +330,15 @@ def test_a_retried_publication_keeps_the_creation_time_it_recorded(tmp_path: Pat
     mount's and move the cache dir aside."""
     store, meta, blocks, flusher = make(tmp_path)
     add_file(meta, blocks, b"f", b"data")
-    real_put, failing = store.put, [True]
+    real_put, failing = store.put_if_absent, [True]
 
-    def put(key: str, data: bytes) -> None:
-        real_put(key, data)
+    def put(key: str, data: bytes) -> bool:
+        done = real_put(key, data)
         if key == ckpt.HEAD_KEY and failing.pop():
             raise TransientStoreError("the answer was lost")
+        return done
 
-    store.put = put  # type: ignore[method-assign]
+    store.put_if_absent = put  # type: ignore[method-assign]
     failing.append(True)
     with pytest.raises(TransientStoreError):
         trio.run(flusher.cycle)

@@ -8,6 +8,7 @@ once, a foreign one once its lease expires, and a live one only with --force.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -61,6 +62,16 @@ def write_foreign_lease(ws: Workspace, host: str, expires_in: float) -> None:
         "host": host, "pid": 4242, "mount_id": "f" * 32, "cache_dir": "/var/cache/wsfs/x",
         "expires": time.time() + expires_in,
     }).encode())
+
+
+def write_unless_fenced(path: Path, text: str) -> bool:
+    """Write a file on a mount that may have learned already that it is fenced (EROFS)."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        assert e.errno == errno.EROFS, e
+        return False
+    return True
 
 
 def mount_refused(ws: Workspace, *extra: str) -> str:
@@ -201,7 +212,9 @@ def test_s3_second_mount_refused(kind: str, request: pytest.FixtureRequest,
 
 def test_a_taken_over_mount_stops_publishing(lws: Workspace, other: Workspace) -> None:
     """After --force elsewhere, the old mount must not overwrite the new holder's checkpoints:
-    its later changes stay in its cache dir and its unmount says so (exit 7)."""
+    its later changes stay in its cache dir and its unmount says so (exit 7). (A long TTL:
+    the old mount accepts the write before its next renewal tells it it is fenced.)"""
+    lws.env["WSFS_LEASE_TTL"] = "60"
     lws.mount()
     other.mount("--force")
     (other.mnt / "from-new-holder").write_text("kept")
@@ -239,6 +252,7 @@ def test_a_taken_over_cache_dir_is_behind_one_checkpoint_of_the_same_number(
     finds itself fenced off. When the new holder then publishes exactly that number, a mount
     on the old cache dir must still find it behind the store (moved aside), not take it for
     current and publish that number again over the new holder's work."""
+    lws.env["WSFS_LEASE_TTL"] = "60"  # it accepts the write before a renewal fences it
     mnt = lws.mount()
     (mnt / "base").write_text("published by the first holder")
     lws.wsfs("sync", str(mnt))
@@ -269,6 +283,7 @@ def test_a_lease_gone_from_the_store_fences_the_mount(lws: Workspace) -> None:
     """Only a later holder's release (or `wsfs destroy`) deletes the lease: a mount that
     finds it gone was taken over meanwhile. It must stop publishing, not write the lease back
     and publish over the mounts since (their checkpoints, whose garbage they deleted)."""
+    lws.env["WSFS_LEASE_TTL"] = "60"  # it accepts the write before a renewal fences it
     mnt = lws.mount()
     (Path(lws.store_url.removeprefix("file://")) / "lease").unlink()
     (mnt / "late").write_text("must not reach the store")

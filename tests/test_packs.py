@@ -105,7 +105,9 @@ def rewrite_newest_checkpoint(ws: Workspace, edit: Callable[[sqlite3.Connection]
         edit(conn)
         conn.commit()
         conn.close()
-        trio.run(ckpt.publish, store, db, seq + 1, set(), trio.CapacityLimiter(4))
+        claimed = ckpt.claim_head(store, "test")
+        trio.run(lambda: ckpt.publish(store, db, seq + 1, set(), trio.CapacityLimiter(4),
+                                      head_etag=claimed[1] if claimed else None))
 
 
 def test_a_format_1_workspace_is_upgraded(ws: Workspace) -> None:

@@ -40,8 +40,10 @@ def make_db(path: Path, pages: int) -> bytes:
 
 
 def publish(store: LocalStore, db: Path, seq: int, bundle: bool) -> ckpt.Manifest:
+    claimed = ckpt.claim_head(store, "test")
     return trio.run(lambda: ckpt.publish(store, db, seq, set(), trio.CapacityLimiter(4),
-                                         bundle=bundle))
+                                         bundle=bundle,
+                                         head_etag=claimed[1] if claimed else None))[0]
 
 
 def fetch(store: LocalStore, seq: int, target: Path) -> bytes:

@@ -253,7 +253,7 @@ def test_put_if_absent(_store_backend: Backend, caplog: pytest.LogCaptureFixture
         # store must notice and fall back (with a warning) instead of trusting it.
         honoured = _store_backend.name == "moto"
         assert store.conditional_writes is honoured
-        warnings = [r for r in caplog.records if "falls back" in r.getMessage()]
+        warnings = [r for r in caplog.records if "cannot fence" in r.getMessage()]
         assert len(warnings) == (0 if honoured else 1)
 
 
@@ -266,6 +266,43 @@ def test_put_if_absent_race(_store_backend: Backend) -> None:
         results = list(pool.map(lambda i: store.put_if_absent("lease", b"%d" % i), range(16)))
     assert results.count(True) == 1
     assert store.get("lease") == b"%d" % results.index(True)
+
+
+def test_put_if_match(_store_backend: Backend) -> None:
+    """A replace conditional on the ETag last seen: refused once another write changed the
+    object, or deleted it; rclone serve s3 ignores If-Match, so there it is a check then a
+    put (sequentially still refused)."""
+    store = _store_backend.open()
+    store.put("meta/HEAD", b"1")
+    data, tag = store.get_tagged("meta/HEAD")
+    assert data == b"1" and tag
+    new = store.put_if_match("meta/HEAD", b"2", tag)
+    assert new is not None and new != tag
+    assert store.get_tagged("meta/HEAD") == (b"2", new)
+    assert store.put_if_match("meta/HEAD", b"3", tag) is None  # stale: another write since
+    assert store.get("meta/HEAD") == b"2"
+    store.delete("meta/HEAD")
+    assert store.put_if_match("meta/HEAD", b"4", new) is None  # gone
+    assert store.head("meta/HEAD") is None
+    with pytest.raises(NoSuchKey):
+        store.get_tagged("meta/HEAD")
+    if isinstance(store, S3Store):
+        assert store.conditional_writes is (_store_backend.name == "moto")
+
+
+def test_put_if_match_race(_store_backend: Backend) -> None:
+    """Of many writers replacing the same version at once, exactly one wins (the fence)."""
+    if _store_backend.name == "rclone":
+        pytest.skip("rclone serve s3 ignores If-Match: a check then a PUT cannot exclude a race")
+    store = _store_backend.open()
+    store.put("lease", b"old")
+    _, tag = store.get_tagged("lease")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: store.put_if_match("lease", b"%d" % i, tag),
+                                range(16)))
+    winners = [i for i, r in enumerate(results) if r is not None]
+    assert len(winners) == 1, results
+    assert store.get("lease") == b"%d" % winners[0]
 
 
 def test_concurrent_puts(_store: ObjectStore) -> None:
@@ -515,7 +552,7 @@ def test_put_if_absent_falls_back_when_refused(_store_stubbed: tuple[S3Store, St
         assert store.put_if_absent("lease", b"1") is True
         assert store.put_if_absent("lease", b"2") is False
     assert store.conditional_writes is False
-    assert len([r for r in caplog.records if "falls back" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "cannot fence" in r.getMessage()]) == 1
 
 
 @pytest.mark.timeout(180)

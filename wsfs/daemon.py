@@ -37,6 +37,7 @@ from .fs.base import drop_blocks
 from .latency import Latencies, SharedLatencies
 from .lease import Lease
 from .meta import Metadata
+from .meta import checkpoint as ckpt
 from .metrics import RateMeter
 from .preflight import refusal_fix
 from .progress import Progress
@@ -94,6 +95,10 @@ class Daemon:
         self.lease: Lease | None = None
         self.lease_renewed: float | None = None
         self.lease_error: str | None = None
+        self.store: ObjectStore | None = None
+        self.ops: Operations | None = None
+        self.fenced: str | None = None  # why this mount takes no more writes (fence())
+        self.head_etag: str | None = None  # meta/HEAD as claimed at the start
         self.syncs = 0
         self.fuse_latency = Latencies()  # for --metrics, from the first request on
         self.store_latency = SharedLatencies(TIMED_KINDS)
@@ -153,10 +158,16 @@ class Daemon:
             drop_prefetched(self.cache_dir)  # a guess fetched for a mount that cannot be
             lock.close()
             raise
-        self.lease, self.lease_renewed = lease, time.time()
+        self.lease, self.lease_renewed, self.store = lease, time.time(), store
         self._keep_renewing(lease)
         try:
-            await prepare_cache(store, sb, self.cache_dir, limiter, prefetched)
+            # From here on an earlier holder's publication fails (checkpoint.claim_head),
+            # so the checkpoint fetched next is the last one it will ever have published.
+            claimed = await trio.to_thread.run_sync(ckpt.claim_head, store, lease.mount_id)
+            if claimed is not None:
+                self.head_etag = claimed[1]
+            await prepare_cache(store, sb, self.cache_dir, limiter, prefetched,
+                                head=None if claimed is None else claimed[0])
             meta = Metadata(self.cache_dir / "meta.db")
             if not has_marker(meta):
                 raise NoWorkspaceError(
@@ -196,6 +207,8 @@ class Daemon:
         flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
                                          flush_delay=cfg.flush_delay, limiter=limiter)
         flusher.before_publish = lease.check
+        flusher.head_etag, flusher.mount_id = self.head_etag, lease.mount_id
+        flusher.on_fenced = self.fence
         if cfg.read_only:
             flusher.repacker.interval = 0  # a read-only mount rewrites nothing in the store
         ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
@@ -203,6 +216,7 @@ class Daemon:
                          remote_fsync=flusher.sync_now if cfg.fsync_remote else None,
                          latencies=self.fuse_latency)
         flusher.before_pin = ops.reap
+        self.ops = ops
         options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",
                    "default_permissions", *cfg.fuse_options}
         if cfg.read_only:
@@ -306,12 +320,30 @@ class Daemon:
                     await trio.sleep(lease.ttl / 3)
                     try:
                         await trio.to_thread.run_sync(lease.renew)
+                        if lease.lost:
+                            self.fence(f"another mount took over this workspace's lease "
+                                       f"({lease.usurper}); {ckpt.FENCED_FIX}")
+                            continue
                         self.lease_renewed, self.lease_error = time.time(), None
                     except Exception as e:
                         self.lease_error = str(e)
                         log.warning("could not renew the lease: %s", e)
         finally:
             self._renew_stopped.set()
+
+    def fence(self, reason: str) -> None:
+        """This mount learned that another one holds the workspace (its lease renewal was
+        refused, a conditional write was, or the lease read back names another mount):
+        from now on writes get EROFS, reads go on, nothing is published (in the trio
+        thread)."""
+        if self.fenced is not None:
+            return
+        self.fenced = reason
+        log.error("this mount is fenced: %s", reason)
+        if self.ops is not None:
+            self.ops.fence(reason)
+        if self.flusher is not None:
+            self.flusher.fence(LeaseError(reason))
 
     async def _write_status(self) -> None:
         while True:
@@ -367,6 +399,8 @@ class Daemon:
                 "host": socket.gethostname(), "pid": os.getpid(), "mount_id": lease.mount_id,
                 "renewed": self.lease_renewed, "ttl": lease.ttl, "error": self.lease_error},
             "syncs": self.syncs, "metrics": self.cfg.metrics,
+            "fenced": self.fenced,
+            "fencing": getattr(self.store, "conditional_writes", None),
             **(f.repacker.figures() if f else {}),
         }
 

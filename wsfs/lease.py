@@ -1,19 +1,19 @@
 """Who may write this workspace now: a lease object in the store, renewed while mounted.
 
 Two writers of one workspace would each publish checkpoints that ignore the other's, so a
-second mount is refused while a live lease names someone else. The lease is created with a
-conditional write (`put_if_absent`: S3 `If-None-Match: *` where the server honours it, a hard
-link on the directory store); on a server that ignores the header (`rclone serve s3`) it falls
-back to HEAD then PUT, which two mounts starting within one round trip could both pass.
+second mount is refused while a live lease names someone else. A lease is live while it has
+not expired and, when it names this host, its process still runs wsfs. So after a crash the
+same host takes over at once, another host after the TTL, and `--force` takes over a live one.
 
-A lease is live while it has not expired and, when it names this host, its process still runs
-wsfs. So after a crash the same host takes over at once, another host after the TTL. Taking
-over is an overwrite followed by a read-back: of two mounts racing for one expired lease, the
-one whose write landed first sees the other's record and gives up, but two writes that land
-before either read-back can both win; that window is documented in docs/faults.md. `--force`
-takes over a live lease; if its holder is in fact still running, it notices at its next
-renewal, stops renewing and logs an error, but until it is unmounted both mounts publish
-checkpoints and the last one to publish wins the store (see docs/faults.md).
+The clocks only decide when a takeover may be tried; the store decides who holds the lease.
+It is created with `put_if_absent` (S3 `If-None-Match: *`, a hard link on the directory
+store), and every later write of it (renewal, takeover) is `put_if_match` on the ETag this
+mount last wrote or read: a takeover from under a paused holder changes the ETag, so the old
+holder's next renewal, however late it lands (stalled in retries, paused past expiry), is
+refused instead of overwriting, and the old holder counts itself taken over (fenced). Its
+publications are fenced the same way by meta/HEAD (meta/checkpoint.py). On a server that
+ignores the conditions (`rclone serve s3`) they are a check then a plain PUT, as before,
+with the windows docs/faults.md lists.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from .errors import LeaseError
+from .meta.checkpoint import FENCED_FIX
 from .runtime import env_seconds
-from .store import NoSuchKey, ObjectStore
+from .store import NoSuchKey, ObjectStore, replace_if
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,20 @@ class Holder:
 
 
 def read_holder(store: ObjectStore) -> Holder | None:
+    return read_tagged_holder(store)[0]
+
+
+def read_tagged_holder(store: ObjectStore) -> tuple[Holder | None, str | None]:
+    """The lease's holder and the lease object's ETag ((None, None): no lease)."""
     try:
-        data = json.loads(store.get(LEASE_KEY))
-        return Holder(**data)
+        raw, tag = store.get_tagged(LEASE_KEY)
     except NoSuchKey:
-        return None
+        return None, None
+    try:
+        return Holder(**json.loads(raw)), tag
     except (ValueError, TypeError):
         log.warning("the lease object is unreadable; treating the workspace as free")
-        return None
+        return None, tag
 
 
 class Lease:
@@ -100,6 +107,7 @@ class Lease:
         self.mount_id = uuid.uuid4().hex
         self.lost = False  # another mount took the lease over (with --force or after expiry)
         self.usurper = ""  # who took it over, for messages
+        self.etag: str | None = None  # the lease object's ETag as this mount last wrote it
 
     def _record(self) -> bytes:
         holder = Holder(socket.gethostname(), os.getpid(), self.mount_id, self.cache_dir,
@@ -109,10 +117,12 @@ class Lease:
     def acquire(self, force: bool = False) -> None:
         """Take the lease, or raise LeaseError naming the live holder (blocking)."""
         if self.store.put_if_absent(LEASE_KEY, self._record()):
+            self._read_back()
             return
-        holder = read_holder(self.store)
+        holder, tag = read_tagged_holder(self.store)
         if holder is not None and holder.mount_id == self.mount_id:
-            return  # our write landed, its answer was lost, and the client's retry was refused
+            self.etag = tag  # our write landed, its answer was lost, the retry was refused
+            return
         if holder is not None and not force:
             live = holder.expires > time.time() and holder.alive_here()
             if live:
@@ -122,29 +132,50 @@ class Lease:
                 )
         if holder is not None:
             log.warning("taking over the lease of %s", holder.describe())
-        self.store.put(LEASE_KEY, self._record())
-        now = read_holder(self.store)
-        if now is not None and now.mount_id != self.mount_id:
-            raise LeaseError(
-                f"another mount took this workspace over at the same moment ({now.describe()}); "
-                "unmount it there first"
-            )
+        if tag is None:  # released meanwhile: create it again
+            if not self.store.put_if_absent(LEASE_KEY, self._record()):
+                self._taken_meanwhile()
+        elif replace_if(self.store, LEASE_KEY, self._record(), tag) is None:
+            self._taken_meanwhile()  # the lease changed since we read it: another taker
+        self._read_back()
+
+    def _read_back(self) -> None:
+        """Read the lease we just wrote: learn its ETag, and (on a store without conditional
+        writes, where a racing taker's write may have replaced ours) that it is ours."""
+        now, tag = read_tagged_holder(self.store)
+        if now is None or now.mount_id != self.mount_id:
+            self._taken_meanwhile(now)
+        self.etag = tag
+
+    def _taken_meanwhile(self, now: Holder | None = None) -> None:
+        if now is None:
+            now = read_holder(self.store)
+        raise LeaseError(
+            "another mount took this workspace over at the same moment"
+            f"{f' ({now.describe()})' if now is not None else ''}; unmount it there first"
+        )
 
     def renew(self) -> None:
-        """Extend the lease; if someone else took it over, say so loudly and leave it to them.
+        """Extend the lease, if it is still the object this mount last wrote; if someone else
+        took it over (or deleted it), say so loudly and leave it to them.
 
         Stealing it back would make the two mounts alternate as holders forever; leaving it
         makes the other mount the one that the next `wsfs mount` sees.
         """
         if self.lost:
             return
-        holder = read_holder(self.store)
-        if holder is None or holder.mount_id != self.mount_id:
-            self._lose(holder)
-            log.error("another mount took over this workspace's lease (%s); unmount this one: "
-                      "its later changes may be overwritten in the store", self.usurper)
+        new = None if self.etag is None else replace_if(
+            self.store, LEASE_KEY, self._record(), self.etag)
+        if new is None:
+            # A lease naming this mount is its own whatever its ETag: a renewal whose answer
+            # was lost landed (a write refused by If-Match never lands), so try once more.
+            holder, tag = read_tagged_holder(self.store)
+            if holder is not None and holder.mount_id == self.mount_id and tag is not None:
+                new = replace_if(self.store, LEASE_KEY, self._record(), tag)
+        if new is None:  # (the daemon says so: it fences the mount)
+            self._lose(read_holder(self.store))
             return
-        self.store.put(LEASE_KEY, self._record())
+        self.etag = new
 
     def _lose(self, holder: Holder | None) -> None:
         """Count the lease as taken over. A lease gone from the store counts too: only a
@@ -166,10 +197,7 @@ class Lease:
             if holder is not None and holder.mount_id == self.mount_id:
                 return
             self._lose(holder)
-        raise LeaseError(
-            f"another mount took over this workspace ({self.usurper}); this mount no longer "
-            "publishes: its unsaved changes stay in its cache dir"
-        )
+        raise LeaseError(f"another mount took over this workspace ({self.usurper}); {FENCED_FIX}")
 
     def release(self) -> None:
         holder = read_holder(self.store)

@@ -169,7 +169,10 @@ def format_status(st: dict[str, Any]) -> str:
             text += f", renewed {human_seconds(now - float(lease['renewed']))} ago"
         if lease.get("error"):
             text += f"; renewal failing: {lease['error']}"
+        if st.get("fenced"):
+            text = "  lease:       LOST (fenced)"
         lines.append(text)
+    lines.extend(_fencing_lines(st))
     err = (f"  errors:      {st.get('errors', 0)} failed flushes, "
            f"{st.get('retries', 0)} retries")
     if st.get("last_error"):
@@ -178,6 +181,21 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("metrics"):
         lines.append(f"  metrics:     http://{st['metrics']}/metrics")
     return "\n".join(lines)
+
+
+def _fencing_lines(st: dict[str, Any]) -> list[str]:
+    """Whether the store fences a writer that lost the workspace, whether this mount is
+    fenced (and why, and what to do), and the conflict copies its start exported."""
+    lines = []
+    if st.get("fenced"):
+        lines.append(f"  FENCED:      {st['fenced']}")
+    if st.get("fencing") is False:
+        lines.append("  fencing:     off: the store ignores conditional writes, so a paused "
+                     "or cut-off mount elsewhere is not fenced (docs/faults.md)")
+    for c in st.get("conflicts") or ():
+        lines.append(f"  conflicts:   {c['files']} files the store never got from "
+                     f"{c['source']} are in {c['into']}")
+    return lines
 
 
 def _format_dead(st: dict[str, Any]) -> str:
@@ -216,6 +234,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                  else "unregistered")
         if st.get("stale"):
             state += "?"
+        if st.get("fenced"):
+            state = "FENCED"
         age = st.get("checkpoint_age")
         ckpt = f"#{st.get('checkpoint', '?')}" + (f" {human_seconds(age)} ago"
                                                   if age is not None else "")

@@ -22,6 +22,7 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -35,7 +36,7 @@ from .errors import FlushError, LeaseError
 from .meta import Metadata
 from .meta import checkpoint as ckpt
 from .repack import Repacker
-from .store import ObjectStore
+from .store import NoSuchKey, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ class Flusher:
         # Called (in a worker thread) before each publish; raises LeaseError once another
         # mount holds the workspace, which fences this one off for good.
         self.before_publish: Callable[[], None] | None = None
+        # Called (in the trio thread) once, when this mount learns it is fenced: a
+        # conditional write refused, or the lease check above.
+        self.on_fenced: Callable[[str], None] | None = None
+        # meta/HEAD's ETag as this mount last wrote or read it (checkpoint.claim_head), and
+        # the mount id HEAD names: a publication replaces HEAD only if it is unchanged since.
+        self.head_etag: str | None = None
+        self.mount_id = uuid.uuid4().hex
         # Called in the trio thread before each snapshot: the filesystem deletes the inodes
         # it queued for deletion (fs/base.py), so no checkpoint carries files deleted before it.
         self.before_pin: Callable[[], None] | None = None
@@ -222,6 +230,40 @@ class Flusher:
 
     # -- one cycle -------------------------------------------------------------------------
 
+    def fence(self, error: LeaseError) -> None:
+        """Stop publishing for good: another mount holds the workspace (see `on_fenced`)."""
+        if self.fenced is None:
+            self.fenced = error
+            if self.on_fenced is not None:
+                self.on_fenced(str(error))
+
+    def _claim_head(self) -> None:
+        """Learn HEAD's ETag by rewriting it (blocking): for a flusher whose daemon did not
+        claim it at the start. HEAD naming any other checkpoint than this cache dir's last
+        means another mount published since: fenced."""
+        claimed = ckpt.claim_head(self.store, self.mount_id)
+        if claimed is None or claimed[0] != self.seq:
+            raise LeaseError(f"another mount published to this workspace since checkpoint "
+                             f"{self.seq}; {ckpt.FENCED_FIX}")
+        self.head_etag = claimed[1]
+
+    def _skip_orphan(self, seq: int) -> None:
+        """Checkpoint `seq` exists but is not ours (blocking). If HEAD is still as this mount
+        left it, nobody published since: it is the orphan manifest of a fenced mount whose
+        HEAD was refused, and the number is skipped (the next cycle publishes `seq + 1`);
+        else another mount published it: fenced. Raises either way (the cycle is retried)."""
+        try:
+            tag: str | None = self.store.get_tagged(ckpt.HEAD_KEY)[1]
+        except NoSuchKey:
+            tag = None
+        if tag is None or tag != self.head_etag:
+            raise LeaseError(f"another mount published checkpoint {seq} of this workspace; "
+                             f"{ckpt.FENCED_FIX}")
+        log.warning("checkpoint %d is a fenced mount's unpublished manifest: skipping the "
+                    "number", seq)
+        self.seq = seq
+        raise RuntimeError(f"checkpoint number {seq} was taken; publishing the next one")
+
     async def cycle(self) -> None:
         async with self._lock:
             self._started += 1
@@ -261,6 +303,8 @@ class Flusher:
         self.blocks.reserve = max(MIN_RESERVE, 2 * size + MIN_RESERVE // 2)
 
     async def _cycle(self) -> None:
+        if self.fenced is not None:  # nothing it uploads could ever be published
+            raise self.fenced
         self._update_reserve()
         if self.before_pin is not None:
             self.before_pin()
@@ -302,14 +346,22 @@ class Flusher:
         garbage = await trio.to_thread.run_sync(
             ckpt.finalize, copy, uploaded, seq, limiter=self.limiter
         )
-        if self.before_publish is not None:
-            try:
+        try:
+            if self.before_publish is not None:
                 await trio.to_thread.run_sync(self.before_publish, limiter=self.limiter)
-            except LeaseError as e:
-                self.fenced = e
+            if self.head_etag is None and self.seq > 0:
+                await trio.to_thread.run_sync(self._claim_head, limiter=self.limiter)
+            try:
+                manifest, self.head_etag = await ckpt.publish(
+                    self.store, copy, seq, self.known_pages, self.limiter,
+                    created_ns=created_ns, bundle=self.final, head_etag=self.head_etag,
+                    mount_id=self.mount_id)
+            except ckpt.SeqTaken:
+                await trio.to_thread.run_sync(self._skip_orphan, seq, limiter=self.limiter)
                 raise
-        manifest = await ckpt.publish(self.store, copy, seq, self.known_pages, self.limiter,
-                                      created_ns=created_ns, bundle=self.final)
+        except LeaseError as e:
+            self.fence(e)
+            raise
         self._unbundled = (manifest.bundle is None
                            and len(set(manifest.pages)) >= ckpt.BUNDLE_MIN_PAGES)
         self.seq = seq

@@ -156,7 +156,7 @@ def drop_prefetched(cache_dir: Path) -> None:
 
 async def prepare_cache(
     store: ObjectStore, sb: Superblock, cache_dir: Path, limiter: trio.CapacityLimiter,
-    prefetched: int = 0,
+    prefetched: int = 0, head: int | None = None,
 ) -> None:
     """Make `cache_dir/meta.db` the workspace's newest metadata.
 
@@ -167,7 +167,8 @@ async def prepare_cache(
     number published there counts as newer) is moved aside, never deleted.
     """
     db = cache_dir / "meta.db"
-    head = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
+    if head is None:  # (else: read, and claimed, by the caller)
+        head = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
     if head is None:
         raise NoWorkspaceError(
             f"{store.url} has a superblock but no checkpoint; its creation was interrupted, "

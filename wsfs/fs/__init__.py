@@ -107,7 +107,7 @@ class Operations(NameOps, DataOps):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         ino = int(inode)
-        self._writable()
+        self._writable(ino)
         ts = now_ns()
         lock = self._locks.get(ino)
         if not fields.update_size and (lock is None or not lock.locked()):

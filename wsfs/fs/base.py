@@ -119,6 +119,8 @@ class Base(pyfuse3.Operations):
         self.bs = blocks.block_size
         self.timeout = cache_timeout
         self.read_only = read_only
+        self.fenced: str | None = None  # why this mount takes no more writes (fence())
+        self._fenced_fh = 0  # handles below it were opened before the fence
         self.remote_fsync = remote_fsync
         self.nursery: trio.Nursery | None = None  # for readahead; set by the mount
         self.initialized = trio.Event()  # see init()
@@ -205,9 +207,22 @@ class Base(pyfuse3.Operations):
         self._lookups[node.id] += 1
         return self._attr(node)
 
-    def _writable(self) -> None:
+    def _writable(self, ino: int | None = None) -> None:
+        """Raise EROFS on a read-only or fenced mount. Fenced, the writes to `ino` through
+        handles opened before still land: under the writeback cache the kernel acknowledged
+        them at write(2) and sends them later, and refusing them then would lose them (they
+        come back as conflict copies instead, like everything accepted before the fence)."""
         if self.read_only:
             raise FUSEError(errno.EROFS)
+        if self.fenced is not None and (ino is None or not any(
+                i == ino and fh < self._fenced_fh for fh, i in self._handles.items())):
+            raise FUSEError(errno.EROFS)
+
+    def fence(self, reason: str) -> None:
+        """Take no more writes: another mount holds the workspace (`reason` says why)."""
+        if self.fenced is None:
+            self.fenced = reason
+            self._fenced_fh = self._next_fh
 
     @staticmethod
     def _check_name(name: bytes) -> None:

@@ -157,7 +157,7 @@ class DataOps(Base):
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         ino = self._handles[int(fh)]
-        self._writable()
+        self._writable(ino)
         await self.blocks.wait_for_room(len(buf))
         lock = self._lock(ino)
         if not lock.locked() and self._write_in_place(ino, off, buf):

@@ -6,6 +6,13 @@ checkpoint costs the pages that changed, not the whole database. A manifest
 (`meta/manifests/<seq>.json`) lists the pages in order; `meta/HEAD` names the newest manifest and
 is written last, so a reader sees the previous checkpoint or the new one, never a mix.
 
+Both are written conditionally, which is what fences a mount that lost the workspace (paused,
+cut off, or taken over with --force) whatever the clocks say: a manifest is immutable
+(`If-None-Match: *`: an existing number means another publication), and HEAD is replaced only
+if it is still the object this mount last wrote or read (`If-Match` on its ETag). A mount
+that takes the workspace over rewrites HEAD first (`claim_head`, naming itself), so an old
+holder's publication in flight fails at its HEAD even if its manifest landed.
+
 A mount on an empty cache needs every page, and at one request each a 100,000-file database
 (~550 pages) cost seconds of per-request overhead. So the unmount's final checkpoint also
 writes a bundle (`meta/bundles/<seq>`): its distinct pages, compressed, back to back, with
@@ -33,7 +40,8 @@ from pathlib import Path
 
 import trio
 
-from ..store import NoSuchKey, ObjectStore
+from ..errors import LeaseError
+from ..store import NoSuchKey, ObjectStore, replace_if
 from .db import connect
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,44 @@ BUNDLE_PART = 4 << 20  # compressed bytes per ranged GET of a bundle (they run i
 
 class CorruptCheckpoint(Exception):
     """A page or manifest does not match its checksum."""
+
+
+class SeqTaken(Exception):
+    """Another publication's manifest has this sequence number: a mount that published since
+    (this one is fenced), or the orphan of a fenced mount whose HEAD was refused (the number
+    is skipped); the flusher tells the two apart by HEAD."""
+
+
+# What a fenced mount's messages tell the user to do.
+FENCED_FIX = ("this mount takes no more writes (EROFS) and publishes nothing; unmount it: "
+              "what it accepted that the store lacks comes back under /.wsfs-conflicts/ at "
+              "the next mount from its cache dir")
+
+
+def head_record(seq: int, mount_id: str) -> bytes:
+    """meta/HEAD's content: the newest checkpoint, and the mount that wrote it (which makes
+    each mount's HEAD distinct, so its ETag tells whether another mount wrote since)."""
+    return json.dumps({"seq": seq, "mount_id": mount_id}).encode()
+
+
+def claim_head(store: ObjectStore, mount_id: str) -> tuple[int, str] | None:
+    """Rewrite HEAD naming this mount (blocking); return (its seq, its new ETag), or None if
+    the workspace has no checkpoint yet.
+
+    Called once the lease is taken, before the cache dir is brought up to date: from here
+    on a publication by any earlier holder fails at its HEAD (its ETag is stale), even one
+    whose lease check passed before it paused.
+    """
+    try:
+        data, tag = store.get_tagged(HEAD_KEY)
+    except NoSuchKey:
+        return None
+    seq = int(json.loads(data)["seq"])
+    new = replace_if(store, HEAD_KEY, head_record(seq, mount_id), tag)
+    if new is None:
+        raise LeaseError("another mount published to this workspace while this one was "
+                         "starting; mount again once it is unmounted")
+    return seq, new
 
 
 def manifest_key(seq: int) -> str:
@@ -187,13 +233,17 @@ async def publish(
     *,
     created_ns: int | None = None,
     bundle: bool = False,
-) -> Manifest:
+    head_etag: str | None = None,
+    mount_id: str = "",
+) -> tuple[Manifest, str]:
     """Upload the pages the store lacks (and, with `bundle`, the bundle), then the manifest,
-    then HEAD (in that order).
+    then HEAD (in that order); return the manifest and HEAD's new ETag.
 
     `created_ns` (default: now) names this publication: the flusher records it before it
     starts, so that a cache dir can tell its own checkpoint from another mount's of the same
-    number (workspace.py)."""
+    number (workspace.py). HEAD is replaced only if its ETag is still `head_etag` (None: it
+    must not exist yet, the workspace's first checkpoint); else LeaseError. A manifest of
+    this number that is not this publication's (a retry finds its own) raises SeqTaken."""
     digests, blobs = await trio.to_thread.run_sync(split_pages, path, known_pages, bundle,
                                                    limiter=limiter)
     new = [d for d in blobs if d not in known_pages]
@@ -215,12 +265,28 @@ async def publish(
     log.debug("checkpoint %d: %d of %d pages new%s", seq, len(new), len(digests),
               "" if sizes is None else ", bundled")
 
-    def put_manifest() -> None:
-        store.put(manifest_key(seq), manifest.encode())
-        store.put(HEAD_KEY, json.dumps({"seq": seq}).encode())
+    def put_manifest() -> str:
+        if not store.put_if_absent(manifest_key(seq), manifest.encode()):
+            try:
+                there = read_manifest(store, seq)
+            except (NoSuchKey, ValueError, KeyError, CorruptCheckpoint):
+                there = None
+            if there is None or there.created_ns != manifest.created_ns:
+                raise SeqTaken(seq)
+        record = head_record(seq, mount_id)
+        if head_etag is None:
+            created = store.put_if_absent(HEAD_KEY, record)
+            found, now = store.get_tagged(HEAD_KEY)  # (refused: ours if it is our record)
+            tag: str | None = now if created or found == record else None
+        else:
+            tag = replace_if(store, HEAD_KEY, record, head_etag)
+        if tag is None:
+            raise LeaseError("another mount published to this workspace (meta/HEAD changed "
+                             f"since this mount last wrote it); {FENCED_FIX}")
+        return tag
 
-    await trio.to_thread.run_sync(put_manifest, limiter=limiter)
-    return manifest
+    tag = await trio.to_thread.run_sync(put_manifest, limiter=limiter)
+    return manifest, tag
 
 
 # How many times a reader of the newest checkpoint (fsck, du) starts again when a mount

@@ -60,6 +60,7 @@ __all__ = [
     "check_key",
     "open_store",
     "probe",
+    "replace_if",
 ]
 
 _URL_HELP = "use s3://BUCKET[/PREFIX] or file:///ABSOLUTE/DIR"
@@ -196,3 +197,22 @@ def probe(store: ObjectStore) -> None:
     except OSError as exc:
         raise StoreError(f"Cannot read the store at {store.url}: {exc.strerror or exc}; "
                          "check that it exists and is readable.") from None
+
+
+def replace_if(store: ObjectStore, key: str, data: bytes, etag: str) -> str | None:
+    """`put_if_match`, where a refusal of this very write counts as its success: return the
+    object's new ETag, or None if another writer changed it (or deleted it) since `etag`.
+
+    A PUT whose answer was lost and that botocore retried is refused the second time (the
+    object's tag is the new one by then); the bytes read back tell. Only the writer of
+    `data` writes those exact bytes: a lease record names its mount and expiry, and meta/HEAD
+    the mount that wrote it.
+    """
+    new = store.put_if_match(key, data, etag)
+    if new is not None:
+        return new
+    try:
+        current, tag = store.get_tagged(key)
+    except NoSuchKey:
+        return None
+    return tag if current == data else None

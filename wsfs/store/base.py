@@ -33,6 +33,16 @@ class ObjectStore(Protocol):
         """Create the object only if no object has that key; return False if one exists."""
         ...
 
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """Return the whole object and its ETag; raise `NoSuchKey` if it does not exist."""
+        ...
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object only if its ETag is still `etag`: return the new ETag, or None
+        if the object changed since or is gone (S3 `If-Match`). Where the server ignores
+        the header (`conditional_writes` false) this is a compare then a put, not atomic."""
+        ...
+
     def head(self, key: str) -> int | None:
         """Return the object's size, or None if it does not exist."""
         ...

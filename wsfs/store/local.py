@@ -14,6 +14,8 @@ so that deleting 'a/b' frees the name 'a'.
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import logging
 import os
 import secrets
@@ -43,6 +45,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def etag_of(data: bytes) -> str:
+    """The directory store's ETag of an object: the MD5 of its content, as S3's is for a
+    plain PUT (a tag only: equal contents have equal tags, as they do on S3)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -51,6 +59,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 class LocalStore:
     """An `ObjectStore` in a local directory; safe to share between threads and processes."""
+
+    conditional_writes = True  # put_if_absent by a hard link, put_if_match under a lock
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
@@ -210,6 +220,45 @@ class LocalStore:
             os.close(fd)
         _fsync_dir(path.parent)
         return True
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """Return the whole object and its ETag; raise `NoSuchKey` if it does not exist."""
+        data = self.get(key)
+        return data, etag_of(data)
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object only if its ETag is still `etag`; return the new ETag, or None.
+
+        The compare and the rename happen under an exclusive flock(2) on the object's
+        directory, which every process's put_if_match takes: atomic against each other
+        (the only writers of the objects written this way, the lease and meta/HEAD).
+        """
+        path = self._path(key)
+        try:
+            self._makedirs(path.parent)
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    current = path.read_bytes()
+                except OSError as exc:
+                    if exc.errno in _ABSENT:
+                        return None
+                    raise
+                if etag_of(current) != etag:
+                    return None
+                tmp = self._write_temp(path.parent, data)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                os.fsync(fd)
+            finally:
+                os.close(fd)  # (releases the lock)
+        except OSError as exc:
+            raise self._error("write", key, exc) from exc
+        return etag_of(data)
 
     def head(self, key: str) -> int | None:
         """Return the object's size, or None if it does not exist."""

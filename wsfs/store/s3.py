@@ -8,10 +8,11 @@ after that is raised as `TransientStoreError`, so the layers above can keep retr
 deadline, while permanent failures (no bucket, bad credentials, access denied) are a `StoreError`
 with one sentence saying what to fix. `NoSuchKey` is the only non-`StoreError` exception.
 
-Conditional writes (`put_object(IfNoneMatch='*')`) make `put_if_absent` atomic. Some servers
-reject the header, and some silently ignore it and overwrite (`rclone serve s3` 1.75 does), so the
-first `put_if_absent` checks which kind of server this is with a throwaway probe object and falls
-back to head-then-put, with a warning, where the server cannot do it.
+Conditional writes make `put_if_absent` (`If-None-Match: *`) and `put_if_match` (`If-Match`)
+atomic: they are what fences a writer that lost the workspace (docs/faults.md). Some servers
+reject the headers, and some silently ignore them and overwrite (`rclone serve s3` 1.75 does), so
+the first conditional write checks which kind of server this is with a throwaway probe object
+and falls back to a compare then a put, with one warning, where the server cannot do both.
 """
 
 import logging
@@ -39,6 +40,10 @@ _THROTTLED = {
 _CREDENTIALS_FIX = "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
 # Answers meaning "this server does not do conditional writes" (rather than "the key exists").
 _NO_CONDITIONAL = {"NotImplemented", "InvalidArgument", "InvalidRequest", "501"}
+# Answers meaning "the condition did not hold": the key exists (If-None-Match), or it changed
+# or is gone (If-Match); 409: a concurrent conditional write won.
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
+_NO_SUCH_ETAG = '"00000000000000000000000000000000"'  # matches no object's ETag
 DELETE_BATCH = 1000  # the S3 limit for one DeleteObjects request
 
 
@@ -133,7 +138,8 @@ class S3Store:
 
     @property
     def conditional_writes(self) -> bool | None:
-        """Whether the server honours If-None-Match (None until `put_if_absent` found out)."""
+        """Whether the server honours If-None-Match and If-Match (None until the first
+        conditional write found out)."""
         return self._conditional
 
     # -- error mapping ---------------------------------------------------------------------
@@ -205,6 +211,44 @@ class S3Store:
             self._raise(exc, "get", key)
         return data
 
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """Return the whole object and its ETag; raise `NoSuchKey` if it does not exist."""
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data: bytes = resp["Body"].read()
+        except (bex.BotoCoreError, bex.ClientError) as exc:
+            self._raise(exc, "get", key)
+        return data, str(resp.get("ETag", ""))
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object only if its ETag is still `etag`; return the new ETag, or None
+        if it changed or is gone. Without conditional writes: a HEAD, then a plain PUT."""
+        full = self._key(key)
+        if self._conditional is None:
+            self._detect_conditional_writes()
+        if not self._conditional:
+            try:
+                current = self._client.head_object(Bucket=self.bucket, Key=full)
+            except (bex.BotoCoreError, bex.ClientError) as exc:
+                try:
+                    self._raise(exc, "stat", key)
+                except NoSuchKey:
+                    return None
+            if str(current.get("ETag", "")) != etag:
+                return None
+        try:
+            kwargs = {"IfMatch": etag} if self._conditional else {}
+            resp = self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **kwargs)
+        except bex.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _CONDITION_FAILED or code in _NOT_FOUND or status in (404, 409, 412):
+                return None
+            self._raise(exc, "replace", key)
+        except bex.BotoCoreError as exc:
+            self._raise(exc, "replace", key)
+        return str(resp.get("ETag", ""))
+
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """Return `length` bytes from `start` (fewer at the end); raise `NoSuchKey`."""
         if start < 0 or length < 0:
@@ -246,7 +290,7 @@ class S3Store:
                 return True
             except bex.ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
-                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                if code in _CONDITION_FAILED:
                     # 409 ConditionalRequestConflict: a concurrent conditional write is in
                     # flight; one of the two wins, and we treat ourselves as the loser.
                     return False
@@ -269,15 +313,20 @@ class S3Store:
     def _fall_back(self, why: str) -> None:
         with self._conditional_lock:
             if self._conditional is not False:
-                log.warning("%s: %s; put_if_absent falls back to HEAD then PUT, which two "
-                            "concurrent writers can both pass", self._where, why)
+                log.warning("%s: %s; so wsfs cannot fence a paused or cut-off writer on this "
+                            "store: the lease and meta/HEAD are written by a check then a "
+                            "plain PUT, which two writers at once can both pass (see "
+                            "docs/faults.md; use a store with conditional writes)",
+                            self._where, why)
             self._conditional = False
 
     def _detect_conditional_writes(self) -> None:
-        """Find out once whether the server enforces If-None-Match, with a throwaway object.
+        """Find out once whether the server enforces If-None-Match and If-Match, with a
+        throwaway object.
 
-        Two conditional PUTs of one new key: a server that honours the header refuses the
+        Two conditional PUTs of one new key: a server that honours If-None-Match refuses the
         second; one that ignores it (and would let two lease holders both "win") accepts it.
+        Then a PUT with an If-Match no object matches, which such a server must refuse.
         """
         with self._conditional_lock:
             if self._conditional is not None:
@@ -293,8 +342,11 @@ class S3Store:
                     except bex.ClientError as exc:
                         code = str(exc.response.get("Error", {}).get("Code", ""))
                         if attempt == 2 and code == "PreconditionFailed":
-                            self._conditional = True
-                            return
+                            verdict = self._probe_if_match(probe)
+                            if verdict is None:
+                                self._conditional = True
+                                return
+                            break
                         if self._rejects_conditional(exc):
                             verdict = f"the server refused If-None-Match ({code})"
                             break
@@ -309,6 +361,22 @@ class S3Store:
                 except (bex.BotoCoreError, bex.ClientError):
                     log.debug("could not delete the probe object %s", probe, exc_info=True)
         self._fall_back(verdict)
+
+    def _probe_if_match(self, probe: str) -> str | None:
+        """Why the server cannot do If-Match on `probe` (which exists), or None if it can."""
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"",
+                                    IfMatch=_NO_SUCH_ETAG)
+        except bex.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _CONDITION_FAILED:
+                return None
+            if self._rejects_conditional(exc):
+                return f"the server refused If-Match ({code})"
+            self._raise(exc, "replace", probe)
+        except bex.BotoCoreError as exc:
+            self._raise(exc, "replace", probe)
+        return "the server ignores If-Match (a PUT whose ETag did not match succeeded)"
 
     def head(self, key: str) -> int | None:
         """Return the object's size, or None if it does not exist.

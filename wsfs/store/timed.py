@@ -17,7 +17,8 @@ from .base import NoSuchKey, ObjectStore
 
 T = TypeVar("T")
 
-KINDS = ("get", "get_range", "put", "put_if_absent", "head", "delete", "delete_many", "list")
+KINDS = ("get", "get_range", "put", "put_if_absent", "put_if_match", "head", "delete",
+         "delete_many", "list")
 
 
 class TimedStore:
@@ -57,6 +58,12 @@ class TimedStore:
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         return self._timed("put_if_absent", self.inner.put_if_absent, key, data)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        return self._timed("get", self.inner.get_tagged, key)
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        return self._timed("put_if_match", self.inner.put_if_match, key, data, etag)
 
     def head(self, key: str) -> int | None:
         return self._timed("head", self.inner.head, key)
