@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, run_wsfs, wait_for
+from conftest import WSFS, Workspace, run_wsfs, wait_for, wait_pid_gone
 from test_badinput import attempt, check_refused, mount_args
 
 from wsfs import preflight
@@ -162,15 +163,61 @@ def test_cache_dir_inside_another_wsfs_mount(ws: Workspace, tmp_path: Path) -> N
     """Accepted, it would upload the second workspace's cache into the first, which could
     then never be unmounted; refused before anything is written there."""
     first = ws.mount()
+    with other_workspace(tmp_path) as other:
+        for cache in (first / "cache", first / "deeper" / "cache"):
+            r = attempt(other, *mount_args(other, "--cache-dir", str(cache)))
+            check_refused(r, MountError.exit_code, f"inside the wsfs mount {first}",
+                          mnt=other.mnt)
+        # the same store, too: refused for the same reason, not after the lease
+        r = attempt(ws, *mount_args(other, "--cache-dir", str(first / "cache"),
+                                    store=ws.store_url))
+        check_refused(r, MountError.exit_code, "inside the wsfs mount", mnt=other.mnt)
+    assert sorted(p.name for p in first.iterdir()) == [".workspace.initialized"]
+    ws.unmount()
+
+
+@contextlib.contextmanager
+def other_workspace(tmp_path: Path) -> Iterator[Workspace]:
+    """A second workspace, in a store of its own; unmounted at the end whatever happened
+    (the old code mounted it with its cache inside the first)."""
     other = Workspace(tmp_path / "other", f"file://{tmp_path / 'store2'}")
     other.init()
-    for cache in (first / "cache", first / "deeper" / "cache"):
-        r = attempt(other, *mount_args(other, "--cache-dir", str(cache)))
-        check_refused(r, MountError.exit_code, f"inside the wsfs mount {first}", mnt=other.mnt)
-    # the same store, too: refused for the same reason, not after the lease
-    r = attempt(ws, *mount_args(other, "--cache-dir", str(first / "cache"), store=ws.store_url))
-    check_refused(r, MountError.exit_code, "inside the wsfs mount", mnt=other.mnt)
-    assert sorted(p.name for p in first.iterdir()) == [".workspace.initialized"]
+    try:
+        yield other
+    finally:
+        other.teardown()
+
+
+def test_cache_dir_inside_a_dead_wsfs_mount(ws: Workspace, tmp_path: Path) -> None:
+    """A wsfs daemon killed leaves its mount dead (ENOTCONN on every look): a cache dir
+    inside it is refused in one sentence too, not with a traceback."""
+    first = ws.mount()
+    pid = ws.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_pid_gone(pid)
+    with other_workspace(tmp_path) as other:
+        r = attempt(other, *mount_args(other, "--cache-dir", str(first / "cache")))
+        check_refused(r, MountError.exit_code, f"inside the wsfs mount {first}",
+                      mnt=other.mnt)
+
+
+def test_mount_over_a_dead_mount(ws: Workspace) -> None:
+    """After a crash the mountpoint is a dead mount: mounting again says so, with the fix,
+    instead of a traceback; the fix works, and the crash's data is there."""
+    mnt = ws.mount()
+    with open(mnt / "f", "w") as f:
+        f.write("written before the crash")
+        f.flush()
+        os.fsync(f.fileno())
+    pid = ws.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_pid_gone(pid)
+    r = attempt(ws, *mount_args(ws))
+    check_refused(r, MountError.exit_code, "is a dead mount", f"fusermount3 -uz {mnt}")
+    subprocess.run(["fusermount3", "-uz", str(mnt)], check=True, timeout=TIMEOUT)
+    assert (ws.mount() / "f").read_text() == "written before the crash"
     ws.unmount()
 
 

@@ -31,12 +31,19 @@ log = logging.getLogger(__name__)
 
 def check_mountpoint(cfg: MountConfig) -> None:
     mp = cfg.mountpoint
+    if is_mountpoint(mp):
+        try:
+            mp.stat()
+        except OSError as e:  # a FUSE mount whose daemon died: ENOTCONN on every look
+            raise MountError(
+                f"{mp} is a dead mount ({e.strerror}): its daemon is gone; run `wsfs unmount "
+                f"{mp}` (or `fusermount3 -uz {mp}`), then mount again with the same "
+                "--cache-dir to upload what it left") from None
+        raise MountError(f"{mp} is already mounted; unmount it first (`wsfs unmount {mp}`)")
     if not mp.exists():
         raise MountError(f"the mountpoint {mp} does not exist; create it with `mkdir -p {mp}`")
     if not mp.is_dir():
         raise MountError(f"the mountpoint {mp} is not a directory")
-    if is_mountpoint(mp):
-        raise MountError(f"{mp} is already mounted; unmount it first (`wsfs unmount {mp}`)")
     if not cfg.nonempty and any(mp.iterdir()):
         raise MountError(
             f"the mountpoint {mp} is not empty; empty it or pass -o nonempty to hide its files"

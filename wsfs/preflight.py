@@ -127,10 +127,16 @@ def mount_of(path: Path) -> MountInfo | None:
 
 
 def nearest_existing(path: Path) -> Path:
-    """`path`, or its deepest ancestor that exists, resolved (symlinks followed)."""
+    """`path`, or its deepest ancestor that exists, resolved (symlinks followed). A path that
+    is there but cannot be looked at (a dead FUSE mount: ENOTCONN) counts as existing."""
     for p in (path, *path.parents):
-        if p.exists():
-            return Path(os.path.realpath(p))
+        try:
+            p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            pass
+        return Path(os.path.realpath(p))
     return Path("/")
 
 
