@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from faultproxy import FaultProxy
 from s3servers import S3Server, start_moto, start_rclone
 
@@ -48,7 +49,6 @@ def force_unmount(path: Path) -> None:
         if not is_mountpoint(path):
             return
         subprocess.run(["fusermount3", *args, str(path)], capture_output=True, timeout=30)
-        time.sleep(0.2)
 
 
 class Workspace:
@@ -130,18 +130,12 @@ class Workspace:
         force_unmount(self.mnt)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline and pid_alive(pid):
-                    time.sleep(0.1)
-                os.kill(pid, signal.SIGKILL)
+                if not until(lambda: not pid_alive(pid), timeout=20):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def wait_pid_gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"process {pid} did not exit within {timeout}s")
-        time.sleep(0.05)
+    wait_for(f"process {pid} to exit", lambda: not pid_alive(pid), timeout)
 
 
 def lose_unsynced_writes(cache_dir: Path, *, delete_new: frozenset[str] = frozenset()
@@ -164,12 +158,34 @@ def lose_unsynced_writes(cache_dir: Path, *, delete_new: frozenset[str] = frozen
     return records
 
 
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
-    """Poll `cond` until it holds; fail naming `what` after `timeout` seconds."""
+# -- waiting: on a condition with a deadline, never on a bare sleep ----------------------
+
+POLL = 0.05  # seconds between two looks at a condition
+
+
+def until(cond: Callable[[], bool], timeout: float) -> bool:
+    """Poll `cond` until it holds (True) or `timeout` seconds passed (False)."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll `cond` until it holds; fail naming `what` after `timeout` seconds."""
+    assert until(cond, timeout), f"timed out waiting for {what}"
+
+
+async def trio_wait_for(what: str, cond: Callable[[], bool], timeout: float = 10) -> None:
+    """wait_for inside trio.run: the other tasks (and the threads they wait on) run between
+    two looks at `cond`."""
+    with trio.move_on_after(timeout):
+        while not cond():
+            await trio.sleep(POLL / 5)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- tiers (see tests/README.md) ----------------------------------------------------------

@@ -18,12 +18,15 @@ import stat
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
-from conftest import Workspace, s3_workspace
+import trio.testing
+from conftest import Workspace, s3_workspace, trio_wait_for, wait_for
+from posix_util import meta_rows
 from s3servers import S3Server
 
 from wsfs.blocks import BlockCache
@@ -121,7 +124,15 @@ def test_a_closed_file_survives_a_daemon_kill_after_the_commit_interval(
             os.write(fd, data)
         finally:
             os.close(fd)
-    time.sleep(COMMIT_INTERVAL * 4)
+
+    def committed() -> bool:  # what a reader of the database (a restart) finds
+        rows = meta_rows(ws, "SELECT d.name, i.size FROM dentries d JOIN inodes i"
+                             " ON i.id = d.inode WHERE d.parent = 1")
+        sizes = {name: size for name, size in rows}
+        return all(sizes.get(name.encode()) == len(data) for name, data in files.items())
+
+    wait_for("the metadata commit after the closes", committed,  # one COMMIT_INTERVAL or two
+             timeout=COMMIT_INTERVAL * 20)
     kill_now(ws)
     mnt = ws.mount(flush_delay=NEVER)  # the same cache dir
     for name, data in files.items():
@@ -278,6 +289,7 @@ def test_fsync_latency(kind: str, ws: Workspace, request: pytest.FixtureRequest,
 # synced after that write.
 
 BS = 1 << 20
+WAL = "meta.db-wal"
 
 
 class SyncRecorder:
@@ -286,6 +298,7 @@ class SyncRecorder:
     def __init__(self) -> None:
         self.synced: list[str] = []
         self.hold: threading.Event | None = None
+        self.held: list[str] = []  # the names of the syncs waiting for `hold` now
         self.fail: OSError | None = None
         self.fail_once: set[str] = set()  # names whose next sync fails (errno below)
         self.fail_once_errno = errno.EIO
@@ -293,8 +306,10 @@ class SyncRecorder:
 
     def __call__(self, fd: int) -> None:
         name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        if self.hold is not None:
+        if self.hold is not None and not self.hold.is_set():
+            self.held.append(name)
             self.hold.wait(10)
+            self.held.remove(name)
         if self.fail is not None:
             raise self.fail
         if name in self.fail_once:
@@ -420,10 +435,10 @@ def test_a_write_during_a_running_fsync_is_synced_by_the_next(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first)
-            await trio.sleep(0.2)  # first's fdatasync(2) is held
+            await trio_wait_for("first's fdatasync(2) held", lambda: block in recorder.held)
             await ops.write(fh_, 100, b"b")  # lands in the page cache during the sync
             nursery.start_soon(second)
-            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
             assert order == [] and recorder.synced == []
             recorder.hold.set()
         assert order == ["first", "second"]
@@ -546,9 +561,9 @@ def test_concurrent_fsyncs_share_one_wal_sync(tmp_path: Path, recorder: SyncReco
         recorder.hold = threading.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fsync, "f", f)
-            await trio.sleep(0.2)  # f's syncs (its block, the WAL) are held
+            await trio_wait_for("f's WAL sync held", lambda: WAL in recorder.held)
             nursery.start_soon(fsync, "g", g)  # g's new block is in the WAL being synced
-            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
             assert done == [] and recorder.synced == []
             recorder.hold.set()
         assert sorted(done) == ["f", "g"]
@@ -560,10 +575,10 @@ def test_concurrent_fsyncs_share_one_wal_sync(tmp_path: Path, recorder: SyncReco
         async with trio.open_nursery() as nursery:
             await ops.write(f, 2 * BS, b"f")  # a new block: f's WAL sync covers it
             nursery.start_soon(fsync, "f2", f)
-            await trio.sleep(0.2)
+            await trio_wait_for("f2's WAL sync held", lambda: WAL in recorder.held)
             await ops.write(g, 3 * BS, b"g")  # after that sync began: not covered by it
             nursery.start_soon(fsync, "g2", g)
-            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
             recorder.hold.set()
         synced = recorder.take()
         assert synced.count("meta.db-wal") == 2  # g2 could not share f2's
@@ -597,9 +612,9 @@ def test_a_failed_shared_wal_sync_is_redone_by_the_caller_that_waited(
         recorder.fail_once_errno = errno.ENOSPC
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fsync, "f", f)
-            await trio.sleep(0.2)
+            await trio_wait_for("f's WAL sync held", lambda: WAL in recorder.held)
             nursery.start_soon(fsync, "g", g)  # waits for f's WAL sync, which fails
-            await trio.sleep(0.2)
+            await trio.testing.wait_all_tasks_blocked()
             recorder.hold.set()
         assert results == {"f": errno.ENOSPC, "g": 0}
         synced = recorder.take()
@@ -610,10 +625,19 @@ def test_a_failed_shared_wal_sync_is_redone_by_the_caller_that_waited(
 
 
 async def maintain_a_while(blocks: BlockCache) -> None:
-    """Let the block cache's upkeep (deleting released files) run for a moment."""
+    """Let the block cache's upkeep (deleting released files) run for a moment: for a file
+    that must NOT go, no event says "it would have gone by now", so the time is the test."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(blocks.maintain)
-        await trio.sleep(0.3)
+        await trio.sleep(0.3)  # several of its passes, which follow each other every 0.05 s
+        nursery.cancel_scope.cancel()
+
+
+async def maintain_until(blocks: BlockCache, what: str, cond: Callable[[], bool]) -> None:
+    """Run the block cache's upkeep until `cond` holds."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blocks.maintain)
+        await trio_wait_for(what, cond)
         nursery.cancel_scope.cancel()
 
 
@@ -641,8 +665,8 @@ def test_a_let_go_block_file_stays_until_its_commit_is_synced(tmp_path: Path) ->
         assert all(f.exists() for f in files), "deleted before the commit was durable"
         assert blocks.awaiting_sync()
         meta.sync()
-        await maintain_a_while(blocks)
-        assert not any(f.exists() for f in files)
+        await maintain_until(blocks, "the files to go once the commit is durable",
+                             lambda: not any(f.exists() for f in files))
         assert not blocks.awaiting_sync()
 
     trio.run(main)
@@ -662,8 +686,8 @@ def test_a_read_of_a_block_dropped_while_it_waited_reads_the_hole(tmp_path: Path
             ops.blocks.discard(gone.id)
         ops.meta.flush()
         ops.meta.sync()
-        await maintain_a_while(ops.blocks)  # deletes the file
-        assert not (tmp_path / "cache" / "dirty" / ref.id).exists()
+        await maintain_until(ops.blocks, "the dropped block's file to go",
+                             lambda: not (tmp_path / "cache" / "dirty" / ref.id).exists())
         assert await ops._read_block(2, ref, 0, 100) == b""
 
     trio.run(main)
