@@ -148,10 +148,14 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path,
         proxy.stop()
 
 
-def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None]) -> None:
+def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None],
+             accepted: dict[str, tuple[str, int, int]] | None = None) -> None:
     """A publishes, loses the workspace (`lose_a`), B takes over and publishes, A comes
-    back (`give_back`): check everything the module docstring promises."""
+    back (`give_back`): check everything the module docstring promises. `accepted`: files
+    (name -> content, mode, mtime) A accepted that the store must never have got from it,
+    which the next mount from A's cache dir brings back as conflict copies."""
     a, b = p.a, p.b
+    accepted = {} if accepted is None else accepted
     a.mount()
     (a.mnt / "a1").write_text("a1")
     a.wsfs("sync", str(a.mnt))
@@ -171,6 +175,8 @@ def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None])
     give_back()
     writer.join(timeout=60)
     assert outcome, "the write on the fenced mount never returned"
+    if outcome[0]:
+        accepted["a2"] = ("a2", *mode_and_mtime(a.mnt / "a2"))
     wait_for("A fenced", lambda: bool(a.status().get("fenced")), timeout=30)
     assert not write_or_erofs(a.mnt / "a3", "a3"), "a fenced mount took a new write"
     assert (a.mnt / "a1").read_text() == "a1"  # reads keep working
@@ -190,7 +196,32 @@ def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None])
     mnt = b.mount(cache_dir=b.fresh_cache())
     assert (mnt / "b1").read_text() == "b1" and (mnt / "b2").read_text() == "b2"
     assert not (mnt / "a3").exists()
+    for name in accepted:
+        assert not (mnt / name).exists(), f"{name} from the fenced mount reached the store"
     b.unmount()
+    # The next mount from A's cache dir sets it aside and brings back what A accepted.
+    a.mount()
+    log = a.cache_dir / "wsfs.log"
+    wait_for("the conflict export", lambda: log.exists() and (
+        "files the store never got" in log.read_text()
+        or "holds nothing the store lacks" in log.read_text()), timeout=60)
+    copies = list((a.mnt / ".wsfs-conflicts").glob("host-a-*"))
+    assert len(copies) == (1 if accepted else 0), copies
+    for name, (text, mode, mtime) in accepted.items():
+        assert (copies[0] / name).read_text() == text
+        assert mode_and_mtime(copies[0] / name) == (mode, mtime)
+    if copies:
+        assert not (copies[0] / "a1").exists()  # published before: not a conflict
+        wait_for("the export in the status", lambda: bool(a.status().get("conflicts")))
+        assert a.status()["conflicts"][0]["files"] == len(accepted)
+        assert "conflicts:" in a.wsfs("status", str(a.mnt)).stdout
+    assert (a.mnt / "b2").read_text() == "b2"
+    a.unmount()
+
+
+def mode_and_mtime(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mode & 0o7777, st.st_mtime_ns
 
 
 def paused(p: Pair) -> None:
@@ -213,7 +244,12 @@ def held_request(p: Pair, path: str) -> None:
     def lose() -> None:
         proxy.delay(3600, methods=["PUT"], path=path)
         if path.endswith("HEAD"):
-            (p.a.mnt / "in-flight").write_text("x")
+            f = p.a.mnt / "in-flight"
+            f.write_text("accepted, then fenced while publishing")
+            f.chmod(0o640)
+            os.utime(f, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
+            accepted["in-flight"] = ("accepted, then fenced while publishing", 0o640,
+                                     1_600_000_000_123_456_789)
             threading.Thread(target=lambda: p.a.wsfs("sync", str(p.a.mnt), check=False),
                              daemon=True).start()
         wait_for("A's PUT held", lambda: proxy.stats["delay"] > 0, timeout=30)
@@ -225,7 +261,8 @@ def held_request(p: Pair, path: str) -> None:
         time.sleep(0.5)
         p.resume_a()
 
-    takeover(p, lose, back)
+    accepted: dict[str, tuple[str, int, int]] = {}
+    takeover(p, lose, back, accepted)
 
 
 def test_a_paused_writer_is_fenced(pair: Pair) -> None:
@@ -279,3 +316,49 @@ def test_fencing_many_times(scenario: str, kind: str, tmp_path: Path,
             p.teardown()
             if proxy is not None:
                 proxy.stop()
+
+
+def test_recover_by_hand_what_a_forced_out_mount_never_published(tmp_path: Path) -> None:
+    """`wsfs recover CACHE_DIR --into DIR`: a mount forced out before it published anything
+    since its start (its cache dir holds no published copy: what changed after its fetch
+    counts) gives back its files, trees, symlinks, modes and times, into any directory."""
+    url = f"file://{tmp_path / 'store'}"
+    a = Workspace(tmp_path / "a", url, env={"WSFS_LEASE_TTL": "60"})
+    b = Workspace(tmp_path / "b", url, env={"WSFS_LEASE_TTL": "60"})
+    a.init()
+    try:
+        mnt = a.mount()
+        (mnt / "old").write_text("published")
+        a.wsfs("sync", str(mnt))
+        a.unmount()
+        # A fresh cache dir, fetched: from here on it publishes only at its unmount.
+        mnt = a.mount(flush_delay=3600, cache_dir=a.fresh_cache())
+        assert not (a.cache_dir / "published.db").exists()
+        big = os.urandom(3 * (1 << 20) + 12345)
+        (mnt / "d" / "sub").mkdir(parents=True)
+        (mnt / "d" / "sub" / "big").write_bytes(big)
+        (mnt / "d" / "empty").mkdir(mode=0o700)
+        (mnt / "d" / "link").symlink_to("sub/big")
+        (mnt / "ro").write_text("read-only")
+        (mnt / "ro").chmod(0o400)
+        os.utime(mnt / "ro", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_001))
+        b.mount("--force")
+        (b.mnt / "from-b").write_text("b")
+        b.unmount()
+        a.allowed_log_errors.append("this mount is fenced")
+        r = a.wsfs("unmount", str(mnt), check=False, timeout=120)
+        assert r.returncode == 7, r.stderr
+        out = tmp_path / "out"
+        r = a.wsfs("recover", str(a.cache_dir), "--into", str(out))
+        assert "recovered" in r.stdout, r.stdout
+        assert (out / "d" / "sub" / "big").read_bytes() == big
+        assert (out / "d" / "empty").is_dir()
+        assert (out / "d" / "empty").stat().st_mode & 0o777 == 0o700
+        assert os.readlink(out / "d" / "link") == "sub/big"
+        assert (out / "ro").read_text() == "read-only"
+        assert mode_and_mtime(out / "ro") == (0o400, 1_500_000_000_000_000_001)
+        assert not (out / "old").exists()  # the store has it
+        assert not (out / "from-b").exists()
+    finally:
+        a.teardown()
+        b.teardown()

@@ -28,7 +28,7 @@ from typing import IO
 import pyfuse3
 import trio
 
-from . import __version__, control, logs, metrics
+from . import __version__, conflicts, control, logs, metrics
 from .blocks import BlockCache, BlockCorrupt
 from .config import MountConfig
 from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
@@ -99,6 +99,8 @@ class Daemon:
         self.ops: Operations | None = None
         self.fenced: str | None = None  # why this mount takes no more writes (fence())
         self.head_etag: str | None = None  # meta/HEAD as claimed at the start
+        self.set_aside: Path | None = None  # the stale cache dir this start moved aside
+        self.conflicts: list[dict[str, object]] = []  # conflict copies exported (status)
         self.syncs = 0
         self.fuse_latency = Latencies()  # for --metrics, from the first request on
         self.store_latency = SharedLatencies(TIMED_KINDS)
@@ -148,7 +150,7 @@ class Daemon:
                               owner=cfg.owner or (os.getuid(), os.getgid()))
         # The first file written into the cache dir: every check is behind (until now the
         # daemon logs to the terminal of `wsfs mount`, which reports what fails).
-        logs.add_file_handler(self.cache_dir / "wsfs.log")
+        log_file = logs.add_file_handler(self.cache_dir / "wsfs.log")
         lock = take_cache_lock(self.cache_dir)
         lease = Lease(store, str(self.cache_dir))
         try:
@@ -166,8 +168,17 @@ class Daemon:
             claimed = await trio.to_thread.run_sync(ckpt.claim_head, store, lease.mount_id)
             if claimed is not None:
                 self.head_etag = claimed[1]
-            await prepare_cache(store, sb, self.cache_dir, limiter, prefetched,
-                                head=None if claimed is None else claimed[0])
+            self.set_aside = await prepare_cache(
+                store, sb, self.cache_dir, limiter, prefetched,
+                head=None if claimed is None else claimed[0])
+            if self.set_aside is not None:  # its log and lock went with it: new ones here
+                logging.getLogger().removeHandler(log_file)
+                log_file.close()
+                logs.add_file_handler(self.cache_dir / "wsfs.log")
+                lock.close()
+                lock = take_cache_lock(self.cache_dir)
+                log.warning("the cache dir was behind the store: set aside as %s",
+                            self.set_aside)
             meta = Metadata(self.cache_dir / "meta.db")
             if not has_marker(meta):
                 raise NoWorkspaceError(
@@ -250,6 +261,9 @@ class Daemon:
                     self.unmounting = True
                     nursery.start_soon(self._unmount_self)
                 nursery.start_soon(self._widen_readahead, ops, mountpoint, sb.block_size)
+                if self.set_aside is not None:
+                    nursery.start_soon(self._export_conflicts, ops, store, mountpoint,
+                                       sb.block_size)
                 if listeners:
                     nursery.start_soon(metrics.serve, listeners, metrics.Figures(
                         self.status, self.fuse_latency, self.store_latency))
@@ -331,6 +345,35 @@ class Daemon:
         finally:
             self._renew_stopped.set()
 
+    async def _export_conflicts(self, ops: Operations, store: ObjectStore, mountpoint: str,
+                                block_size: int) -> None:
+        """Write what the cache dir set aside at the start holds that the store never got
+        into the workspace, under /.wsfs-conflicts/<host>-<time>/ (through the mount, so
+        they are published like any write)."""
+        aside = self.set_aside
+        assert aside is not None
+        if self.cfg.read_only:
+            log.warning("%s may hold files the store never got; this mount is read-only: "
+                        "run `wsfs recover %s --into DIR` to get them", aside, aside)
+            return
+        await ops.initialized.wait()
+        into = (Path(mountpoint) / conflicts.CONFLICTS_DIR
+                / conflicts.conflicts_name(socket.gethostname(), time.time()))
+        try:
+            count = await trio.to_thread.run_sync(conflicts.export, aside, store, block_size,
+                                                  into)
+        except Exception as e:
+            log.error("could not export the files of %s the store never got (%s): run "
+                      "`wsfs recover %s --into DIR` to get them", aside, e, aside)
+            return
+        if count:
+            log.warning("%s held %d files the store never got (written by a mount that lost "
+                        "the workspace before it learned so): they are in %s", aside, count,
+                        into)
+            self.conflicts.append({"source": str(aside), "into": str(into), "files": count})
+        else:
+            log.info("%s holds nothing the store lacks", aside)
+
     def fence(self, reason: str) -> None:
         """This mount learned that another one holds the workspace (its lease renewal was
         refused, a conditional write was, or the lease read back names another mount):
@@ -399,7 +442,7 @@ class Daemon:
                 "host": socket.gethostname(), "pid": os.getpid(), "mount_id": lease.mount_id,
                 "renewed": self.lease_renewed, "ttl": lease.ttl, "error": self.lease_error},
             "syncs": self.syncs, "metrics": self.cfg.metrics,
-            "fenced": self.fenced,
+            "fenced": self.fenced, "conflicts": self.conflicts,
             "fencing": getattr(self.store, "conditional_writes", None),
             **(f.repacker.figures() if f else {}),
         }

@@ -366,6 +366,8 @@ class Flusher:
                            and len(set(manifest.pages)) >= ckpt.BUNDLE_MIN_PAGES)
         self.seq = seq
         self.known_pages = set(manifest.pages)
+        # What the store got from this cache dir, should it ever be set aside (conflicts.py)
+        await trio.to_thread.run_sync(copy.replace, self.cache_dir / ckpt.PUBLISHED)
         self._own(self.meta.set_setting, "checkpoint_seq", str(seq))
         self._save_pages()
         self.last_publish_time = time.time()

@@ -157,15 +157,17 @@ def drop_prefetched(cache_dir: Path) -> None:
 async def prepare_cache(
     store: ObjectStore, sb: Superblock, cache_dir: Path, limiter: trio.CapacityLimiter,
     prefetched: int = 0, head: int | None = None,
-) -> None:
+) -> Path | None:
     """Make `cache_dir/meta.db` the workspace's newest metadata.
 
     A cache dir that holds this workspace as of the store's newest checkpoint (or newer: work
     not yet published when the daemon died) is used as it is, and its dirty blocks are
     uploaded by the next flush. A cache dir of another workspace is refused; one that is older
     than the store (the workspace was mounted elsewhere since, and a checkpoint of the same
-    number published there counts as newer) is moved aside, never deleted.
+    number published there counts as newer) is moved aside, never deleted: returned, so its
+    files the store never got come back as conflict copies (conflicts.py).
     """
+    aside: Path | None = None
     db = cache_dir / "meta.db"
     if head is None:  # (else: read, and claimed, by the caller)
         head = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
@@ -192,7 +194,7 @@ async def prepare_cache(
         if ours or published == head or max(published, pending) > head:
             log.info("using the metadata in %s (checkpoint %d)", cache_dir,
                      max(published, pending))
-            return
+            return None
         aside = cache_dir.with_name(f"{cache_dir.name}.stale-{int(time.time())}")
         log.warning(
             "the cache dir %s is behind the store (its checkpoint %d; the store's newest, %d, "
@@ -204,7 +206,8 @@ async def prepare_cache(
     fetched = cache_dir / PREFETCH
     use_prefetched = prefetched == head and fetched.exists()
     # What an earlier run left beside a missing database belongs to no checkpoint we know.
-    for leftover in ("dirty", "journal", "clean", "pages.json", "checkpoint.db", "prefetch.part",
+    for leftover in ("dirty", "journal", "clean", "pages.json", "checkpoint.db", ckpt.PUBLISHED,
+                     "prefetch.part",
                      *(() if use_prefetched else (PREFETCH,))):
         p = cache_dir / leftover
         if p.is_dir():
@@ -214,7 +217,7 @@ async def prepare_cache(
     if use_prefetched:
         log.info("using checkpoint %d of %s, fetched while taking the lease", head, store.url)
         fetched.replace(db)  # adopted by prefetch already
-        return
+        return aside
     log.info("fetching checkpoint %d from %s", head, store.url)
     try:
         await ckpt.fetch(store, head, db, limiter)
@@ -226,6 +229,7 @@ async def prepare_cache(
     except* StoreError as group:
         raise group.exceptions[0] from None
     _adopt(db, sb)
+    return aside
 
 
 async def _ours(store: ObjectStore, seq: int, created_ns: int,
@@ -258,8 +262,10 @@ def _set_settings(db: Path, **settings: str) -> None:
 
 
 def _adopt(db: Path, sb: Superblock) -> None:
-    """Mark a freshly fetched checkpoint as this cache dir's metadata: nothing is pending."""
-    _set_settings(db, workspace_id=sb.workspace_id, clean_unmount="1")
+    """Mark a freshly fetched checkpoint as this cache dir's metadata: nothing is pending,
+    and every change from now on is one the store does not have (conflicts.py)."""
+    _set_settings(db, workspace_id=sb.workspace_id, clean_unmount="1",
+                  published_ns=str(time.time_ns()))
 
 
 def stopped_cleanly(cache_dir: Path) -> bool:

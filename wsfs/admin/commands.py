@@ -1,4 +1,5 @@
-"""The command-line verbs that observe and manage workspaces: status, sync, du, ls, gc, destroy.
+"""The command-line verbs that observe and manage workspaces: status, sync, du, ls, gc, destroy,
+recover.
 
 Kept apart from `wsfs.cli` (which owns parsing of the mount verbs and error printing) so each
 verb's arguments sit next to the code that runs it; `wsfs.cli` adds these parsers and commands.
@@ -13,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import WsfsError
+from .. import options
+from ..errors import UsageError, WsfsError
 from ..options import parse_seconds
 from ..store import ObjectStore
 
@@ -84,8 +86,20 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
     sp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sp.add_argument("--force", action="store_true",
                     help="destroy even though a lease says it is mounted (the holder is gone)")
+
+    sp = sub.add_parser("recover", formatter_class=fmt,
+                        help="copy the files a cache dir holds that the store never got "
+                        "(a stale or fenced mount's) into DIR")
+    sp.add_argument("cache_dir", metavar="CACHE_DIR", type=Path,
+                    help="the cache dir, e.g. one moved aside as CACHE_DIR.stale-TIME")
+    sp.add_argument("--into", metavar="DIR", type=Path, required=True,
+                    help="where to write them (any directory, e.g. one inside a mount)")
+    sp.add_argument("--store", metavar="STORE", default=None,
+                    help="the workspace's store, for blocks uploaded but never published "
+                    "(default: the one the cache dir's status.json names)")
+    options.add_flags(sp, options.STORE)
     return {"status": cmd_status, "sync": cmd_sync, "du": cmd_du, "ls": cmd_ls, "gc": cmd_gc,
-            "destroy": cmd_destroy}
+            "destroy": cmd_destroy, "recover": cmd_recover}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -163,4 +177,32 @@ def cmd_destroy(args: argparse.Namespace) -> int:
                       "or pass --yes)") from None
     print(f"destroyed workspace {report.workspace_id}: deleted {report.objects} objects "
           f"from {report.store}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from ..conflicts import export
+    from ..workspace import DEFAULT_BLOCK_SIZE, read_superblock
+
+    cache_dir: Path = args.cache_dir
+    if not (cache_dir / "meta.db").is_file():
+        raise UsageError(f"{cache_dir} holds no wsfs metadata (meta.db): give a cache dir, "
+                         "e.g. one moved aside as CACHE_DIR.stale-TIME")
+    url = args.store
+    if url is None:
+        try:
+            url = json.loads((cache_dir / "status.json").read_text()).get("store")
+        except (OSError, ValueError):
+            url = None
+    store = None
+    block_size = DEFAULT_BLOCK_SIZE
+    if url:
+        args.store = url
+        store = _open(args)
+        block_size = read_superblock(store).block_size
+    else:
+        print("wsfs: no store known for this cache dir (pass --store): only blocks it still "
+              "holds can be recovered", file=sys.stderr)
+    count = export(cache_dir, store, block_size, args.into)
+    print(f"recovered {count} files the store never got from {cache_dir} into {args.into}")
     return 0

@@ -98,6 +98,11 @@ def claim_head(store: ObjectStore, mount_id: str) -> tuple[int, str] | None:
     return seq, new
 
 
+# The copy of the newest checkpoint a cache dir published (kept by the flusher): what the
+# store got from it, to tell what it did not (wsfs/conflicts.py).
+PUBLISHED = "published.db"
+
+
 def manifest_key(seq: int) -> str:
     return f"{MANIFEST_PREFIX}{seq:012d}.json"
 
