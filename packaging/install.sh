@@ -2,7 +2,7 @@
 # install.sh: install wsfs on Debian 12/13 (or Ubuntu), whole, into its own virtual environment.
 #
 #   bash packaging/install.sh                      from this checkout
-#   bash packaging/install.sh dist/wsfs-*.whl      from a wheel (python3 -m pip wheel . -w dist)
+#   bash packaging/install.sh dist/wsfs-*.whl      from a wheel (pip wheel --no-deps . -w dist)
 #   bash packaging/install.sh --extras test        with optional extras (comma-separated)
 #   bash packaging/install.sh --packages-only [PKG ...]   only the Debian packages (+ PKG ...)
 #   bash packaging/install.sh --uninstall          remove what an install put in place

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -105,26 +106,49 @@ def test_install_into_a_prefix_is_whole_and_rerunning_upgrades(tmp_path: Path) -
     result = install(tmp_path)
     assert result.returncode == 0, result.stderr
     check_installed(tmp_path)
-    # A broken or older install is replaced by the next run, at the same version number.
+    # A broken or older install is replaced by the next run, at the same version number; this
+    # time from a wheel, built the way the docs say.
     prefix = tmp_path / "prefix"
     cli = next(prefix.glob("lib/python3*/site-packages/wsfs/cli.py"))
     cli.write_text("raise SystemExit('stale')\n")
-    result = install(tmp_path)
+    tree = tmp_path / "tree"  # a copy: a build in the checkout would leave build/ behind
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree)
+    shutil.copytree(ROOT / "wsfs", tree / "wsfs", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([str(prefix / "bin" / "python"), "-m", "pip", "wheel", "-q", "--no-deps",
+                    str(tree), "-w", str(tmp_path / "dist")], check=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("wsfs-*.whl"))
+    result = install(tmp_path, str(wheel))
     assert result.returncode == 0, result.stderr
     check_installed(tmp_path)
+    # --uninstall takes away all it put in place.
+    result = install(tmp_path, "--uninstall")
+    assert result.returncode == 0, result.stderr
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if p.is_file() or p.is_symlink())
+    assert [p for p in left if not p.startswith(("tree/", "dist/"))] == []
 
 
-def test_without_root_or_sudo_install_says_so_in_one_line(tmp_path: Path) -> None:
+def test_without_root_or_sudo_install_says_so_in_one_line() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to run the script as another user")
     path = "/usr/bin:/bin"
     if shutil.which("sudo", path=path):
         pytest.skip("this machine has sudo: install.sh would use it")
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         "bash", str(INSTALL)], capture_output=True, text=True, timeout=60,
-        env={"PATH": path, "HOME": str(tmp_path), "PYTHON": "/usr/bin/python3"},
-        cwd=tmp_path)
+    # A copy the user can read (the checkout may be in /root, pytest's tmp_path is 0700).
+    public = Path(tempfile.mkdtemp(prefix="wsfs-install-"))
+    try:
+        public.chmod(0o755)
+        script = public / "packaging" / "install.sh"
+        script.parent.mkdir(mode=0o755)
+        shutil.copy(INSTALL, script)
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(script)],
+            capture_output=True, text=True, timeout=60, cwd=public,
+            env={"PATH": path, "HOME": str(public), "PYTHON": "/usr/bin/python3"})
+    finally:
+        shutil.rmtree(public)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "run as root" in result.stderr, result.stderr
     assert "no sudo" in result.stderr
