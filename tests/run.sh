@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash packaging/install.sh --packages-only git systemd util-linux strace
+bash packaging/install.sh --packages-only git systemd util-linux procps strace
 
 PY=$(command -v "${PYTHON:-python3}")
 VENV=.venv
