@@ -223,7 +223,7 @@ def test_gc_while_mounted_and_writing_loses_nothing(ws: Workspace) -> None:
                         f.write(rng.randbytes(5000))
                 else:
                     (d / f"new{n}").write_bytes(rng.randbytes(rng.randrange(1, 50_000)))
-                time.sleep(0.01)
+                time.sleep(0.01)  # the point: a steady churn, not a busy loop
         except BaseException as e:
             errors.append(e)
 

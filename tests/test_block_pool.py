@@ -6,11 +6,10 @@ and a recycled file never lends its old bytes to the block that reuses it. Throu
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
-from conftest import Workspace
+from conftest import Workspace, wait_for
 
 
 def dirty_files(cache_dir: Path) -> dict[int, int]:
@@ -39,15 +38,13 @@ def test_dropped_block_files_are_recycled_and_lend_no_stale_bytes(ws: Workspace)
     assert len(old) >= 290, "the first files should be dirty blocks now"
     ws.wsfs("sync", str(mnt))  # uploaded: their dirty files are dropped
 
-    deadline = time.monotonic() + 20
-    while True:
+    def recycled() -> set[int]:
         now = dirty_files(ws.cache_dir)
-        kept = {ino for ino in old if now.get(ino) == 0}
-        if len(kept) >= len(old) * 9 // 10 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+        return {ino for ino in old if now.get(ino) == 0}
+
     # Deleted, they would be gone: no new file is created while the pool is this full.
-    assert len(kept) >= len(old) * 9 // 10, f"only {len(kept)} of {len(old)} files recycled"
+    wait_for("nine in ten of the files to be recycled",
+             lambda: len(recycled()) >= len(old) * 9 // 10, timeout=20)
 
     # Reuse them: more new files than the pool holds open, so spare ones are reopened too.
     second = [f"b{i:04d}" for i in range(600)]

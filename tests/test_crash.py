@@ -23,6 +23,7 @@ EMPTY cache dir: the tree must be identical to what the same-cache remount showe
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 MiB = 1 << 20
 
@@ -221,7 +223,13 @@ if __name__ == "__main__":
 # -- the tests ------------------------------------------------------------------------------------
 
 import pytest  # noqa: E402
-from conftest import Workspace, lose_unsynced_writes, wait_pid_gone  # noqa: E402
+from conftest import (  # noqa: E402
+    Workspace,
+    lose_unsynced_writes,
+    until,
+    wait_for,
+    wait_pid_gone,
+)
 from s3servers import start_moto  # noqa: E402
 
 from wsfs.runtime import pid_alive  # noqa: E402
@@ -234,18 +242,20 @@ SEED = int(os.environ.get("WSFS_CRASH_SEED", "20240917"))
 
 def wait_drained(ws: Workspace, since: float, timeout: float = 60) -> dict[str, object]:
     """Wait until nothing is dirty and a checkpoint was published after wall time `since`."""
-    deadline = time.monotonic() + timeout
-    while True:
+    st: dict[str, Any] = {}
+
+    def drained() -> bool:
+        nonlocal st
         try:
             st = ws.status()
         except (OSError, ValueError):
             st = {}
-        if (st.get("dirty_bytes") == 0 and st.get("dirty_blocks") == 0
+        return (st.get("dirty_bytes") == 0 and st.get("dirty_blocks") == 0
                 and float(st.get("last_checkpoint_time") or 0) > since
-                and st.get("state") == "serving"):
-            return st
-        assert time.monotonic() < deadline, f"recovered dirty data not uploaded: {st}"
-        time.sleep(0.1)
+                and st.get("state") == "serving")
+
+    assert until(drained, timeout), f"recovered dirty data not uploaded: {st}"
+    return st
 
 
 def start_writer(root: Path, manifest: Path, seed: int) -> subprocess.Popen[bytes]:
@@ -265,6 +275,11 @@ def stop_writer(proc: subprocess.Popen[bytes]) -> str:
 
 
 @pytest.mark.timeout(480)
+def started(manifest: Path, proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the writer has written (or ended: the assertion after says how)."""
+    return manifest.stat().st_size > 0 or proc.poll() is not None
+
+
 def test_sigkill_at_random_points(ws: Workspace) -> None:
     rnd = random.Random(SEED)
     figures = {"cycles": 0, "acked_files": 0, "acked_bytes_checked": 0, "served_dirty": 0,
@@ -276,12 +291,10 @@ def test_sigkill_at_random_points(ws: Workspace) -> None:
         manifest = ws.root / f"manifest-{cycle}.jsonl"
         manifest.touch()
         proc = start_writer(root, manifest, SEED + cycle)
-        deadline = time.monotonic() + 20
-        while manifest.stat().st_size == 0:  # the writer has started writing
-            assert proc.poll() is None, stop_writer(proc)
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        time.sleep(rnd.uniform(0.05, 2.5))
+        wait_for("the writer to start writing", functools.partial(started, manifest, proc),
+                 timeout=20)
+        assert proc.poll() is None, stop_writer(proc)
+        time.sleep(rnd.uniform(0.05, 2.5))  # the point: a kill at a random moment of the work
         assert proc.poll() is None, f"the writer died before the kill: {stop_writer(proc)}"
         ws.kill()
         err = stop_writer(proc)
@@ -348,10 +361,7 @@ def test_sigkill_during_the_final_flush(tmp_path: Path) -> None:
                 [sys.executable, "-m", "wsfs", "unmount", str(mnt)],
                 env={**os.environ, **ws.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True)
-            deadline = time.monotonic() + 60
-            while ws.status().get("state") != "flushing":
-                assert time.monotonic() < deadline, ws.status()
-                time.sleep(0.05)
+            wait_for("the final flush", lambda: ws.status().get("state") == "flushing")
             dirty = int(ws.status()["dirty_bytes"])
             assert dirty > 40 * MiB, dirty
             os.kill(pid, signal.SIGKILL)

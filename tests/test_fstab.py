@@ -10,13 +10,12 @@ import errno
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, wait_pid_gone
+from conftest import Workspace, force_unmount, wait_pid_gone
 from s3servers import S3Server
 from test_container import keyless_env, ps_lines_with, secret_rclone, write_credentials
 
@@ -221,6 +220,4 @@ def test_helper_called_directly_returns_the_wsfs_exit_code(ws: Workspace,
 def _no_leftover_mount(tmp_path: Path) -> Iterator[None]:
     yield
     mnt = tmp_path / "mnt"
-    if is_mountpoint(mnt):
-        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
-        time.sleep(0.2)
+    force_unmount(mnt)

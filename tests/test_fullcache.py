@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace
+from conftest import Workspace, wait_for
 from faultproxy import FaultProxy
 
 DISK = 64 << 20
@@ -144,18 +144,13 @@ def test_enospc_only_when_full_of_dirty_data(proxied: tuple[Workspace, FaultProx
     dirty = int(ws.status()["dirty_bytes"])
     os.unlink(mnt / victim)
     del acked[victim]
-    deadline = time.monotonic() + 10  # the blocks go when the kernel forgets the inode
-    while int(ws.status()["dirty_bytes"]) > dirty - FILE:
-        assert time.monotonic() < deadline, "deleting a dirty file freed nothing"
-        time.sleep(0.1)
+    wait_for("the deleted file's dirty bytes to go",  # when the kernel forgets the inode
+             lambda: int(ws.status()["dirty_bytes"]) <= dirty - FILE, timeout=10)
     write_synced(mnt / "after-delete.bin", payload("after-delete", 1 << 20))
     acked["after-delete.bin"] = payload("after-delete", 1 << 20)
     # the store comes back: everything drains, the unmount succeeds
     proxy.pass_through()
-    deadline = time.monotonic() + 120
-    while ws.status()["dirty_bytes"] != 0:
-        assert time.monotonic() < deadline, ws.status()
-        time.sleep(0.3)
+    wait_for("everything to drain", lambda: ws.status()["dirty_bytes"] == 0, timeout=120)
     ws.unmount()
     assert integrity(ws.cache_dir / "meta.db") == "ok"
     ws.fresh_cache()

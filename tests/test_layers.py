@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import trio_wait_for
 
 from wsfs.blocks import BlockCache, object_key
 from wsfs.blocks import pack as packs
@@ -234,8 +235,7 @@ def test_a_write_during_a_cycle_is_not_taken_as_published(tmp_path: Path) -> Non
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flusher.cycle)
-            while not store.waiting.is_set():  # the cycle has pinned and is uploading
-                await trio.sleep(0.01)
+            await trio_wait_for("the cycle to pin and upload", store.waiting.is_set)
             meta.set_setting("user-change", "1")
             store.gate.set()
         assert flusher.pending()

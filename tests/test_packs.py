@@ -12,13 +12,12 @@ import os
 import random
 import sqlite3
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import Workspace, s3_workspace
+from conftest import Workspace, s3_workspace, wait_for
 from s3servers import S3Server
 from treecompare import assert_same, snapshot
 
@@ -178,10 +177,7 @@ def test_a_format_2_workspace_is_upgraded_and_repacked(ws: Workspace) -> None:
     ws.fresh_cache()
     ws.env["WSFS_REPACK_INTERVAL"] = "0.5"
     mnt = ws.mount(flush_delay=0.3)
-    deadline = time.monotonic() + 60
-    while old_pack in data_objects(ws):
-        assert time.monotonic() < deadline, "the old pack was never repacked"
-        time.sleep(0.2)
+    wait_for("the old pack to be repacked", lambda: old_pack not in data_objects(ws))
     for name, content in files.items():
         assert (mnt / name).read_bytes() == content
     ws.unmount()

@@ -11,11 +11,10 @@ import errno
 import os
 import stat
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Workspace
+from conftest import Workspace, wait_for
 from posix_util import (  # noqa: F401
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -302,10 +301,8 @@ def test_listed_then_removed_directory_is_deleted(shared: Workspace, d: Path) ->
     (sub / "f").unlink()
     (sub / "inner").rmdir()
     sub.rmdir()
-    deadline = time.monotonic() + 10
-    while left := meta_rows(shared, query):
-        assert time.monotonic() < deadline, f"inodes {left} outlived their names"
-        time.sleep(0.05)
+    wait_for("the inodes to go with their names", lambda: not meta_rows(shared, query),
+             timeout=10)
     assert ls_a(d) == {".": d.stat().st_ino, "..": d.parent.stat().st_ino}
 
 

@@ -2,11 +2,10 @@
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import pytest
-from conftest import Workspace
+from conftest import Workspace, wait_for
 
 from wsfs.readahead import mount_device
 from wsfs.workspace import DEFAULT_BLOCK_SIZE
@@ -30,10 +29,8 @@ def test_a_mount_reads_ahead_a_block_and_reads_back_every_byte(ws: Workspace) ->
     mnt = ws.mount()
     dev = os.stat(mnt).st_dev
     knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-    deadline = time.monotonic() + 10  # set by the daemon just after the kernel's INIT
-    while int(knob.read_text()) != DEFAULT_BLOCK_SIZE // 1024:
-        assert time.monotonic() < deadline, f"readahead still {knob.read_text().strip()} KiB"
-        time.sleep(0.05)
+    wait_for("the readahead of a block",  # set by the daemon just after the kernel's INIT
+             lambda: int(knob.read_text()) == DEFAULT_BLOCK_SIZE // 1024, timeout=10)
     data = os.urandom(5 * DEFAULT_BLOCK_SIZE + 12345)  # ends inside a block
     (mnt / "big.bin").write_bytes(data)
     mnt = ws.remount(wipe_cache=True)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Workspace
+from conftest import Workspace, wait_for
 from treecompare import Snapshot, assert_same, snapshot
 
 from wsfs.blocks.pack import PACK_TARGET
@@ -122,15 +122,8 @@ def copy_onto(src: Path, dst: Path) -> None:
 
 def wait_status(w: Workspace, after: float) -> dict[str, object]:
     """The daemon's status.json as written after `after` (it refreshes every 0.5 s)."""
-    deadline = time.monotonic() + 10
-    while True:
-        st = w.status()
-        written = st["time"]
-        assert isinstance(written, (int, float))
-        if written > after:
-            return st
-        assert time.monotonic() < deadline, "status.json stopped being refreshed"
-        time.sleep(0.1)
+    wait_for("a refresh of status.json", lambda: float(w.status()["time"]) > after, timeout=10)
+    return w.status()
 
 
 def downloads(w: Workspace) -> int:

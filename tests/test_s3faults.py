@@ -51,12 +51,11 @@ def check_files(mnt: Path, files: dict[str, bytes]) -> None:
 def wait_drained(ws: Workspace, after_checkpoint: int, timeout: float) -> float:
     """Wait until nothing is dirty and a checkpoint newer than `after_checkpoint` is out."""
     start = time.monotonic()
-    while True:
-        st = ws.status()
-        if st["dirty_bytes"] == 0 and int(st["checkpoint"]) > after_checkpoint:
-            return time.monotonic() - start
-        assert time.monotonic() - start < timeout, f"not drained after {timeout}s: {st}"
-        time.sleep(0.2)
+    wait_for(f"the backlog to drain (checkpoint after {after_checkpoint})",
+             lambda: (st := ws.status())["dirty_bytes"] == 0
+             and int(st["checkpoint"]) > after_checkpoint,
+             timeout)
+    return time.monotonic() - start
 
 
 def checkpoint(ws: Workspace) -> int:
@@ -143,7 +142,8 @@ def test_stall_bounds_uncached_reads_and_keeps_writes(
     assert time.monotonic() - start < 5, "cached reads and writes were held up by the stall"
     assert proxy.stats["stall"] >= 1, proxy.stats
     proxy.pass_through()
-    time.sleep(1.5)  # a block that just timed out fails at once for a second
+    wait_for("an uncached read to reach the store again",  # a block that just timed out
+             lambda: read_errno(mnt / "old-1.bin")[0] is None, timeout=10)  # fails for 1 s
     check_files(mnt, old)  # readable again once the store answers
     wait_drained(ws, before, timeout=120)
     mnt = ws.remount(wipe_cache=True)
@@ -177,8 +177,7 @@ def test_outage_of_60s(proxied: tuple[Workspace, FaultProxy]) -> None:
     st = ws.status()
     assert st["dirty_bytes"] > 0 and st["state"] == "serving", st
     assert checkpoint(ws) == before, "a checkpoint was published during the outage"
-    while proxy.outage_active():
-        time.sleep(0.2)
+    wait_for("the outage to end", lambda: not proxy.outage_active())
     drained_in = wait_drained(ws, before, timeout=120)
     print(f"outage 60s: {round_} rounds, {sum(map(len, written.values()))} bytes written, "
           f"uncached reads failed after {min(eio_times):.1f}-{max(eio_times):.1f}s, "
@@ -233,7 +232,8 @@ def test_an_interrupted_mount_leaves_no_mount_behind(
     cmd = subprocess.Popen([*WSFS, "mount", ws.store_url, str(ws.mnt), "--cache-dir",
                             str(ws.cache_dir)], env={**os.environ, **ws.env},
                            stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    wait_for("the starting daemon's first request to stall", lambda: proxy.stats["stall"] > 0,
+             timeout=30)
     cmd.send_signal(signal.SIGINT)
     _, err = cmd.communicate(timeout=30)
     assert cmd.returncode == 130, err
@@ -261,12 +261,15 @@ def test_the_lease_is_renewed_while_the_final_flush_runs(
     unmount = subprocess.Popen([*WSFS, "unmount", str(mnt)], env={**os.environ, **ws.env},
                                stderr=subprocess.PIPE, text=True)
     renewed_while_flushing = set()
-    while unmount.poll() is None:
+
+    def unmounted() -> bool:  # and until then, note each renewal seen while flushing
         with contextlib.suppress(OSError, ValueError):  # (read while being rewritten)
             st = ws.status()
             if st["state"] == "flushing":
                 renewed_while_flushing.add(st["lease"]["renewed"])
-        time.sleep(0.1)
+        return unmount.poll() is not None
+
+    wait_for("the unmount to end", unmounted, timeout=120)
     assert unmount.returncode == 0, unmount.stderr.read() if unmount.stderr else ""
     assert len(renewed_while_flushing) >= 3, renewed_while_flushing
 
