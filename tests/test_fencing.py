@@ -149,7 +149,8 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path,
 
 
 def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None],
-             accepted: dict[str, tuple[str, int, int]] | None = None) -> None:
+             accepted: dict[str, tuple[str, int, int]] | None = None,
+             force: bool = False) -> None:
     """A publishes, loses the workspace (`lose_a`), B takes over and publishes, A comes
     back (`give_back`): check everything the module docstring promises. `accepted`: files
     (name -> content, mode, mtime) A accepted that the store must never have got from it,
@@ -160,13 +161,18 @@ def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None],
     (a.mnt / "a1").write_text("a1")
     a.wsfs("sync", str(a.mnt))
     lose_a()
-    wait_lease_expired(p.store)
-    b.mount(cache_dir=b.fresh_cache())
-    (b.mnt / "b1").write_text("b1")
-    b.wsfs("sync", str(b.mnt))
+    if force:  # A is alive (or thought to be): B takes over at once
+        b.mount("--force", cache_dir=b.fresh_cache())
+    else:
+        wait_lease_expired(p.store)
+        b.mount(cache_dir=b.fresh_cache())
+    for name in ("b1", "b1b"):  # two checkpoints: a late HEAD of A's would go back one
+        (b.mnt / name).write_text(name)
+        b.wsfs("sync", str(b.mnt))
     b_id = b.status()["lease"]["mount_id"]
-    mine = published(p.store)
-    # A write issued on A before it is back: it may be accepted before A learns.
+    mine, b_head = published(p.store), head(p.store)
+    # A write issued on A before it is back (it blocks in the kernel while A is stopped; the
+    # pause lets it get there): it may be accepted before A learns.
     outcome: list[bool] = []
     writer = threading.Thread(
         target=lambda: outcome.append(write_or_erofs(a.mnt / "a2", "a2")), daemon=True)
@@ -177,9 +183,8 @@ def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None],
     assert outcome, "the write on the fenced mount never returned"
     if outcome[0]:
         accepted["a2"] = ("a2", *mode_and_mtime(a.mnt / "a2"))
-    wait_for("A fenced", lambda: bool(a.status().get("fenced")), timeout=30)
-    assert not write_or_erofs(a.mnt / "a3", "a3"), "a fenced mount took a new write"
-    assert (a.mnt / "a1").read_text() == "a1"  # reads keep working
+    # The store first: whatever of A's landed late must not have undone B's work.
+    assert head(p.store) == b_head, "a late write of the old holder replaced meta/HEAD"
     (b.mnt / "b2").write_text("b2")
     b.wsfs("sync", str(b.mnt))  # B still holds the workspace and publishes
     now = published(p.store)
@@ -188,13 +193,17 @@ def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None],
     assert head(p.store)["mount_id"] == b_id
     holder = read_holder(p.store)
     assert holder is not None and holder.mount_id == b_id
+    # A knows by now, or at its next renewal: no new writes, reads go on.
+    wait_for("A fenced", lambda: bool(a.status().get("fenced")), timeout=30)
+    assert not write_or_erofs(a.mnt / "a3", "a3"), "a fenced mount took a new write"
+    assert (a.mnt / "a1").read_text() == "a1"
     a.allowed_log_errors.append("this mount is fenced")
     r = a.wsfs("unmount", str(a.mnt), check=False, timeout=120)
     assert r.returncode in (0, 7), r.stderr
     assert head(p.store)["mount_id"] == b_id
     b.unmount()
     mnt = b.mount(cache_dir=b.fresh_cache())
-    assert (mnt / "b1").read_text() == "b1" and (mnt / "b2").read_text() == "b2"
+    assert [(mnt / n).read_text() for n in ("b1", "b1b", "b2")] == ["b1", "b1b", "b2"]
     assert not (mnt / "a3").exists()
     for name in accepted:
         assert not (mnt / name).exists(), f"{name} from the fenced mount reached the store"
@@ -235,9 +244,10 @@ def cut_off(p: Pair) -> None:
              p.proxy.pass_through)
 
 
-def held_request(p: Pair, path: str) -> None:
+def held_request(p: Pair, path: str, force: bool = False) -> None:
     """One of A's PUTs (`path`: its lease renewal, or HEAD in its flush) is held in the
-    network while A is paused past its lease, and lands after B took over."""
+    network while A is paused past its lease, and lands after B took over. With `force`,
+    A is not paused: B takes over its live lease with --force while the PUT is held."""
     assert p.proxy is not None
     proxy = p.proxy
 
@@ -253,7 +263,8 @@ def held_request(p: Pair, path: str) -> None:
             threading.Thread(target=lambda: p.a.wsfs("sync", str(p.a.mnt), check=False),
                              daemon=True).start()
         wait_for("A's PUT held", lambda: proxy.stats["delay"] > 0, timeout=30)
-        p.pause_a()
+        if not force:
+            p.pause_a()
 
     def back() -> None:
         proxy.pass_through()  # the held PUT lands now, after the takeover
@@ -262,7 +273,7 @@ def held_request(p: Pair, path: str) -> None:
         p.resume_a()
 
     accepted: dict[str, tuple[str, int, int]] = {}
-    takeover(p, lose, back, accepted)
+    takeover(p, lose, back, accepted, force=force)
 
 
 def test_a_paused_writer_is_fenced(pair: Pair) -> None:
@@ -287,10 +298,19 @@ def test_a_head_upload_landing_after_a_takeover_is_refused(pair: Pair) -> None:
     held_request(pair, "meta/HEAD")
 
 
+def test_force_on_a_live_holder_is_safe(pair: Pair) -> None:
+    """--force while the holder runs and its publication is in flight (past its lease
+    check, HEAD upload held): the old holder's HEAD is refused, the new one's work stays."""
+    if pair.proxy is None:
+        pytest.skip("no network to hold a request in")
+    held_request(pair, "meta/HEAD", force=True)
+
+
 SCENARIOS: dict[str, Callable[[Pair], None]] = {
     "paused": paused, "cut_off": cut_off,
     "renewal": lambda p: held_request(p, "/lease"),
     "head": lambda p: held_request(p, "meta/HEAD"),
+    "force": lambda p: held_request(p, "meta/HEAD", force=True),
 }
 
 
