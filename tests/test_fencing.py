@@ -315,6 +315,7 @@ SCENARIOS: dict[str, Callable[[Pair], None]] = {
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(ROUNDS * 90)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("kind", ["file", "moto"])
 def test_fencing_many_times(scenario: str, kind: str, tmp_path: Path,
@@ -332,6 +333,7 @@ def test_fencing_many_times(scenario: str, kind: str, tmp_path: Path,
         p = Pair(tmp_path / str(i), server, proxy)
         try:
             SCENARIOS[scenario](p)
+            print(f"{kind} {scenario}: round {i + 1} of {ROUNDS} passed", flush=True)
         finally:
             p.teardown()
             if proxy is not None:
