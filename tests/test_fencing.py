@@ -150,7 +150,7 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path,
 
 def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None],
              accepted: dict[str, tuple[str, int, int]] | None = None,
-             force: bool = False) -> None:
+             force: bool = False, skew: bool = False) -> None:
     """A publishes, loses the workspace (`lose_a`), B takes over and publishes, A comes
     back (`give_back`): check everything the module docstring promises. `accepted`: files
     (name -> content, mode, mtime) A accepted that the store must never have got from it,
@@ -163,6 +163,10 @@ def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None],
     lose_a()
     if force:  # A is alive (or thought to be): B takes over at once
         b.mount("--force", cache_dir=b.fresh_cache())
+    elif skew:  # B's clock is 5 minutes ahead: A's live lease looks expired to it
+        b.env["WSFS_CLOCK_SKEW"] = "300"
+        b.mount(cache_dir=b.fresh_cache())
+        del b.env["WSFS_CLOCK_SKEW"]
     else:
         wait_lease_expired(p.store)
         b.mount(cache_dir=b.fresh_cache())
@@ -244,7 +248,7 @@ def cut_off(p: Pair) -> None:
              p.proxy.pass_through)
 
 
-def held_request(p: Pair, path: str, force: bool = False) -> None:
+def held_request(p: Pair, path: str, force: bool = False, skew: bool = False) -> None:
     """One of A's PUTs (`path`: its lease renewal, or HEAD in its flush) is held in the
     network while A is paused past its lease, and lands after B took over. With `force`,
     A is not paused: B takes over its live lease with --force while the PUT is held."""
@@ -263,7 +267,7 @@ def held_request(p: Pair, path: str, force: bool = False) -> None:
             threading.Thread(target=lambda: p.a.wsfs("sync", str(p.a.mnt), check=False),
                              daemon=True).start()
         wait_for("A's PUT held", lambda: proxy.stats["delay"] > 0, timeout=30)
-        if not force:
+        if not (force or skew):
             p.pause_a()
 
     def back() -> None:
@@ -273,7 +277,7 @@ def held_request(p: Pair, path: str, force: bool = False) -> None:
         p.resume_a()
 
     accepted: dict[str, tuple[str, int, int]] = {}
-    takeover(p, lose, back, accepted, force=force)
+    takeover(p, lose, back, accepted, force=force, skew=skew)
 
 
 def test_a_paused_writer_is_fenced(pair: Pair) -> None:
@@ -306,11 +310,20 @@ def test_force_on_a_live_holder_is_safe(pair: Pair) -> None:
     held_request(pair, "meta/HEAD", force=True)
 
 
+def test_clocks_minutes_apart_change_nothing(pair: Pair) -> None:
+    """Host b's clock runs 5 minutes ahead, so A's live lease looks expired to it and B takes
+    the workspace over from a running A, mid-publication: the store fences A all the same."""
+    if pair.proxy is None:
+        pytest.skip("no network to hold a request in")
+    held_request(pair, "meta/HEAD", skew=True)
+
+
 SCENARIOS: dict[str, Callable[[Pair], None]] = {
     "paused": paused, "cut_off": cut_off,
     "renewal": lambda p: held_request(p, "/lease"),
     "head": lambda p: held_request(p, "meta/HEAD"),
     "force": lambda p: held_request(p, "meta/HEAD", force=True),
+    "skew": lambda p: held_request(p, "meta/HEAD", skew=True),
 }
 
 
@@ -384,3 +397,25 @@ def test_recover_by_hand_what_a_forced_out_mount_never_published(tmp_path: Path)
     finally:
         a.teardown()
         b.teardown()
+
+
+@pytest.mark.parametrize("kind", ["moto", "rclone"])
+def test_a_store_that_ignores_the_conditions_says_so(kind: str, tmp_path: Path,
+                                                     request: pytest.FixtureRequest) -> None:
+    """rclone serve s3 ignores If-None-Match and If-Match: one warning at mount, and `wsfs
+    status` says fencing is off; moto honours them and nothing is said."""
+    server: S3Server = request.getfixturevalue(f"{kind}_server")
+    w = s3_workspace(server, tmp_path)
+    try:
+        w.init()
+        w.mount()
+        wait_for("the status", lambda: "fencing" in w.status())
+        assert w.status()["fencing"] is (kind == "moto")
+        text = w.wsfs("status", str(w.mnt)).stdout
+        assert ("fencing:     off" in text) is (kind == "rclone"), text
+        warnings = [ln for ln in (w.cache_dir / "wsfs.log").read_text().splitlines()
+                    if "cannot fence a paused or cut-off writer" in ln]
+        assert len(warnings) == (1 if kind == "rclone" else 0), warnings
+        w.unmount()
+    finally:
+        w.teardown()
