@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, force_unmount, wait_pid_gone
+from conftest import WSFS, Workspace, force_unmount, until, wait_for, wait_pid_gone
 from faultproxy import FaultProxy
 from s3servers import S3Server, _start_with_retries, rclone_binary
 
@@ -78,7 +78,7 @@ open(os.path.join(out, "ready"), "w").close()
 if mode == "exit3":
     sys.exit(3)
 while True:
-    time.sleep(0.1)
+    time.sleep(0.1)  # the point: a child that idles until a signal ends it
 '''
 
 
@@ -125,11 +125,10 @@ class Entrypoint:
 
     def wait_ready(self, timeout: float = 60) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while not (self.out / "ready").exists():
-            assert self.proc.poll() is None, f"entrypoint exited early:\n{self.output()}"
-            assert time.monotonic() < deadline, f"the child never got ready:\n{self.output()}"
-            time.sleep(0.05)
+        proc = self.proc
+        ready = until(lambda: (self.out / "ready").exists() or proc.poll() is not None, timeout)
+        assert proc.poll() is None, f"entrypoint exited early:\n{self.output()}"
+        assert ready, f"the child never got ready:\n{self.output()}"
 
     def wait(self, timeout: float = 120) -> int:
         assert self.proc is not None
@@ -199,15 +198,9 @@ def test_sigterm_stops_the_command_flushes_everything_and_exits_0(entry: Entrypo
     assert entry.proc is not None
     assert is_mountpoint(entry.ws.mnt)
     entry.proc.send_signal(signal.SIGUSR1)  # forwarded to the child as it is
-    deadline = time.monotonic() + 10
-    while not (entry.out / "got-usr1").exists():
-        assert time.monotonic() < deadline, "SIGUSR1 was not forwarded"
-        time.sleep(0.05)
+    wait_for("SIGUSR1 forwarded to the child", (entry.out / "got-usr1").exists, timeout=10)
     # flush_delay 30: the data is still dirty, so the stop below is what uploads it.
-    deadline = time.monotonic() + 5
-    while not entry.ws.status()["dirty_bytes"]:
-        assert time.monotonic() < deadline, entry.ws.status()
-        time.sleep(0.1)
+    wait_for("the child's data dirty", lambda: entry.ws.status()["dirty_bytes"] > 0, timeout=5)
     entry.proc.send_signal(signal.SIGTERM)
     assert entry.wait() == 0, entry.output()
     out = entry.output()
@@ -351,10 +344,8 @@ def test_sigterm_uploads_at_once_so_a_sigkill_10s_later_loses_nothing(
         ep.start_run("--stop-timeout", str(GRACE), env={"CHILD_BACKLOG": str(BACKLOG)})
         ep.wait_ready()
         assert ep.proc is not None
-        deadline = time.monotonic() + 10
-        while int(ws.status()["dirty_bytes"]) < BACKLOG:
-            assert time.monotonic() < deadline, ws.status()
-            time.sleep(0.1)
+        wait_for("the backlog dirty", lambda: int(ws.status()["dirty_bytes"]) >= BACKLOG,
+                 timeout=10)
         daemon = ws.daemon_pid()
         assert daemon is not None
         proxy.throttle(UPLINK)
