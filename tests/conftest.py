@@ -218,6 +218,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.mount)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Without root, say once which tests cannot run, instead of failing each of them."""
+    if os.geteuid() == 0 or session.config.option.collectonly:
+        return
+    mounting = sum(1 for item in session.items
+                   if item.get_closest_marker("mount") or item.get_closest_marker("crash"))
+    if mounting:
+        pytest.exit(f"{mounting} of the selected tests mount (tiers mount and crash) and need "
+                    "root and /dev/fuse: run them as root, or run the fast tiers with "
+                    "-m 'not mount and not crash and not slow'", returncode=4)
+
+
 # -- servers (started once per session, stopped at its end) -------------------------------
 
 @pytest.fixture(scope="session")
