@@ -89,7 +89,8 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
 
     sp = sub.add_parser("recover", formatter_class=fmt,
                         help="copy the files a cache dir holds that the store never got "
-                        "(a stale or fenced mount's) into DIR")
+                        "(a stale or fenced mount's) into DIR",
+                        epilog=options.variables_help(options.STORE))
     sp.add_argument("cache_dir", metavar="CACHE_DIR", type=Path,
                     help="the cache dir, e.g. one moved aside as CACHE_DIR.stale-TIME")
     sp.add_argument("--into", metavar="DIR", type=Path, required=True,
