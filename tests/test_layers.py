@@ -348,3 +348,31 @@ def test_a_retried_publication_keeps_the_creation_time_it_recorded(tmp_path: Pat
     assert meta.get_setting("pending_created_ns") == first
     manifest = ckpt.read_manifest(store, int(meta.get_setting("checkpoint_seq") or 0))
     assert str(manifest.created_ns) == first
+
+
+def test_a_retried_publication_replaces_its_own_unnamed_manifest(tmp_path: Path) -> None:
+    """A cycle whose manifest landed but whose HEAD did not (a failure, or a daemon killed
+    there) is retried under the same number and creation time with a newer snapshot: the
+    manifest, never named by HEAD, is this cache dir's own and is replaced, so HEAD names the
+    newer snapshot (If-None-Match alone kept the old one: a crash test lost files)."""
+    store, meta, blocks, flusher = make(tmp_path)
+    add_file(meta, blocks, b"first", b"1")
+    real_put, failing = store.put_if_absent, [True]
+
+    def put(key: str, data: bytes) -> bool:
+        if key == ckpt.HEAD_KEY and failing and failing.pop():
+            raise TransientStoreError("the store went away before HEAD")
+        return real_put(key, data)
+
+    store.put_if_absent = put  # type: ignore[method-assign]
+    with pytest.raises(TransientStoreError):
+        trio.run(flusher.cycle)
+    assert ckpt.read_head(store) is None and store.head(ckpt.manifest_key(1)) is not None
+    add_file(meta, blocks, b"second", b"2")
+    trio.run(flusher.cycle)
+    target = tmp_path / "fetched.db"
+    seq = ckpt.read_head(store)
+    assert seq == 1
+    trio.run(ckpt.fetch, store, seq, target, trio.CapacityLimiter(4))
+    fetched = Metadata(target)
+    assert fetched.lookup(1, b"first") is not None and fetched.lookup(1, b"second") is not None

@@ -234,6 +234,7 @@ class Flusher:
         """Stop publishing for good: another mount holds the workspace (see `on_fenced`)."""
         if self.fenced is None:
             self.fenced = error
+            self.repacker.busy = lambda: True  # its new packs could never be published
             if self.on_fenced is not None:
                 self.on_fenced(str(error))
 

@@ -271,13 +271,20 @@ async def publish(
               "" if sizes is None else ", bundled")
 
     def put_manifest() -> str:
-        if not store.put_if_absent(manifest_key(seq), manifest.encode()):
+        key, data = manifest_key(seq), manifest.encode()
+        if not store.put_if_absent(key, data):
             try:
-                there = read_manifest(store, seq)
+                raw = store.get(key)
+                there: Manifest | None = Manifest.decode(raw)
             except (NoSuchKey, ValueError, KeyError, CorruptCheckpoint):
-                there = None
+                raw, there = b"", None
             if there is None or there.created_ns != manifest.created_ns:
                 raise SeqTaken(seq)
+            if raw != data:
+                # This cache dir's own earlier attempt at this publication (the creation
+                # time is recorded before it starts): a cycle that failed, or a daemon killed,
+                # before HEAD named it. Never named, so replaced by the newer snapshot.
+                store.put(key, data)
         record = head_record(seq, mount_id)
         if head_etag is None:
             created = store.put_if_absent(HEAD_KEY, record)
