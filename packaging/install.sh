@@ -9,7 +9,7 @@
 #
 # As root, or as a user with sudo (it re-runs itself through sudo). Re-running upgrades.
 # 1. the Debian packages the build and the mounts need, only those missing: fuse3 (fusermount3),
-#    libfuse3-dev, pkg-config and gcc (pyfuse3 has no binary wheel), and whatever the chosen
+#    libfuse3-dev, pkg-config, gcc and libc6-dev (pyfuse3 has no binary wheel), and what the chosen
 #    Python lacks: its headers (python3-dev) and venv/ensurepip (python3-venv);
 # 2. a virtual environment in $WSFS_PREFIX (default /opt/wsfs) with wsfs and its dependencies,
 #    never the system Python (PEP 668: Debian's python3 is externally managed);
@@ -76,7 +76,7 @@ fi
 # The Debian packages that are missing: the build's, the mounts', and what $PY lacks.
 missing_packages() {
   local pkg py_pkg ver
-  for pkg in fuse3 libfuse3-dev pkg-config gcc "$@"; do
+  for pkg in fuse3 libfuse3-dev pkg-config gcc libc6-dev "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || echo "$pkg"
   done
   # Debian's default python3 comes as python3-venv/-dev, another Debian python3.X as python3.X-*.

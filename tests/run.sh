@@ -3,8 +3,8 @@
 #   bash tests/run.sh            the default suite (what CI runs)
 #   bash tests/run.sh -m smoke   the smoke tests (a few minutes; CI runs them on fresh machines)
 #   bash tests/run.sh -m slow    the soak tests
-# Extra arguments go to pytest. As root, or as a user with sudo for the Debian packages (the
-# tests themselves mount filesystems and need root).
+# Extra arguments go to pytest. As root, or as a user with sudo: the Debian packages and pytest
+# (the tests mount filesystems and need root) then go through sudo, the rest runs as the user.
 #
 # The Debian packages come from packaging/install.sh (what the build needs) plus the tools the
 # tests call. The Python side goes into a virtual environment of the checkout, .venv (PYTHON
@@ -25,4 +25,9 @@ fi
 
 "$VENV/bin/python" -m ruff check wsfs tests
 "$VENV/bin/python" -m mypy
+# The tests mount filesystems: as a user with sudo, pytest runs as root (leaving no root-owned
+# bytecode in the checkout); everything above ran as the user.
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then
+  exec sudo -- env PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+fi
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
