@@ -8,7 +8,9 @@ the daemon (the service's main process) has uploaded everything and exited.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace
+from conftest import WSFS, Workspace, abort_fuse_connection, wait_for
 
 from wsfs import errors
 from wsfs.runtime import is_mountpoint
@@ -236,6 +238,56 @@ def test_sigterm_to_the_service_flushes_and_exits_0(ws: Workspace,
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+# Holds a file open with 8 MiB the kernel has not handed to the daemon yet (the writeback
+# cache keeps written pages until close, fsync or syncfs), until its stdin closes.
+HOLD_DIRTY = """
+import random, sys
+f = open(sys.argv[1], "wb")
+f.write(random.Random(7).randbytes(8 << 20))
+f.flush()
+print("written", flush=True)
+sys.stdin.read()
+f.close()
+"""
+
+
+def test_sigterm_with_dirty_pages_in_an_open_file(ws: Workspace, notify: NotifySocket) -> None:
+    """At SIGTERM the daemon asks the kernel for its dirty pages (syncfs) while it serves: a
+    syncfs holding the GIL deadlocked it whenever a file still open had pages the kernel
+    kept (its FUSE thread waited for the GIL, syncfs for the FUSE thread)."""
+    proc = start_foreground(ws, notify)
+    writer = None
+    try:
+        wait_ready(proc, notify, ws.mnt)
+        writer = subprocess.Popen([sys.executable, "-c", HOLD_DIRTY, str(ws.mnt / "open.bin")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+        proc.send_signal(signal.SIGTERM)
+        # syncfs done, the daemon tries to unmount: busy while the file is open
+        log = ws.cache_dir / "wsfs.log"
+        wait_for("the daemon's first unmount attempt after syncfs",
+                 lambda: "fusermount3 -u" in log.read_text(), timeout=30)
+        assert writer.stdin is not None
+        writer.stdin.close()
+        assert writer.wait(30) == 0
+        assert proc.wait(120) == 0, proc.communicate()
+        ws.allowed_log_errors.append("fusermount3 -u")
+        mnt = ws.mount(cache_dir=ws.fresh_cache())
+        assert (mnt / "open.bin").read_bytes() == random.Random(7).randbytes(8 << 20)
+        ws.unmount()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            if proc.poll() is None:  # stuck in syncfs on its own mount: SIGKILL waits for it
+                abort_fuse_connection(ws.mnt)
+        proc.communicate()
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
 
 
 def test_refused_mount_never_notifies_ready(tmp_path: Path, notify: NotifySocket) -> None:

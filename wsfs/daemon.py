@@ -48,6 +48,7 @@ from .runtime import (
     process_start,
     registry_path,
     sd_notify,
+    syncfs,
     write_registry,
 )
 from .store import ObjectStore, open_store, probe
@@ -492,7 +493,7 @@ class Daemon:
         """Unmount while still serving, so the kernel can write back its dirty pages."""
         mp = str(self.cfg.mountpoint)
         try:
-            await trio.to_thread.run_sync(pyfuse3.syncfs, mp, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(syncfs, mp, abandon_on_cancel=True)
         except OSError as e:
             log.warning("syncfs(%s) failed: %s", mp, e)
         for attempt in range(10):

@@ -130,6 +130,25 @@ def daemon_alive(pid: int, start: int | None) -> bool:
     return pid_alive(pid) and (start is None or process_start(pid) == start)
 
 
+def syncfs(path: str | Path) -> None:
+    """syncfs(2): the kernel hands every dirty page of the filesystem at `path` to its daemon.
+
+    Not pyfuse3.syncfs, which holds the GIL for the whole call: in the daemon, on its own
+    mount, that deadlocks as soon as the kernel holds a dirty page of a file still open (the
+    kernel waits for the daemon to take the page, and the daemon's FUSE thread waits for the
+    GIL); in `wsfs run` it would freeze the supervisor's signal handling. ctypes releases the
+    GIL around the foreign call.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
 def sd_notify(message: str) -> None:
     """Tell systemd (Type=notify) about our state, when it is listening."""
     addr = os.environ.get("NOTIFY_SOCKET")

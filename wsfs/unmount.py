@@ -14,11 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
-
 from .errors import DaemonGoneError, FlushError, MountError
 from .progress import Progress, closing
-from .runtime import canonical_mountpoint, daemon_alive, is_mountpoint, registry_path
+from .runtime import (
+    canonical_mountpoint,
+    daemon_alive,
+    is_mountpoint,
+    registry_path,
+    syncfs,
+)
 from .status import entry_of, read_status
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
     cache_dir = Path(reg["cache_dir"])
     uploaded_before = int(_read_status(cache_dir).get("uploaded_bytes", 0))
     try:
-        pyfuse3.syncfs(str(mp))
+        syncfs(mp)
     except OSError as e:
         log.warning("syncfs(%s) failed: %s", mp, e)
     result = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
