@@ -26,14 +26,11 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from pathlib import Path
 from types import FrameType
 from typing import Any
-
-import pyfuse3
 
 from .control import SyncRequest
 from .errors import (
@@ -46,7 +43,7 @@ from .errors import (
 )
 from .options import MOUNT, environment_help
 from .progress import human_bytes
-from .runtime import canonical_mountpoint, mount_field
+from .runtime import canonical_mountpoint, mount_field, syncfs
 
 log = logging.getLogger(__name__)
 
@@ -134,29 +131,16 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
     log.info("data dir %s is plain local disk (%s)", data, fstype_of(data))
 
 
-def syncfs(path: Path) -> None:
-    """syncfs(2) without the GIL: pyfuse3.syncfs holds it for the whole call, which would
-    freeze the supervisor (signals, the child's SIGKILL) while the kernel hands over its pages
-    to a daemon that may be waiting for uploads."""
-    libc = ctypes.CDLL(None, use_errno=True)  # ctypes releases the GIL around foreign calls
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
-
-
 class EarlyFlush:
     """Uploads the workspace's changes while the command stops, instead of after it.
 
     `wsfs sync`'s request (wsfs.control), not waited for: at SIGTERM the kernel hands over its
-    cached pages (syncfs) and the daemon starts a flush cycle at once. While the command is
-    still stopping, each answer is followed by a new request (at most one every SYNC_EVERY
-    seconds), so what it writes while it stops is on its way too, and the final flush at
-    unmount has little left to do. A thread, because syncfs blocks until the kernel's pages
-    are written, and the main thread must go on handling signals and the child.
+    cached pages (`sync -f`, syncfs(2)) and the daemon starts a flush cycle at once. While the
+    command is still stopping, each answer is followed by a new round (at most one every
+    SYNC_EVERY seconds), so what it writes while it stops is on its way too, and the final
+    flush at unmount has little left to do. Each step is a child process or a request file
+    that the supervisor's loop looks at between two signals (`poll`): nothing here blocks
+    it, and no thread is needed.
     """
 
     def __init__(self, mountpoint: Path, daemon_pid: int, cache_dir: Path) -> None:
@@ -164,42 +148,57 @@ class EarlyFlush:
         self.daemon_pid = daemon_pid
         self.cache_dir = cache_dir
         self.requests = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="early-flush", daemon=True)
+        self._syncing: subprocess.Popen[bytes] | None = None
+        self._request: SyncRequest | None = None
+        self._round_started = 0.0
+        self._done = False
+        self._warned = False
 
-    def start(self) -> None:
-        self._thread.start()
+    def poll(self) -> None:
+        """Take the next step if the current one is over: syncfs, then the request, then a
+        pause until the next round."""
+        if self._done:
+            return
+        if self._syncing is not None:
+            if self._syncing.poll() is None:
+                return
+            self._syncing = None
+            self._send_request()
+        if self._request is not None:
+            answer = self._request.answer()
+            if answer is None:
+                return
+            self._request.cancel()
+            self._request = None
+            if not answer[0] and not self._warned:
+                log.warning("the upload at SIGTERM failed (%s); the final flush retries",
+                            answer[1])
+                self._warned = True
+        if not self._done and time.monotonic() >= self._round_started + SYNC_EVERY:
+            self._round_started = time.monotonic()
+            self._syncing = subprocess.Popen(["sync", "-f", str(self.mountpoint)],
+                                             stdin=subprocess.DEVNULL)
+
+    def _send_request(self) -> None:
+        request = SyncRequest(self.cache_dir)
+        try:
+            request.send(self.daemon_pid)
+        except OSError as e:  # the daemon is gone: the supervisor reports it
+            log.warning("cannot ask the daemon to flush: %s", e)
+            request.cancel()
+            self._done = True
+            return
+        self.requests += 1
+        self._request = request
 
     def finish(self, timeout: float = 10.0) -> None:
-        """Stop asking (the unmount's own flush takes over); wait for a syncfs in progress."""
-        self._done.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        warned = False
-        while not self._done.is_set():
-            started = time.monotonic()
-            try:
-                syncfs(self.mountpoint)
-            except OSError as e:
-                log.warning("syncfs(%s) failed: %s", self.mountpoint, e)
-            request = SyncRequest(self.cache_dir)
-            try:
-                request.send(self.daemon_pid)
-            except OSError as e:  # the daemon is gone: the supervisor reports it
-                log.warning("cannot ask the daemon to flush: %s", e)
-                request.cancel()
-                return
-            self.requests += 1
-            answer = request.answer()
-            while answer is None and not self._done.wait(0.1):
-                answer = request.answer()
-            request.cancel()
-            if answer is not None and not answer[0] and not warned:
-                log.warning("the upload at SIGTERM failed (%s); the final flush retries", answer[1])
-                warned = True
-            self._done.wait(max(0.0, SYNC_EVERY - (time.monotonic() - started)))
+        """Stop asking (the unmount's own flush takes over); let a syncfs in progress end."""
+        self._done = True
+        if self._request is not None:
+            self._request.cancel()
+        if self._syncing is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._syncing.wait(timeout)
 
 
 class DaemonDied(MountError):
@@ -231,7 +230,11 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
     def wait_for_event(self, timeout: float) -> None:
+        """Wait for a signal (a child's exit too) or `timeout` seconds, then let the early
+        flush take its next step."""
         select.select([self.wake_r], [], [], timeout)
+        if self.early_flush is not None:
+            self.early_flush.poll()
         try:
             while os.read(self.wake_r, 512):
                 pass
@@ -321,7 +324,7 @@ class Supervisor:
                              "command stops")
                     self.early_flush = EarlyFlush(self.mountpoint, self.daemon_pid,
                                                   self.cache_dir)
-                    self.early_flush.start()
+                    self.early_flush.poll()
                     self.stop_child(grace)
                     return None
                 if sig != signal.SIGCHLD:
@@ -350,7 +353,7 @@ class Supervisor:
         if is_mountpoint(self.mountpoint):
             log.info("unmounting %s", mp)
             try:
-                pyfuse3.syncfs(mp)
+                syncfs(mp)
             except OSError as e:
                 log.warning("syncfs(%s) failed: %s", mp, e)
             for attempt in range(10):
