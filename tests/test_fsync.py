@@ -498,7 +498,7 @@ def test_a_small_write_to_a_frozen_block_copies_it_and_fsync_syncs_the_copy(
             await ops.blocks.upload(first)
             ops.blocks.retire(first, uploaded_at=0)
             ops.blocks.clean._recent.clear()  # from the clean cache's file, not from memory
-            assert not ops.blocks.is_writable(first) and first not in ops.blocks._dirty
+            assert not ops.blocks.is_writable(first) and first not in ops.blocks.dirty.lengths
         await ops.fsync(fh_, False)
         recorder.take()
         hits = ops.blocks.hits

@@ -267,7 +267,7 @@ def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
         blocks.write(nearly_full, 0, b"n" * 100)
         blocks.journal.size = blocks.journal.end  # the next record needs more file
         with monkeypatch.context() as m:
-            m.setattr(blocks, "disk_free", lambda: blocks.reserve)
+            m.setattr(blocks.space, "disk_free", lambda: blocks.reserve)
             await blocks.fsync([nearly_full])
         assert nearly_full not in blocks.journal.live
         other = blocks.create()

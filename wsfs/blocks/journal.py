@@ -68,6 +68,10 @@ class Journal:
         self.epoch = 0
         self.end = HEADER_SIZE  # where the next record goes
         self.live: set[str] = set()  # blocks with records in this epoch (rule 2)
+        # Blocks of `live` dropped this epoch (`hold_again` may restore them), and how many
+        # were dropped so far: an epoch's end waits until none was dropped meanwhile (rule 3).
+        self.dropped: set[str] = set()
+        self.drops = 0
 
     def close(self) -> None:
         os.close(self.fd)
@@ -164,6 +168,21 @@ class Journal:
         self.end += len(blob)
         self.live.update(block_id for block_id, _, _ in records)
 
+    def let_go(self, block_id: str) -> None:
+        """A dirty block was dropped: it is no longer held (rule 2), and the drop must be
+        durable before the epoch may end (rule 3: else a crash would bring the block back
+        without the bytes only its records held)."""
+        if block_id in self.live:
+            self.live.discard(block_id)
+            self.dropped.add(block_id)
+            self.drops += 1
+
+    def hold_again(self, block_id: str) -> None:
+        """A rollback brought back a block dropped this epoch: its fsynced bytes may be in
+        the journal only, so it is held again."""
+        if block_id in self.dropped:
+            self.live.add(block_id)
+
     def restart(self) -> None:
         """End the epoch: the records written so far stop counting once the new header is
         on the disk (the next `sync`). See rule 3 for when this is allowed."""
@@ -174,6 +193,7 @@ class Journal:
         self.size = max(self.size, HEADER_SIZE)
         self.end = HEADER_SIZE
         self.live.clear()
+        self.dropped.clear()
 
     def sync(self) -> None:
         """fdatasync the journal (blocking): the records appended before it are durable."""

@@ -1,0 +1,188 @@
+"""fsync(2) of dirty blocks: through the data journal (journal.py) when the new bytes are
+few, else through the blocks' own files, with the metadata's sync in the same round.
+
+The journal's rules (journal.py's docstring) decide when an epoch may end; this module keeps
+them: a block the journal holds is synced only through it, and an epoch ends only once every
+metadata change is durable (`durable_metadata`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+
+from .dirty import DirtyBlocks
+from .journal import FSYNC_MAX, GROW, Journal
+from .space import DiskSpace
+
+log = logging.getLogger(__name__)
+
+
+class Fsync:
+    """Makes dirty blocks durable on the local disk (see the module docstring)."""
+
+    def __init__(self, dirty: DirtyBlocks, *, journal: Journal, space: DiskSpace,
+                 local_limiter: trio.CapacityLimiter) -> None:
+        self.dirty = dirty
+        self.journal = journal
+        self.space = space  # the journal may not grow into the metadata's reserve
+        # Requests have their own threads: a caller of fsync(2) must never queue behind uploads.
+        self.local_limiter = local_limiter
+        # Blocks being fsynced right now (an event set when that fsync(2) ends).
+        self._syncing: dict[str, trio.Event] = {}
+        self._journal_ready = False  # appends only once `replay` has run
+        self._journal_lock = trio.Lock()  # an epoch's end keeps appends out (rule 3)
+        # Makes every metadata change durable (set by the fs layer): an epoch's end waits
+        # for it. Without it fsync syncs the blocks' files.
+        self.durable_metadata: Callable[[], Awaitable[None]] | None = None
+
+    def replay(self, wanted: Callable[[str], bool]) -> None:
+        """Replay the data journal into the blocks that are `wanted` (the metadata awaits
+        their upload); appends may follow."""
+        self.journal.replay(self.dirty.files.dir, wanted)
+        self._journal_ready = True
+
+    async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None) -> None:
+        """Make the given dirty blocks durable on the local disk.
+
+        Only blocks written since their last fsync(2) are synced again (a random writer of a
+        big file touches a few of its blocks between two fsyncs). A block whose fsync(2)
+        another caller is running is waited for: its return is what makes it durable.
+        `also` is a blocking job run in parallel (the metadata's sync), so that a caller
+        waits for one round of disk flushes, not two. Up to FSYNC_MAX new bytes go into the
+        journal (journal.py), synced once; more, and the blocks' own files are synced.
+        """
+        while True:
+            running = [self._syncing[b] for b in block_ids if b in self._syncing]
+            if not running:
+                break
+            for event in running:
+                await event.wait()
+        unsynced, lengths = self.dirty.unsynced, self.dirty.lengths
+        todo = {b: unsynced.pop(b) for b in block_ids
+                if b in unsynced and b in lengths}  # a write from now on marks it again
+        if not todo and also is None:
+            return
+        done = trio.Event()
+        for b in todo:
+            self._syncing[b] = done
+        ok = False
+        try:
+            if not await self._journal_fsync(todo, also):
+                await self._files_fsync(list(todo), also)
+            ok = True
+        finally:
+            for b, ranges in todo.items():
+                del self._syncing[b]
+                if not ok and b in lengths:
+                    unsynced.setdefault(b, []).extend(ranges)
+            done.set()
+
+    async def _journal_fsync(self, todo: dict[str, list[tuple[int, int]]],
+                             also: Callable[[], None] | None) -> bool:
+        """fsync by the journal: append the written ranges, sync it (and `also`) once.
+        False if this fsync is not for the journal (too big, full, not ready, a full disk)."""
+        journal = self.journal
+        if not todo or not self._journal_ready or self.durable_metadata is None:
+            return False
+        ranges = {b: _merged(r) for b, r in todo.items()}
+        size = sum(end - start for rs in ranges.values() for start, end in rs)
+        if size > FSYNC_MAX:
+            return False
+        async with self._journal_lock:
+            if journal.has_records and not journal.live:
+                await self._restart_journal()  # rule 3: none of its blocks is dirty
+            count = sum(len(rs) for rs in ranges.values())
+            if not journal.fits(count, size):
+                return False
+            if journal.grows(count, size) and self.space.disk_free() < self.space.reserve + GROW:
+                return False  # its growth would eat the metadata's reserve on the cache disk
+            files = self.dirty.files
+            records = [(b, start, os.pread(files.fd(b), end - start, start))
+                       for b, rs in ranges.items() for start, end in rs]
+            try:
+                journal.append(records)
+            except OSError as e:
+                log.debug("cannot append to the data journal: %s", e)
+                return False
+        await self._run_parallel([journal.sync] if also is None else [journal.sync, also])
+        return True
+
+    async def _files_fsync(self, todo: list[str], also: Callable[[], None] | None) -> None:
+        """fsync by the blocks' own files, all in parallel with `also`. A block the journal
+        holds ends the journal's epoch (rule 2): every block it holds is synced, then the
+        new epoch is made durable."""
+        journal = self.journal
+        if not journal.live.intersection(todo):
+            await self._sync_files(todo, also)
+            return
+        async with self._journal_lock:
+            held = [b for b in journal.live if b not in todo]  # (all dirty: `Journal.let_go`)
+            await self._sync_files(todo + held, also)
+            await self._restart_journal()
+            await self._run_parallel([journal.sync])
+
+    async def _restart_journal(self) -> None:
+        """End the journal's epoch (holding `_journal_lock`): first every metadata change
+        is made durable, so a block the journal stopped holding because it was dropped stays
+        dropped after a crash (else its data would be gone and the metadata still name it)."""
+        assert self.durable_metadata is not None
+        while True:
+            drops = self.journal.drops
+            await self.durable_metadata()
+            if drops == self.journal.drops:  # no held block was dropped meanwhile
+                break
+        self.journal.restart()
+
+    async def _sync_files(self, block_ids: list[str], also: Callable[[], None] | None) -> None:
+        # Duplicates: the trio thread may close a block's fd while the worker fsyncs it (an
+        # upload retiring the block, or the fd LRU), which made fsync(2) fail with EBADF.
+        files = self.dirty.files
+        fds = [os.dup(files.fd(b)) for b in block_ids]
+        try:
+            # fdatasync: the block's length and allocation, not its mtime (unused). Each
+            # sync in a worker call of its own, all in parallel: fewer calls, each syncing a
+            # few files one after another, saved hand-offs but serialized disk flushes, and
+            # in interleaved runs through a mount that won on an idle disk and lost on a busy
+            # one (SQLite and random writes, 8-12 pairs each way).
+            jobs: list[Callable[[], None]] = [partial(os.fdatasync, fd) for fd in fds]
+            await self._run_parallel(jobs if also is None else [*jobs, also])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _run_parallel(self, jobs: list[Callable[[], None]]) -> None:
+        """Run blocking jobs in worker threads at once; raise the first failure as itself
+        (ENOSPC, EIO), not in a group."""
+        errors: list[Exception] = []
+
+        async def run(job: Callable[[], None]) -> None:
+            try:
+                await trio.to_thread.run_sync(job, limiter=self.local_limiter)
+            except Exception as e:
+                errors.append(e)
+
+        if len(jobs) == 1:  # (most fsyncs: one block) without a nursery's scheduling
+            await run(jobs[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(run, job)
+        if errors:
+            raise errors[0]
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges (start, end) sorted, with overlapping and touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        elif end > start:
+            out.append((start, end))
+    return out
