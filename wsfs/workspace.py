@@ -221,15 +221,32 @@ async def prepare_cache(
     log.info("fetching checkpoint %d from %s", head, store.url)
     try:
         await ckpt.fetch(store, head, db, limiter)
-    except* (NoSuchKey, ckpt.CorruptCheckpoint) as group:
-        raise DamageError(
-            f"checkpoint {head} of {store.url} is damaged ({group.exceptions[0]}); "
-            f"run `wsfs fsck {store.url}` to see what is left"
-        ) from None
-    except* StoreError as group:
-        raise group.exceptions[0] from None
+    except Exception as e:  # (not `except*`: see _leaves)
+        failures = _leaves(e)
+        damage = [f for f in failures if isinstance(f, (NoSuchKey, ckpt.CorruptCheckpoint))]
+        if damage:
+            raise DamageError(
+                f"checkpoint {head} of {store.url} is damaged ({damage[0]}); "
+                f"run `wsfs fsck {store.url}` to see what is left"
+            ) from None
+        unreachable = [f for f in failures if isinstance(f, StoreError)]
+        if unreachable:
+            raise unreachable[0] from None
+        raise
     _adopt(db, sb)
     return aside
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside `error`, however deeply trio's nurseries grouped them.
+
+    Matched by hand rather than with `except*`: before Python 3.11.4 (Debian 12 ships
+    3.11.2), an exception raised inside an `except*` clause comes out wrapped in an
+    ExceptionGroup (CPython gh-103590), which turned the one-sentence DamageError into a
+    traceback and the wrong exit code."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 async def _ours(store: ObjectStore, seq: int, created_ns: int,
