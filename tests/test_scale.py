@@ -241,15 +241,16 @@ def test_a_prefetched_mount_clears_what_an_earlier_run_left(ws: Workspace) -> No
     ws.unmount()
 
 
-def test_a_daemon_that_dies_while_starting_is_reported(ws: Workspace) -> None:
-    """No answer on the ready pipe (the daemon died before it could say why): one sentence,
-    pointing at the log, with the mount error's exit code, and nothing mounted."""
+def test_a_daemon_that_fails_while_starting_is_reported(ws: Workspace) -> None:
+    """A daemon failing in an unforeseen way while it starts (here: opening its log): one
+    sentence naming the reason, with the mount error's exit code, no traceback on the
+    terminal, and nothing mounted."""
     ws.cache_dir.mkdir(parents=True)
-    (ws.cache_dir / "wsfs.log").mkdir()  # the daemon's first act, opening its log, fails
+    (ws.cache_dir / "wsfs.log").mkdir()  # opening the log fails
     result = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.cache_dir),
                      check=False, timeout=60)
     assert result.returncode == MountError.exit_code, result.stderr
-    assert "daemon died while starting" in result.stderr
+    assert "daemon failed while starting" in result.stderr
     assert str(ws.cache_dir / "wsfs.log") in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(line.split()[1] == str(ws.mnt) for line in

@@ -668,9 +668,12 @@ def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,
             log.error("%s", e)
         raise
     except BaseException as e:
-        log.exception("the wsfs daemon failed")
+        # While starting, `wsfs mount` prints the reason in one sentence: the traceback is
+        # for wsfs.log (where it is open), not the caller's terminal.
+        starting = daemon.ready_fd is not None
+        log.exception("the wsfs daemon failed", extra=logs.FILE_ONLY if starting else None)
         daemon.leave_nothing(made)
-        if daemon.ready_fd is not None:
+        if starting:
             err = MountError(f"the wsfs daemon failed while starting: {e}")
             daemon.report_ready(err)
             sys.exit(err.exit_code)

@@ -46,12 +46,18 @@ def formatter(fmt: str | None = None, *, stream: bool = False) -> logging.Format
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+#: `extra=` of a record for the log file only: a traceback behind a sentence the terminal
+#: already shows.
+FILE_ONLY = {"file_only": True}
+
+
 def configure(verbosity: int, fmt: str = "text") -> None:
     """Set up the terminal handler: WARNING by default, INFO with -v, DEBUG with -vv."""
     _state["format"] = fmt
     root = logging.getLogger()
     level = logging.WARNING - 10 * min(verbosity, 2)
     handler = logging.StreamHandler()
+    handler.addFilter(lambda record: not getattr(record, "file_only", False))
     handler.setLevel(level)
     handler.setFormatter(formatter(fmt, stream=True))
     root.addHandler(handler)
