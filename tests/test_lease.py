@@ -8,7 +8,6 @@ once, a foreign one once its lease expires, and a live one only with --force.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -62,16 +61,6 @@ def write_foreign_lease(ws: Workspace, host: str, expires_in: float) -> None:
         "host": host, "pid": 4242, "mount_id": "f" * 32, "cache_dir": "/var/cache/wsfs/x",
         "expires": time.time() + expires_in,
     }).encode())
-
-
-def write_unless_fenced(path: Path, text: str) -> bool:
-    """Write a file on a mount that may have learned already that it is fenced (EROFS)."""
-    try:
-        path.write_text(text)
-    except OSError as e:
-        assert e.errno == errno.EROFS, e
-        return False
-    return True
 
 
 def mount_refused(ws: Workspace, *extra: str) -> str:

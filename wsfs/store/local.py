@@ -103,6 +103,15 @@ class LocalStore:
                 continue
             _fsync_dir(d.parent)
 
+    def _replace(self, path: Path, data: bytes) -> None:
+        """Put `data` at `path` whole or not at all: a fsynced temp file renamed over it."""
+        tmp = self._write_temp(path.parent, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     def _write_temp(self, directory: Path, data: bytes) -> Path:
         """Write `data` to a new fsynced temp file in `directory` and return its path.
 
@@ -168,12 +177,7 @@ class LocalStore:
         """Write the whole object atomically (readers see the old or the new object)."""
         path = self._path(key)
         try:
-            tmp = self._write_temp(path.parent, data)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            self._replace(path, data)
             _fsync_dir(path.parent)
         except OSError as exc:
             raise self._error("write", key, exc) from exc
@@ -247,12 +251,7 @@ class LocalStore:
                     raise
                 if etag_of(current) != etag:
                     return None
-                tmp = self._write_temp(path.parent, data)
-                try:
-                    os.replace(tmp, path)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
+                self._replace(path, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)  # (releases the lock)
