@@ -376,3 +376,35 @@ def test_a_retried_publication_replaces_its_own_unnamed_manifest(tmp_path: Path)
     trio.run(ckpt.fetch, store, seq, target, trio.CapacityLimiter(4))
     fetched = Metadata(target)
     assert fetched.lookup(1, b"first") is not None and fetched.lookup(1, b"second") is not None
+
+
+def test_a_remount_after_a_kill_between_manifest_and_head_publishes_its_newer_snapshot(
+        tmp_path: Path) -> None:
+    """A daemon killed after its manifest landed and before HEAD named it: the next mount on
+    that cache dir (a new flusher, reading the recorded number and creation time) publishes
+    that number with what it holds now. Naming the dead daemon's manifest instead lost every
+    change made after its snapshot (test_crash: the fresh-cache view differed)."""
+    store, meta, blocks, flusher = make(tmp_path)
+    add_file(meta, blocks, b"first", b"1")
+    trio.run(flusher.cycle)  # checkpoint 1: HEAD is replaced from now on (put_if_match)
+    add_file(meta, blocks, b"second", b"2")
+    real_replace = store.put_if_match
+
+    def killed(key: str, data: bytes, etag: str) -> str | None:
+        raise TransientStoreError("the daemon was killed before HEAD")
+
+    store.put_if_match = killed  # type: ignore[method-assign]
+    with pytest.raises(TransientStoreError):
+        trio.run(flusher.cycle)
+    assert ckpt.read_head(store) == 1 and store.head(ckpt.manifest_key(2)) is not None
+    store.put_if_match = real_replace  # type: ignore[method-assign]
+
+    remount = Flusher(meta, blocks, store, tmp_path / "cache", flush_delay=0,
+                      limiter=trio.CapacityLimiter(4))
+    add_file(meta, blocks, b"third", b"3")  # written through the remount
+    trio.run(remount.cycle)
+    assert ckpt.read_head(store) == 2
+    target = tmp_path / "fetched.db"
+    trio.run(ckpt.fetch, store, 2, target, trio.CapacityLimiter(4))
+    fetched = Metadata(target)
+    assert all(fetched.lookup(1, name) is not None for name in (b"first", b"second", b"third"))
