@@ -43,7 +43,7 @@ from .errors import (
 )
 from .options import MOUNT, environment_help
 from .progress import human_bytes
-from .runtime import canonical_mountpoint, mount_field, syncfs
+from .runtime import canonical_mountpoint, daemon_alive, mount_field, syncfs
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +208,11 @@ class DaemonDied(MountError):
 class Supervisor:
     """The child, the signals, and the mount's final flush."""
 
-    def __init__(self, mountpoint: Path, daemon_pid: int, cache_dir: Path) -> None:
+    def __init__(self, mountpoint: Path, daemon_pid: int, cache_dir: Path,
+                 daemon_start: int | None = None) -> None:
         self.mountpoint = mountpoint
         self.daemon_pid = daemon_pid
+        self.daemon_start = daemon_start
         self.cache_dir = cache_dir
         self.pending: deque[int] = deque()
         self.child: subprocess.Popen[bytes] | None = None
@@ -307,10 +309,10 @@ class Supervisor:
             self.wait_for_event(0.1)
 
     def daemon_alive(self) -> bool:
+        """Whether the daemon runs: its pid and that process's start time (once reaped, its
+        pid may be a notebook process's)."""
         self.reap()
-        from .runtime import pid_alive
-
-        return pid_alive(self.daemon_pid)
+        return daemon_alive(self.daemon_pid, self.daemon_start)
 
     # -- the main loop ----------------------------------------------------------------------
 
@@ -453,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(s, h)
         raise
     reg = json.loads(registry_path(cfg.mountpoint).read_text())
-    sup = Supervisor(cfg.mountpoint, int(reg["pid"]), Path(reg["cache_dir"]))
+    sup = Supervisor(cfg.mountpoint, int(reg["pid"]), Path(reg["cache_dir"]),
+                     reg.get("pid_start"))
     # Straight from the recording handlers to the supervisor's: as PID 1, a signal that
     # found its default handler in between would be dropped by the kernel, and with a
     # SIGTERM the final flush.
