@@ -18,7 +18,7 @@ from wsfs.blocks import pack as packs
 from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
-from wsfs.store import LocalStore, NoSuchKey, TransientStoreError
+from wsfs.store import LocalStore, NoSuchKey, ObjectStore, TransientStoreError
 from wsfs.sync import Flusher
 
 pytestmark = pytest.mark.layers
@@ -48,6 +48,12 @@ class RecordingStore(LocalStore):
         if tag is not None:
             self.puts.append(key)
         return tag
+
+
+def fetched_checkpoint(store: ObjectStore, seq: int, target: Path) -> Metadata:
+    """Checkpoint `seq` as a mount on an empty cache dir would fetch it."""
+    trio.run(ckpt.fetch, store, seq, target, trio.CapacityLimiter(4))
+    return Metadata(target)
 
 
 def make(tmp_path: Path) -> tuple[RecordingStore, Metadata, BlockCache, Flusher]:
@@ -109,11 +115,8 @@ def test_fetched_checkpoint_reproduces_the_database(tmp_path: Path) -> None:
     ino = add_file(meta, blocks, b"f", b"hello")
     meta.set_xattr(ino, b"user.k", b"v")
     trio.run(flusher.cycle)
-    target = tmp_path / "restored.db"
-    seq = ckpt.read_head(store)
-    assert seq == 1
-    trio.run(ckpt.fetch, store, seq, target, trio.CapacityLimiter(4))
-    restored = Metadata(target)
+    assert ckpt.read_head(store) == 1
+    restored = fetched_checkpoint(store, 1, tmp_path / "restored.db")
     assert restored.lookup(1, b"f") == ino
     assert restored.get_xattr(ino, b"user.k") == b"v"
     ref = restored.get_block(ino, 0)
@@ -370,11 +373,8 @@ def test_a_retried_publication_replaces_its_own_unnamed_manifest(tmp_path: Path)
     assert ckpt.read_head(store) is None and store.head(ckpt.manifest_key(1)) is not None
     add_file(meta, blocks, b"second", b"2")
     trio.run(flusher.cycle)
-    target = tmp_path / "fetched.db"
-    seq = ckpt.read_head(store)
-    assert seq == 1
-    trio.run(ckpt.fetch, store, seq, target, trio.CapacityLimiter(4))
-    fetched = Metadata(target)
+    assert ckpt.read_head(store) == 1
+    fetched = fetched_checkpoint(store, 1, tmp_path / "fetched.db")
     assert fetched.lookup(1, b"first") is not None and fetched.lookup(1, b"second") is not None
 
 
@@ -404,7 +404,5 @@ def test_a_remount_after_a_kill_between_manifest_and_head_publishes_its_newer_sn
     add_file(meta, blocks, b"third", b"3")  # written through the remount
     trio.run(remount.cycle)
     assert ckpt.read_head(store) == 2
-    target = tmp_path / "fetched.db"
-    trio.run(ckpt.fetch, store, 2, target, trio.CapacityLimiter(4))
-    fetched = Metadata(target)
+    fetched = fetched_checkpoint(store, 2, tmp_path / "fetched.db")
     assert all(fetched.lookup(1, name) is not None for name in (b"first", b"second", b"third"))
