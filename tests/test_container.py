@@ -38,7 +38,8 @@ ENTRYPOINT_SH = ROOT / "packaging" / "container" / "entrypoint.sh"
 DOCKERFILE = ROOT / "packaging" / "container" / "Dockerfile"
 # `wsfs` for entrypoint.sh: this tree's code (a console script may be an older install).
 WSFS_SCRIPT = (f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.path.insert(0, "
-               f"{json.dumps(str(ROOT))}); from wsfs.cli import main; sys.exit(main())' \"$@\"\n")
+               f"{json.dumps(str(ROOT))}); from wsfs.commands.cli import main; "
+               "sys.exit(main())' \"$@\"\n")
 
 # The "notebook": writes through the mount and into the data dir, records itself, then waits.
 # argv: MODE WORKSPACE DATA_DIR OUT_DIR; MODE is trap (SIGTERM: write goodbye, exit 0),

@@ -26,12 +26,12 @@ import pytest
 from conftest import WSFS, Workspace, run_wsfs, wait_for, wait_pid_gone
 from test_badinput import attempt, check_refused, mount_args
 
-from wsfs import preflight
 from wsfs.config import default_cache_dir
+from wsfs.daemon import preflight
+from wsfs.daemon.preflight import in_container
+from wsfs.daemon.workspace import stopped_cleanly
 from wsfs.errors import MountError, NoWorkspaceError, UsageError
-from wsfs.preflight import in_container
 from wsfs.runtime import is_mountpoint
-from wsfs.workspace import stopped_cleanly
 
 TIMEOUT = 60
 

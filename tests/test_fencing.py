@@ -32,7 +32,7 @@ from conftest import WSFS, Workspace, s3_workspace, wait_for
 from faultproxy import FaultProxy
 from s3servers import S3Server
 
-from wsfs.lease import read_holder
+from wsfs.daemon.lease import read_holder
 from wsfs.meta import checkpoint as ckpt
 from wsfs.store import LocalStore, ObjectStore, S3Store
 

@@ -33,7 +33,7 @@ from wsfs.blocks import BlockCache
 from wsfs.fs import Operations
 from wsfs.meta import Metadata
 from wsfs.store import LocalStore
-from wsfs.sync import COMMIT_INTERVAL
+from wsfs.sync.flusher import COMMIT_INTERVAL
 
 NEVER = 3600.0  # flush delay: nothing is uploaded unless fsync (or unmount) asks for it
 

@@ -109,7 +109,7 @@ def test_install_into_a_prefix_is_whole_and_rerunning_upgrades(tmp_path: Path) -
     # A broken or older install is replaced by the next run, at the same version number; this
     # time from a wheel, built the way the docs say.
     prefix = tmp_path / "prefix"
-    cli = next(prefix.glob("lib/python3*/site-packages/wsfs/cli.py"))
+    cli = next(prefix.glob("lib/python3*/site-packages/wsfs/commands/cli.py"))
     cli.write_text("raise SystemExit('stale')\n")
     tree = tmp_path / "tree"  # a copy: a build in the checkout would leave build/ behind
     tree.mkdir()

@@ -22,8 +22,8 @@ from conftest import Workspace, s3_workspace, wait_for, wait_pid_gone
 from s3servers import S3Server
 from test_failstart import gated_head, start_mount
 
+from wsfs.daemon.lease import Holder, Lease, read_holder
 from wsfs.errors import LeaseError, MountError
-from wsfs.lease import Holder, Lease, read_holder
 from wsfs.runtime import is_mountpoint
 from wsfs.store import LocalStore, S3Store
 

@@ -24,8 +24,9 @@ from s3servers import S3Server
 from test_badinput import attempt, check_refused, mount_args
 from test_container import Entrypoint, keyless_env, secret_rclone
 
-from wsfs import __version__, options
-from wsfs.cli import build_parser, mount_config
+from wsfs import __version__
+from wsfs.commands import options
+from wsfs.commands.cli import build_parser
 from wsfs.config import MountConfig
 from wsfs.errors import StoreError, UsageError
 from wsfs.runtime import is_mountpoint
@@ -62,7 +63,7 @@ def parse(*argv: str, env: dict[str, str] | None = None) -> MountConfig:
     """`wsfs mount STORE /mnt ARGV...` with the environment `env`, as main() parses it."""
     args = build_parser().parse_args(["mount", "s3://bucket/ws", "/mnt", *argv])
     options.resolve(args, env or {})
-    return mount_config(args)
+    return options.mount_config(args)
 
 
 def field(cfg: MountConfig, name: str) -> Any:
@@ -282,8 +283,8 @@ def test_credentials_file_readable_by_others_is_refused_by_wsfs_mount(ws: Worksp
 def test_the_user_guide_table_is_the_code_table() -> None:
     guide = (ROOT / "docs" / "user-guide.md").read_text()
     assert options.markdown_table() in guide, (
-        "docs/user-guide.md's options table differs from wsfs/options.py: paste the output "
-        "of `python -m wsfs.options` over it")
+        "docs/user-guide.md's options table differs from wsfs/commands/options.py: paste the output "
+        "of `python -m wsfs.commands.options` over it")
 
 
 # -- help texts -------------------------------------------------------------------------------
@@ -339,7 +340,7 @@ def test_mount_help_explains_mountpoint_and_lists_the_variables() -> None:
 
 
 def mount_helper(*argv: str) -> subprocess.CompletedProcess[str]:
-    code = "import sys; from wsfs.mounthelper import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from wsfs.commands.mounthelper import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
                           text=True, timeout=60, cwd=ROOT, env=dict(os.environ))
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import Workspace, wait_for
 
-from wsfs.readahead import mount_device
-from wsfs.workspace import DEFAULT_BLOCK_SIZE
+from wsfs.daemon.readahead import mount_device
+from wsfs.meta.superblock import DEFAULT_BLOCK_SIZE
 
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw

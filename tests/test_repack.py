@@ -1,4 +1,4 @@
-"""Repacking (wsfs/repack.py): the survivors of mostly dead packs move to new packs, and the
+"""Repacking (wsfs/sync/repack.py): the survivors of mostly dead packs move to new packs, and the
 old packs leave the store, without ever losing a block.
 
 First without the kernel (the repacker and the flusher on the embedded store, step by step),
@@ -23,14 +23,16 @@ from faultproxy import FaultProxy
 from s3servers import S3Server
 from test_layers import BS, RecordingStore, add_file, make
 
-from wsfs import repack
 from wsfs.blocks import BlockCache, object_key
 from wsfs.fs import Operations
 from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata, schema
-from wsfs.repack import FETCH_BUDGET, PackUsage, Repacker, choose, chunks, pack_usage
+from wsfs.meta import packs as packs_usage
+from wsfs.meta.packs import PackUsage, pack_usage
 from wsfs.store import LocalStore
-from wsfs.sync import Flusher
+from wsfs.sync import repack
+from wsfs.sync.flusher import Flusher
+from wsfs.sync.repack import FETCH_BUDGET, Repacker, choose, chunks
 
 INTERVAL = "0.5"  # seconds between repack passes in the mounted tests
 
@@ -112,7 +114,7 @@ def test_repack_moves_survivors_and_the_old_pack_goes(tmp_path: Path,
         assert got == files[name]
     assert trio.run(repacker.repack_once) == 0  # the new pack is all alive
     scans: list[int] = []
-    real_scan = repack.scan
+    real_scan = packs_usage.scan
 
     def counted_scan(*a: Any) -> Any:
         scans.append(1)

@@ -20,12 +20,13 @@ import trio
 from conftest import Workspace
 
 from wsfs.blocks.clean import CLEAN_DB_CACHE_PAGES, open_clean_cache
+from wsfs.daemon.workspace import prefetch, prepare_cache
 from wsfs.errors import MountError
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
 from wsfs.meta.db import INODE_CACHE_MAX
+from wsfs.meta.superblock import read_superblock
 from wsfs.store import LocalStore, open_store
-from wsfs.workspace import prefetch, prepare_cache, read_superblock
 
 
 def make_db(path: Path, pages: int) -> bytes:

@@ -3,7 +3,7 @@
 The FUSE handlers are the hot path (a cached `stat` is answered in tens of microseconds), so
 an observation is a bisect into fixed bucket bounds and two additions to a list: ~0.2 µs,
 against ~0.74 µs for a `prometheus_client.Histogram` child, whose every update takes a lock
-(measured on the development machine: docs/operations.md). `wsfs.metrics` exposes these as
+(measured on the development machine: docs/operations.md). `wsfs.daemon.metrics` exposes these as
 Prometheus histograms. The FUSE handlers all run in the trio thread, so `Latencies` takes no
 lock; store requests run in worker threads and use `SharedLatencies`, which does.
 """

@@ -18,7 +18,7 @@ holds a block (meta/schema.py); the object's name comes from the pack's own rand
 block's, so packs and single blocks share one namespace and one garbage list.
 
 A pack is written once and never changed. Its dead members (files deleted or rewritten since)
-are reclaimed by repacking (wsfs/repack.py): the survivors of a mostly dead pack are copied
+are reclaimed by repacking (wsfs/sync/repack.py): the survivors of a mostly dead pack are copied
 into a new pack under a new id, and the old pack becomes garbage.
 """
 

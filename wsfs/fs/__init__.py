@@ -23,12 +23,11 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..meta import Inode
+from ..meta.schema import MARKER, ROOT
 from .base import (
     LISTING_CACHE_DIR_MAX,
     LISTING_CACHE_ENTRIES,
-    MARKER,
     NAME_MAX,
-    ROOT,
     STATFS_CACHE_SECONDS,
     XATTR_NAME_MAX,
     XATTR_SIZE_MAX,

@@ -29,12 +29,11 @@ from pyfuse3 import FUSEError
 from ..blocks import BlockCache
 from ..latency import Latencies
 from ..meta import BlockRef, Inode, Metadata
+from ..meta.schema import MARKER, ROOT
 from ..runtime import env_seconds
 
 log = logging.getLogger(__name__)
 
-ROOT = int(pyfuse3.ROOT_INODE)
-MARKER = b".workspace.initialized"
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536

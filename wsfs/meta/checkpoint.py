@@ -99,7 +99,7 @@ def claim_head(store: ObjectStore, mount_id: str) -> tuple[int, str] | None:
 
 
 # The copy of the newest checkpoint a cache dir published (kept by the flusher): what the
-# store got from it, to tell what it did not (wsfs/conflicts.py).
+# store got from it, to tell what it did not (wsfs/daemon/conflicts.py).
 PUBLISHED = "published.db"
 
 

@@ -59,7 +59,7 @@ packs       the size of each pack object that blocks may live in, so the repacke
             A checkpoint lacks the rows of the packs of its own flush cycle (written after
             its snapshot was pinned); those packs have lost nothing since (a loss is a change,
             and a later checkpoint would hold the rows), so the mount gives them rows before
-            it serves (repack.adopt_packs).
+            it serves (meta/packs.py adopt_packs).
 
 settings    key/value facts about this database (format version, the checkpoint it came from)
 """
@@ -67,6 +67,11 @@ settings    key/value facts about this database (format version, the checkpoint 
 import sqlite3
 
 FORMAT_VERSION = 3  # 2: blocks.pack; 3: packs
+
+ROOT = 1  # the root directory's inode (the kernel's FUSE_ROOT_ID)
+# The workspace marker, a read-only file in the root: a workspace without it cannot start, so
+# the filesystem refuses its removal (fs/) and every new workspace is created with it.
+MARKER = b".workspace.initialized"
 
 SCHEMA = """
 CREATE TABLE inodes (

@@ -16,40 +16,15 @@ import urllib.parse
 from pathlib import Path
 
 from wsfs.errors import StoreError, UsageError
-from wsfs.store.base import NoSuchKey, ObjectStore
-
-
-class TransientStoreError(StoreError):
-    """A store failure that may go away by itself: retry it with backoff."""
-
-    transient = True
-
-
-# Key components starting with this are wsfs's own scratch names (temp files of the directory
-# store, probe objects), never objects: `check_key` refuses them and `list` skips them.
-RESERVED_PREFIX = ".wsfs-"
-TEMP_PREFIX = RESERVED_PREFIX + "tmp-"
-
-
-def check_key(key: str) -> None:
-    """Raise ValueError unless `key` is a well-formed object key.
-
-    Keys are '/'-separated relative paths with no empty, '.' or '..' component. The same rules
-    hold for every store, so a key that works on S3 also works on the directory store (where it
-    is a file path) and on `rclone serve s3` (which rejects '//' and stores 'dir/' as a file).
-    Components starting with `RESERVED_PREFIX` are wsfs's scratch names.
-    A bad key is a bug in wsfs, not a user error, hence ValueError.
-    """
-    if not key or key.startswith("/") or key.endswith("/") or "\0" in key:
-        raise ValueError(f"invalid object key {key!r}")
-    for part in key.split("/"):
-        if part in ("", ".", "..") or part.startswith(RESERVED_PREFIX):
-            raise ValueError(f"invalid object key {key!r}")
-
-
-# These need TransientStoreError and check_key, defined above.
-from wsfs.store.local import LocalStore  # noqa: E402
-from wsfs.store.s3 import S3Store  # noqa: E402
+from wsfs.store.base import (
+    RESERVED_PREFIX,
+    NoSuchKey,
+    ObjectStore,
+    TransientStoreError,
+    check_key,
+)
+from wsfs.store.local import LocalStore
+from wsfs.store.s3 import S3Store
 
 __all__ = [
     "LocalStore",

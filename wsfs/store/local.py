@@ -24,8 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from wsfs.errors import StoreError
-from wsfs.store import TEMP_PREFIX, TransientStoreError, check_key
-from wsfs.store.base import NoSuchKey
+from wsfs.store.base import TEMP_PREFIX, NoSuchKey, TransientStoreError, check_key
 
 log = logging.getLogger(__name__)
 

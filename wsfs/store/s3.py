@@ -27,8 +27,7 @@ from botocore.config import Config
 from botocore.handlers import add_expect_header
 
 from wsfs.errors import StoreError
-from wsfs.store import RESERVED_PREFIX, TransientStoreError, check_key
-from wsfs.store.base import NoSuchKey
+from wsfs.store.base import RESERVED_PREFIX, NoSuchKey, TransientStoreError, check_key
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def use_credentials_file(path: Path) -> None:

@@ -6,7 +6,7 @@ ones: caches such as `.cache/pip` or `.conda/pkgs` often take most of a workspac
 
 The dead bytes inside live packs (members whose files were deleted or rewritten, kept by the
 pack's survivors) are what the store bills beyond the live data until the mounted daemon
-repacks them (wsfs/repack.py): each referenced pack's stored size less its live members'
+repacks them (wsfs/sync/repack.py): each referenced pack's stored size less its live members'
 bytes (estimated from their files' sizes, as the repacker does; the pack's header counts as
 dead).
 """
@@ -20,13 +20,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..blocks import object_key
-from ..errors import NoWorkspaceError
-from ..meta import checkpoint as ckpt
-from ..progress import human_bytes, human_seconds
-from ..repack import pack_usage
-from ..store import ObjectStore
-from ..workspace import read_superblock
+from ...blocks import object_key
+from ...errors import NoWorkspaceError
+from ...meta import checkpoint as ckpt
+from ...meta.packs import pack_usage
+from ...meta.superblock import read_superblock
+from ...progress import human_bytes, human_seconds
+from ...store import ObjectStore
 from . import data_objects, fetch_databases, list_detailed
 
 ROOT = 1

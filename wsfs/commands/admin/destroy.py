@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..errors import LeaseError
-from ..lease import LEASE_KEY, Lease, read_holder
-from ..meta import checkpoint as ckpt
-from ..store import ObjectStore
-from ..workspace import SUPERBLOCK_KEY, read_superblock
+from ...daemon.lease import LEASE_KEY, Lease, read_holder
+from ...errors import LeaseError
+from ...meta import checkpoint as ckpt
+from ...meta.superblock import SUPERBLOCK_KEY, read_superblock
+from ...store import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ no checkpoint references never comes back either. The same holds for pages (a ma
 reuses only pages of the previous manifest, which gc keeps). Object ages come from the
 store's clock (LastModified).
 
-Repacking (wsfs/repack.py) keeps this true: it moves live blocks out of mostly dead packs
+Repacking (wsfs/sync/repack.py) keeps this true: it moves live blocks out of mostly dead packs
 into *new* packs, uploaded (young) before the checkpoint that names them, and never points
 a block at an existing pack, so a pack still only ever holds the blocks it was uploaded
 with and a pack that left the checkpoints never comes back. A block now may live in another
@@ -47,12 +47,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import LeaseError, NoWorkspaceError, WsfsError
-from ..lease import read_holder
-from ..meta import checkpoint as ckpt
-from ..progress import human_bytes, human_seconds
-from ..store import ObjectStore
-from ..workspace import read_superblock
+from ...daemon.lease import read_holder
+from ...errors import LeaseError, NoWorkspaceError, WsfsError
+from ...meta import checkpoint as ckpt
+from ...meta.superblock import read_superblock
+from ...progress import human_bytes, human_seconds
+from ...store import ObjectStore
 from . import data_objects, fetch_databases, list_detailed, manifest_seqs
 
 log = logging.getLogger(__name__)

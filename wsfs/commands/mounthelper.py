@@ -23,8 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import MountError, UsageError, WsfsError
+from .. import __version__
+from ..errors import MountError, UsageError, WsfsError
 
 DEFAULT_CREDENTIALS = Path("/etc/wsfs/credentials")
 # Variables that say where the keys are: with any of them, /etc/wsfs/credentials is not used.
@@ -137,8 +137,8 @@ def _fusermount(flag: str, mountpoint: Path) -> int:
 
 def umount_main(argv: list[str]) -> int:
     """`umount.fuse.wsfs MOUNTPOINT [-flnrv] [-N NS] [-t TYPE]`: unmount and wait for the flush."""
+    from ..runtime import canonical_mountpoint, registry_path
     from .cli import main as cli_main
-    from .runtime import canonical_mountpoint, registry_path
 
     positional = [a for i, a in enumerate(argv)
                   if not a.startswith("-") and (i == 0 or argv[i - 1] not in ("-t", "-N"))]

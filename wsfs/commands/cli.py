@@ -11,16 +11,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import NoReturn
 
 import trio
 
-from . import __version__, options
-from .errors import UsageError, WsfsError
+from .. import __version__
+from ..errors import UsageError, WsfsError
+from . import options
 from .options import parse_seconds
-
-if TYPE_CHECKING:
-    from .config import MountConfig
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_args(sp)
     sp.add_argument("--verify-data", action="store_true",
                     help="also download every block and check its checksum")
-    from .entrypoint import add_parser as add_run_parser
+    from .run import add_parser as add_run_parser
 
     add_run_parser(sub, mount_parser, fmt)
     from .admin.commands import add_parsers as add_admin_parsers
@@ -140,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .store import open_store, probe
-    from .workspace import create
+    from ..daemon.workspace import create
+    from ..store import open_store, probe
 
     owner = args.owner or (os.getuid(), os.getgid())
     store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
@@ -152,21 +150,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def mount_config(args: argparse.Namespace) -> MountConfig:
-    """The mount configuration from `wsfs mount` (or `wsfs run`) arguments, once
-    `options.resolve` has given each option its final value."""
-    from .config import MountConfig
-
-    fields: dict[str, Any] = {options.BY_NAME[n].field: getattr(args, n) for n in options.MOUNT}
-    return MountConfig(store_url=args.store, mountpoint=args.mountpoint,
-                       foreground=args.foreground, fuse_options=args.fuse_options, **fields)
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     from .credentials import use_credentials
     from .mount import exit_parent, mount
 
-    cfg = mount_config(args)
+    cfg = options.mount_config(args)
     use_credentials(cfg.credentials_file, cfg.profile)
     mount(cfg)
     if not cfg.foreground:
@@ -175,7 +163,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .entrypoint import run
+    from .run import run
 
     return run(args)
 
@@ -189,9 +177,9 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from .errors import DamageError
+    from ..errors import DamageError
+    from ..store import open_store, probe
     from .fsck import check
-    from .store import open_store, probe
 
     store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
     probe(store)
@@ -210,7 +198,7 @@ COMMANDS = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount, "run":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .logs import configure
+    from ..logs import configure
 
     configure(args.verbose, args.log_format)
     try:

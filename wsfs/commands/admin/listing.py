@@ -12,11 +12,11 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from ..lease import LEASE_KEY, Holder
-from ..meta import checkpoint as ckpt
-from ..progress import human_bytes, human_seconds
-from ..store import NoSuchKey, ObjectStore
-from ..workspace import SUPERBLOCK_KEY
+from ...daemon.lease import LEASE_KEY, Holder
+from ...meta import checkpoint as ckpt
+from ...meta.superblock import SUPERBLOCK_KEY
+from ...progress import human_bytes, human_seconds
+from ...store import NoSuchKey, ObjectStore
 from . import list_detailed
 
 

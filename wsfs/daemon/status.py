@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .control import SyncRequest
-from .errors import DaemonGoneError, FlushError, MountError
-from .progress import Progress, closing, human_bytes, human_seconds
-from .runtime import (
+from ..errors import DaemonGoneError, FlushError, MountError
+from ..progress import Progress, closing, human_bytes, human_seconds
+from ..runtime import (
     RUN_DIR,
     canonical_mountpoint,
     daemon_alive,
@@ -25,6 +24,7 @@ from .runtime import (
     mount_field,
     registry_path,
 )
+from .control import SyncRequest
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def sync(mountpoint: Path, *, progress: bool, timeout: float | None = None) -> s
     """Publish everything written to `mountpoint` so far; return a one-line summary.
 
     The kernel first hands over the pages it still caches (syncfs), then the daemon is asked
-    for a flush cycle that starts after the request (see wsfs.control). Raises FlushError if
+    for a flush cycle that starts after the request (see wsfs.daemon.control). Raises FlushError if
     the daemon reports a failure, goes away before finishing, or the timeout passes.
     """
     import pyfuse3

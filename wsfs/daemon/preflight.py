@@ -15,8 +15,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MountError
-from .runtime import mount_field
+from ..errors import MountError
+from ..runtime import mount_field
 
 FUSE_DEVICE = Path("/dev/fuse")
 CAP_SYS_ADMIN = 21  # the capability's bit in /proc/self/status's CapEff

@@ -25,15 +25,14 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections import deque
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .control import SyncRequest
-from .errors import (
+from ..daemon.control import SyncRequest
+from ..errors import (
     CommandNotExecutable,
     CommandNotFound,
     FlushError,
@@ -41,9 +40,10 @@ from .errors import (
     UsageError,
     WsfsError,
 )
+from ..progress import human_bytes
+from ..runtime import canonical_mountpoint, daemon_alive, mount_field, syncfs
+from . import options
 from .options import MOUNT, environment_help
-from .progress import human_bytes
-from .runtime import canonical_mountpoint, daemon_alive, mount_field, syncfs
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
 class EarlyFlush:
     """Uploads the workspace's changes while the command stops, instead of after it.
 
-    `wsfs sync`'s request (wsfs.control), not waited for: at SIGTERM the kernel hands over its
+    `wsfs sync`'s request (wsfs.daemon.control), not waited for: at SIGTERM the kernel hands over its
     cached pages (`sync -f`, syncfs(2)) and the daemon starts a flush cycle at once. While the
     command is still stopping, each answer is followed by a new round (at most one every
     SYNC_EVERY seconds), so what it writes while it stops is on its way too, and the final
@@ -347,7 +347,7 @@ class Supervisor:
 
     def unmount(self) -> None:
         """`wsfs unmount`: sync, unmount, wait for the daemon's last upload, logging progress."""
-        from .runtime import is_mountpoint
+        from ..runtime import is_mountpoint
 
         mp = str(self.mountpoint)
         if self.early_flush is not None:
@@ -406,7 +406,7 @@ def child_env(keep_credentials: bool) -> dict[str, str]:
 
 def show_progress() -> None:
     """The entrypoint's own lines (mount, stop, flush progress) always reach the container log."""
-    from .logs import formatter
+    from ..logs import formatter
 
     if not log.handlers:
         handler = logging.StreamHandler()
@@ -418,11 +418,10 @@ def show_progress() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`wsfs run`: see the module docstring."""
-    from .cli import mount_config
+    from ..runtime import registry_path
     from .credentials import use_credentials
     from .mount import mount
     from .options import parse_seconds
-    from .runtime import registry_path
 
     show_progress()
     command = list(args.argv)
@@ -435,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
     args.store, mountpoint = args.mount
     args.mountpoint = canonical_mountpoint(Path(mountpoint))
     args.foreground = False
-    cfg = mount_config(args)
+    cfg = options.mount_config(args)
     use_credentials(cfg.credentials_file, cfg.profile)
     if args.data_dir:  # a str: Path("") would be the working directory
         prepare_data_dir(Path(args.data_dir), args.mountpoint, args.data_owner)
@@ -486,8 +485,3 @@ def run(args: argparse.Namespace) -> int:
         return 0
     return status if status >= 0 else 128 - status
 
-
-def main() -> None:  # pragma: no cover - `python -m wsfs.entrypoint` convenience
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["run", *sys.argv[1:]]))

@@ -26,10 +26,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from .errors import LeaseError
-from .meta.checkpoint import FENCED_FIX
-from .runtime import env_seconds
-from .store import NoSuchKey, ObjectStore, replace_if
+from ..errors import LeaseError
+from ..meta.checkpoint import FENCED_FIX
+from ..runtime import env_seconds
+from ..store import NoSuchKey, ObjectStore, replace_if
 
 log = logging.getLogger(__name__)
 

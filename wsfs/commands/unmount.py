@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import DaemonGoneError, FlushError, MountError
-from .progress import Progress, closing
-from .runtime import (
+from ..daemon.status import entry_of, read_status
+from ..errors import DaemonGoneError, FlushError, MountError
+from ..progress import Progress, closing
+from ..runtime import (
     canonical_mountpoint,
     daemon_alive,
     is_mountpoint,
     registry_path,
     syncfs,
 )
-from .status import entry_of, read_status
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..config import MountConfig
+from ..errors import UsageError
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # FUSE and mount(8) options passed through to the kernel as they are.
@@ -292,6 +293,14 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         setattr(args, name, value)
 
 
+def mount_config(args: argparse.Namespace) -> MountConfig:
+    """The mount configuration from `wsfs mount` (or `wsfs run`) arguments, once `resolve` has
+    given each option its final value."""
+    fields: dict[str, Any] = {BY_NAME[n].field: getattr(args, n) for n in MOUNT}
+    return MountConfig(store_url=args.store, mountpoint=args.mountpoint,
+                       foreground=args.foreground, fuse_options=args.fuse_options, **fields)
+
+
 def _value(o: Option, texts: list[str], what: str) -> Any:
     """The value of `texts` given in one form: each is checked; a repeated option's are
     collected, otherwise the last wins (as for mount(8))."""
@@ -330,5 +339,5 @@ def markdown_table(names: Iterable[str] = MOUNT) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m wsfs.options` prints the table
+if __name__ == "__main__":  # pragma: no cover - `python -m wsfs.commands.options` prints the table
     print(markdown_table())

@@ -28,21 +28,18 @@ from typing import IO
 import pyfuse3
 import trio
 
-from . import __version__, conflicts, control, logs, metrics
-from .blocks import BlockCache, BlockCorrupt
-from .config import MountConfig
-from .errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
-from .fs import Operations
-from .fs.base import drop_blocks
-from .latency import Latencies, SharedLatencies
-from .lease import Lease
-from .meta import Metadata
-from .meta import checkpoint as ckpt
-from .metrics import RateMeter
-from .preflight import refusal_fix
-from .progress import Progress
-from .readahead import set_readahead
-from .runtime import (
+from .. import __version__, logs
+from ..blocks import BlockCache, BlockCorrupt
+from ..config import MountConfig
+from ..errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
+from ..fs import Operations
+from ..fs.base import drop_blocks
+from ..latency import Latencies, SharedLatencies
+from ..meta import Metadata
+from ..meta import checkpoint as ckpt
+from ..meta.superblock import Superblock, read_superblock
+from ..progress import Progress
+from ..runtime import (
     favour_the_fuse_thread,
     limit_malloc_arenas,
     process_start,
@@ -51,18 +48,21 @@ from .runtime import (
     syncfs,
     write_registry,
 )
-from .store import ObjectStore, open_store, probe
-from .store.timed import KINDS as TIMED_KINDS
-from .store.timed import TimedStore
-from .sync import Flusher
+from ..store import ObjectStore, open_store, probe
+from ..store.timed import KINDS as TIMED_KINDS
+from ..store.timed import TimedStore
+from ..sync.flusher import Flusher
+from . import conflicts, control, metrics
+from .lease import Lease
+from .metrics import RateMeter
+from .preflight import refusal_fix
+from .readahead import set_readahead
 from .workspace import (
-    Superblock,
     create,
     drop_prefetched,
     has_marker,
     prefetch,
     prepare_cache,
-    read_superblock,
     stopped_cleanly,
 )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .runtime import mount_field
+from ..runtime import mount_field
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,15 @@ import stat
 import time
 from pathlib import Path
 
-from .blocks import pack as packs
-from .blocks.clean import open_clean_cache
-from .blocks.files import object_key
-from .blocks.journal import Journal
-from .fs import MARKER, ROOT
-from .meta import Metadata
-from .meta.checkpoint import PUBLISHED
-from .meta.db import Inode
-from .store import NoSuchKey, ObjectStore
+from ..blocks import pack as packs
+from ..blocks.clean import open_clean_cache
+from ..blocks.files import object_key
+from ..blocks.journal import Journal
+from ..meta import Metadata
+from ..meta.checkpoint import PUBLISHED
+from ..meta.db import Inode
+from ..meta.schema import MARKER, ROOT
+from ..store import NoSuchKey, ObjectStore
 
 log = logging.getLogger(__name__)
 

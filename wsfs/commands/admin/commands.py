@@ -1,8 +1,8 @@
 """The command-line verbs that observe and manage workspaces: status, sync, du, ls, gc, destroy,
 recover.
 
-Kept apart from `wsfs.cli` (which owns parsing of the mount verbs and error printing) so each
-verb's arguments sit next to the code that runs it; `wsfs.cli` adds these parsers and commands.
+Kept apart from `wsfs.commands.cli` (which owns parsing of the mount verbs and error printing) so each
+verb's arguments sit next to the code that runs it; `wsfs.commands.cli` adds these parsers and commands.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...errors import UsageError, WsfsError
+from ...store import ObjectStore
 from .. import options
-from ..errors import UsageError, WsfsError
 from ..options import parse_seconds
-from ..store import ObjectStore
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -29,7 +29,7 @@ class Aborted(WsfsError):
 
 
 def _open(args: argparse.Namespace) -> ObjectStore:
-    from ..store import open_store, probe
+    from ...store import open_store, probe
 
     store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
     probe(store)
@@ -104,7 +104,7 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ..status import show
+    from ...daemon.status import show
 
     text, dead = show(args.mountpoint, as_json=args.json)
     print(text, flush=True)
@@ -114,7 +114,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from ..status import sync
+    from ...daemon.status import sync
 
     timeout = None if args.timeout is None else parse_seconds(args.timeout, "--timeout")
     summary = sync(args.mountpoint, progress=sys.stderr.isatty(), timeout=timeout)
@@ -182,8 +182,8 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from ..conflicts import export
-    from ..workspace import DEFAULT_BLOCK_SIZE, read_superblock
+    from ...daemon.conflicts import export
+    from ...meta.superblock import DEFAULT_BLOCK_SIZE, read_superblock
 
     cache_dir: Path = args.cache_dir
     if not (cache_dir / "meta.db").is_file():

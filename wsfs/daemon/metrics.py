@@ -30,8 +30,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
-from .errors import UsageError
-from .latency import BUCKETS, Latencies
+from ..errors import UsageError
+from ..latency import BUCKETS, Latencies
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ async def open_listeners(address: str) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as e:
-        from .errors import MountError
+        from ..errors import MountError
 
         raise MountError(f"cannot serve metrics on {address}: {e.strerror or e}; "
                          "choose another --metrics address") from None

@@ -1,7 +1,6 @@
-"""A workspace in a store: its superblock, its creation, and bringing a cache dir up to date.
+"""A workspace in a store: its creation, and bringing a cache dir up to date with it.
 
-`wsfs.json` (the superblock) says which format wrote the workspace and its block size. A
-workspace is created with a root directory and the marker `/.workspace.initialized`, and is
+A workspace is created with a root directory and the marker `/.workspace.initialized`, and is
 published as checkpoint 1 through the same flush cycle every later change goes through.
 """
 
@@ -14,66 +13,32 @@ import stat
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import trio
 
-from . import __version__
-from .blocks import BlockCache
-from .errors import (
+from .. import __version__
+from ..blocks import BlockCache
+from ..errors import (
     DamageError,
-    FormatError,
     MountError,
     NoWorkspaceError,
     StoreError,
     WsfsError,
 )
-from .fs import MARKER, ROOT
-from .meta import Metadata
-from .meta import checkpoint as ckpt
-from .store import NoSuchKey, ObjectStore
-from .sync import Flusher
+from ..meta import Metadata
+from ..meta import checkpoint as ckpt
+from ..meta.schema import MARKER, ROOT
+from ..meta.superblock import (
+    DEFAULT_BLOCK_SIZE,
+    FORMAT,
+    SUPERBLOCK_KEY,
+    Superblock,
+)
+from ..store import NoSuchKey, ObjectStore
+from ..sync.flusher import Flusher
 
 log = logging.getLogger(__name__)
-
-SUPERBLOCK_KEY = "wsfs.json"
-FORMAT = 1
-DEFAULT_BLOCK_SIZE = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class Superblock:
-    format: int
-    workspace_id: str
-    block_size: int
-    created_ns: int
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
-
-
-def read_superblock(store: ObjectStore) -> Superblock:
-    """The workspace's superblock, or a clear error if there is none or it is too new."""
-    try:
-        data = json.loads(store.get(SUPERBLOCK_KEY))
-    except NoSuchKey:
-        raise NoWorkspaceError(
-            f"{store.url} holds no wsfs workspace; create one with `wsfs init {store.url}` "
-            "or mount with --init"
-        ) from None
-    except ValueError:
-        raise NoWorkspaceError(
-            f"the superblock {SUPERBLOCK_KEY} in {store.url} is unreadable; restore it or "
-            "point wsfs at the right store"
-        ) from None
-    if int(data.get("format", 0)) > FORMAT:
-        raise FormatError(
-            f"{store.url} was written by a newer wsfs (format {data['format']}, this wsfs "
-            f"reads format {FORMAT}); upgrade wsfs"
-        )
-    return Superblock(int(data["format"]), str(data["workspace_id"]), int(data["block_size"]),
-                      int(data["created_ns"]))
 
 
 def marker_content(workspace_id: str, framework: str | None, labels: dict[str, str]) -> bytes:

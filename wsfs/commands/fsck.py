@@ -33,12 +33,12 @@ from pathlib import Path
 
 import trio
 
-from .blocks import object_key
-from .blocks import pack as packs
-from .meta import checkpoint as ckpt
-from .meta import schema
-from .store import NoSuchKey, ObjectStore
-from .workspace import read_superblock
+from ..blocks import object_key
+from ..blocks import pack as packs
+from ..meta import checkpoint as ckpt
+from ..meta import schema
+from ..meta.superblock import read_superblock
+from ..store import NoSuchKey, ObjectStore
 
 log = logging.getLogger(__name__)
 

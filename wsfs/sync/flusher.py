@@ -29,14 +29,14 @@ from typing import TypeVar
 
 import trio
 
-from .blocks import BlockCache, object_key
-from .blocks import pack as packs
-from .blocks.cache import MIN_RESERVE
-from .errors import FlushError, LeaseError
-from .meta import Metadata
-from .meta import checkpoint as ckpt
+from ..blocks import BlockCache, object_key
+from ..blocks import pack as packs
+from ..blocks.cache import MIN_RESERVE
+from ..errors import FlushError, LeaseError
+from ..meta import Metadata
+from ..meta import checkpoint as ckpt
+from ..store import NoSuchKey, ObjectStore
 from .repack import Repacker
-from .store import NoSuchKey, ObjectStore
 
 log = logging.getLogger(__name__)
 

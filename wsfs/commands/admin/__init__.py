@@ -15,10 +15,10 @@ from pathlib import Path
 
 import trio
 
-from ..errors import StoreError
-from ..meta import checkpoint as ckpt
-from ..meta import schema
-from ..store import NoSuchKey, ObjectStore
+from ...errors import StoreError
+from ...meta import checkpoint as ckpt
+from ...meta import schema
+from ...store import NoSuchKey, ObjectStore
 
 FETCH_THREADS = 16
 

@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .config import MountConfig, default_cache_dir
-from .daemon import run_daemon
-from .errors import MountError, WsfsError
-from .metrics import parse_address
-from .preflight import check_cache_location, check_fuse
-from .runtime import canonical_mountpoint, is_mountpoint
-from .store import open_store
+from ..config import MountConfig, default_cache_dir
+from ..daemon.metrics import parse_address
+from ..daemon.preflight import check_cache_location, check_fuse
+from ..daemon.serve import run_daemon
+from ..errors import MountError, WsfsError
+from ..runtime import canonical_mountpoint, is_mountpoint
+from ..store import open_store
 
 log = logging.getLogger(__name__)
 
