@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 import sqlite3
 import subprocess
@@ -26,6 +27,9 @@ SYS_RENAMEAT2 = 316  # x86_64
 AT_FDCWD = -100
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+SYS_IO_SETUP, SYS_IO_DESTROY, SYS_IO_GETEVENTS, SYS_IO_SUBMIT = 206, 207, 208, 209  # x86_64
+IOCB_CMD_PWRITE = 1
 
 
 def renameat2(old: Path, new: Path, flags: int) -> None:
@@ -35,6 +39,57 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
     if res != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(old), None, str(new))
+
+
+class _Iocb(ctypes.Structure):  # struct iocb of <linux/aio_abi.h>, little-endian
+    _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32),
+                ("rw_flags", ctypes.c_int32), ("opcode", ctypes.c_uint16),
+                ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
+                ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64),
+                ("offset", ctypes.c_int64), ("reserved2", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
+
+
+class _IoEvent(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64),
+                ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
+
+
+def _checked(res: int) -> int:
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return res
+
+
+class KernelAio:
+    """Linux native AIO (io_submit(2)), which Python has no wrapper for: a write submitted
+    this way is asynchronous in the kernel (its kiocb is not a synchronous one), unlike a
+    pwrite(2) from a thread."""
+
+    def __init__(self) -> None:
+        self._ctx = ctypes.c_ulong(0)
+        _checked(_libc.syscall(SYS_IO_SETUP, 8, ctypes.byref(self._ctx)))
+        self._buf = mmap.mmap(-1, 1 << 20)  # page-aligned, as O_DIRECT may want
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        """Submit one write, wait for its completion, return its result (bytes written)."""
+        self._buf[: len(data)] = data
+        cb = _Iocb(opcode=IOCB_CMD_PWRITE, fildes=fd, nbytes=len(data), offset=offset,
+                   buf=ctypes.addressof(ctypes.c_char.from_buffer(self._buf)))
+        cbs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(cb))
+        _checked(_libc.syscall(SYS_IO_SUBMIT, self._ctx, ctypes.c_long(1), cbs))
+        event = _IoEvent()
+        while not _checked(_libc.syscall(SYS_IO_GETEVENTS, self._ctx, ctypes.c_long(1),
+                                         ctypes.c_long(1), ctypes.byref(event), None)):
+            pass
+        if event.res < 0:
+            raise OSError(-event.res, os.strerror(-event.res))
+        return int(event.res)
+
+    def close(self) -> None:
+        _libc.syscall(SYS_IO_DESTROY, self._ctx)
+        self._buf.close()
 
 
 @pytest.fixture(scope="module", name="shared")

@@ -344,7 +344,7 @@ def make_ops(tmp_path: Path) -> tuple[Operations, int]:
     node = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
     meta.add_entry(1, b"f", node.id)
     ops = Operations(meta, blocks)
-    return ops, int(ops._open_handle(node.id).fh)
+    return ops, int(ops._open_handle(node.id, os.O_RDWR).fh)
 
 
 def blocks_of(ops: Operations, ino: int = 2) -> dict[int, str]:
@@ -355,7 +355,7 @@ def second_file(ops: Operations) -> tuple[int, pyfuse3.FileHandleT]:
     """Another empty file beside make_ops's, and an open handle of it."""
     node = ops.meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
     ops.meta.add_entry(1, b"g", node.id)
-    return node.id, pyfuse3.FileHandleT(int(ops._open_handle(node.id).fh))
+    return node.id, pyfuse3.FileHandleT(int(ops._open_handle(node.id, os.O_RDWR).fh))
 
 
 @pytest.mark.ops

@@ -31,6 +31,7 @@ from ..latency import Latencies
 from ..meta import BlockRef, Inode, Metadata
 from ..meta.schema import MARKER, ROOT
 from ..runtime import env_seconds
+from .coherence import DirectWrites
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ ListedEntry = tuple[pyfuse3.FileNameT, pyfuse3.EntryAttributes, int]  # name, at
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def _invalidate_pages(ino: int) -> None:
+    pyfuse3.invalidate_inode(pyfuse3.InodeT(ino))
 
 
 def drop_blocks(meta: Metadata, blocks: BlockCache, refs: Sequence[BlockRef]) -> None:
@@ -109,6 +114,7 @@ class Base(pyfuse3.Operations):
         read_only: bool = False,
         remote_fsync: Callable[[], Awaitable[None]] | None = None,
         latencies: Latencies | None = None,
+        invalidate_pages: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
         # every handler's duration, by operation (see _guarded in fs/__init__.py)
@@ -129,6 +135,9 @@ class Base(pyfuse3.Operations):
         self._read_end: dict[int, int] = {}  # fh -> where the last read ended (readahead)
         self._ahead_to: dict[int, int] = {}  # fh -> first block readahead has not asked for
         self._next_fh = 1
+        # handles that write with O_DIRECT, and the page-cache invalidations they need;
+        # `invalidate_pages` drops an inode's cached pages (tests replace the kernel's)
+        self.direct = DirectWrites(invalidate_pages or _invalidate_pages)
         self._prefetched_dirs: set[int] = set()
         self._synced_changes = -1  # metadata changes counted at the last completed fsync
         blocks.durable_metadata = self._durable_metadata
@@ -285,9 +294,10 @@ class Base(pyfuse3.Operations):
         for ino in doomed:
             self._locks.pop(ino, None)
 
-    def _open_handle(self, ino: int) -> pyfuse3.FileInfo:
+    def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = ino
         self._open[ino] += 1
+        self.direct.opened(fh, ino, flags)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)

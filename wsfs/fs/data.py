@@ -62,10 +62,11 @@ class DataOps(Base):
                 if node.size:
                     node.mtime_ns = node.ctime_ns = now_ns()
                     await self._truncate(node, 0)
-        return self._open_handle(ino)
+        return self._open_handle(ino, flags)
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         ino = self._handles.pop(int(fh))
+        self.direct.released(int(fh), ino)
         self._read_end.pop(int(fh), None)
         self._ahead_to.pop(int(fh), None)
         self._open[ino] -= 1
@@ -106,6 +107,16 @@ class DataOps(Base):
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         ino = self._handles[int(fh)]
+        direct = self.direct
+        while True:
+            token = direct.read_began(ino)
+            data = await self._read_range(int(fh), ino, off, size)
+            if not direct.read_is_stale(ino, token):  # (fs/coherence.py, rule 2)
+                break
+        direct.read_answered(ino)
+        return data
+
+    async def _read_range(self, fh: int, ino: int, off: int, size: int) -> bytes:
         node = self._node(ino)
         end = min(off + size, node.size)
         if off >= end:
@@ -122,11 +133,11 @@ class DataOps(Base):
             if ref is not None:
                 data = await self._read_block(ino, ref, start - idx * self.bs, stop - start)
             parts.append(data.ljust(stop - start, b"\0"))
-        if self._read_end.get(int(fh)) == off:
-            self._readahead(int(fh), ino, last + 1)
+        if self._read_end.get(fh) == off:
+            self._readahead(fh, ino, last + 1)
         elif self.blocks.misses != misses and node.size <= self.bs:
             self._prefetch_siblings(ino)
-        self._read_end[int(fh)] = end
+        self._read_end[fh] = end
         return b"".join(parts)
 
     def _readahead(self, fh: int, ino: int, first: int) -> None:
@@ -160,16 +171,17 @@ class DataOps(Base):
         self._writable(ino)
         await self.blocks.wait_for_room(len(buf))
         lock = self._lock(ino)
-        if not lock.locked() and self._write_in_place(ino, off, buf):
-            return len(buf)
-        async with lock:
-            pos = 0
-            while pos < len(buf):
-                idx, in_off = divmod(off + pos, self.bs)
-                piece = buf[pos : pos + self.bs - in_off]
-                await self._write_block(ino, idx, in_off, piece)
-                pos += len(piece)
-            self._written(ino, off + len(buf))
+        if lock.locked() or not self._write_in_place(ino, off, buf):
+            async with lock:
+                pos = 0
+                while pos < len(buf):
+                    idx, in_off = divmod(off + pos, self.bs)
+                    piece = buf[pos : pos + self.bs - in_off]
+                    await self._write_block(ino, idx, in_off, piece)
+                    pos += len(piece)
+                self._written(ino, off + len(buf))
+        if self.direct.is_direct(int(fh)):  # past the kernel's page cache: see coherence.py
+            await self.direct.applied(ino, self.nursery)
         return len(buf)
 
     def _write_in_place(self, ino: int, off: int, buf: bytes) -> bool:

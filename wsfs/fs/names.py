@@ -101,7 +101,7 @@ class NameOps(Base):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new_node(int(parent_inode), name, mode, ctx)
-        return self._open_handle(node.id), self._entry(node)
+        return self._open_handle(node.id, flags), self._entry(node)
 
     async def link(
         self,
