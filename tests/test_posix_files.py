@@ -8,6 +8,7 @@ sparse files that cost nothing, appends from several descriptors, unlinked-but-o
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import random
@@ -298,6 +299,38 @@ def test_mtime_of_written_file_survives_remount(mounted: Workspace) -> None:
     mounted.remount(wipe_cache=True)
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in (f, g)} == expect
     mounted.unmount()
+
+
+def test_ctime_never_goes_backwards(d: Path) -> None:
+    """A later change never gets an earlier ctime (make, rsync and build caches rely on the
+    order). Under the writeback cache the kernel stamps a regular file's writes, renames and
+    xattrs; wsfs stamps new inodes and directories: both must use the kernel's time. With
+    the daemon on time.time_ns(), a file written right after another was created got the
+    earlier ctime in every round; on CLOCK_REALTIME_COARSE, a file created right after
+    another was written did on a busy Linux 6.13+ (multigrain timestamps: meta/times.py)."""
+    backwards = []
+    for i in range(200):
+        steps = []
+        a = d / f"a{i}"
+        os.close(os.open(a, os.O_CREAT | os.O_WRONLY, 0o644))
+        steps.append(("create a", a.stat().st_ctime_ns))  # wsfs's time
+        fd = os.open(d / f"b{i}", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, b"x")
+            steps.append(("write b", os.fstat(fd).st_ctime_ns))  # the kernel's
+            c = d / f"c{i}"
+            os.close(os.open(c, os.O_CREAT | os.O_WRONLY, 0o644))
+            steps.append(("create c", c.stat().st_ctime_ns))  # wsfs's
+        finally:
+            os.close(fd)
+        os.setxattr(a, "user.k", b"v")
+        steps.append(("setxattr a", a.stat().st_ctime_ns))  # the kernel's
+        e = d / f"e{i}"
+        e.mkdir()
+        steps.append(("mkdir e", e.stat().st_ctime_ns))  # wsfs's
+        backwards += [(i, earlier, later) for earlier, later in itertools.pairwise(steps)
+                      if later[1] < earlier[1]]
+    assert not backwards, f"{len(backwards)} later changes got an earlier ctime: {backwards[:5]}"
 
 
 XATTR_CREATE = getattr(os, "XATTR_CREATE", 1)

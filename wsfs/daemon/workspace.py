@@ -35,6 +35,7 @@ from ..meta.superblock import (
     SUPERBLOCK_KEY,
     Superblock,
 )
+from ..meta.times import now_ns
 from ..store import NoSuchKey, ObjectStore
 from ..sync.flusher import Flusher
 
@@ -247,7 +248,7 @@ def _adopt(db: Path, sb: Superblock) -> None:
     """Mark a freshly fetched checkpoint as this cache dir's metadata: nothing is pending,
     and every change from now on is one the store does not have (conflicts.py)."""
     _set_settings(db, workspace_id=sb.workspace_id, clean_unmount="1",
-                  published_ns=str(time.time_ns()))
+                  published_ns=str(now_ns()))
 
 
 def stopped_cleanly(cache_dir: Path) -> bool:

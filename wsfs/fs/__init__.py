@@ -24,6 +24,7 @@ from pyfuse3 import FUSEError
 
 from ..meta import Inode
 from ..meta.schema import MARKER, ROOT
+from ..meta.times import now_ns
 from .base import (
     LISTING_CACHE_DIR_MAX,
     LISTING_CACHE_ENTRIES,
@@ -32,7 +33,6 @@ from .base import (
     XATTR_NAME_MAX,
     XATTR_SIZE_MAX,
     ListedEntry,
-    now_ns,
 )
 from .data import DataOps
 from .names import NameOps
@@ -107,13 +107,12 @@ class Operations(NameOps, DataOps):
     ) -> pyfuse3.EntryAttributes:
         ino = int(inode)
         self._writable(ino)
-        ts = now_ns()
         lock = self._locks.get(ino)
         if not fields.update_size and (lock is None or not lock.locked()):
             # No await and nobody holds the inode (a truncate keeps its copy of the inode
             # across awaits): atomic without taking the lock, which was a third of the cost
             # of the setattr the kernel sends at every close under the writeback cache.
-            return self._set_fields(self._node(ino), attr, fields, ts)
+            return self._set_fields(self._node(ino), attr, fields)
         async with self._lock(ino):
             node = self._node(ino)
             if fields.update_size:
@@ -122,13 +121,14 @@ class Operations(NameOps, DataOps):
                 if ino == self.marker_ino:
                     raise FUSEError(errno.EPERM)
                 await self._truncate(node, attr.st_size)
-                node.mtime_ns = node.ctime_ns = ts
-            return self._set_fields(node, attr, fields, ts)
+                node.mtime_ns = node.ctime_ns = now_ns()
+            return self._set_fields(node, attr, fields)
 
     def _set_fields(
-        self, node: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, ts: int
+        self, node: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
     ) -> pyfuse3.EntryAttributes:
-        """Apply and save the attributes a setattr sets, other than the size."""
+        """Apply and save the attributes a setattr sets, other than the size. The ctime is
+        the kernel's when it sends one (it stamped the change: see meta/times.py), else now."""
         if node.id == self.marker_ino and not self._is_time_flush(node, attr, fields):
             raise FUSEError(errno.EPERM)
         if fields.update_mode:
@@ -141,7 +141,7 @@ class Operations(NameOps, DataOps):
             node.atime_ns = attr.st_atime_ns
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
-        node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else ts
+        node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now_ns()
         if node.nlink or self._open.get(node.id) or stat.S_ISDIR(node.mode):
             self.meta.save_inode(node)
         # else a deleted file the kernel is evicting: under the writeback cache it flushes

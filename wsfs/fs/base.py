@@ -18,7 +18,6 @@ import logging
 import os
 import sqlite3
 import stat
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -58,10 +57,6 @@ LISTING_CACHE_ENTRIES = 16384
 LISTING_CACHE_DIR_MAX = LISTING_CACHE_ENTRIES // 4
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 ListedEntry = tuple[pyfuse3.FileNameT, pyfuse3.EntryAttributes, int]  # name, attributes, cookie
-
-
-def now_ns() -> int:
-    return time.time_ns()
 
 
 def _invalidate_pages(ino: int) -> None:

@@ -13,13 +13,13 @@ from pyfuse3 import FUSEError
 
 from ..blocks import BlockCorrupt
 from ..meta import BlockRef, Inode
+from ..meta.times import now_ns
 from ..store import TransientStoreError
 from .base import (
     PREFETCH_FILES,
     READAHEAD_BLOCKS,
     WRITE_FLAGS,
     Base,
-    now_ns,
 )
 
 log = logging.getLogger(__name__)

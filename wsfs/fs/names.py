@@ -11,10 +11,10 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..meta import Inode
+from ..meta.times import now_ns
 from .base import (
     STATFS_CACHE_SECONDS,
     Base,
-    now_ns,
 )
 
 log = logging.getLogger(__name__)
