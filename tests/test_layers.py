@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from conftest import trio_wait_for
 
+from wsfs.backoff import Backoff
 from wsfs.blocks import BlockCache, object_key
 from wsfs.blocks import pack as packs
 from wsfs.fs.base import drop_blocks
@@ -24,6 +26,21 @@ from wsfs.sync.flusher import Flusher
 pytestmark = pytest.mark.layers
 
 BS = 1 << 20
+
+
+def test_backoff_doubles_up_to_its_cap_and_starts_over_after_a_success() -> None:
+    backoff = Backoff(0.2, 1.0)
+    assert [backoff.next() for _ in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
+    backoff.reset()
+    assert backoff.delay == 0.2
+
+    async def waits() -> float:
+        start = trio.current_time()
+        await backoff.sleep()
+        await backoff.sleep()
+        return trio.current_time() - start
+
+    assert trio.run(waits, clock=trio.testing.MockClock(autojump_threshold=0)) == pytest.approx(0.6)
 
 
 class RecordingStore(LocalStore):

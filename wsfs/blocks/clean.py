@@ -19,6 +19,7 @@ from typing import IO
 import diskcache
 import trio
 
+from ..backoff import Backoff
 from ..store import NoSuchKey, ObjectStore, TransientStoreError
 from . import pack as packs
 from .files import checksum, disk_full, object_key
@@ -283,7 +284,7 @@ class CleanCache:
         if whole is not None:
             return whole
         event = self._downloads[key] = trio.Event()
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         try:
             while True:
                 try:
@@ -298,9 +299,8 @@ class CleanCache:
                 except TransientStoreError as e:
                     self._last_fetch_error = str(e)
                     log.warning("download of block %s failed, retrying in %.1fs: %s",
-                                block_id, delay, e)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                                block_id, backoff.delay, e)
+                    await backoff.sleep()
         finally:
             del self._downloads[key]
             event.set()

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import trio
 
+from ..backoff import Backoff
 from ..blocks import BlockCache, object_key
 from ..blocks import pack as packs
 from ..blocks.cache import MIN_RESERVE
@@ -171,7 +172,7 @@ class Flusher:
             await trio.sleep(COMMIT_INTERVAL)
 
     async def _flush_loop(self) -> None:
-        backoff = 1.0
+        backoff = Backoff(1.0, 30.0)
         while True:
             with trio.move_on_after(min(0.5, max(self.flush_delay / 4, 0.05))):
                 await self._kick.wait()
@@ -182,13 +183,12 @@ class Flusher:
                 continue
             try:
                 await self.cycle()
-                backoff = 1.0
+                backoff.reset()
             except Exception as e:
                 self.last_error = str(e)
                 self.errors += 1
-                log.warning("flush failed, retrying in %.0fs: %s", backoff, e)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                log.warning("flush failed, retrying in %.0fs: %s", backoff.delay, e)
+                await backoff.sleep()
 
     async def sync_now(self) -> None:
         """Return once a cycle that started after this call has published successfully."""
@@ -202,7 +202,7 @@ class Flusher:
     async def flush_all(self, timeout: float) -> None:
         """Upload everything and publish the final checkpoint, or raise FlushError at timeout."""
         deadline = trio.current_time() + timeout
-        backoff = 0.5
+        backoff = Backoff(0.5, 15.0)
         self.final = True
         if self._unbundled:
             self._published_changes = -1  # publish once more, with a bundle
@@ -215,9 +215,8 @@ class Flusher:
                 except Exception as e:
                     self.last_error = str(e)
                     self.errors += 1
-                    log.warning("final flush failed, retrying in %.1fs: %s", backoff, e)
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 15.0)
+                    log.warning("final flush failed, retrying in %.1fs: %s", backoff.delay, e)
+                    await backoff.sleep()
                     continue
                 if not self.pending():
                     self.meta.set_setting("clean_unmount", "1")
@@ -432,7 +431,7 @@ class Flusher:
         length = sum(self.blocks.dirty_length(b) for b in block_ids)
         self.uploading_blocks += count
         self.uploading_bytes += length
-        delay = 0.2
+        backoff = Backoff(0.2, 30.0)
         attempt = 0
         try:
             while True:
@@ -450,13 +449,12 @@ class Flusher:
                     what = block_ids[0] if len(block_ids) == 1 else f"{len(block_ids)} blocks"
                     self.last_error = f"upload {what}: {e}"
                     log.warning("upload of %s failed (attempt %d), retrying in %.1fs: %s", what,
-                                attempt, delay, e)
-                deadline = trio.current_time() + delay
+                                attempt, backoff.delay, e)
+                deadline = trio.current_time() + backoff.next()
                 while (left := deadline - trio.current_time()) > 0:
                     if any(self.blocks.is_doomed(b) for b in block_ids):
                         break
                     await trio.sleep(min(0.2, left))
-                delay = min(delay * 2, 30.0)
         finally:
             self.uploading_blocks -= count
             self.uploading_bytes -= length
@@ -493,7 +491,7 @@ class Flusher:
         self, fn: Callable[[], Awaitable[T]], what: str, tries: int | None = None
     ) -> T:
         """Retry with exponential backoff; callers bound the total time with cancel scopes."""
-        delay = 0.2
+        backoff = Backoff(0.2, 30.0)
         attempt = 0
         while True:
             attempt += 1
@@ -505,9 +503,8 @@ class Flusher:
                 self.retries += 1
                 self.last_error = f"{what}: {e}"
                 log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt,
-                            delay, e)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                            backoff.delay, e)
+                await backoff.sleep()
 
     # -- local record of the last manifest's pages -----------------------------------------
 
