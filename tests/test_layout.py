@@ -102,7 +102,7 @@ def test_no_import_cycle() -> None:
         state[name] = 1
         for target in sorted(edges[name]):
             if state.get(target) == 1:
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append([*path[path.index(target):], target])
             elif target not in state:
                 visit(target, [*path, target])
         state[name] = 2

@@ -283,8 +283,8 @@ def test_credentials_file_readable_by_others_is_refused_by_wsfs_mount(ws: Worksp
 def test_the_user_guide_table_is_the_code_table() -> None:
     guide = (ROOT / "docs" / "user-guide.md").read_text()
     assert options.markdown_table() in guide, (
-        "docs/user-guide.md's options table differs from wsfs/commands/options.py: paste the output "
-        "of `python -m wsfs.commands.options` over it")
+        "docs/user-guide.md's options table differs from wsfs/commands/options.py: paste the "
+        "output of `python -m wsfs.commands.options` over it")
 
 
 # -- help texts -------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ DEFAULT_CACHE_ROOT = Path("/var/cache/wsfs")
 @dataclass
 class MountConfig:
     """Everything `wsfs mount` was told. The options' meanings and defaults are in one table,
-    wsfs/commands/options.py: the fields without a default here are its options, all set by the CLI."""
+    wsfs/commands/options.py: the fields without a default here are its options, all set by
+    the CLI."""
 
     store_url: str
     mountpoint: Path

@@ -1,8 +1,9 @@
 """User-facing failures: one exception type carrying an exit code.
 
 Every error a user can cause or fix (bad input, an unreachable store, a refused mount) is raised
-as a `WsfsError` subclass with a one-sentence message that says what to do; `wsfs.commands.cli` prints the
-message and exits with `exit_code`. The exit codes are part of the interface (docs/exit-codes.md).
+as a `WsfsError` subclass with a one-sentence message that says what to do;
+`wsfs.commands.cli` prints the message and exits with `exit_code`. The exit codes are part of
+the interface (docs/exit-codes.md).
 """
 
 from __future__ import annotations

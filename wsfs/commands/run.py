@@ -134,11 +134,11 @@ def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> Non
 class EarlyFlush:
     """Uploads the workspace's changes while the command stops, instead of after it.
 
-    `wsfs sync`'s request (wsfs.daemon.control), not waited for: at SIGTERM the kernel hands over its
-    cached pages (`sync -f`, syncfs(2)) and the daemon starts a flush cycle at once. While the
-    command is still stopping, each answer is followed by a new round (at most one every
-    SYNC_EVERY seconds), so what it writes while it stops is on its way too, and the final
-    flush at unmount has little left to do. Each step is a child process or a request file
+    `wsfs sync`'s request (wsfs.daemon.control), not waited for: at SIGTERM the kernel hands
+    over its cached pages (`sync -f`, syncfs(2)) and the daemon starts a flush cycle at once.
+    While the command is still stopping, each answer is followed by a new round (at most one
+    every SYNC_EVERY seconds), so what it writes while it stops is on its way too, and the
+    final flush at unmount has little left to do. Each step is a child process or a request file
     that the supervisor's loop looks at between two signals (`poll`): nothing here blocks
     it, and no thread is needed.
     """

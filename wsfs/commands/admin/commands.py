@@ -1,8 +1,9 @@
 """The command-line verbs that observe and manage workspaces: status, sync, du, ls, gc, destroy,
 recover.
 
-Kept apart from `wsfs.commands.cli` (which owns parsing of the mount verbs and error printing) so each
-verb's arguments sit next to the code that runs it; `wsfs.commands.cli` adds these parsers and commands.
+Kept apart from `wsfs.commands.cli` (which owns parsing of the mount verbs and error
+printing) so each verb's arguments sit next to the code that runs it; `wsfs.commands.cli` adds
+these parsers and commands.
 """
 
 from __future__ import annotations
