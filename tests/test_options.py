@@ -27,7 +27,7 @@ from test_container import Entrypoint, keyless_env, secret_rclone
 from wsfs import __version__
 from wsfs.commands import options
 from wsfs.commands.cli import build_parser
-from wsfs.config import MountConfig
+from wsfs.config import MountConfig, env_seconds
 from wsfs.errors import StoreError, UsageError
 from wsfs.runtime import is_mountpoint
 
@@ -165,6 +165,23 @@ def test_store_commands_take_endpoint_and_region_from_the_environment() -> None:
     args = build_parser().parse_args(["fsck", "s3://bucket/ws", "--region", "sbg"])
     options.resolve(args, {"WSFS_ENDPOINT_URL": "http://e", "WSFS_REGION": "gra"})
     assert (args.endpoint_url, args.region) == ("http://e", "sbg")
+
+
+@pytest.mark.cli
+def test_options_and_knobs_read_seconds_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One parser: what --timeout refuses, a WSFS_ knob ignores for its default."""
+    for text in ("1.5", "0", "1e2"):
+        monkeypatch.setenv("WSFS_X", text)
+        assert env_seconds("WSFS_X", 7.0) == options.parse_seconds(text, "--x") == float(text)
+    for text in ("soon", "-1", "nan", "inf", ""):
+        monkeypatch.setenv("WSFS_X", text)
+        assert env_seconds("WSFS_X", 7.0) == 7.0
+        with pytest.raises(UsageError, match=r"--x must be .* seconds, not"):
+            options.parse_seconds(text, "--x")
+    monkeypatch.setenv("WSFS_X", "-300")
+    assert env_seconds("WSFS_X", 0.0, signed=True) == -300.0  # a clock skew
+    monkeypatch.setenv("WSFS_X", "0")
+    assert env_seconds("WSFS_X", 60.0, positive=True) == 60.0  # a lease's TTL
 
 
 @pytest.mark.parametrize(("var", "value", "words"), [

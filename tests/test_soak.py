@@ -23,10 +23,12 @@ from pathlib import Path
 import pytest
 from conftest import Workspace, wait_for
 
+from wsfs.config import env_seconds
+
 pytestmark = pytest.mark.crash
 
 MiB = 1 << 20
-SECONDS = float(os.environ.get("WSFS_SOAK_SECONDS", "600"))
+SECONDS = env_seconds("WSFS_SOAK_SECONDS", 600.0)
 SLOTS = 48
 DIRS = 4
 

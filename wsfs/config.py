@@ -1,8 +1,10 @@
-"""What `wsfs mount` was told: the mount configuration, shared by the CLI and the daemon."""
+"""What `wsfs mount` was told: the mount configuration, shared by the CLI and the daemon; and
+the one parser of a number of seconds, for the options and the WSFS_ knobs alike."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,3 +55,31 @@ def default_cache_dir(store_url: str) -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
     return root / "wsfs" / key
+
+
+def parse_seconds(text: str, *, signed: bool = False) -> float:
+    """Seconds written as a plain number ('5', '0.5', '1e3'): finite, and zero or more unless
+    `signed`. A ValueError says what is wrong ("must be ... seconds") for the caller to
+    complete with where the text came from."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not math.isfinite(value) or (value < 0 and not signed):
+        raise ValueError("must be zero or more seconds")
+    return value
+
+
+def env_seconds(name: str, default: float, *, positive: bool = False,
+                signed: bool = False) -> float:
+    """Seconds from $name (`parse_seconds`; more than zero if `positive`), else `default`:
+    knobs tests turn to take seconds instead of minutes (a lease's TTL, the reap delay, the
+    repack interval, a clock skew)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = parse_seconds(text, signed=signed)
+    except ValueError:
+        return default
+    return default if positive and value <= 0 else value

@@ -76,16 +76,6 @@ def write_registry(mountpoint: Path, cache_dir: Path, store_url: str) -> None:
                             "store": store_url}))
 
 
-def env_seconds(name: str, default: float, *, positive: bool = False) -> float:
-    """Seconds from $name when it holds a number >= 0 (> 0 if `positive`), else `default`:
-    knobs tests turn to take seconds instead of minutes (a lease's TTL, the reap delay)."""
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if (value > 0 if positive else value >= 0) else default
-
-
 def mount_field(field: str) -> str:
     r"""A path or source field of /proc/self/mounts or mountinfo as it is: the kernel writes
     space, tab, newline and backslash there as octal escapes (\040)."""

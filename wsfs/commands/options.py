@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import config
 from ..config import MountConfig
 from ..errors import UsageError
 
@@ -56,12 +57,9 @@ def parse_size(text: str, what: str) -> int:
 
 def parse_seconds(text: str, what: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{what} must be a number of seconds, not {text!r}") from None
-    if value < 0 or value != value or value == float("inf"):
-        raise UsageError(f"{what} must be zero or more seconds, not {text!r}")
-    return value
+        return config.parse_seconds(text)
+    except ValueError as e:
+        raise UsageError(f"{what} {e}, not {text!r}") from None
 
 
 def parse_timeout(text: str, what: str) -> float:

@@ -26,9 +26,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from ..config import env_seconds
 from ..errors import LeaseError
 from ..meta.checkpoint import FENCED_FIX
-from ..runtime import env_seconds
 from ..store import NoSuchKey, ObjectStore, replace_if
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,7 @@ LEASE_TTL = 60.0
 def clock() -> float:
     """The wall clock the lease is judged by: time.time(), moved by $WSFS_CLOCK_SKEW seconds
     (tests: hosts whose clocks disagree by minutes; the store's fence must not care)."""
-    try:
-        skew = float(os.environ.get("WSFS_CLOCK_SKEW", "0"))
-    except ValueError:
-        skew = 0.0
-    return time.time() + skew
+    return time.time() + env_seconds("WSFS_CLOCK_SKEW", 0.0, signed=True)
 
 
 def default_ttl() -> float:

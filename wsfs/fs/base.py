@@ -26,10 +26,10 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..blocks import BlockCache
+from ..config import env_seconds
 from ..latency import Latencies
 from ..meta import BlockRef, Inode, Metadata
 from ..meta.schema import MARKER, ROOT
-from ..runtime import env_seconds
 from .coherence import DirectWrites
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -63,6 +62,7 @@ import trio
 
 from ..blocks import BlockCache, object_key
 from ..blocks import pack as packs
+from ..config import env_seconds
 from ..meta import Metadata
 from ..meta.packs import PackUsage, adopt_packs, scan
 from ..store import NoSuchKey, ObjectStore
@@ -84,10 +84,7 @@ HEAD_BATCH = 64  # packs of unknown size (older formats) sized per pass, with on
 def default_interval() -> float:
     """Seconds between repack passes: $WSFS_REPACK_INTERVAL (0 turns repacking off; tests
     use a second), else DEFAULT_INTERVAL."""
-    try:
-        return max(0.0, float(os.environ.get("WSFS_REPACK_INTERVAL", DEFAULT_INTERVAL)))
-    except ValueError:
-        return DEFAULT_INTERVAL
+    return env_seconds("WSFS_REPACK_INTERVAL", DEFAULT_INTERVAL)
 
 
 def choose(usage: list[PackUsage], previous: dict[str, tuple[int, int]],
