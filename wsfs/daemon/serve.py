@@ -32,7 +32,7 @@ from .. import __version__, logs
 from ..blocks import BlockCache, BlockCorrupt
 from ..config import MountConfig
 from ..errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
-from ..fs import Operations
+from ..fs import Operations, lowlevel
 from ..fs.base import drop_blocks
 from ..latency import Latencies, SharedLatencies
 from ..meta import Metadata
@@ -226,7 +226,7 @@ class Daemon:
         ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
                          read_only=cfg.read_only,
                          remote_fsync=flusher.sync_now if cfg.fsync_remote else None,
-                         latencies=self.fuse_latency)
+                         latencies=self.fuse_latency, writeback=self._writeback)
         flusher.before_pin = ops.reap
         self.ops = ops
         options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",
@@ -237,6 +237,7 @@ class Daemon:
         mountpoint = os.path.realpath(cfg.mountpoint)  # (before the mount: see set_readahead)
         try:
             fuse_mount(ops, cfg.mountpoint, options)
+            lowlevel.add_handlers(ops)  # fallocate and lseek: pyfuse3 has no handlers for them
         except BaseException:
             meta.close()  # clean still, if it was: nothing was served (Flusher.serving)
             blocks.close()
@@ -488,6 +489,10 @@ class Daemon:
             self.write_status()
 
         await control.answer_requests(self.cache_dir, self.flusher.sync_now, count_and_publish)
+
+    async def _writeback(self) -> None:
+        """Have the kernel hand over every dirty page of the mount (Operations.writeback)."""
+        await trio.to_thread.run_sync(syncfs, str(self.cfg.mountpoint), abandon_on_cancel=True)
 
     async def _unmount_self(self) -> None:
         """Unmount while still serving, so the kernel can write back its dirty pages."""

@@ -1,8 +1,9 @@
 """POSIX semantics: the pyfuse3 request handlers, and the workspace marker policy.
 
 The handlers are grouped by what they change: `base` (shared state and helpers), `names`
-(directory entries), `data` (file contents); lookups, attributes, listings and xattrs are
-here. See `base` for the concurrency rules every handler follows.
+(directory entries), `data` (file contents), `ranges` (fallocate and SEEK_DATA/SEEK_HOLE,
+which `lowlevel` hands to libfuse: pyfuse3 has no handlers for them); lookups, attributes,
+listings and xattrs are here. See `base` for the concurrency rules every handler follows.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from .base import (
     XATTR_SIZE_MAX,
     ListedEntry,
 )
-from .data import DataOps
 from .names import NameOps
+from .ranges import RangeOps
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _unsupported_xattr(name: bytes) -> bool:
     return name.startswith(b"system.posix_acl_") or name == b"security.selinux"
 
 
-class Operations(NameOps, DataOps):
+class Operations(NameOps, RangeOps):
     """The filesystem as the kernel sees it."""
 
     # -- lookups ---------------------------------------------------------------------------

@@ -110,7 +110,10 @@ class Base(pyfuse3.Operations):
         remote_fsync: Callable[[], Awaitable[None]] | None = None,
         latencies: Latencies | None = None,
         invalidate_pages: Callable[[int], None] | None = None,
+        writeback: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`writeback`: has the kernel hand this filesystem every dirty page it holds (syncfs
+        on the mount, from a worker thread), for answers that must see them (`lseek`)."""
         super().__init__()
         # every handler's duration, by operation (see _guarded in fs/__init__.py)
         self.latencies = latencies if latencies is not None else Latencies()
@@ -122,6 +125,7 @@ class Base(pyfuse3.Operations):
         self.fenced: str | None = None  # why this mount takes no more writes (fence())
         self._fenced_fh = 0  # handles below it were opened before the fence
         self.remote_fsync = remote_fsync
+        self.writeback = writeback
         self.nursery: trio.Nursery | None = None  # for readahead; set by the mount
         self.initialized = trio.Event()  # see init()
         self._lookups: dict[int, int] = defaultdict(int)

@@ -84,6 +84,12 @@ class DirectWrites:
             if self._cached_writers[ino] <= 0:
                 del self._cached_writers[ino]
 
+    def has_cached_writers(self, ino: int) -> bool:
+        """Whether a handle opened for writing without O_DIRECT holds `ino` open: only then
+        can the kernel hold dirty pages of it not yet handed over (close(2) writes them back,
+        and a mapping keeps its handle open)."""
+        return bool(self._cached_writers.get(ino))
+
     def is_direct(self, fh: int) -> bool:
         return fh in self._direct
 

@@ -567,6 +567,32 @@ class Metadata:
         self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx>=?", (ino, first))
         return refs
 
+    def remove_blocks_in(self, ino: int, first: int, last: int) -> list[BlockRef]:
+        """Remove the blocks of `ino` with first <= idx <= last; return what was removed."""
+        refs = list(self.blocks_in(ino, first, last).values())
+        if refs:
+            self._blocks_changed(ino)
+            self.conn.execute("DELETE FROM blocks WHERE inode=? AND idx BETWEEN ? AND ?",
+                              (ino, first, last))
+        return refs
+
+    def next_block(self, ino: int, idx: int) -> int | None:
+        """The first index >= idx that holds a block of `ino` (None: only holes from there)."""
+        row = self.conn.execute(
+            "SELECT MIN(idx) FROM blocks WHERE inode=? AND idx>=?", (ino, idx)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def next_hole(self, ino: int, idx: int) -> int:
+        """The first index >= idx that holds no block of `ino` (a file ends in holes). One
+        walk of the primary key, however many blocks come before the hole."""
+        if self.get_block(ino, idx) is None:
+            return idx
+        row = self.conn.execute(
+            "SELECT b.idx + 1 FROM blocks b WHERE b.inode=? AND b.idx>=? AND NOT EXISTS"
+            " (SELECT 1 FROM blocks c WHERE c.inode=b.inode AND c.idx=b.idx + 1)"
+            " ORDER BY b.idx LIMIT 1", (ino, idx)).fetchone()
+        return int(row[0])
+
     def blocks_without_checksum(self) -> list[tuple[int, int, str]]:
         """(inode, idx, id) of every block never recorded as uploaded (recovery checks them)."""
         return [(int(r[0]), int(r[1]), str(r[2])) for r in self.conn.execute(

@@ -1,0 +1,158 @@
+"""lseek(2) SEEK_DATA/SEEK_HOLE and fallocate(2) through a real mount, against a model.
+
+Every sequence of operations runs on a file in the mount and on a file in /tmp (ext4 here),
+and the two must hold the same bytes. Their SEEK_DATA/SEEK_HOLE answers must agree modulo
+the block size: wsfs answers per block of its block map (1 MiB), ext4 per 4 KiB. Precisely,
+block by block: where the model has a non-zero byte, wsfs has data; where the model has no
+data at all (a hole, or a range fallocated and never written, which ext4 keeps unwritten),
+wsfs has a hole. A block the model holds as written zeros may be either.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Workspace
+
+MiB = 1 << 20
+BS = MiB  # the workspace's block size (the default of `wsfs init`)
+
+Op = Callable[[int], None]  # an operation on an open file descriptor
+
+
+def extents(fd: int) -> list[tuple[int, int]]:
+    """The data extents SEEK_DATA/SEEK_HOLE report, as (start, end) pairs."""
+    size = os.fstat(fd).st_size
+    found, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            assert e.errno == errno.ENXIO
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        assert start < end <= size
+        found.append((start, end))
+        pos = end
+    return found
+
+
+def data_blocks(spans: list[tuple[int, int]]) -> set[int]:
+    return {i for start, end in spans for i in range(start // BS, (end - 1) // BS + 1)}
+
+
+def check_against_model(path: Path, model: Path) -> None:
+    """Same bytes, and SEEK_DATA/SEEK_HOLE answers that agree block by block (see above)."""
+    data, expected = path.read_bytes(), model.read_bytes()
+    assert len(data) == len(expected)
+    assert data == expected
+    fd, mfd = os.open(path, os.O_RDONLY), os.open(model, os.O_RDONLY)
+    try:
+        mine, theirs = extents(fd), extents(mfd)
+    finally:
+        os.close(fd)
+        os.close(mfd)
+    for start, end in mine:  # whole blocks, but for the end of the file
+        assert start % BS == 0 and (end % BS == 0 or end == len(data)), mine
+    ours, model_data = data_blocks(mine), data_blocks(theirs)
+    for i in range((len(data) + BS - 1) // BS):
+        block = expected[i * BS : (i + 1) * BS]
+        if block.count(0) != len(block):
+            assert i in ours, f"block {i} holds data but SEEK_HOLE says hole: {mine}"
+        if i not in model_data:
+            assert i not in ours, f"block {i} is a hole in the model: {mine} vs {theirs}"
+
+
+def apply(ops: list[Op], *paths: Path) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for op in ops:
+                op(fd)
+        finally:
+            os.close(fd)
+
+
+def write(off: int, data: bytes) -> Op:
+    def op(fd: int) -> None:
+        assert os.pwrite(fd, data, off) == len(data)
+    return op
+
+
+def truncate(size: int) -> Op:
+    return lambda fd: os.ftruncate(fd, size)
+
+
+def payload(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    d = tmp_path_factory.mktemp("model")
+    yield d
+
+
+def test_seek_data_and_hole_follow_the_block_map(mounted: Workspace, model: Path) -> None:
+    """Islands of data in a sparse file: the same answers as ext4's, to the block; the same
+    after a remount on an empty cache."""
+    ops = [
+        write(0, b"head"),
+        write(3 * MiB + 100, payload(2 * MiB, 1)),  # blocks 3-5
+        write(9 * MiB - 10, b"straddles"),  # blocks 8 and 9
+        truncate(14 * MiB + 5),
+        write(12 * MiB, payload(100, 2)),
+    ]
+    f, m = mounted.mnt / "sparse", model / "sparse"
+    apply(ops, f, m)
+    check_against_model(f, m)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == BS
+        assert os.lseek(fd, 100, os.SEEK_HOLE) == BS
+        assert os.lseek(fd, BS + 5, os.SEEK_DATA) == 3 * BS
+        assert os.lseek(fd, 4 * BS + 7, os.SEEK_DATA) == 4 * BS + 7  # inside data: itself
+        assert os.lseek(fd, 3 * BS, os.SEEK_HOLE) == 6 * BS
+        assert os.lseek(fd, 13 * BS, os.SEEK_HOLE) == 13 * BS  # inside a hole: itself
+        for off in (13 * BS, 14 * MiB + 4):  # the file ends in a hole
+            with pytest.raises(OSError) as e:
+                os.lseek(fd, off, os.SEEK_DATA)
+            assert e.value.errno == errno.ENXIO
+        for whence in (os.SEEK_DATA, os.SEEK_HOLE):  # at or past the end
+            for off in (14 * MiB + 5, 20 * MiB):
+                with pytest.raises(OSError) as e:
+                    os.lseek(fd, off, whence)
+                assert e.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    mounted.remount(wipe_cache=True)
+    check_against_model(f, m)
+    mounted.unmount()
+
+
+def test_seek_data_sees_pages_the_kernel_still_holds(mounted: Workspace) -> None:
+    """Written and not yet handed over (the writeback cache holds pages for seconds, and
+    the kernel asks FUSE_LSEEK without writing them back): still data, never a hole; `cp`
+    skips holes, and would copy zeros."""
+    f = mounted.mnt / "fresh"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, payload(3 * MiB, 3), 2 * MiB)
+        reader = os.open(f, os.O_RDONLY)
+        try:
+            assert os.lseek(reader, 0, os.SEEK_DATA) == 2 * MiB
+            assert os.lseek(reader, 2 * MiB, os.SEEK_HOLE) == 5 * MiB
+        finally:
+            os.close(reader)
+        os.pwrite(fd, b"tail", 9 * MiB)  # and through the writer's own descriptor
+        assert os.lseek(fd, 5 * MiB, os.SEEK_DATA) == 9 * MiB
+        assert os.lseek(fd, 9 * MiB, os.SEEK_HOLE) == 9 * MiB + 4
+    finally:
+        os.close(fd)
+    mounted.unmount()
