@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, force_unmount, wait_pid_gone
+from conftest import Workspace, force_unmount, wait_for, wait_pid_gone
 from s3servers import S3Server
 from test_container import keyless_env, ps_lines_with, secret_rclone, write_credentials
 
 from wsfs import errors
-from wsfs.runtime import is_mountpoint, pid_alive
+from wsfs.runtime import is_mountpoint, mount_field, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "packaging" / "install-mount-helper.sh"
@@ -179,6 +179,54 @@ def test_the_last_of_ro_and_rw_wins(ws: Workspace) -> None:
         (mnt / "refused").write_text("no")
     assert exc.value.errno == errno.EROFS
     ws.unmount()
+
+
+def mount_options(mnt: Path) -> tuple[set[str], set[str]]:
+    """The per-mount and the superblock options of the mount on `mnt`, from mountinfo."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if mount_field(left.split()[4]) == str(mnt):
+            return set(left.split()[5].split(",")), set(right.split()[2].split(","))
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+def test_each_class_of_generic_option_through_fstab(helpers: None, ws: Workspace) -> None:
+    """An fstab line with one option of each class mounts, the kernel's ones in force: libfuse
+    3.14 refused `relatime` and `lazytime` (exit 6, after the lease had been taken)."""
+    fstab = ws.root / "fstab"
+    fstab.write_text(
+        f"{ws.store_url} {ws.mnt} fuse.wsfs cache_dir={ws.cache_dir},flush_delay=600,"
+        "fsync=remote,sync,noexec,noatime,"  # to the kernel
+        "defaults,relatime,lazytime,nodiratime,"  # how wsfs behaves anyway
+        "_netdev,nofail,noauto,x-systemd.automount,comment=x,x-wsfs.note=1"  # mount(8)'s
+        " 0 0\n")
+    result = run(["mount", "--fstab", str(fstab), str(ws.mnt)], mount_env(ws))
+    assert result.returncode == 0, result.stderr
+    per_mount, _ = mount_options(ws.mnt)
+    assert {"noexec", "noatime", "nosuid", "nodev"} <= per_mount, per_mount
+    before = ws.status()["checkpoint"]
+    (ws.mnt / "kept.txt").write_text("kept\n")
+    # sync: the write was fsync'ed, and with fsync=remote that publishes, flush_delay or not
+    wait_for("the synchronous write's checkpoint", lambda: ws.status()["checkpoint"] > before,
+             timeout=20)
+    result = run(["umount", str(ws.mnt)], mount_env(ws))
+    assert result.returncode == 0, result.stderr
+    ws.check_log()
+
+
+@pytest.mark.parametrize("option", ["strictatime", "dirsync", "mand", "iversion"])
+def test_a_refused_option_fails_before_anything_is_taken(
+        helpers: None, ws: Workspace, tmp_path: Path, option: str) -> None:
+    """One sentence with the reason; no cache dir made, no lease in the store."""
+    cache = tmp_path / "never-made"
+    result = run(["mount", "-t", "fuse.wsfs", "-o", f"cache_dir={cache},{option}",
+                  ws.store_url, str(ws.mnt)], mount_env(ws))
+    assert result.returncode == errors.UsageError.exit_code, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.strip()]
+    assert said and f"the mount option '{option}' is refused: " in said[0], said
+    assert not is_mountpoint(ws.mnt)
+    assert not cache.exists()
+    assert not (tmp_path / "store" / "lease").exists()
 
 
 def test_helper_errors_reach_mount(helpers: None, ws: Workspace, tmp_path: Path) -> None:

@@ -147,6 +147,30 @@ def test_fuse_flags_and_ignored_options_stay_out_of_the_table() -> None:
 
 
 @pytest.mark.cli
+def test_of_two_opposite_kernel_flags_the_last_wins() -> None:
+    """As for mount(8): `dev,nodev` is nodev; both went to libfuse in a set's order before."""
+    assert parse("-o", "dev,suid,noexec", "-o", "nodev,exec").fuse_options == {"suid", "nodev",
+                                                                               "exec"}
+
+
+@pytest.mark.cli
+def test_every_generic_option_is_judged_and_libfuse_gets_only_kernel_flags() -> None:
+    """Each name of the GENERIC table: a refused one fails with its reason, the others mount,
+    and what reaches libfuse is only what every libfuse 3 takes (3.14 refused relatime,
+    lazytime, nodiratime, strictatime: exit 6 after the lease was taken)."""
+    libfuse_314 = {"suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime",
+                   "sync", "async", "allow_other", "allow_root", "auto_unmount"}
+    for g in options.GENERIC:
+        for name in g.names:
+            opt = name.replace("*", "systemd.automount").replace("=", "=x")
+            if g.action == options.REFUSED:
+                with pytest.raises(UsageError, match=f"'{re.escape(opt)}' is refused: "):
+                    parse("-o", opt)
+            else:
+                assert parse("-o", opt).fuse_options <= libfuse_314, opt
+
+
+@pytest.mark.cli
 def test_command_line_values_are_checked_even_where_a_flag_wins() -> None:
     with pytest.raises(UsageError, match="-o cache_size 'big' is not a size"):
         parse("--cache-size", "1G", "-o", "cache_size=big")
@@ -302,6 +326,9 @@ def test_the_user_guide_table_is_the_code_table() -> None:
     assert options.markdown_table() in guide, (
         "docs/user-guide.md's options table differs from wsfs/commands/options.py: paste the "
         "output of `python -m wsfs.commands.options` over it")
+    assert options.generic_markdown_table() in guide, (
+        "docs/user-guide.md's table of mount(8)'s options differs from wsfs/commands/options.py: "
+        "paste the output of `python -m wsfs.commands.options` over it")
 
 
 # -- help texts -------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ every command: a flag beats `-o`, which beats the environment, which beats the d
 is why every flag's argparse default is None: "not given" must be told from "given as the
 default".
 
-`-o` also carries what is not an option of wsfs but of the kernel or of mount(8): FUSE flags
-(allow_other, noatime, ...) go to the kernel, mount(8)'s and systemd's own (_netdev, noauto,
-x-systemd.*) are ignored.
+`-o` also carries what is not an option of wsfs but of the kernel or of mount(8): GENERIC says,
+for each such option mount(8) may pass, whether it goes to the kernel, is already how wsfs
+behaves, is mount(8)'s or systemd's own business, or is refused (with the reason). Every
+option is judged by `split_o`, in the `wsfs mount` process, before anything is taken (the
+cache dir, the lease): libfuse must never be handed an option it would refuse.
 """
 
 from __future__ import annotations
@@ -26,14 +28,6 @@ from ..config import MountConfig
 from ..errors import UsageError
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-# FUSE and mount(8) options passed through to the kernel as they are.
-FUSE_FLAGS = {"allow_other", "allow_root", "auto_unmount", "suid", "nosuid", "dev", "nodev",
-              "exec", "noexec", "atime", "noatime", "relatime", "sync", "async",
-              "dirsync"}
-# mount(8)/fstab/systemd options that mean nothing to the filesystem itself.
-IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev",
-           "owner", "group", "comment",
-           "default_permissions"}  # (wsfs always mounts with it)
 SWITCH_VALUES = {"1": True, "yes": True, "true": True, "on": True,
                  "0": False, "no": False, "false": False, "off": False}
 
@@ -217,6 +211,86 @@ MOUNT = tuple(o.name for o in OPTIONS)
 STORE = ("endpoint_url", "region")  # every command that opens a store
 
 
+# -- mount(8)'s generic options ----------------------------------------------------------------
+
+# What wsfs does with an option that is not its own (the table's second column).
+KERNEL = "kernel"  # passed to the kernel through libfuse
+KEPT = "accepted"  # already how wsfs behaves: nothing to pass
+MOUNT8 = "mount(8)"  # acted on by mount(8) or systemd, ignored by wsfs
+REFUSED = "refused"  # the mount fails at once with the reason
+
+
+@dataclass(frozen=True)
+class Generic:
+    """Options of mount(8), FUSE or systemd that `-o` may carry, and what wsfs does with them.
+
+    `names` ending in `=` take a value, in `*` any suffix (`x-*`)."""
+
+    names: tuple[str, ...]
+    action: str
+    meaning: str  # what it does under wsfs; for REFUSED, the reason (one sentence's end)
+
+
+# Every libfuse 3 (3.14 on Debian 12, 3.17 on 13) takes the KERNEL ones: relatime or lazytime
+# are unknown to 3.14, which is why they are KEPT, not passed on.
+GENERIC = (
+    Generic(("nosuid", "nodev"), KERNEL,
+            "the default: set-user-ID bits and device files in the workspace have no effect"),
+    Generic(("suid", "dev"), KERNEL,
+            "set-user-ID bits and device files work (root mounts only)"),
+    Generic(("noexec", "exec"), KERNEL, "programs in the workspace cannot (can) be run"),
+    Generic(("noatime", "atime"), KERNEL,
+            "shown in /proc/self/mountinfo; wsfs never updates atime on read either way"),
+    Generic(("sync",), KERNEL,
+            "each write(2) returns only once fsync(2) would (see `fsync`); directory changes "
+            "are not written through"),
+    Generic(("allow_other", "allow_root", "auto_unmount"), KERNEL, "FUSE's own"),
+    Generic(("relatime", "norelatime", "nostrictatime", "nodiratime", "diratime", "lazytime",
+             "nolazytime", "async", "defaults", "default_permissions", "silent", "loud",
+             "fsname=", "subtype="), KEPT,
+            "the kernel's defaults, or how wsfs works anyway: atime is never updated on read, "
+            "timestamps are kept in wsfs's metadata, permissions are checked by the kernel, "
+            "the mount is named fuse.wsfs after its store"),
+    Generic(("auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner",
+             "group", "user=", "comment=", "x-*", "X-*"), MOUNT8,
+            "acted on by mount(8) or systemd (x-systemd.automount, ...), ignored by wsfs"),
+    Generic(("strictatime",), REFUSED, "wsfs never updates atime on read"),
+    Generic(("dirsync",), REFUSED,
+            "wsfs does not write each directory change through; fsync(2) the directory"),
+    Generic(("mand",), REFUSED, "Linux no longer has mandatory locks"),
+    Generic(("iversion",), REFUSED, "wsfs keeps no i_version change counter"),
+    Generic(("nosymfollow",), REFUSED, "libfuse 3.14 (Debian 12) cannot set it"),
+    Generic(("context=", "fscontext=", "defcontext=", "rootcontext="), REFUSED,
+            "wsfs has no SELinux labels (security.selinux answers ENOTSUP)"),
+)
+# For the kernel flags: the one each cancels (the last given wins, as for mount(8)).
+OPPOSITE = {"suid": "nosuid", "dev": "nodev", "exec": "noexec", "atime": "noatime",
+            "sync": "async"}
+OPPOSITE.update({v: k for k, v in OPPOSITE.items()})
+
+
+def generic(opt: str) -> Generic | None:
+    """The entry of GENERIC that `opt` (as written in -o: `x-systemd.automount`, `user=ada`)
+    falls under, or None."""
+    key, sep, _ = opt.partition("=")
+    for g in GENERIC:
+        for name in g.names:
+            if ((name.endswith("*") and opt.startswith(name[:-1]))
+                    or (name.endswith("=") and sep and name == key + "=")
+                    or name == opt):
+                return g
+    return None
+
+
+def generic_markdown_table() -> str:
+    """The user guide's table of mount(8)'s generic options (a test keeps the two equal)."""
+    rows = ["| Option | wsfs | what it does under wsfs (refused: why) |",
+            "|--------|------|---------------------------------------|"]
+    for g in GENERIC:
+        names = ", ".join(f"`{n}VALUE`" if n.endswith("=") else f"`{n}`" for n in g.names)
+        rows.append(f"| {names} | {g.action} | {g.meaning} |")
+    return "\n".join(rows)
+
 def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
     """Add the flags of the options `names`, with None defaults (see the module docstring)."""
     for name in names:
@@ -235,7 +309,8 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
 def split_o(groups: Iterable[str], names: Iterable[str]
             ) -> tuple[dict[str, list[str]], set[str]]:
     """`-o a,b=c` groups: the values of the options `names` (a switch alone is "1", its off
-    key "0"), and the FUSE flags for the kernel. Anything else is refused."""
+    key "0"), and the flags for the kernel (of two opposites, the last given). Anything
+    unknown or refused (GENERIC) is a UsageError, before anything is taken."""
     by_key = {BY_NAME[n].key: BY_NAME[n] for n in names}
     off = {BY_NAME[n].o_off: BY_NAME[n] for n in names if BY_NAME[n].o_off}
     values: dict[str, list[str]] = {}
@@ -246,19 +321,21 @@ def split_o(groups: Iterable[str], names: Iterable[str]
             option = by_key.get(key)
             if option is not None and (sep or option.switch):
                 values.setdefault(option.name, []).append(value if sep else "1")
-            elif key in off and not sep:
-                values.setdefault(off[key].name, []).append("0")
-            elif key in IGNORED or key.startswith("x-"):
                 continue
-            elif key in FUSE_FLAGS and not sep:
-                fuse.add(key)
-            elif key in ("fsname", "subtype") and sep:
-                continue  # wsfs names its mounts itself
-            elif option is not None:
+            if key in off and not sep:
+                values.setdefault(off[key].name, []).append("0")
+                continue
+            g = generic(opt)
+            if g is None and option is not None:
                 raise UsageError(f"the mount option {key!r} needs a value: -o {key}="
                                  f"{option.metavar}")
-            else:
+            if g is None:
                 raise UsageError(f"unknown mount option {opt!r}; see `wsfs mount --help`")
+            if g.action == REFUSED:
+                raise UsageError(f"the mount option {opt!r} is refused: {g.meaning}")
+            if g.action == KERNEL:
+                fuse.discard(OPPOSITE.get(opt, ""))
+                fuse.add(opt)
     return values, fuse
 
 
@@ -337,5 +414,7 @@ def markdown_table(names: Iterable[str] = MOUNT) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m wsfs.commands.options` prints the table
+if __name__ == "__main__":  # pragma: no cover - `python -m wsfs.commands.options` prints the tables
     print(markdown_table())
+    print()
+    print(generic_markdown_table())
