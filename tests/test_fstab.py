@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 import uuid
@@ -20,6 +21,7 @@ from s3servers import S3Server
 from test_container import keyless_env, ps_lines_with, secret_rclone, write_credentials
 
 from wsfs import errors
+from wsfs.commands import mount8
 from wsfs.runtime import is_mountpoint, mount_field, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,6 +213,61 @@ def test_each_class_of_generic_option_through_fstab(helpers: None, ws: Workspace
              timeout=20)
     result = run(["umount", str(ws.mnt)], mount_env(ws))
     assert result.returncode == 0, result.stderr
+    ws.check_log()
+
+
+def device_works(mnt: Path) -> bool:
+    """Whether a device file in the workspace opens as the device (/dev/null's numbers)."""
+    node = mnt / "null"
+    if not node.exists():
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    try:
+        node.write_bytes(b"into the device, not the workspace")
+    except PermissionError:  # nodev: EACCES
+        return False
+    return node.stat().st_size == 0
+
+
+@pytest.mark.cli
+def test_what_mount8_was_asked_is_read_from_its_command_line() -> None:
+    """The forms util-linux's getopt takes, and systemd's `mount SRC DST -t T -o O`."""
+    parse = mount8.parse_mount_command
+    assert parse(["--fstab", "/f", "-o", "dev", "/mnt"]) == (["dev"], Path("/f"), ["/mnt"])
+    assert parse(["-vTf2", "-odev,suid", "--options=ro", "/mnt"]) == (
+        ["dev", "suid", "ro"], Path("f2"), ["/mnt"])
+    assert parse(["-no", "suid", "-t", "fuse.wsfs", "s3://b/ws", "/mnt"]) == (
+        ["suid"], None, ["s3://b/ws", "/mnt"])
+    assert parse(["s3://b/ws", "/mnt", "-t", "fuse.wsfs", "-o", "nodev,dev"])[0] == [
+        "nodev", "dev"]
+    assert parse(["--source", "s", "--target", "/t", "--", "-x"])[2] == ["s", "/t", "-x"]
+    assert mount8.last_of(["dev", "nodev", "suid"], "dev", "nodev") == "nodev"
+    assert mount8.last_of(["rw"], "dev", "nodev") is None
+
+
+def test_dev_and_suid_when_asked_through_mount8(helpers: None, ws: Workspace) -> None:
+    """libmount 2.38 (Debian 12) drops `dev` and `suid` before it runs the helper, so an fstab
+    line asking for them mounted nodev,nosuid. Asked (in fstab or with -o), they are honoured;
+    not asked, nodev,nosuid stays; the last of two opposites wins, as for mount(8)."""
+    fstab = ws.root / "fstab"
+    fstab.write_text(f"{ws.store_url} {ws.mnt} fuse.wsfs cache_dir={ws.cache_dir},dev,suid "
+                     "0 0\n")
+    for extra, dev, suid in (([], True, True), (["-o", "nodev"], False, True)):
+        result = run(["mount", "--fstab", str(fstab), *extra, str(ws.mnt)], mount_env(ws))
+        assert result.returncode == 0, result.stderr
+        per_mount, _ = mount_options(ws.mnt)
+        assert ("nodev" not in per_mount, "nosuid" not in per_mount) == (dev, suid), per_mount
+        assert device_works(ws.mnt) == dev
+        result = run(["umount", str(ws.mnt)], mount_env(ws))
+        assert result.returncode == 0, result.stderr
+    for opts, dev, suid in (("suid", False, True), ("noexec", False, False)):
+        result = run(["mount", "-t", "fuse.wsfs", "-o", f"cache_dir={ws.cache_dir},{opts}",
+                      ws.store_url, str(ws.mnt)], mount_env(ws))
+        assert result.returncode == 0, result.stderr
+        per_mount, _ = mount_options(ws.mnt)
+        assert ("nodev" not in per_mount, "nosuid" not in per_mount) == (dev, suid), per_mount
+        assert device_works(ws.mnt) == dev
+        result = run(["umount", str(ws.mnt)], mount_env(ws))
+        assert result.returncode == 0, result.stderr
     ws.check_log()
 
 

@@ -11,6 +11,10 @@ the filesystem serves. Options only mount(8) or systemd care about (`_netdev`, `
 without `credentials_file=` (an AWS shared-credentials file, mode 0600), it uses
 /etc/wsfs/credentials when that exists and the environment names no keys.
 
+mount(8)'s `dev` and `suid` are honoured, `nodev,nosuid` staying the default: libmount 2.38
+(Debian 12) hides them from helpers, so they are looked for in what mount(8) was asked
+(mount8.py).
+
 Installed as `/sbin/umount.fuse.wsfs`, the same script makes `umount /workspace` wait for the
 final upload like `wsfs unmount` does; without it (or with `umount -i`, `fusermount3 -u`) the
 kernel unmounts at once and the daemon finishes its upload alone.
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import MountError, UsageError, WsfsError
+from .mount8 import last_of, parent_request
 
 DEFAULT_CREDENTIALS = Path("/etc/wsfs/credentials")
 # Variables that say where the keys are: with any of them, /etc/wsfs/credentials is not used.
@@ -110,6 +115,13 @@ def with_default_credentials(options: list[str]) -> list[str]:
     return [*options, f"credentials_file={DEFAULT_CREDENTIALS}"]
 
 
+def hidden_flags(opts: list[str], request: list[str]) -> list[str]:
+    """`dev` and `suid` where mount(8) was asked for them but the helper's options say
+    neither them nor their opposite (libmount before 2.39 drops them: mount8.py)."""
+    return [yes for no, yes in (("nodev", "dev"), ("nosuid", "suid"))
+            if last_of(opts, no, yes) is None and last_of(request, no, yes) == yes]
+
+
 def mount_main(argv: list[str]) -> int:
     from .cli import main as cli_main
 
@@ -120,6 +132,9 @@ def mount_main(argv: list[str]) -> int:
         return e.exit_code
     if fake:
         return 0
+    opts = [o.strip() for group in options for o in group.split(",") if o.strip()]
+    request = parent_request(os.path.normpath(os.path.abspath(mountpoint)))
+    options = [*options, *hidden_flags(opts, request)]
     args = ["-v"] if verbose else []
     args += ["mount", source, mountpoint]
     options = with_default_credentials(options)

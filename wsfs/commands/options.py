@@ -237,7 +237,8 @@ GENERIC = (
     Generic(("nosuid", "nodev"), KERNEL,
             "the default: set-user-ID bits and device files in the workspace have no effect"),
     Generic(("suid", "dev"), KERNEL,
-            "set-user-ID bits and device files work (root mounts only)"),
+            "set-user-ID bits and device files work (root mounts only); asked through mount(8), "
+            "they are honoured on Debian 12 too, whose libmount hides them from the helper"),
     Generic(("noexec", "exec"), KERNEL, "programs in the workspace cannot (can) be run"),
     Generic(("noatime", "atime"), KERNEL,
             "shown in /proc/self/mountinfo; wsfs never updates atime on read either way"),
