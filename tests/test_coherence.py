@@ -19,7 +19,7 @@ from test_fsync import BS, make_ops
 
 CHUNK = 64 * 1024
 SIZE = 16 * CHUNK
-ROUNDS = 1000
+ROUNDS = 300
 
 
 class Readers:
