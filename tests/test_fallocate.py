@@ -10,9 +10,12 @@ wsfs has a hole. A block the model holds as written zeros may be either.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +24,10 @@ from conftest import Workspace
 
 MiB = 1 << 20
 BS = MiB  # the workspace's block size (the default of `wsfs init`)
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE = 0x01, 0x02, 0x08, 0x10, 0x20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 Op = Callable[[int], None]  # an operation on an open file descriptor
 
@@ -88,8 +95,34 @@ def truncate(size: int) -> Op:
     return lambda fd: os.ftruncate(fd, size)
 
 
+def fallocate(mode: int, off: int, length: int) -> Op:
+    """fallocate(2) with a mode (Python's os has posix_fallocate only)."""
+    def op(fd: int) -> None:
+        if _libc.fallocate(fd, mode, off, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"fallocate({mode:#x}, {off}, {length}): {os.strerror(err)}")
+    return op
+
+
+def stored_blocks(path: Path) -> int:
+    """The blocks wsfs stores for a file (st_blocks counts them, up to the file's size)."""
+    st = path.stat()
+    return (st.st_blocks * 512 + BS - 1) // BS
+
+
 def payload(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs for the cache dir, unmounted at the end (lazily if still held)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(d)], check=True)
+    yield d
+    if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 @pytest.fixture
@@ -156,3 +189,71 @@ def test_seek_data_sees_pages_the_kernel_still_holds(mounted: Workspace) -> None
     finally:
         os.close(fd)
     mounted.unmount()
+
+
+def test_fallocate_modes_match_a_local_model(mounted: Workspace, model: Path) -> None:
+    """Punched holes free their blocks, zeroed ranges read zeros, allocated ranges extend
+    the file: the bytes and the holes ext4 has, on fresh blocks and on uploaded ones (after a
+    remount on an empty cache), and again after the next remount."""
+    f, m = mounted.mnt / "f", model / "f"
+    apply([write(0, payload(10 * MiB, 4)), write(12 * MiB + 200, b"lonely")], f, m)
+    assert stored_blocks(f) == 11
+    rounds = [
+        [fallocate(PUNCH_HOLE | KEEP_SIZE, 2 * MiB, 2 * MiB),  # two whole blocks go
+         fallocate(PUNCH_HOLE | KEEP_SIZE, 5 * MiB + 1000, 4000),  # a block keeps the rest
+         fallocate(PUNCH_HOLE | KEEP_SIZE, 12 * MiB + 100, 400),  # a block left all zeros
+         fallocate(ZERO_RANGE, MiB - 10, 30),  # across a block boundary
+         fallocate(ZERO_RANGE | KEEP_SIZE, 7 * MiB, MiB),  # a whole block
+         fallocate(0, 13 * MiB, 3 * MiB + 7),  # extends the file with holes
+         fallocate(KEEP_SIZE, 20 * MiB, MiB),  # past the end: the size stays
+         write(5 * MiB + 2000, b"partly zero, still working")],
+        [fallocate(PUNCH_HOLE | KEEP_SIZE, 5 * MiB - 5, 10),  # uploaded blocks: copies
+         fallocate(PUNCH_HOLE | KEEP_SIZE, 8 * MiB, MiB),  # an uploaded block goes
+         fallocate(ZERO_RANGE, 9 * MiB + 10, 15 * MiB),  # zeroes up to and past the end
+         fallocate(PUNCH_HOLE | KEEP_SIZE, 30 * MiB, MiB),  # past the end: nothing
+         write(9 * MiB + 5, b"more")],
+    ]
+    apply(rounds[0], f, m)
+    check_against_model(f, m)
+    assert f.stat().st_size == 16 * MiB + 7
+    assert stored_blocks(f) == 11 - 2 - 1 - 1
+    mounted.remount(wipe_cache=True)
+    check_against_model(f, m)
+    apply(rounds[1], f, m)
+    check_against_model(f, m)
+    assert f.stat().st_size == 24 * MiB + 10
+    assert stored_blocks(f) == 7 - 1
+    for mode in (COLLAPSE_RANGE, INSERT_RANGE):  # ext4 can; the kernel's FUSE client refuses
+        with pytest.raises(OSError) as e:
+            apply([fallocate(mode, BS, BS)], f)
+        assert e.value.errno == errno.EOPNOTSUPP
+    mounted.remount(wipe_cache=True)
+    check_against_model(f, m)
+    mounted.unmount()
+
+
+def test_fallocate_fails_at_once_when_the_cache_disk_cannot_hold_it(
+        ws: Workspace, small_disk: Path) -> None:
+    """The cache dir on a 64 MiB disk: reserving 1 GiB is ENOSPC at once (not after the
+    60 s a writer waits for uploads), posix_fallocate(3) included, and changes nothing;
+    16 MiB fit."""
+    mnt = ws.mount("--enospc-timeout", "60", cache_dir=small_disk / "cache")
+    f = mnt / "reserved"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for op in (fallocate(0, 0, 1 << 30), fallocate(KEEP_SIZE, 0, 1 << 30),
+                   fallocate(ZERO_RANGE, 0, 1 << 30),
+                   lambda fd: os.posix_fallocate(fd, 0, 1 << 30)):
+            start = time.monotonic()
+            with pytest.raises(OSError) as e:
+                op(fd)
+            assert e.value.errno == errno.ENOSPC
+            assert time.monotonic() - start < 10
+            assert os.fstat(fd).st_size == 0
+        os.posix_fallocate(fd, 0, 16 * MiB)
+        assert os.fstat(fd).st_size == 16 * MiB
+        os.pwrite(fd, b"end", 16 * MiB - 3)
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == bytes(16 * MiB - 3) + b"end"
+    ws.unmount()

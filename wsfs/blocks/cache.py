@@ -20,6 +20,7 @@ The parts, each with one job, built here in the order they depend on each other:
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -201,6 +202,15 @@ class BlockCache:
         (`DiskSpace.wait_for_disk`).
         """
         await self.dirty.wait_below_limit()
+        if not self.space.has_room(size):
+            await self.space.wait_for_disk(size, self.dirty)
+
+    async def make_room(self, size: int) -> None:
+        """Make room on the cache disk for `size` bytes about to be written (fallocate(2)):
+        ENOSPC at once if even evicting every clean copy and uploading every dirty block
+        could not make it; else as `wait_for_room`, without waiting for the dirty limit."""
+        if not self.space.could_hold(size, self.clean.volume() + self.dirty.dirty_bytes):
+            raise OSError(errno.ENOSPC, "the cache disk cannot hold the range")
         if not self.space.has_room(size):
             await self.space.wait_for_disk(size, self.dirty)
 

@@ -106,6 +106,11 @@ class DiskSpace:
         # A write may also copy a whole block (copy on write) before writing into it.
         return self.reserve + size + 2 * self.block_size
 
+    def could_hold(self, size: int, freeable: int) -> bool:
+        """Whether `size` more bytes could ever fit, were `freeable` bytes (clean copies,
+        dirty blocks once uploaded) all freed."""
+        return self.disk_free() + freeable >= self._needed(size)
+
     def room_to_keep(self, size: int) -> bool:
         """Whether a clean copy of `size` bytes fits without eating into the writers' room."""
         return self.disk_free() >= self._needed(size)

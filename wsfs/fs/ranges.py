@@ -1,6 +1,21 @@
-"""Ranges of a file's block map: lseek(2)'s SEEK_DATA and SEEK_HOLE.
+"""Ranges of a file's block map: fallocate(2), and lseek(2)'s SEEK_DATA and SEEK_HOLE.
 
 pyfuse3 has no handler for these requests: fs/lowlevel.py hands them to the methods here.
+
+fallocate's modes, as far as the kernel's FUSE client passes them on (it refuses
+COLLAPSE_RANGE and INSERT_RANGE itself, with EOPNOTSUPP):
+
+- PUNCH_HOLE (with KEEP_SIZE, which the VFS requires): the blocks the range covers whole
+  leave the block map, which frees them (a dirty block's file goes, an uploaded one becomes
+  garbage); a block it covers in part is zeroed there, and leaves the map too if that left
+  it all zeros. The kernel has written back the range and drops its cached pages after.
+- ZERO_RANGE: the same zeroing, then the range is allocated as below (ext4 keeps the range
+  allocated, as unwritten extents).
+- mode 0 (and KEEP_SIZE, which keeps the size): the range's holes stay holes in the map
+  (they read as zeros, as ext4's unwritten extents do, and SEEK_DATA skips both), but the
+  cache disk must be able to hold them: ENOSPC at once when it never could, even with no
+  clean copy cached and every dirty block uploaded; else clean copies are evicted, and
+  uploads awaited, as for a writer. Blocks already in the range are left as they are.
 
 A file's data is where its block map has blocks; a missing block is a hole (it reads as
 zeros and is stored nowhere). So SEEK_DATA and SEEK_HOLE answer at block granularity: a block
@@ -20,18 +35,103 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from pyfuse3 import FUSEError
 
+from ..meta import Inode
+from ..meta.times import now_ns
 from .data import DataOps
+
+# fallocate(2)'s modes (linux/falloc.h)
+KEEP_SIZE = 0x01
+PUNCH_HOLE = 0x02
+ZERO_RANGE = 0x10
 
 
 class RangeOps(DataOps):
-    """lseek(2) SEEK_DATA/SEEK_HOLE over the block map."""
+    """fallocate(2), and lseek(2) SEEK_DATA/SEEK_HOLE, over the block map."""
 
     async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
-        """Not yet: EOPNOTSUPP, on which glibc's posix_fallocate(3) writes zeros instead."""
-        raise FUSEError(errno.EOPNOTSUPP)
+        ino = int(inode)
+        self._writable(ino)
+        if ino == self.marker_ino:
+            raise FUSEError(errno.EPERM)
+        if mode & ~(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) or (
+                mode & PUNCH_HOLE and mode != PUNCH_HOLE | KEEP_SIZE):
+            raise FUSEError(errno.EOPNOTSUPP)  # (the kernel refuses these before us)
+        if offset < 0 or length <= 0:
+            raise FUSEError(errno.EINVAL)
+        end = offset + length
+        async with self._lock(ino):
+            node = self._node(ino)
+            if not stat.S_ISREG(node.mode):
+                raise FUSEError(errno.ENODEV)
+            if mode & (PUNCH_HOLE | ZERO_RANGE):
+                await self._zero(node, offset, min(end, node.size))
+            if not mode & PUNCH_HOLE:
+                await self._allocate(node, offset, end)
+            changed = not mode & KEEP_SIZE and end > node.size
+            if changed:
+                node.size = end
+            if not self.enable_writeback_cache:  # (else the kernel stamps them: `_written`)
+                node.mtime_ns = node.ctime_ns = now_ns()
+                changed = True
+            if changed:
+                self.meta.save_inode(node)
+
+    async def _zero(self, node: Inode, start: int, stop: int) -> None:
+        """Zero bytes [start, stop) of the file (within its size): drop the blocks the range
+        covers whole, zero the others in part."""
+        if start >= stop:
+            return
+        bs, ino = self.bs, node.id
+        first, last = start // bs, (stop - 1) // bs
+        whole = [i for i in range(first, last + 1)
+                 if start <= i * bs and min((i + 1) * bs, node.size) <= stop]
+        for idx in sorted({first, last} - set(whole)):
+            lo, hi = max(start, idx * bs) - idx * bs, min(stop, (idx + 1) * bs) - idx * bs
+            await self._zero_in_block(ino, idx, lo, hi)
+        if whole:
+            with self._txn():
+                self._drop_blocks(self.meta.remove_blocks_in(ino, whole[0], whole[-1]))
+
+    async def _zero_in_block(self, ino: int, idx: int, lo: int, hi: int) -> None:
+        """Zero bytes [lo, hi) of block `idx`; a block left all zeros leaves the map."""
+        ref = self.meta.get_block(ino, idx)
+        if ref is None:
+            return  # a hole reads as zeros already
+        content = await self._read_block(ino, ref, 0, self.bs)
+        if ref != self.meta.get_block(ino, idx):  # (cannot happen under the inode's lock)
+            raise FUSEError(errno.EAGAIN)
+        zeroed = (content[:lo] + bytes(max(0, min(hi, len(content)) - lo))
+                  + content[hi:]).rstrip(b"\0")
+        if not zeroed:
+            with self._txn():
+                self.meta.remove_block(ino, idx)
+                self._drop_blocks([ref])
+        elif self.blocks.is_writable(ref.id):
+            if lo < len(content):
+                self.blocks.write(ref.id, lo, bytes(min(hi, len(content)) - lo))
+        else:  # copy on write, as a cut tail block is copied (DataOps._truncate)
+            await self.blocks.wait_for_room(len(zeroed))
+            new_id = await self.blocks.create_synced(zeroed)
+            try:
+                with self._txn():
+                    self.meta.set_block(ino, idx, new_id)
+                    self._drop_blocks([ref])
+            except BaseException:  # the copy must not linger unreferenced
+                self.blocks.discard(new_id)
+                raise
+
+    async def _allocate(self, node: Inode, start: int, stop: int) -> None:
+        """Make sure the cache disk can hold the holes of [start, stop) (see the module
+        docstring); ENOSPC when it cannot."""
+        bs = self.bs
+        first, last = start // bs, (stop - 1) // bs
+        holes = (last - first + 1) - len(self.meta.blocks_in(node.id, first, last))
+        if holes:
+            await self.blocks.make_room(holes * bs)
 
     async def lseek(self, inode: int, offset: int, whence: int) -> int:
         """Where the data (SEEK_DATA) or the hole (SEEK_HOLE) at or after `offset` starts;
