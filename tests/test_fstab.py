@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -244,6 +244,24 @@ def test_what_mount8_was_asked_is_read_from_its_command_line() -> None:
     assert mount8.last_of(["rw"], "dev", "nodev") is None
 
 
+@pytest.mark.cli
+def test_a_remount_keeps_the_flags_it_does_not_name() -> None:
+    from wsfs.commands import remount as r
+    mounted = ({"rw", "nosuid", "nodev", "relatime"}, {"rw", "user_id=0"})
+    # an fstab line's options (mount(8) passes those on a remount) name neither nosuid nor nodev
+    assert r.remount_flags(["ro", "remount", "cache_dir=/c", "flush_delay=2"], [],
+                           mounted) == r.MS_REMOUNT | r.MS_RDONLY | r.MS_NOSUID | r.MS_NODEV
+    # dev asked for, hidden by libmount 2.38: honoured
+    assert r.remount_flags(["ro", "remount"], ["dev", "remount"], mounted) == (
+        r.MS_REMOUNT | r.MS_RDONLY | r.MS_NOSUID)
+    assert r.remount_flags(["remount", "noexec", "user_id=0", "default_permissions"], [],
+                           ({"ro"}, {"ro"})) == r.MS_REMOUNT | r.MS_RDONLY | r.MS_NOEXEC
+    with pytest.raises(errors.UsageError, match="'strictatime' is refused"):
+        r.remount_flags(["remount", "strictatime"], [], mounted)
+    with pytest.raises(errors.UsageError, match="unknown mount option 'bogus'"):
+        r.remount_flags(["remount", "bogus"], [], mounted)
+
+
 def test_dev_and_suid_when_asked_through_mount8(helpers: None, ws: Workspace) -> None:
     """libmount 2.38 (Debian 12) drops `dev` and `suid` before it runs the helper, so an fstab
     line asking for them mounted nodev,nosuid. Asked (in fstab or with -o), they are honoured;
@@ -284,6 +302,88 @@ def test_a_refused_option_fails_before_anything_is_taken(
     assert not is_mountpoint(ws.mnt)
     assert not cache.exists()
     assert not (tmp_path / "store" / "lease").exists()
+
+
+def refused_writes(mnt: Path) -> list[str]:
+    """The writes that did not fail with EROFS on `mnt` (each kind the VFS checks)."""
+    attempts: dict[str, Callable[[], object]] = {
+        "create": lambda: (mnt / "new.txt").write_text("no"),
+        "append": lambda: (mnt / "kept.txt").open("a").close(),
+        "mkdir": lambda: (mnt / "newdir").mkdir(),
+        "unlink": lambda: (mnt / "kept.txt").unlink(),
+        "chmod": lambda: (mnt / "kept.txt").chmod(0o600),
+    }
+    let_through = []
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                continue
+        let_through.append(what)
+    return let_through
+
+
+def test_remount_ro_and_rw_through_mount8(helpers: None, ws: Workspace) -> None:
+    """`mount -o remount,ro` was refused by the helper ("unknown mount option 'remount'").
+    Now the kernel switches the mount: writes get EROFS, what was dirty is still uploaded,
+    a file open for writing makes it refuse (one sentence), and nosuid,nodev stay although
+    the fstab line (which mount(8) passes on a remount) does not name them."""
+    fstab = ws.root / "fstab"
+    fstab.write_text(f"{ws.store_url} {ws.mnt} fuse.wsfs cache_dir={ws.cache_dir},"
+                     "flush_delay=2 0 0\n")
+    env = mount_env(ws)
+    assert run(["mount", "--fstab", str(fstab), str(ws.mnt)], env).returncode == 0
+    (ws.mnt / "kept.txt").write_text("kept\n")
+    with (ws.mnt / "open.txt").open("w"):
+        result = run(["mount", "--fstab", str(fstab), "-o", "remount,ro", str(ws.mnt)], env)
+        assert result.returncode == errors.MountError.exit_code, result.stderr
+        assert "a file is open for writing there" in result.stderr
+    assert "rw" in mount_options(ws.mnt)[1]
+    checkpoint = ws.status()["checkpoint"]
+    (ws.mnt / "dirty.bin").write_bytes(b"d" * 300_000)  # uploaded 2 s from now
+    result = run(["mount", "--fstab", str(fstab), "-o", "remount,ro", str(ws.mnt)], env)
+    assert result.returncode == 0, result.stderr
+    per_mount, superblock = mount_options(ws.mnt)
+    assert "ro" in superblock and {"ro", "nosuid", "nodev"} <= per_mount, per_mount
+    assert refused_writes(ws.mnt) == []
+    wait_for("the upload of what was dirty at the remount",
+             lambda: ws.status()["dirty_bytes"] == 0
+             and ws.status()["checkpoint"] > checkpoint, timeout=30)
+    result = run(["mount", "-o", "remount,rw", str(ws.mnt)], env)  # from mountinfo
+    assert result.returncode == 0, result.stderr
+    per_mount, superblock = mount_options(ws.mnt)
+    assert "rw" in superblock and {"rw", "nosuid", "nodev"} <= per_mount, per_mount
+    (ws.mnt / "after.txt").write_text("after\n")
+    assert run(["umount", str(ws.mnt)], env).returncode == 0
+    ws.check_log()
+    check_tree(ws, {"kept.txt": b"kept\n", "dirty.bin": b"d" * 300_000,
+                    "after.txt": b"after\n"})
+
+
+def test_a_mount_started_read_only_takes_writes_after_remount_rw(
+        helpers: None, ws: Workspace) -> None:
+    """The daemon of a read-only mount refused writes itself; FUSE tells it of no remount,
+    so after `remount,rw` the kernel let writes through and the daemon answered EROFS."""
+    env = mount_env(ws)
+    result = run(["mount", "-t", "fuse.wsfs", "-o", f"ro,cache_dir={ws.cache_dir}",
+                  ws.store_url, str(ws.mnt)], env)
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(OSError) as exc:
+        (ws.mnt / "new.txt").write_text("no")
+    assert exc.value.errno == errno.EROFS
+    result = run(["mount", "-o", "remount,rw", str(ws.mnt)], env)
+    assert result.returncode == 0, result.stderr
+    (ws.mnt / "new.txt").write_text("yes\n")
+    (ws.mnt / "dir").mkdir()
+    result = run(["mount", "-o", "remount,ro", str(ws.mnt)], env)
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(OSError) as exc:
+        (ws.mnt / "dir" / "more.txt").write_text("no")
+    assert exc.value.errno == errno.EROFS
+    assert run(["umount", str(ws.mnt)], env).returncode == 0
+    ws.check_log()
+    check_tree(ws, {"new.txt": b"yes\n"})
 
 
 def test_helper_errors_reach_mount(helpers: None, ws: Workspace, tmp_path: Path) -> None:

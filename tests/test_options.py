@@ -166,6 +166,9 @@ def test_every_generic_option_is_judged_and_libfuse_gets_only_kernel_flags() -> 
             if g.action == options.REFUSED:
                 with pytest.raises(UsageError, match=f"'{re.escape(opt)}' is refused: "):
                     parse("-o", opt)
+            elif opt == "remount":  # mount(8)'s, through the helper
+                with pytest.raises(UsageError, match="mount -o remount,ro MOUNTPOINT"):
+                    parse("-o", opt)
             else:
                 assert parse("-o", opt).fuse_options <= libfuse_314, opt
 

@@ -88,6 +88,28 @@ def is_mountpoint(path: Path) -> bool:
                    for fields in map(str.split, f))
 
 
+def wsfs_mount_options(path: str | Path) -> tuple[set[str], set[str]] | None:
+    """The per-mount and the superblock options (mountinfo's two lists) of the wsfs mount on
+    `path`, the last one stacked there; None if there is none. A `mount -o remount,ro`
+    shows as `ro` in both."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if (len(fields) > 5 and len(tail) > 2 and tail[0] == "fuse.wsfs"
+                    and mount_field(fields[4]) == str(path)):
+                found = set(fields[5].split(",")), set(tail[2].split(","))
+    return found
+
+
+def mounted_read_only(path: str | Path) -> bool:
+    """Whether the kernel holds the wsfs mount on `path` read-only (its superblock: what
+    `mount -o remount,ro` sets); True if it is not mounted."""
+    found = wsfs_mount_options(path)
+    return found is None or "ro" in found[1]
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -15,6 +15,9 @@ mount(8)'s `dev` and `suid` are honoured, `nodev,nosuid` staying the default: li
 (Debian 12) hides them from helpers, so they are looked for in what mount(8) was asked
 (mount8.py).
 
+`mount -o remount,ro MOUNTPOINT` (or rw, noexec, ...) changes the running mount's kernel flags
+(remount.py).
+
 Installed as `/sbin/umount.fuse.wsfs`, the same script makes `umount /workspace` wait for the
 final upload like `wsfs unmount` does; without it (or with `umount -i`, `fusermount3 -u`) the
 kernel unmounts at once and the daemon finishes its upload alone.
@@ -30,6 +33,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import MountError, UsageError, WsfsError
 from .mount8 import last_of, parent_request
+from .remount import remount
 
 DEFAULT_CREDENTIALS = Path("/etc/wsfs/credentials")
 # Variables that say where the keys are: with any of them, /etc/wsfs/credentials is not used.
@@ -41,8 +45,9 @@ What mount(8) runs for a `fuse.wsfs` line of /etc/fstab or `mount -t fuse.wsfs S
 MOUNTPOINT`: it runs `wsfs mount STORE MOUNTPOINT -o OPTIONS` and returns once the workspace
 serves. OPTIONS are those of `wsfs mount` (see `wsfs mount --help`) and the FUSE ones
 (allow_other, ro, ...); mount(8)'s and systemd's own (_netdev, nofail, x-systemd.*) are
-ignored. Without credentials_file=, /etc/wsfs/credentials is used when it exists and the
-environment names no keys.
+ignored. `-o remount,ro` (or rw, ...) changes a mounted workspace's kernel flags. Without
+credentials_file=, /etc/wsfs/credentials is used when it exists and the environment names no
+keys.
 
   -o OPTIONS     comma-separated mount options
   -v             more log output
@@ -134,6 +139,13 @@ def mount_main(argv: list[str]) -> int:
         return 0
     opts = [o.strip() for group in options for o in group.split(",") if o.strip()]
     request = parent_request(os.path.normpath(os.path.abspath(mountpoint)))
+    if "remount" in opts:
+        try:
+            remount(os.path.realpath(mountpoint), opts, request)
+        except WsfsError as e:
+            print(f"mount.wsfs: {e}", file=sys.stderr)
+            return e.exit_code
+        return 0
     options = [*options, *hidden_flags(opts, request)]
     args = ["-v"] if verbose else []
     args += ["mount", source, mountpoint]

@@ -252,6 +252,10 @@ GENERIC = (
             "the kernel's defaults, or how wsfs works anyway: atime is never updated on read, "
             "timestamps are kept in wsfs's metadata, permissions are checked by the kernel, "
             "the mount is named fuse.wsfs after its store"),
+    Generic(("remount",), MOUNT8,
+            "`mount -o remount,ro MOUNTPOINT` (or `rw`, `noexec`, ...): the helper changes the "
+            "running mount's kernel flags; read-only, writes get EROFS and what is dirty is "
+            "still uploaded; flags not named keep their state, wsfs's own options their values"),
     Generic(("auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner",
              "group", "user=", "comment=", "x-*", "X-*"), MOUNT8,
             "acted on by mount(8) or systemd (x-systemd.automount, ...), ignored by wsfs"),
@@ -334,6 +338,9 @@ def split_o(groups: Iterable[str], names: Iterable[str]
                 raise UsageError(f"unknown mount option {opt!r}; see `wsfs mount --help`")
             if g.action == REFUSED:
                 raise UsageError(f"the mount option {opt!r} is refused: {g.meaning}")
+            if opt == "remount":
+                raise UsageError("wsfs mount only mounts; change a mounted workspace with "
+                                 "`mount -o remount,ro MOUNTPOINT` (or remount,rw)")
             if g.action == KERNEL:
                 fuse.discard(OPPOSITE.get(opt, ""))
                 fuse.add(opt)

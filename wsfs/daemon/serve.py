@@ -42,6 +42,7 @@ from ..progress import Progress
 from ..runtime import (
     favour_the_fuse_thread,
     limit_malloc_arenas,
+    mounted_read_only,
     process_start,
     registry_path,
     sd_notify,
@@ -226,7 +227,9 @@ class Daemon:
         ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
                          read_only=cfg.read_only,
                          remote_fsync=flusher.sync_now if cfg.fsync_remote else None,
-                         latencies=self.fuse_latency, writeback=self._writeback)
+                         latencies=self.fuse_latency, writeback=self._writeback,
+                         still_read_only=partial(mounted_read_only,
+                                                 os.path.realpath(cfg.mountpoint)))
         flusher.before_pin = ops.reap
         self.ops = ops
         options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",

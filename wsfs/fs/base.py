@@ -111,9 +111,12 @@ class Base(pyfuse3.Operations):
         latencies: Latencies | None = None,
         invalidate_pages: Callable[[int], None] | None = None,
         writeback: Callable[[], Awaitable[None]] | None = None,
+        still_read_only: Callable[[], bool] | None = None,
     ) -> None:
         """`writeback`: has the kernel hand this filesystem every dirty page it holds (syncfs
-        on the mount, from a worker thread), for answers that must see them (`lseek`)."""
+        on the mount, from a worker thread), for answers that must see them (`lseek`).
+        `still_read_only`: whether the kernel still holds a `read_only` mount read-only;
+        asked when a write reaches it anyway (`_writable`)."""
         super().__init__()
         # every handler's duration, by operation (see _guarded in fs/__init__.py)
         self.latencies = latencies if latencies is not None else Latencies()
@@ -122,6 +125,7 @@ class Base(pyfuse3.Operations):
         self.bs = blocks.block_size
         self.timeout = cache_timeout
         self.read_only = read_only
+        self.still_read_only = still_read_only
         self.fenced: str | None = None  # why this mount takes no more writes (fence())
         self._fenced_fh = 0  # handles below it were opened before the fence
         self.remote_fsync = remote_fsync
@@ -220,7 +224,15 @@ class Base(pyfuse3.Operations):
         them at write(2) and sends them later, and refusing them then would lose them (they
         come back as conflict copies instead, like everything accepted before the fence)."""
         if self.read_only:
-            raise FUSEError(errno.EROFS)
+            # The kernel refuses every write to a read-only superblock itself, so one that
+            # reaches this mount was let through by a `mount -o remount,rw` since (FUSE sends
+            # no request for a remount): from now on writes are the kernel's to refuse, as on
+            # a mount started read-write and switched with `remount,ro`.
+            if self.still_read_only is None or self.still_read_only():
+                raise FUSEError(errno.EROFS)
+            self.read_only = False
+            log.info("the mount was switched to read-write (mount -o remount,rw): "
+                     "writes are taken from now on")
         if self.fenced is not None and (ino is None or not any(
                 i == ino and fh < self._fenced_fh for fh, i in self._handles.items())):
             raise FUSEError(errno.EROFS)
