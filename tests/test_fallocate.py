@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace
+from conftest import Workspace, wait_for
+from faultproxy import FaultProxy
 
 MiB = 1 << 20
 BS = MiB  # the workspace's block size (the default of `wsfs init`)
@@ -108,6 +109,23 @@ def stored_blocks(path: Path) -> int:
     """The blocks wsfs stores for a file (st_blocks counts them, up to the file's size)."""
     st = path.stat()
     return (st.st_blocks * 512 + BS - 1) // BS
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) -> None:
+    """Write from the start, fsync and close: when this returns, the bytes are acknowledged."""
+    fd = os.open(path, os.O_WRONLY | flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:MiB]) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def payload(n: int, seed: int) -> bytes:
@@ -250,10 +268,72 @@ def test_fallocate_fails_at_once_when_the_cache_disk_cannot_hold_it(
             assert e.value.errno == errno.ENOSPC
             assert time.monotonic() - start < 10
             assert os.fstat(fd).st_size == 0
+        free = free_bytes(small_disk)
         os.posix_fallocate(fd, 0, 16 * MiB)
         assert os.fstat(fd).st_size == 16 * MiB
+        assert free - free_bytes(small_disk) >= 16 * MiB  # taken at once
         os.pwrite(fd, b"end", 16 * MiB - 3)
     finally:
         os.close(fd)
     assert f.read_bytes() == bytes(16 * MiB - 3) + b"end"
+    # The room goes back with what it was for: a punched hole, a cut, a deleted file.
+    def gives_back(what: str, action: Callable[[], object]) -> None:
+        free = free_bytes(small_disk)
+        action()
+        wait_for(f"{what} to give the room back",
+                 lambda: free_bytes(small_disk) - free >= 6 * MiB, timeout=10)
+
+    gives_back("a punched hole", lambda: apply([fallocate(PUNCH_HOLE | KEEP_SIZE, 0, 8 * MiB)], f))
+    gives_back("a cut", lambda: os.truncate(f, 0))
+    free = free_bytes(small_disk)
+    apply([fallocate(KEEP_SIZE, 0, 12 * MiB)], f)
+    assert free - free_bytes(small_disk) >= 12 * MiB
+    assert f.stat().st_size == 0
+    gives_back("the file's deletion", lambda: os.unlink(f))
+    ws.unmount()
+
+
+@pytest.mark.timeout(300)
+def test_fallocated_room_stays_for_its_writes_on_a_full_disk(
+        proxied: tuple[Workspace, FaultProxy], small_disk: Path) -> None:
+    """posix_fallocate(3) takes its room on the cache disk at once: with the store down,
+    other writers fill the disk and get ENOSPC, and the fallocated file's writes still
+    land; all of it is in the store once the store is back."""
+    ws, proxy = proxied
+    ws.allowed_log_errors.append("cache disk is full of dirty data")
+    mnt = ws.mount("--cache-size", "1G", "--enospc-timeout", "3",
+                   cache_dir=small_disk / "cache", flush_delay=0.5)
+    f = mnt / "reserved"
+    free = free_bytes(small_disk)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 24 * MiB)
+    finally:
+        os.close(fd)
+    assert free - free_bytes(small_disk) >= 24 * MiB, "the disk gave no room"
+    assert f.stat().st_size == 24 * MiB
+    proxy.outage(3600)
+    others: dict[str, bytes] = {}
+    for i in range(20):
+        name = f"other{i:02d}"
+        data = payload(4 * MiB, i)
+        try:
+            write_synced(mnt / name, data)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+            break
+        others[name] = data
+    else:
+        raise AssertionError("80 MiB fitted on a 64 MiB disk with the store down")
+    data = payload(24 * MiB, 99)
+    write_synced(f, data, flags=0)  # into the room it reserved: no ENOSPC
+    assert f.read_bytes() == data
+    proxy.pass_through()
+    wait_for("everything to drain", lambda: ws.status()["dirty_bytes"] == 0, timeout=120)
+    ws.unmount()
+    ws.fresh_cache()
+    mnt = ws.mount()
+    assert (mnt / "reserved").read_bytes() == data
+    for name, content in others.items():
+        assert (mnt / name).read_bytes() == content, name
     ws.unmount()

@@ -15,7 +15,8 @@ The parts, each with one job, built here in the order they depend on each other:
   dropped blocks held until a covering sync;
 - dirty.py: the dirty pool (writes, copies on write, discards, rollbacks, seals);
 - fsync.py: fsync(2) of dirty blocks, through the data journal (journal.py) or their files;
-- uploads.py: uploads of sealed blocks and packs.
+- uploads.py: uploads of sealed blocks and packs;
+- reserved.py: room on the disk reserved for blocks not written yet (fallocate(2)).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .dirty import DirtyBlocks
 from .dirtyfiles import DirtyFiles
 from .fsync import Fsync
 from .journal import Journal
+from .reserved import Reservations
 from .space import MIN_RESERVE as MIN_RESERVE  # (the sync layer's floor for `reserve`)
 from .space import DiskSpace
 from .uploads import Uploads
@@ -81,6 +83,7 @@ class BlockCache:
                             local_limiter=self.local_limiter)
         self.uploads = Uploads(store, files=self.files, clean=self.clean, space=self.space,
                                limiter=limiter)
+        self.reservations = Reservations(cache_dir / "reserved")
         self.hits = 0
         self.misses = 0
 
@@ -139,6 +142,13 @@ class BlockCache:
     async def copy(self, block_id: str) -> str | None:
         return await self.dirty.copy(block_id)
 
+    def adopt(self, reserved_id: str) -> str:
+        """A new writable block made from a reservation (`reserve_room`): no room needed."""
+        return self.dirty.adopt(reserved_id, self.reservations.path(reserved_id))
+
+    def is_preallocated(self, block_id: str) -> bool:
+        return self.dirty.is_preallocated(block_id)
+
     async def create_synced(self, content: bytes) -> str:
         return await self.dirty.create_synced(content)
 
@@ -194,25 +204,37 @@ class BlockCache:
     def oldest_dirty_age(self) -> float:
         return self.dirty.oldest_dirty_age()
 
-    async def wait_for_room(self, size: int = 0) -> None:
+    async def wait_for_room(self, size: int = 0,
+                            reserved: Callable[[], bool] | None = None) -> None:
         """Block a writer while dirty data is over the hard limit or the cache disk is full.
 
         Over the dirty limit writers wait, they never fail. On a full disk they wait while
         clean blocks are evicted and uploads free dirty ones, and may get ENOSPC
-        (`DiskSpace.wait_for_disk`).
+        (`DiskSpace.wait_for_disk`), unless `reserved()` says the write lands in room
+        reserved for it (`reserve_room`): asked only when the disk looks full.
         """
         await self.dirty.wait_below_limit()
-        if not self.space.has_room(size):
+        if not self.space.has_room(size) and not (reserved is not None and reserved()):
             await self.space.wait_for_disk(size, self.dirty)
 
-    async def make_room(self, size: int) -> None:
-        """Make room on the cache disk for `size` bytes about to be written (fallocate(2)):
-        ENOSPC at once if even evicting every clean copy and uploading every dirty block
-        could not make it; else as `wait_for_room`, without waiting for the dirty limit."""
+    async def reserve_room(self, count: int) -> list[str]:
+        """Reserve the disk space of `count` blocks for writes to come (reserved.py): ids for
+        `adopt` or `release_room`. ENOSPC at once if even evicting every clean copy and uploading
+        every dirty block could not make the room; else the wait of `wait_for_room` (not for
+        the dirty limit). [] when the disk cannot allocate ahead: the room was there.
+        """
+        size = count * self.block_size
         if not self.space.could_hold(size, self.clean.volume() + self.dirty.dirty_bytes):
             raise OSError(errno.ENOSPC, "the cache disk cannot hold the range")
         if not self.space.has_room(size):
             await self.space.wait_for_disk(size, self.dirty)
+        made = await trio.to_thread.run_sync(self.reservations.make, count, self.block_size,
+                                             limiter=self.local_limiter)
+        self.space.wrote(len(made) * self.block_size)
+        return made
+
+    def release_room(self, reserved_ids: list[str]) -> None:
+        self.reservations.release(reserved_ids)
 
     def room_to_keep(self, size: int) -> bool:
         return self.space.room_to_keep(size)
@@ -266,6 +288,7 @@ class BlockCache:
         return self.dirty.is_doomed(block_id)
 
     def close(self) -> None:
+        self.reservations.close()
         self.journal.close()
         self.files.close()
         self.clean.close()

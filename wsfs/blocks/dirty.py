@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -47,6 +48,9 @@ class DirtyBlocks:
         # end): fsync skips blocks already on the disk, and journals small ranges (fsync.py).
         self.unsynced: dict[str, list[tuple[int, int]]] = {}
         self._sealed: set[str] = set()
+        # Blocks made from a reservation (reserved.py) and writable since: the disk space for
+        # a whole block is allocated already, so their writes need no room.
+        self._preallocated: set[str] = set()
         self._doomed: set[str] = set()  # discarded while sealed: dropped when retired
         self._room = trio.Event()  # set when dirty data falls below the limit
 
@@ -74,6 +78,19 @@ class DirtyBlocks:
         self._since[block_id] = time.monotonic()
         self.unsynced[block_id] = [(0, len(content))] if content else []
         return block_id
+
+    def adopt(self, block_id: str, path: Path) -> str:
+        """Create a writable, empty dirty block from a reservation's file at `path`."""
+        self.files.adopt(block_id, path)
+        self.lengths[block_id] = 0
+        self._since[block_id] = time.monotonic()
+        self.unsynced[block_id] = []
+        self._preallocated.add(block_id)
+        return block_id
+
+    def is_preallocated(self, block_id: str) -> bool:
+        """Whether writes to the block land in space the disk has given already."""
+        return block_id in self._preallocated and block_id not in self._sealed
 
     async def copy(self, block_id: str) -> str | None:
         """Create a writable dirty block holding a copy of block `block_id` (copy on write);
@@ -212,6 +229,7 @@ class DirtyBlocks:
     def _drop(self, block_id: str, synced_after: int | None = None) -> None:
         """Forget a dirty block; its file is held until it may go (`DirtyFiles.hold`)."""
         self.files.hold(block_id, synced_after)
+        self._preallocated.discard(block_id)
         self.dirty_bytes -= self.lengths.pop(block_id)
         self._since.pop(block_id, None)
         self.unsynced.pop(block_id, None)
@@ -239,6 +257,7 @@ class DirtyBlocks:
         """Freeze every dirty block for upload; later writes to them go to new blocks."""
         ids = [b for b in self.lengths if b not in self._sealed]
         self._sealed.update(ids)
+        self._preallocated.clear()  # a write to a sealed block goes to a copy
         return ids
 
     def retire(self, block_id: str, uploaded_at: int | None) -> None:

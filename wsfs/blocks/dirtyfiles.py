@@ -103,6 +103,11 @@ class DirtyFiles:
             return self._spare.pop(), -1
         return secrets.token_hex(16), -1
 
+    def adopt(self, block_id: str, path: Path) -> None:
+        """Make the file at `path` (a reservation, on the same disk) new block `block_id`'s."""
+        os.rename(path, self.path(block_id))
+        self.keep_fd(block_id, os.open(self.path(block_id), os.O_RDWR))
+
     def give_back_empty(self, block_id: str, fd: int) -> None:
         """Return an open file `take_empty` gave that stayed empty, ready for the next block."""
         self._pool.append((block_id, fd))

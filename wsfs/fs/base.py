@@ -157,6 +157,9 @@ class Base(pyfuse3.Operations):
         self._listings_at = (-1, -1)
         self._listed_entries = 0
         self._locks: dict[int, trio.Lock] = {}
+        # Room reserved on the cache disk for holes fallocate(2) allocated: inode -> block
+        # index -> reservation id (blocks/reserved.py), used by the first write there.
+        self._reserved: dict[int, dict[int, str]] = {}
         self._doomed: set[int] = set()  # inodes to delete in the next batch (REAP_BATCH)
         self._reap_due = False
         self._reap_delay = env_seconds("WSFS_REAP_DELAY", REAP_DELAY)
@@ -304,6 +307,17 @@ class Base(pyfuse3.Operations):
         self._statfs_at = -STATFS_CACHE_SECONDS  # the inode count changed
         for ino in doomed:
             self._locks.pop(ino, None)
+            self._unreserve(ino)
+
+    def _unreserve(self, ino: int, first: int = 0, last: int | None = None) -> None:
+        """Release the room reserved for the holes first..last of `ino` (all by default)."""
+        held = self._reserved.get(ino)
+        if not held:
+            return
+        gone = [i for i in held if first <= i and (last is None or i <= last)]
+        self.blocks.release_room([held.pop(i) for i in gone])
+        if not held:
+            del self._reserved[ino]
 
     def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         fh = self._next_fh

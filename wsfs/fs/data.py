@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import stat
+from functools import partial
 
 import pyfuse3
 import trio
@@ -169,7 +170,8 @@ class DataOps(Base):
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         ino = self._handles[int(fh)]
         self._writable(ino)
-        await self.blocks.wait_for_room(len(buf))
+        await self.blocks.wait_for_room(len(buf), partial(self._in_reserved_room, ino, off,
+                                                          len(buf)))
         lock = self._lock(ino)
         if lock.locked() or not self._write_in_place(ino, off, buf):
             async with lock:
@@ -200,7 +202,7 @@ class DataOps(Base):
             for idx in range(first, last + 1):  # the new blocks first: undone on failure
                 if idx not in refs:
                     start = max(off, idx * bs)
-                    new[idx] = blocks.create()
+                    new[idx] = self._new_block(ino, idx)
                     blocks.write(new[idx], start - idx * bs,
                                  buf[start - off : min(off + len(buf), (idx + 1) * bs) - off])
             if len(new) == 1:  # one statement: atomic without a savepoint
@@ -220,6 +222,32 @@ class DataOps(Base):
                          buf[start - off : min(off + len(buf), (idx + 1) * bs) - off])
         self._written(ino, off + len(buf))
         return True
+
+    def _new_block(self, ino: int, idx: int) -> str:
+        """A new writable block for block `idx` of `ino`: from the room reserved for it, if
+        fallocate(2) reserved some (fs/ranges.py)."""
+        held = self._reserved.get(ino)
+        reserved_id = held.pop(idx, None) if held else None
+        if reserved_id is not None:
+            if not held:
+                del self._reserved[ino]
+            try:
+                return self.blocks.adopt(reserved_id)
+            except OSError as e:
+                log.warning("cannot use the room reserved for block %d of inode %d: %s",
+                            idx, ino, e)
+        return self.blocks.create()
+
+    def _in_reserved_room(self, ino: int, off: int, size: int) -> bool:
+        """Whether a write lands in room fallocate(2) reserved only: a hole with a
+        reservation, or a block made from one and writable still. Such a write needs no
+        room on a full cache disk (the room is taken already)."""
+        bs = self.bs
+        first, last = off // bs, (off + max(size, 1) - 1) // bs
+        held = self._reserved.get(ino, {})
+        refs = self.meta.blocks_in(ino, first, last)
+        return all(idx in held if idx not in refs else self.blocks.is_preallocated(refs[idx].id)
+                   for idx in range(first, last + 1))
 
     def _written(self, ino: int, end: int) -> None:
         """After a write that ends at `end`: the file's new size (and times without the
@@ -247,7 +275,7 @@ class DataOps(Base):
                 new_id = await self.blocks.create_synced(
                     await self._read_block(ino, ref, 0, self.bs))
         if new_id is None:
-            new_id = self.blocks.create()
+            new_id = self._new_block(ino, idx)
         try:
             self.blocks.write(new_id, in_off, piece)
         except BaseException:  # a full disk: the new block must not linger unreferenced
@@ -336,6 +364,7 @@ class DataOps(Base):
                 if new_id is not None:
                     self.blocks.discard(new_id)
                 raise
+            self._unreserve(node.id, first_gone)
         else:
             node.size = size
             with self._txn():

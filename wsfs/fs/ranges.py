@@ -12,10 +12,13 @@ COLLAPSE_RANGE and INSERT_RANGE itself, with EOPNOTSUPP):
 - ZERO_RANGE: the same zeroing, then the range is allocated as below (ext4 keeps the range
   allocated, as unwritten extents).
 - mode 0 (and KEEP_SIZE, which keeps the size): the range's holes stay holes in the map
-  (they read as zeros, as ext4's unwritten extents do, and SEEK_DATA skips both), but the
-  cache disk must be able to hold them: ENOSPC at once when it never could, even with no
-  clean copy cached and every dirty block uploaded; else clean copies are evicted, and
-  uploads awaited, as for a writer. Blocks already in the range are left as they are.
+  (they read as zeros, as ext4's unwritten extents do, and SEEK_DATA skips both), and the
+  cache disk reserves their room (blocks/reserved.py), used by the first write into each
+  and skipped by the room check of writes landing there: ENOSPC at once when the disk never
+  could hold them, even with no clean copy cached and every dirty block uploaded; else
+  clean copies are evicted, and uploads awaited, as for a writer. Blocks already in the
+  range are left as they are. The room goes back when the hole is punched, truncated away
+  or deleted with its file, and at the unmount.
 
 A file's data is where its block map has blocks; a missing block is a hole (it reads as
 zeros and is stored nowhere). So SEEK_DATA and SEEK_HOLE answer at block granularity: a block
@@ -69,7 +72,9 @@ class RangeOps(DataOps):
                 raise FUSEError(errno.ENODEV)
             if mode & (PUNCH_HOLE | ZERO_RANGE):
                 await self._zero(node, offset, min(end, node.size))
-            if not mode & PUNCH_HOLE:
+            if mode & PUNCH_HOLE:  # the room reserved for the blocks it covers goes too
+                self._unreserve(ino, (offset + self.bs - 1) // self.bs, end // self.bs - 1)
+            else:
                 await self._allocate(node, offset, end)
             changed = not mode & KEEP_SIZE and end > node.size
             if changed:
@@ -102,8 +107,10 @@ class RangeOps(DataOps):
         if ref is None:
             return  # a hole reads as zeros already
         content = await self._read_block(ino, ref, 0, self.bs)
-        if ref != self.meta.get_block(ino, idx):  # (cannot happen under the inode's lock)
-            raise FUSEError(errno.EAGAIN)
+        # As it is now: an upload or a repack may have given it a checksum or another pack
+        # meanwhile (the same bytes: writers wait for the inode's lock), and dropping it
+        # must name the objects that hold it now.
+        ref = self.meta.get_block(ino, idx) or ref
         zeroed = (content[:lo] + bytes(max(0, min(hi, len(content)) - lo))
                   + content[hi:]).rstrip(b"\0")
         if not zeroed:
@@ -125,13 +132,20 @@ class RangeOps(DataOps):
                 raise
 
     async def _allocate(self, node: Inode, start: int, stop: int) -> None:
-        """Make sure the cache disk can hold the holes of [start, stop) (see the module
-        docstring); ENOSPC when it cannot."""
-        bs = self.bs
+        """Reserve room on the cache disk for the holes of [start, stop) (see the module
+        docstring); ENOSPC when the disk cannot hold them."""
+        bs, ino = self.bs, node.id
         first, last = start // bs, (stop - 1) // bs
-        holes = (last - first + 1) - len(self.meta.blocks_in(node.id, first, last))
-        if holes:
-            await self.blocks.make_room(holes * bs)
+        refs = self.meta.blocks_in(ino, first, last)
+        held = self._reserved.get(ino, {})
+        holes = [i for i in range(first, last + 1) if i not in refs and i not in held]
+        if not holes:
+            return
+        made = await self.blocks.reserve_room(len(holes))
+        if self.meta.get_inode(ino) is None:  # deleted meanwhile (reap takes no lock)
+            self.blocks.release_room(made)
+            raise FUSEError(errno.ENOENT)
+        self._reserved.setdefault(ino, {}).update(zip(holes, made, strict=False))
 
     async def lseek(self, inode: int, offset: int, whence: int) -> int:
         """Where the data (SEEK_DATA) or the hole (SEEK_HOLE) at or after `offset` starts;
