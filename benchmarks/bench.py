@@ -44,6 +44,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from s3servers import S3Server, rclone_binary, start_moto  # noqa: E402
 
+from wsfs import runtime  # noqa: E402
 from wsfs.runtime import is_mountpoint, pid_alive  # noqa: E402
 
 SYSTEMS = ["local", "floor", "s3fs", "rclone", "wsfs"]
@@ -67,12 +68,8 @@ _live_procs: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def force_unmount(path: Path) -> None:
-    for args in (["-u"], ["-uz"]):
-        if not is_mountpoint(path):
-            break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(["fusermount3", *args, str(path)], capture_output=True, timeout=30)
-        time.sleep(0.2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        runtime.force_unmount(path)
     _live_mounts.discard(path)
 
 

@@ -25,7 +25,7 @@ from faultproxy import FaultProxy
 from s3servers import S3Server, start_moto, start_rclone
 
 from wsfs.blocks.journal import Journal
-from wsfs.runtime import is_mountpoint, mount_field, pid_alive
+from wsfs.runtime import force_unmount, is_mountpoint, mounts, pid_alive
 
 WSFS = [sys.executable, "-m", "wsfs"]
 
@@ -43,14 +43,6 @@ def run_wsfs(*args: str, env: dict[str, str] | None = None, timeout: float = 120
     return result
 
 
-def force_unmount(path: Path) -> None:
-    """Last-resort teardown: never leave a mount behind to hang later tests or CI."""
-    for args in (["-u"], ["-uz"]):
-        if not is_mountpoint(path):
-            return
-        subprocess.run(["fusermount3", *args, str(path)], capture_output=True, timeout=30)
-
-
 def abort_fuse_connection(path: Path) -> None:
     """Last resort for a daemon stuck in the kernel on its own mount (SIGKILL cannot end a
     thread waiting for the FUSE connection it serves): abort the connection, as
@@ -60,13 +52,10 @@ def abort_fuse_connection(path: Path) -> None:
     if not any(connections.iterdir()):  # fusectl is not mounted everywhere
         subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)],
                        capture_output=True, timeout=30)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if mount_field(fields[4]) == str(path):
-                minor = fields[2].split(":")[1]
-                with contextlib.suppress(OSError):
-                    (connections / minor / "abort").write_text("1")
+    for m in mounts():
+        if m.mountpoint == path:
+            with contextlib.suppress(OSError):
+                (connections / m.device.split(":")[1] / "abort").write_text("1")
 
 
 class Workspace:

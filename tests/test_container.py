@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WSFS, Workspace, force_unmount, until, wait_for, wait_pid_gone
+from conftest import WSFS, Workspace, until, wait_for, wait_pid_gone
 from faultproxy import FaultProxy
 from s3servers import S3Server, _start_with_retries, rclone_binary
 
 from wsfs import errors
-from wsfs.runtime import is_mountpoint, pid_alive
+from wsfs.runtime import force_unmount, is_mountpoint, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT_SH = ROOT / "packaging" / "container" / "entrypoint.sh"

@@ -31,7 +31,7 @@ from wsfs.daemon import preflight
 from wsfs.daemon.preflight import in_container
 from wsfs.daemon.workspace import stopped_cleanly
 from wsfs.errors import MountError, NoWorkspaceError, UsageError
-from wsfs.runtime import is_mountpoint
+from wsfs.runtime import Mount, is_mountpoint
 
 TIMEOUT = 60
 
@@ -232,7 +232,7 @@ def test_which_filesystems_may_hold_a_cache_dir(monkeypatch: pytest.MonkeyPatch,
                                                 fstype: str, refused: str | None) -> None:
     """Local filesystems (a container's overlay root included) hold a cache dir; FUSE and
     network ones are refused, naming the filesystem. (A real wsfs mount: above.)"""
-    where = preflight.MountInfo(Path("/srv"), fstype, "server:/export")
+    where = Mount(Path("/srv"), fstype, "server:/export", "0:50")
     monkeypatch.setattr(preflight, "mount_of", lambda path: where)
     if refused is None:
         preflight.check_cache_location(Path("/srv/cache"))

@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, force_unmount, wait_for, wait_pid_gone
+from conftest import Workspace, wait_for, wait_pid_gone
 from s3servers import S3Server
 from test_container import keyless_env, ps_lines_with, secret_rclone, write_credentials
 
 from wsfs import errors
 from wsfs.commands import mount8
-from wsfs.runtime import is_mountpoint, mount_field, pid_alive
+from wsfs.runtime import force_unmount, is_mountpoint, mount_field, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "packaging" / "install-mount-helper.sh"

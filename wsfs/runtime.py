@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import socket
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -82,10 +84,71 @@ def mount_field(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of /proc/self/mountinfo: where a filesystem is mounted and what it is."""
+
+    mountpoint: Path
+    fstype: str  # "fuse.wsfs" for a wsfs mount
+    source: str  # the store URL for a wsfs mount
+    device: str  # "major:minor": a FUSE mount's minor names its /sys/fs/fuse/connections/N
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The mounts of a mountinfo text, oldest first (a later one on the same mountpoint is
+    mounted over the earlier)."""
+    found = []
+    for line in text.splitlines():
+        # ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or not tail:
+            continue
+        found.append(Mount(Path(mount_field(fields[4])), tail[0],
+                           mount_field(tail[1]) if len(tail) > 1 else "", fields[2]))
+    return found
+
+
+def mounts() -> list[Mount]:
+    """The mounts of this mount namespace, oldest first. Read from mountinfo, never by
+    stat(2): a stat of a mount whose daemon hangs would hang too."""
+    return parse_mountinfo(MOUNTINFO.read_text())
+
+
 def is_mountpoint(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(len(fields) > 1 and mount_field(fields[1]) == str(path)
-                   for fields in map(str.split, f))
+    return any(str(m.mountpoint) == str(path) for m in mounts())
+
+
+def mount_of(path: Path) -> Mount | None:
+    """The filesystem that holds `path` (an existing, resolved path): the deepest mount above
+    it, the last one mounted where several are stacked on one mountpoint."""
+    best: Mount | None = None
+    try:
+        found = mounts()
+    except OSError:
+        return None
+    for m in found:
+        if (path == m.mountpoint or m.mountpoint in path.parents) and (
+                best is None or len(m.mountpoint.parts) >= len(best.mountpoint.parts)):
+            best = m
+    return best
+
+
+def force_unmount(path: Path, *, timeout: float = 30) -> None:
+    """Unmount `path` while it is mounted, whatever holds it: `fusermount3 -u`, then `-uz`
+    (lazily: files still open there fail from now on) if it stays mounted. For a mount whose
+    daemon is gone, and for the teardown of tests and benchmarks."""
+    for flag in ("-u", "-uz"):
+        if not is_mountpoint(path):
+            return
+        result = subprocess.run(["fusermount3", flag, str(path)], capture_output=True,
+                                text=True, timeout=timeout)
+        if result.returncode != 0 and flag == "-u":
+            log.warning("fusermount3 -u %s failed (%s): unmounting lazily", path,
+                        result.stderr.strip())
 
 
 def wsfs_mount_options(path: str | Path) -> tuple[set[str], set[str]] | None:

@@ -41,7 +41,7 @@ from ..errors import (
     WsfsError,
 )
 from ..progress import human_bytes
-from ..runtime import canonical_mountpoint, daemon_alive, mount_field, syncfs
+from ..runtime import canonical_mountpoint, daemon_alive, mount_of, syncfs
 from . import options
 from .options import MOUNT, environment_help
 
@@ -93,17 +93,8 @@ def add_parser(sub: argparse._SubParsersAction[Any],
 
 def fstype_of(path: Path) -> str:
     """The filesystem type of the mount that holds `path` (longest matching mountpoint)."""
-    best, fstype = "", "?"
-    target = str(path.resolve())
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 3:
-                continue
-            mp = mount_field(fields[1])
-            if (target == mp or target.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                best, fstype = mp, fields[2]
-    return fstype
+    where = mount_of(path.resolve())
+    return "?" if where is None else where.fstype
 
 
 def prepare_data_dir(data_dir: Path, mountpoint: Path, owner: str | None) -> None:

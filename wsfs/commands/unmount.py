@@ -20,6 +20,7 @@ from ..progress import Progress, closing
 from ..runtime import (
     canonical_mountpoint,
     daemon_alive,
+    force_unmount,
     is_mountpoint,
     registry_path,
     syncfs,
@@ -72,12 +73,7 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
 def clear_dead_mount(mp: Path, reg_path: Path, reg: dict[str, object]) -> None:
     """Unmount a mount whose daemon was killed (every access to it fails with ENOTCONN),
     forget its registry record, and raise DaemonGoneError: nothing was uploaded."""
-    if is_mountpoint(mp):
-        result = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
-        if result.returncode != 0:  # busy: detach it, the files open there fail anyway
-            log.warning("fusermount3 -u %s failed (%s): unmounting lazily", mp,
-                        result.stderr.strip())
-            subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True, text=True)
+    force_unmount(mp)  # busy: detached, the files open there fail anyway
     reg_path.unlink(missing_ok=True)
     raise DaemonGoneError(
         f"the daemon of {mp} (pid {reg['pid']}) was gone (killed or crashed): {mp} is "

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from ..config import env_seconds
 from ..errors import LeaseError
 from ..meta.checkpoint import FENCED_FIX
+from ..runtime import pid_alive
 from ..store import NoSuchKey, ObjectStore, replace_if
 
 log = logging.getLogger(__name__)
@@ -65,20 +66,13 @@ class Holder:
         """
         if self.host != socket.gethostname():
             return True
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        if not pid_alive(self.pid):
             return False
-        except PermissionError:
-            return True
         try:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{self.pid}/stat") as f:
-                zombie = f.read().rsplit(") ", 1)[-1].startswith("Z")
+                return b"wsfs" in f.read()
         except OSError:
             return True
-        return b"wsfs" in cmdline and not zombie
 
     def describe(self) -> str:
         left = self.expires - clock()

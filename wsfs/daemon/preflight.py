@@ -12,11 +12,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MountError
-from ..runtime import mount_field
+from ..runtime import mount_of
 
 FUSE_DEVICE = Path("/dev/fuse")
 CAP_SYS_ADMIN = 21  # the capability's bit in /proc/self/status's CapEff
@@ -92,38 +91,6 @@ def check_fuse() -> None:
         else:
             fix = f"check {FUSE_DEVICE}'s permissions"
         raise MountError(f"{FUSE_DEVICE} cannot be opened ({e.strerror}): {fix}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class MountInfo:
-    """One line of /proc/self/mountinfo: where a filesystem is mounted and what it is."""
-
-    mountpoint: Path
-    fstype: str
-    source: str
-
-
-def mount_of(path: Path) -> MountInfo | None:
-    """The filesystem that holds `path` (an existing, resolved path): the deepest mount above
-    it, the last one mounted where several are stacked on one mountpoint."""
-    best: MountInfo | None = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        # ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or not tail:
-            continue
-        mp = Path(mount_field(fields[4]))
-        if path != mp and mp not in path.parents:
-            continue
-        if best is None or len(mp.parts) >= len(best.mountpoint.parts):
-            best = MountInfo(mp, tail[0], mount_field(tail[1]) if len(tail) > 1 else "")
-    return best
 
 
 def nearest_existing(path: Path) -> Path:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..runtime import mount_field
+from ..runtime import MOUNTINFO, parse_mountinfo
 
 log = logging.getLogger(__name__)
 
-MOUNTINFO = Path("/proc/self/mountinfo")
 BDI = Path("/sys/class/bdi")
 
 
@@ -27,10 +26,9 @@ def mount_device(mountpoint: str, mountinfo: str) -> str | None:
     """The "major:minor" of the newest mount on `mountpoint` (a resolved path) in a
     mountinfo text."""
     found = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) > 4 and mount_field(fields[4]) == mountpoint:
-            found = fields[2]
+    for m in parse_mountinfo(mountinfo):
+        if str(m.mountpoint) == mountpoint:
+            found = m.device
     return found
 
 

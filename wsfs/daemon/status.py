@@ -21,7 +21,7 @@ from ..runtime import (
     canonical_mountpoint,
     daemon_alive,
     is_mountpoint,
-    mount_field,
+    mounts,
     registry_path,
 )
 from .control import SyncRequest
@@ -44,13 +44,7 @@ class MountEntry:
 
 def _proc_wsfs_mounts() -> dict[str, str]:
     """Mountpoint -> source of every wsfs FUSE mount in this mount namespace."""
-    found = {}
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "fuse.wsfs":
-                found[mount_field(fields[1])] = mount_field(fields[0])
-    return found
+    return {str(m.mountpoint): m.source for m in mounts() if m.fstype == "fuse.wsfs"}
 
 
 def list_mounts() -> list[MountEntry]:
