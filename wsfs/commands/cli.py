@@ -1,4 +1,4 @@
-"""The command line: argument parsing, user-facing errors and exit codes.
+"""The command line: its verbs (VERBS, the one table of them), user-facing errors, exit codes.
 
 Errors are one sentence on stderr with the fix, and a distinct exit code per kind of failure
 (see docs/exit-codes.md); a traceback is a bug.
@@ -10,6 +10,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -17,7 +19,8 @@ import trio
 
 from .. import __version__
 from ..errors import UsageError, WsfsError
-from . import options
+from . import options, run
+from .admin import commands as admin
 from .options import parse_seconds
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,19 @@ examples:
 """
 MOUNTPOINT_HELP = ("an existing empty directory where the workspace appears; `wsfs unmount "
                    "MOUNTPOINT` uploads the rest and unmounts it")
-STORE_HELP = ("where the workspace lives: s3://BUCKET[/PREFIX], or file:///ABS/DIR for a "
-              "store in a local directory")
+
+
+@dataclass(frozen=True, slots=True)
+class Verb:
+    """One `wsfs VERB`: its line in `wsfs --help`, the function that adds its arguments to
+    its parser, and the one that runs it and returns the exit code."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None  # what its --help opens with; else `help`, as a sentence
+    epilog: str | None = None
+    usage: str | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +89,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `wsfs` parser: the global flags, then one subparser per entry of VERBS."""
     fmt = _HelpFormatter
     p = _Parser(prog="wsfs", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"wsfs {__version__}")
@@ -83,58 +98,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log line format (terminal and the daemon's wsfs.log)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, verb in VERBS.items():
+        sp = sub.add_parser(name, help=verb.help, formatter_class=fmt, usage=verb.usage,
+                            description=verb.description or verb.help[0].upper()
+                            + verb.help[1:] + ".", epilog=verb.epilog)
+        verb.arguments(sp)
+        # `wsfs mount -v ...` too, not only `wsfs -v mount ...`
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output")
+    return p
 
-    def store_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("store", metavar="STORE", help=STORE_HELP)
-        options.add_flags(sp, options.STORE)
-        sp.epilog = options.variables_help(options.STORE)
 
-    init_options = (*options.STORE, "framework", "label", "owner")
-    sp = sub.add_parser("init", help="create an empty workspace in STORE", formatter_class=fmt,
-                        epilog=options.variables_help(init_options))
-    sp.add_argument("store", metavar="STORE", help=STORE_HELP)
-    options.add_flags(sp, init_options)
+INIT_OPTIONS = (*options.STORE, "framework", "label", "owner")
 
-    sp = sub.add_parser("mount", help="mount STORE on MOUNTPOINT", formatter_class=fmt,
-                        description=MOUNT_DESCRIPTION,
-                        epilog=MOUNT_EPILOG + options.environment_help(options.MOUNT))
-    sp.add_argument("store", metavar="STORE", help=STORE_HELP)
+
+def init_arguments(sp: argparse.ArgumentParser) -> None:
+    options.add_store(sp, INIT_OPTIONS)
+
+
+def mount_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("store", metavar="STORE", help=options.STORE_HELP)
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help=MOUNTPOINT_HELP)
     sp.add_argument("-f", "--foreground", action="store_true",
                     help="do not daemonize: serve until unmounted (systemd, debugging)")
-    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                    help="comma-separated mount options: the wsfs options below as NAME=VALUE "
-                    "(cache_size=5G), FUSE options (allow_other, noatime, ...); mount(8)'s "
-                    "own (_netdev, noauto, x-systemd.*, ...) are ignored")
-    options.add_flags(sp, options.MOUNT)
-    mount_parser = sp
+    options.add_mount_options(sp)
 
-    sp = sub.add_parser("unmount", help="flush everything, unmount, wait for the daemon",
-                        formatter_class=fmt)
+
+def unmount_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
                     help="where the workspace is mounted")
     sp.add_argument("--timeout", default=None, metavar="SECONDS",
                     help="give up waiting after this many seconds (the daemon goes on)")
 
-    sp = sub.add_parser("fsck", help="check STORE's newest checkpoint against its objects "
-                        "(no mount needed)", formatter_class=fmt)
-    store_args(sp)
+
+def fsck_arguments(sp: argparse.ArgumentParser) -> None:
+    options.add_store(sp)
     sp.add_argument("--verify-data", action="store_true",
                     help="also download every block and check its checksum")
-    from .run import add_parser as add_run_parser
-
-    add_run_parser(sub, mount_parser, fmt)
-    from .admin.commands import add_parsers as add_admin_parsers
-
-    COMMANDS.update(add_admin_parsers(sub, store_args, fmt))
-    for choice in sub._choices_actions:  # each command's --help opens with what it does
-        sp = sub.choices[choice.dest]
-        sp.description = sp.description or (choice.help[0].upper() + choice.help[1:] + "."
-                                             if choice.help else None)
-    for sp in sub.choices.values():  # `wsfs mount -v ...` too, not only `wsfs -v mount ...`
-        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                        help="more log output")
-    return p
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -162,12 +162,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .run import run
-
-    return run(args)
-
-
 def cmd_unmount(args: argparse.Namespace) -> int:
     from .unmount import unmount
 
@@ -192,8 +186,38 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount, "run": cmd_run,
-            "fsck": cmd_fsck}
+STORE_EPILOG = options.variables_help(options.STORE)
+
+# Every verb, in the order `wsfs --help` lists them: the one place a verb is registered.
+VERBS: dict[str, Verb] = {
+    "init": Verb("create an empty workspace in STORE", init_arguments, cmd_init,
+                 epilog=options.variables_help(INIT_OPTIONS)),
+    "mount": Verb("mount STORE on MOUNTPOINT", mount_arguments, cmd_mount,
+                  description=MOUNT_DESCRIPTION,
+                  epilog=MOUNT_EPILOG + options.environment_help(options.MOUNT)),
+    "unmount": Verb("flush everything, unmount, wait for the daemon", unmount_arguments,
+                    cmd_unmount),
+    "fsck": Verb("check STORE's newest checkpoint against its objects (no mount needed)",
+                 fsck_arguments, cmd_fsck, epilog=STORE_EPILOG),
+    "run": Verb("container entrypoint: mount, run COMMAND, flush and unmount when it ends or "
+                "on SIGTERM", run.arguments, run.run, usage=run.USAGE,
+                epilog=options.environment_help(options.MOUNT)),
+    "status": Verb("what a mount has not saved yet (all mounts without MOUNTPOINT)",
+                   admin.status_arguments, admin.cmd_status),
+    "sync": Verb("upload everything written to MOUNTPOINT so far, and wait",
+                 admin.sync_arguments, admin.cmd_sync),
+    "du": Verb("logical and stored size of a workspace, and its largest directories (no "
+               "mount needed)", admin.du_arguments, admin.cmd_du, epilog=STORE_EPILOG),
+    "ls": Verb("every workspace under s3://BUCKET[/PREFIX], its size and last use",
+               admin.ls_arguments, admin.cmd_ls, epilog=STORE_EPILOG),
+    "gc": Verb("delete objects no kept checkpoint references (safe while mounted)",
+               admin.gc_arguments, admin.cmd_gc, epilog=STORE_EPILOG),
+    "destroy": Verb("delete a workspace and all its objects (asks for its id)",
+                    admin.destroy_arguments, admin.cmd_destroy, epilog=STORE_EPILOG),
+    "recover": Verb("copy the files a cache dir holds that the store never got (a stale or "
+                    "fenced mount's) into DIR", admin.recover_arguments, admin.cmd_recover,
+                    epilog=STORE_EPILOG),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.verbose, args.log_format)
     try:
         options.resolve(args, os.environ)
-        return COMMANDS[args.command](args)
+        return VERBS[args.command].run(args)
     except WsfsError as e:
         print(f"wsfs: {e}", file=sys.stderr)
         return e.exit_code

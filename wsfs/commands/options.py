@@ -311,6 +311,25 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
                                 action="append" if o.repeat else "store")
 
 
+STORE_HELP = ("where the workspace lives: s3://BUCKET[/PREFIX], or file:///ABS/DIR for a "
+              "store in a local directory")
+
+
+def add_store(parser: argparse.ArgumentParser, names: Iterable[str] = STORE) -> None:
+    """The STORE argument of a verb that opens a store, and the flags of `names`."""
+    parser.add_argument("store", metavar="STORE", help=STORE_HELP)
+    add_flags(parser, names)
+
+
+def add_mount_options(parser: argparse.ArgumentParser) -> None:
+    """Every mount option, as `-o` and as flags: `wsfs mount` and `wsfs run` take them alike."""
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="comma-separated mount options: the wsfs options below as "
+                        "NAME=VALUE (cache_size=5G), FUSE options (allow_other, noatime, ...); "
+                        "mount(8)'s own (_netdev, noauto, x-systemd.*, ...) are ignored")
+    add_flags(parser, MOUNT)
+
+
 def split_o(groups: Iterable[str], names: Iterable[str]
             ) -> tuple[dict[str, list[str]], set[str]]:
     """`-o a,b=c` groups: the values of the options `names` (a switch alone is "1", its off

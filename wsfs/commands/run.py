@@ -29,7 +29,6 @@ import time
 from collections import deque
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from ..daemon.control import SyncRequest
 from ..errors import (
@@ -43,7 +42,6 @@ from ..errors import (
 from ..progress import human_bytes
 from ..runtime import canonical_mountpoint, daemon_alive, mount_of, syncfs
 from . import options
-from .options import MOUNT, environment_help
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +59,11 @@ DEFAULT_STOP_TIMEOUT = "3"
 SYNC_EVERY = 1.0  # at most one early-flush request a second while the command stops
 
 
-def add_parser(sub: argparse._SubParsersAction[Any],
-               mount_parser: argparse.ArgumentParser,
-               fmt: type[argparse.HelpFormatter]) -> None:
-    """Add `wsfs run`, taking every option of `wsfs mount` as it is."""
-    sp = sub.add_parser(
-        "run", formatter_class=fmt,
-        usage="wsfs run --mount STORE MOUNTPOINT [--data-dir DIR] [mount options] -- COMMAND...",
-        epilog=environment_help(MOUNT),
-        help="container entrypoint: mount, run COMMAND, flush and unmount when it ends or on "
-        "SIGTERM")
+USAGE = "wsfs run --mount STORE MOUNTPOINT [--data-dir DIR] [mount options] -- COMMAND..."
+
+
+def arguments(sp: argparse.ArgumentParser) -> None:
+    """`wsfs run`'s arguments: its own, and every option of `wsfs mount` as it is."""
     sp.add_argument("--mount", nargs=2, required=True, metavar=("STORE", "MOUNTPOINT"),
                     help="the workspace to mount and where")
     sp.add_argument("--data-dir", default="/data", metavar="DIR",
@@ -84,9 +77,7 @@ def add_parser(sub: argparse._SubParsersAction[Any],
     sp.add_argument("--keep-credentials", action="store_true",
                     help="also pass the AWS credential variables to COMMAND, which otherwise "
                     "does not see them")
-    for action in mount_parser._actions:
-        if action.option_strings and action.dest != "help" and action.dest != "foreground":
-            sp._add_action(action)
+    options.add_mount_options(sp)
     sp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                     help="the notebook command and its arguments")
 

@@ -1,9 +1,8 @@
 """The command-line verbs that observe and manage workspaces: status, sync, du, ls, gc, destroy,
 recover.
 
-Kept apart from `wsfs.commands.cli` (which owns parsing of the mount verbs and error
-printing) so each verb's arguments sit next to the code that runs it; `wsfs.commands.cli` adds
-these parsers and commands.
+Each verb is two plain functions, its arguments and its run, side by side;
+`wsfs.commands.cli`'s VERBS table registers them with their help lines.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,6 @@ from ...errors import UsageError, WsfsError
 from ...store import ObjectStore
 from .. import options
 from ..options import parse_seconds
-
-Command = Callable[[argparse.Namespace], int]
 
 
 class Aborted(WsfsError):
@@ -41,37 +37,32 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=1, default=str))
 
 
-def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
-                fmt: type[argparse.HelpFormatter]) -> dict[str, Command]:
-    """Add this module's verbs to the `wsfs` parser; return their command functions."""
-    sp = sub.add_parser("status", formatter_class=fmt,
-                        help="what a mount has not saved yet (all mounts without MOUNTPOINT)")
+def status_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?", default=None,
                     help="where a workspace is mounted (default: every wsfs mount)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = sub.add_parser("sync", formatter_class=fmt,
-                        help="upload everything written to MOUNTPOINT so far, and wait")
+
+def sync_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
                     help="where the workspace is mounted")
     sp.add_argument("--timeout", default=None, metavar="SECONDS",
                     help="fail after this many seconds (the daemon keeps trying)")
 
-    sp = sub.add_parser("du", formatter_class=fmt,
-                        help="logical and stored size of a workspace, and its largest "
-                        "directories (no mount needed)")
-    store_args(sp)
+
+def du_arguments(sp: argparse.ArgumentParser) -> None:
+    options.add_store(sp)
     sp.add_argument("--top", type=int, default=15, metavar="N", help="how many directories to show")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = sub.add_parser("ls", formatter_class=fmt,
-                        help="every workspace under s3://BUCKET[/PREFIX], its size and last use")
-    store_args(sp)
+
+def ls_arguments(sp: argparse.ArgumentParser) -> None:
+    options.add_store(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = sub.add_parser("gc", formatter_class=fmt,
-                        help="delete objects no kept checkpoint references (safe while mounted)")
-    store_args(sp)
+
+def gc_arguments(sp: argparse.ArgumentParser) -> None:
+    options.add_store(sp)
     sp.add_argument("--min-age", default="3600", metavar="SECONDS",
                     help="seconds an unreferenced object must have existed before it is "
                     "deleted: a mounted writer's uploads are unreferenced until it publishes")
@@ -81,17 +72,15 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
                     "is known to be gone)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = sub.add_parser("destroy", formatter_class=fmt,
-                        help="delete a workspace and all its objects (asks for its id)")
-    store_args(sp)
+
+def destroy_arguments(sp: argparse.ArgumentParser) -> None:
+    options.add_store(sp)
     sp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sp.add_argument("--force", action="store_true",
                     help="destroy even though a lease says it is mounted (the holder is gone)")
 
-    sp = sub.add_parser("recover", formatter_class=fmt,
-                        help="copy the files a cache dir holds that the store never got "
-                        "(a stale or fenced mount's) into DIR",
-                        epilog=options.variables_help(options.STORE))
+
+def recover_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("cache_dir", metavar="CACHE_DIR", type=Path,
                     help="the cache dir, e.g. one moved aside as CACHE_DIR.stale-TIME")
     sp.add_argument("--into", metavar="DIR", type=Path, required=True,
@@ -100,8 +89,6 @@ def add_parsers(sub: Any, store_args: Callable[[argparse.ArgumentParser], None],
                     help="the workspace's store, for blocks uploaded but never published "
                     "(default: the one the cache dir's status.json names)")
     options.add_flags(sp, options.STORE)
-    return {"status": cmd_status, "sync": cmd_sync, "du": cmd_du, "ls": cmd_ls, "gc": cmd_gc,
-            "destroy": cmd_destroy, "recover": cmd_recover}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
