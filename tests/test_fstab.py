@@ -22,7 +22,7 @@ from test_container import keyless_env, ps_lines_with, secret_rclone, write_cred
 
 from wsfs import errors
 from wsfs.commands import mount8
-from wsfs.runtime import force_unmount, is_mountpoint, mount_field, pid_alive
+from wsfs.runtime import Mount, force_unmount, is_mountpoint, mounts, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "packaging" / "install-mount-helper.sh"
@@ -99,9 +99,8 @@ def test_fstab_line_mounts_and_umount_waits_for_the_upload(
     result = run(["mount", "--fstab", str(fstab), str(ws.mnt)], mount_env(ws))
     assert result.returncode == 0, result.stderr
     assert is_mountpoint(ws.mnt)
-    mounts = Path("/proc/self/mounts").read_text()
-    line = next(x for x in mounts.splitlines() if x.split()[1] == str(ws.mnt))
-    assert line.split()[2] == "fuse.wsfs" and "allow_other" in line
+    where = mount_of(ws.mnt)
+    assert where.fstype == "fuse.wsfs" and "allow_other" in where.super_options
     files = write_tree(ws.mnt)
     pid = ws.daemon_pid()
     assert pid is not None
@@ -183,13 +182,11 @@ def test_the_last_of_ro_and_rw_wins(ws: Workspace) -> None:
     ws.unmount()
 
 
-def mount_options(mnt: Path) -> tuple[set[str], set[str]]:
-    """The per-mount and the superblock options of the mount on `mnt`, from mountinfo."""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        if mount_field(left.split()[4]) == str(mnt):
-            return set(left.split()[5].split(",")), set(right.split()[2].split(","))
-    raise AssertionError(f"{mnt} is not mounted")
+def mount_of(mnt: Path) -> Mount:
+    """The mount on `mnt`, as mountinfo has it."""
+    found = [m for m in mounts() if m.mountpoint == mnt]
+    assert found, f"{mnt} is not mounted"
+    return found[-1]
 
 
 def test_each_class_of_generic_option_through_fstab(helpers: None, ws: Workspace) -> None:
@@ -204,7 +201,7 @@ def test_each_class_of_generic_option_through_fstab(helpers: None, ws: Workspace
         " 0 0\n")
     result = run(["mount", "--fstab", str(fstab), str(ws.mnt)], mount_env(ws))
     assert result.returncode == 0, result.stderr
-    per_mount, _ = mount_options(ws.mnt)
+    per_mount = mount_of(ws.mnt).options
     assert {"noexec", "noatime", "nosuid", "nodev"} <= per_mount, per_mount
     before = ws.status()["checkpoint"]
     (ws.mnt / "kept.txt").write_text("kept\n")
@@ -272,7 +269,7 @@ def test_dev_and_suid_when_asked_through_mount8(helpers: None, ws: Workspace) ->
     for extra, dev, suid in (([], True, True), (["-o", "nodev"], False, True)):
         result = run(["mount", "--fstab", str(fstab), *extra, str(ws.mnt)], mount_env(ws))
         assert result.returncode == 0, result.stderr
-        per_mount, _ = mount_options(ws.mnt)
+        per_mount = mount_of(ws.mnt).options
         assert ("nodev" not in per_mount, "nosuid" not in per_mount) == (dev, suid), per_mount
         assert device_works(ws.mnt) == dev
         result = run(["umount", str(ws.mnt)], mount_env(ws))
@@ -281,7 +278,7 @@ def test_dev_and_suid_when_asked_through_mount8(helpers: None, ws: Workspace) ->
         result = run(["mount", "-t", "fuse.wsfs", "-o", f"cache_dir={ws.cache_dir},{opts}",
                       ws.store_url, str(ws.mnt)], mount_env(ws))
         assert result.returncode == 0, result.stderr
-        per_mount, _ = mount_options(ws.mnt)
+        per_mount = mount_of(ws.mnt).options
         assert ("nodev" not in per_mount, "nosuid" not in per_mount) == (dev, suid), per_mount
         assert device_works(ws.mnt) == dev
         result = run(["umount", str(ws.mnt)], mount_env(ws))
@@ -339,12 +336,12 @@ def test_remount_ro_and_rw_through_mount8(helpers: None, ws: Workspace) -> None:
         result = run(["mount", "--fstab", str(fstab), "-o", "remount,ro", str(ws.mnt)], env)
         assert result.returncode == errors.MountError.exit_code, result.stderr
         assert "a file is open for writing there" in result.stderr
-    assert "rw" in mount_options(ws.mnt)[1]
+    assert "rw" in mount_of(ws.mnt).super_options
     checkpoint = ws.status()["checkpoint"]
     (ws.mnt / "dirty.bin").write_bytes(b"d" * 300_000)  # uploaded 2 s from now
     result = run(["mount", "--fstab", str(fstab), "-o", "remount,ro", str(ws.mnt)], env)
     assert result.returncode == 0, result.stderr
-    per_mount, superblock = mount_options(ws.mnt)
+    per_mount, superblock = mount_of(ws.mnt).options, mount_of(ws.mnt).super_options
     assert "ro" in superblock and {"ro", "nosuid", "nodev"} <= per_mount, per_mount
     assert refused_writes(ws.mnt) == []
     wait_for("the upload of what was dirty at the remount",
@@ -352,7 +349,7 @@ def test_remount_ro_and_rw_through_mount8(helpers: None, ws: Workspace) -> None:
              and ws.status()["checkpoint"] > checkpoint, timeout=30)
     result = run(["mount", "-o", "remount,rw", str(ws.mnt)], env)  # from mountinfo
     assert result.returncode == 0, result.stderr
-    per_mount, superblock = mount_options(ws.mnt)
+    per_mount, superblock = mount_of(ws.mnt).options, mount_of(ws.mnt).super_options
     assert "rw" in superblock and {"rw", "nosuid", "nodev"} <= per_mount, per_mount
     (ws.mnt / "after.txt").write_text("after\n")
     assert run(["umount", str(ws.mnt)], env).returncode == 0

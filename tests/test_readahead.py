@@ -9,6 +9,7 @@ from conftest import Workspace, wait_for
 
 from wsfs.daemon.readahead import mount_device
 from wsfs.meta.superblock import DEFAULT_BLOCK_SIZE
+from wsfs.runtime import parse_mountinfo
 
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
@@ -23,6 +24,10 @@ def test_mount_device_reads_escaped_paths_and_the_newest_mount() -> None:
     assert mount_device("/tmp/with space", MOUNTINFO) == "0:39"
     assert mount_device("/tmp/m", MOUNTINFO) == "0:41"  # mounted over the one before
     assert mount_device("/tmp/none", MOUNTINFO) is None
+    spaced = parse_mountinfo(MOUNTINFO)[1]
+    assert (spaced.mountpoint, spaced.fstype, spaced.source) == (
+        Path("/tmp/with space"), "fuse.wsfs", "s3://b/ws")
+    assert spaced.options == {"rw", "nosuid", "nodev"} and spaced.super_options == {"rw"}
 
 
 def test_a_mount_reads_ahead_a_block_and_reads_back_every_byte(ws: Workspace) -> None:

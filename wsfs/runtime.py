@@ -95,6 +95,8 @@ class Mount:
     fstype: str  # "fuse.wsfs" for a wsfs mount
     source: str  # the store URL for a wsfs mount
     device: str  # "major:minor": a FUSE mount's minor names its /sys/fs/fuse/connections/N
+    options: frozenset[str] = frozenset()  # this mount's (ro, nosuid, noatime, ...)
+    super_options: frozenset[str] = frozenset()  # its filesystem's (allow_other, ...)
 
 
 def parse_mountinfo(text: str) -> list[Mount]:
@@ -108,7 +110,9 @@ def parse_mountinfo(text: str) -> list[Mount]:
         if not sep or len(fields) < 5 or not tail:
             continue
         found.append(Mount(Path(mount_field(fields[4])), tail[0],
-                           mount_field(tail[1]) if len(tail) > 1 else "", fields[2]))
+                           mount_field(tail[1]) if len(tail) > 1 else "", fields[2],
+                           frozenset(fields[5].split(",")) if len(fields) > 5 else frozenset(),
+                           frozenset(tail[2].split(",")) if len(tail) > 2 else frozenset()))
     return found
 
 
