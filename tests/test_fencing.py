@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -31,6 +32,7 @@ import pytest
 from conftest import WSFS, Workspace, s3_workspace, wait_for
 from faultproxy import FaultProxy
 from s3servers import S3Server
+from test_packs import to_format_3
 
 from wsfs.daemon.lease import read_holder
 from wsfs.meta import checkpoint as ckpt
@@ -419,3 +421,38 @@ def test_a_store_that_ignores_the_conditions_says_so(kind: str, tmp_path: Path,
         w.unmount()
     finally:
         w.teardown()
+
+
+def test_recover_from_a_cache_dir_of_format_3(tmp_path: Path) -> None:
+    """A cache dir set aside by a mount of format 3 (each timestamp one column), its copy of
+    what it published too: what it never published comes back, times exact, and only that."""
+    url = f"file://{tmp_path / 'store'}"
+    a = Workspace(tmp_path / "a", url, env={"WSFS_LEASE_TTL": "60"})
+    b = Workspace(tmp_path / "b", url, env={"WSFS_LEASE_TTL": "60"})
+    a.init()
+    try:
+        mnt = a.mount(flush_delay=3600)
+        (mnt / "old").write_text("published")
+        a.wsfs("sync", str(mnt))
+        assert (a.cache_dir / "published.db").exists()
+        (mnt / "new").write_text("never published")
+        os.utime(mnt / "new", ns=(-1, 1_500_000_000_000_000_001))
+        b.mount("--force")
+        b.unmount()
+        a.allowed_log_errors.append("this mount is fenced")
+        r = a.wsfs("unmount", str(mnt), check=False, timeout=120)
+        assert r.returncode == 7, r.stderr
+        for db in ("meta.db", "published.db"):
+            conn = sqlite3.connect(a.cache_dir / db)
+            to_format_3(conn)
+            conn.commit()
+            conn.close()
+        out = tmp_path / "out"
+        r = a.wsfs("recover", str(a.cache_dir), "--into", str(out))
+        assert "recovered" in r.stdout, r.stdout
+        assert (out / "new").read_text() == "never published"
+        assert mode_and_mtime(out / "new")[1] == 1_500_000_000_000_000_001
+        assert not (out / "old").exists()  # the store has it
+    finally:
+        a.teardown()
+        b.teardown()

@@ -246,8 +246,9 @@ def test_fsck_metadata_damage(ws: Workspace,
     d_ino = cp.inode("d")
     cp.conn.execute("DELETE FROM inodes WHERE id=?", (e_ino,))  # d/e.txt now dangles
     cp.conn.execute("UPDATE inodes SET nlink=3 WHERE id=?", (c_ino,))
-    cp.conn.execute("INSERT INTO inodes (mode, uid, gid, size, nlink, atime_ns, mtime_ns, "
-                    "ctime_ns) VALUES (?, 0, 0, 0, 1, 0, 0, 0)", (0o100644,))
+    cp.conn.execute("INSERT INTO inodes (mode, uid, gid, size, nlink, atime_sec, atime_nsec,"
+                    " mtime_sec, mtime_nsec, ctime_sec, ctime_nsec)"
+                    " VALUES (?, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0)", (0o100644,))
     cp.conn.execute("UPDATE inodes SET nlink=5 WHERE id=?", (d_ino,))
     cp.publish_as_next()
     code, out = fsck(ws)

@@ -3,7 +3,9 @@
 Through real mounts: a tree of small files costs a handful of objects and a handful of
 downloads on a fresh machine; a pack stays while any of its blocks is referenced and is
 deleted once none is; a workspace written before packs existed (format 1) still mounts,
-and one written before pack sizes were recorded (format 2) mounts and is repacked.
+and one written before pack sizes were recorded (format 2) mounts and is repacked. One
+written while timestamps were nanoseconds in one column (format 3) mounts with every time
+as it was.
 """
 
 from __future__ import annotations
@@ -201,4 +203,76 @@ def test_an_upgrade_from_format_1_cut_short_by_a_crash_completes(tmp_path: Path)
     conn.close()
     meta = Metadata(tmp_path / "meta.db")
     assert meta.get_setting("format") == str(FORMAT_VERSION)
+    meta.close()
+
+
+def to_format_3(conn: sqlite3.Connection) -> None:
+    """Turn a database back into format 3: each timestamp in one column of nanoseconds."""
+    for t in ("atime", "mtime", "ctime"):
+        conn.execute(f"ALTER TABLE inodes ADD COLUMN {t}_ns INTEGER NOT NULL DEFAULT 0")
+        conn.execute(f"UPDATE inodes SET {t}_ns = CASE WHEN {t}_sec >= 0"  # 64 bits at most
+                     f" THEN {t}_sec * 1000000000 + {t}_nsec"
+                     f" ELSE ({t}_sec + 1) * 1000000000 - (1000000000 - {t}_nsec) END")
+        for unit in ("sec", "nsec"):
+            conn.execute(f"ALTER TABLE inodes DROP COLUMN {t}_{unit}")
+    conn.execute("UPDATE settings SET value='3' WHERE key='format'")
+
+
+# what format 3 could hold: from 1677-09-21 to 2262-04-11, before 1970 and after it
+FORMAT_3_TIMES = [-(2**63), -(2**63) + 1, -1_000_000_001, -1, 0, 1, 1_700_000_000_123_456_789,
+                  2**63 - 1]
+
+
+def test_a_format_3_workspace_is_upgraded(ws: Workspace) -> None:
+    """A checkpoint whose timestamps are nanoseconds in one column each (format 3) mounts on
+    an empty cache with every time as it was, to the nanosecond."""
+    mnt = ws.mount()
+    (mnt / "d").mkdir()
+    for i, t in enumerate(FORMAT_3_TIMES):
+        f = mnt / "d" / f"f{i}"
+        f.write_bytes(b"%d" % i)
+        os.utime(f, ns=(t, FORMAT_3_TIMES[-1 - i]))
+    os.symlink("f0", mnt / "d" / "link")
+    os.utime(mnt / "d" / "link", ns=(-1, -(2**63)), follow_symlinks=False)
+    expected = snapshot(mnt)
+    ctimes = {p.name: p.lstat().st_ctime_ns for p in (mnt / "d").iterdir()}
+    ws.unmount()
+    rewrite_newest_checkpoint(ws, to_format_3)
+
+    ws.fresh_cache()
+    mnt = ws.mount()
+    assert_same(expected, snapshot(mnt), what="after the upgrade from format 3")
+    assert {p.name: p.lstat().st_ctime_ns for p in (mnt / "d").iterdir()} == ctimes
+    (mnt / "after").write_bytes(b"written after the upgrade")
+    os.utime(mnt / "after", ns=(-(2**63) * 10**9, (2**63 - 1) * 10**9))
+    ws.unmount()
+    ws.fresh_cache()
+    mnt = ws.mount()
+    assert (mnt / "after").stat().st_mtime_ns == (2**63 - 1) * 10**9
+    assert (mnt / "after").stat().st_atime_ns == -(2**63) * 10**9
+    ws.unmount()
+
+
+@pytest.mark.layers
+def test_the_format_3_upgrade_splits_every_time_exactly(tmp_path: Path) -> None:
+    """Seconds round down and nanoseconds count up from them, at both ends of 64 bits."""
+    conn = sqlite3.connect(tmp_path / "meta.db", isolation_level=None)
+    create_schema(conn)
+    conn.execute("BEGIN")
+    to_format_3(conn)
+    for i, t in enumerate(FORMAT_3_TIMES, start=2):
+        conn.execute("INSERT INTO inodes (id, mode, uid, gid, nlink, atime_ns, mtime_ns,"
+                     " ctime_ns) VALUES (?, 32768, 0, 0, 1, ?, ?, ?)",
+                     (i, t, FORMAT_3_TIMES[-1 - (i - 2)], t))
+    conn.execute("COMMIT")
+    conn.close()
+    meta = Metadata(tmp_path / "meta.db")
+    assert meta.get_setting("format") == str(FORMAT_VERSION)
+    for i, t in enumerate(FORMAT_3_TIMES, start=2):
+        node = meta.get_inode(i)
+        assert node is not None
+        assert (node.atime_ns, node.mtime_ns, node.ctime_ns) == \
+               (t, FORMAT_3_TIMES[-1 - (i - 2)], t), i
+    assert not meta.conn.execute("SELECT 1 FROM inodes WHERE atime_nsec NOT BETWEEN 0 AND"
+                                 " 999999999 OR mtime_nsec NOT BETWEEN 0 AND 999999999").fetchall()
     meta.close()

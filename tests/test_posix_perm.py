@@ -135,6 +135,53 @@ def test_chmod_chown_utimens_persist_after_remount(mounted: Workspace) -> None:
     mounted.unmount()
 
 
+S = 10**9  # nanoseconds in a second
+# Times that do not fit in 64 bits of nanoseconds (1677-09-21 to 2262-04-11), with ext4's
+# limits (1901-12-13 to 2446-05-10) and those of the kernel's 64-bit seconds among them.
+FAR_TIMES = {
+    "y1600": -11_676_096_000 * S + 123_456_789,
+    "y2300": 10_413_792_000 * S + 987_654_321,
+    "ext4_min": -(2**31) * S,
+    "ext4_max": (2**34 - 2**31 - 1) * S + 999_999_999,
+    "min": -(2**63) * S,  # (the kernel zeroes the nanoseconds in its first and last second)
+    "max": (2**63 - 1) * S,
+    "near_max": (2**63 - 2) * S + 999_999_999,
+    "near_min": (1 - 2**63) * S + 1,
+    "before_1970": -1,
+}
+
+
+def test_times_beyond_64_bit_nanoseconds_persist_exactly(mounted: Workspace) -> None:
+    """Any time the kernel can hand over is kept to the nanosecond: a 64-bit nanosecond
+    count (SQLite's integer) ends in 1677 and 2262, and `touch -d 2300-01-01` failed with
+    EIO; the seconds and the nanoseconds are kept apart now."""
+    m = mounted.mnt
+    for date in ("2300-01-01", "1600-01-01"):
+        subprocess.run(["touch", "-d", date, str(m / date)], check=True, timeout=30)
+    (m / "dir").mkdir()
+    os.symlink("nowhere", m / "link")
+    for name, t in FAR_TIMES.items():
+        (m / name).write_bytes(b"x")
+        os.utime(m / name, ns=(t, t))
+    os.utime(m / "dir", ns=(FAR_TIMES["min"], FAR_TIMES["max"]))
+    os.utime(m / "link", ns=(FAR_TIMES["max"], FAR_TIMES["y1600"]), follow_symlinks=False)
+
+    def times() -> dict[str, tuple[int, int, int]]:
+        return {p.name: (p.lstat().st_atime_ns, p.lstat().st_mtime_ns, p.lstat().st_ctime_ns)
+                for p in m.iterdir() if not p.name.startswith(".")}
+
+    expect = times()
+    for name, t in FAR_TIMES.items():
+        assert expect[name][:2] == (t, t), name
+    assert expect["dir"][:2] == (FAR_TIMES["min"], FAR_TIMES["max"])
+    assert expect["link"][:2] == (FAR_TIMES["max"], FAR_TIMES["y1600"])
+    assert expect["2300-01-01"][1] // S // 86400 // 365 + 1970 == 2300
+    assert expect["1600-01-01"][1] // S // 86400 // 365 + 1970 in (1599, 1600)
+    mounted.remount(wipe_cache=True)
+    assert times() == expect
+    mounted.unmount()
+
+
 def test_marker_is_protected_even_from_root(shared: Workspace) -> None:
     m = shared.mnt
     marker = m / MARKER

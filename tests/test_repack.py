@@ -236,7 +236,8 @@ def test_a_format_2_database_is_upgraded(tmp_path: Path) -> None:
     conn.execute("UPDATE settings SET value='2' WHERE key='format'")
     conn.commit()
     schema.upgrade(conn)
-    assert conn.execute("SELECT value FROM settings WHERE key='format'").fetchone() == ("3",)
+    assert conn.execute("SELECT value FROM settings WHERE key='format'").fetchone() == \
+           (str(schema.FORMAT_VERSION),)
     assert conn.execute("SELECT count(*), count(size) FROM packs").fetchone() == (1, 0)
     (usage,) = pack_usage(conn, BS)
     assert usage.size is None and usage.members == 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -29,8 +30,8 @@ from ..blocks.files import object_key
 from ..blocks.journal import Journal
 from ..meta import Metadata
 from ..meta.checkpoint import PUBLISHED
-from ..meta.db import Inode
-from ..meta.schema import MARKER, ROOT
+from ..meta.db import NS, Inode
+from ..meta.schema import MARKER, ROOT, upgrade
 from ..store import NoSuchKey, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ SINCE_SETTING = "published_ns"  # when the metadata was fetched, without a publi
 _CHANGED = """
 SELECT i.id FROM inodes i WHERE i.nlink > 0 AND i.id != ? AND (
   NOT EXISTS (SELECT 1 FROM p.inodes o WHERE o.id = i.id AND o.mode = i.mode AND o.uid = i.uid
-              AND o.gid = i.gid AND o.size = i.size AND o.mtime_ns = i.mtime_ns
-              AND o.ctime_ns = i.ctime_ns AND o.rdev = i.rdev AND o.target IS i.target)
+              AND o.gid = i.gid AND o.size = i.size AND o.mtime_sec = i.mtime_sec
+              AND o.mtime_nsec = i.mtime_nsec AND o.ctime_sec = i.ctime_sec
+              AND o.ctime_nsec = i.ctime_nsec AND o.rdev = i.rdev AND o.target IS i.target)
   OR EXISTS (SELECT 1 FROM blocks b WHERE b.inode = i.id AND NOT EXISTS (
               SELECT 1 FROM p.blocks c WHERE c.inode = b.inode AND c.idx = b.idx
               AND c.id = b.id)))
@@ -54,6 +56,11 @@ def changed_inodes(cache_dir: Path, meta: Metadata) -> list[int]:
     """The inodes of `meta` (the cache dir's) that no checkpoint it published holds."""
     published = cache_dir / PUBLISHED
     if published.exists():
+        conn = sqlite3.connect(published)  # a copy of ours: one of an older format is
+        try:                               # upgraded in place, as meta.db was
+            upgrade(conn)
+        finally:
+            conn.close()
         meta.conn.execute("ATTACH DATABASE ? AS p", (f"file:{published}?mode=ro",))
         try:
             return [int(r[0]) for r in meta.conn.execute(_CHANGED, (ROOT,))]
@@ -61,7 +68,8 @@ def changed_inodes(cache_dir: Path, meta: Metadata) -> list[int]:
             meta.conn.execute("DETACH DATABASE p")
     since = int(meta.get_setting(SINCE_SETTING) or 0)  # none recorded: everything
     return [int(r[0]) for r in meta.conn.execute(
-        "SELECT id FROM inodes WHERE nlink > 0 AND id != ? AND ctime_ns >= ?", (ROOT, since))]
+        "SELECT id FROM inodes WHERE nlink > 0 AND id != ? AND (ctime_sec, ctime_nsec) >= (?, ?)",
+        (ROOT, *divmod(since, NS)))]
 
 
 def _paths(meta: Metadata, ino: int) -> list[bytes]:

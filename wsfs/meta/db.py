@@ -16,8 +16,9 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .schema import FORMAT_VERSION, create_schema, upgrade
+from .schema import FORMAT_VERSION, TIMES, create_schema, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ class CommitLost(sqlite3.OperationalError):
 
 @dataclass(slots=True)
 class Inode:
-    """One row of the inodes table (see schema.py for the meaning of each field)."""
+    """One row of the inodes table (see schema.py for the meaning of each field), each
+    timestamp in nanoseconds since the epoch (a Python int: any size)."""
 
     id: int
     mode: int
@@ -43,13 +45,29 @@ class Inode:
     target: bytes | None
 
 
-INODE_COLUMNS = "id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, target"
+NS = 1_000_000_000
+_TIME_COLUMNS = ", ".join(f"{t}_sec, {t}_nsec" for t in TIMES)
+_SET_TIMES = ", ".join(f"{t}_sec=?, {t}_nsec=?" for t in TIMES)
+# Seconds within which seconds * 10**9 + nanoseconds fits in SQLite's 64-bit integers
+# (1677-09-21 to 2262-04-11): SQLite joins those, Python the rest (a float in SQLite).
+_JOINABLE = 9_223_372_035
+
+
+def _inode_columns(p: str) -> str:
+    """The columns of an InodeRow, each time in nanoseconds where SQLite can say it, else
+    NULL (`_exact` joins those in Python), from table alias `p`: a row is built in C."""
+    times = ", ".join(f"CASE WHEN {p}{t}_sec BETWEEN -{_JOINABLE} AND {_JOINABLE}"
+                      f" THEN {p}{t}_sec * {NS} + {p}{t}_nsec END" for t in TIMES)
+    return f"{p}id, {p}mode, {p}uid, {p}gid, {p}size, {p}nlink, {p}rdev, {times}, {p}target"
+
+
 INODE_CACHE_MAX = 16384  # cached inode rows (~300 bytes each); a full cache starts over
-_I_COLUMNS = ", ".join(f"i.{c.strip()}" for c in INODE_COLUMNS.split(","))
-_GET_INODE = f"SELECT {INODE_COLUMNS} FROM inodes WHERE id=?"
+_I_COLUMNS = _inode_columns("i.")
+_GET_INODE = f"SELECT {_inode_columns('')} FROM inodes WHERE id=?"
+_GET_TIMES = f"SELECT {_TIME_COLUMNS} FROM inodes WHERE id=?"
 _BLOCK_COUNT = "SELECT count(*) FROM blocks WHERE inode=?"
 _IN_LIST_MAX = 500  # ids per "IN (...)" statement: far below SQLite's limit on parameters
-InodeRow = tuple[int, int, int, int, int, int, int, int, int, int, bytes | None]
+InodeRow = tuple[int, int, int, int, int, int, int, int, int, int, bytes | None]  # times in ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +299,16 @@ class Metadata:
         if row is None:
             row = self.conn.execute(_GET_INODE, (ino,)).fetchone()
             if row is not None:
+                row = self._exact(row)
                 self._remember(row)
         return row
+
+    def _exact(self, row: Any) -> InodeRow:
+        """An inode row as read, with the times SQLite could not join (NULL) joined here."""
+        if row[7] is None or row[8] is None or row[9] is None:
+            a_s, a_n, m_s, m_n, c_s, c_n = self.conn.execute(_GET_TIMES, (row[0],)).fetchone()
+            return (*row[:7], a_s * NS + a_n, m_s * NS + m_n, c_s * NS + c_n, row[10])
+        return row  # type: ignore[no-any-return]
 
     def _remember(self, row: InodeRow) -> None:
         if len(self._inodes) >= INODE_CACHE_MAX:
@@ -319,9 +345,10 @@ class Metadata:
         if row is None:
             return None
         self._check_caches()
-        self._remember(row[:-1])
+        node = self._exact(row[:-1])
+        self._remember(node)
         self._count_is(row[0], int(row[-1]))
-        return Inode(*row[:-1]), int(row[-1])
+        return Inode(*node), int(row[-1])
 
     def lookup_node(self, parent: int, name: bytes) -> Inode | None:
         """The inode `name` names in `parent`, in one statement (for unlink and rmdir)."""
@@ -329,8 +356,9 @@ class Metadata:
         if row is None:
             return None
         self._check_caches()
-        self._remember(row)  # the caller saves it next: a cached row makes that one UPDATE
-        return Inode(*row)
+        node = self._exact(row)
+        self._remember(node)  # the caller saves it next: a cached row makes that one UPDATE
+        return Inode(*node)
 
     def create_inode(
         self,
@@ -345,10 +373,11 @@ class Metadata:
         target: bytes | None = None,
         ino: int | None = None,
     ) -> Inode:
+        sec, nsec = divmod(now_ns, NS)
         cur = self.conn.execute(
-            "INSERT INTO inodes (id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns,"
-            " ctime_ns, target) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (ino, mode, uid, gid, size, nlink, rdev, now_ns, now_ns, now_ns, target),
+            f"INSERT INTO inodes (id, mode, uid, gid, size, nlink, rdev, {_TIME_COLUMNS}, target)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ino, mode, uid, gid, size, nlink, rdev, sec, nsec, sec, nsec, sec, nsec, target),
         )
         assert cur.lastrowid is not None
         row = (cur.lastrowid, mode, uid, gid, size, nlink, rdev, now_ns, now_ns, now_ns, target)
@@ -360,25 +389,27 @@ class Metadata:
     def save_inode(self, node: Inode) -> None:
         """Write every field of `node` back (callers change the dataclass, then save it)."""
         old = self._inodes.get(node.id)  # the cache tells a change beyond timestamps apart
+        times = (*divmod(node.atime_ns, NS), *divmod(node.mtime_ns, NS),
+                 *divmod(node.ctime_ns, NS))
         if old is not None and old[1:7] != (node.mode, node.uid, node.gid, node.size,
                                             node.nlink, node.rdev):
             rowcount = 0  # skip the timestamps-only statement: it would match no row
         else:
             cur = self.conn.execute(  # the common case, counted apart: only timestamps moved
-                "UPDATE inodes SET atime_ns=?, mtime_ns=?, ctime_ns=? WHERE id=? AND mode=?"
-                " AND uid=? AND gid=? AND size=? AND nlink=? AND rdev=?",
-                (node.atime_ns, node.mtime_ns, node.ctime_ns, node.id, node.mode, node.uid,
-                 node.gid, node.size, node.nlink, node.rdev),
+                f"UPDATE inodes SET {_SET_TIMES} WHERE id=? AND mode=? AND uid=? AND gid=?"
+                " AND size=? AND nlink=? AND rdev=?",
+                (*times, node.id, node.mode, node.uid, node.gid, node.size, node.nlink,
+                 node.rdev),
             )
             rowcount = cur.rowcount
         if rowcount:
             self.time_changes += rowcount
         else:
             self.conn.execute(
-                "UPDATE inodes SET mode=?, uid=?, gid=?, size=?, nlink=?, rdev=?, atime_ns=?,"
-                " mtime_ns=?, ctime_ns=? WHERE id=?",
-                (node.mode, node.uid, node.gid, node.size, node.nlink, node.rdev,
-                 node.atime_ns, node.mtime_ns, node.ctime_ns, node.id),
+                f"UPDATE inodes SET mode=?, uid=?, gid=?, size=?, nlink=?, rdev=?, {_SET_TIMES}"
+                " WHERE id=?",
+                (node.mode, node.uid, node.gid, node.size, node.nlink, node.rdev, *times,
+                 node.id),
             )
         self._wrote = True
         self._remember((node.id, node.mode, node.uid, node.gid, node.size, node.nlink, node.rdev,
@@ -483,7 +514,7 @@ class Metadata:
         dentry id `after`. The block count (for st_blocks) comes in the same query, so a
         listing costs one statement, not one per entry."""
         for row in self.conn.execute(self._LIST, (parent, after)):
-            yield row[0], row[1], Inode(*row[2:-1]), row[-1]
+            yield row[0], row[1], Inode(*self._exact(row[2:-1])), row[-1]
 
     _LIST = (
         f"SELECT d.id, d.name, {_I_COLUMNS}, (SELECT count(*) FROM blocks b WHERE b.inode = i.id)"

@@ -13,8 +13,12 @@ inodes      one row per inode, the root is inode 1 (pyfuse3.ROOT_INODE)
               is an unlinked file still open; it is deleted at its last release/forget, or at the
               next mount if the daemon died first.
   rdev        device number for character/block special files, else 0
-  atime_ns, mtime_ns, ctime_ns
-              timestamps in nanoseconds since the epoch (timestamps are data: tar and pip set them)
+  atime_sec, atime_nsec, mtime_sec, mtime_nsec, ctime_sec, ctime_nsec
+              timestamps (timestamps are data: tar and pip set them) as a timespec: seconds since
+              the epoch, negative before 1970, and nanoseconds 0-999,999,999 past them. Any time
+              the kernel hands over is kept exactly (it has 64-bit seconds): nanoseconds since
+              the epoch in one integer end in 1677 and 2262 (format 3 had those, as atime_ns,
+              mtime_ns, ctime_ns). An upgraded database has these columns after `target`.
   target      symlink target bytes, NULL for every other type
 
 dentries    directory entries
@@ -66,7 +70,7 @@ settings    key/value facts about this database (format version, the checkpoint 
 
 import sqlite3
 
-FORMAT_VERSION = 3  # 2: blocks.pack; 3: packs
+FORMAT_VERSION = 4  # 2: blocks.pack; 3: packs; 4: timestamps as seconds and nanoseconds
 
 ROOT = 1  # the root directory's inode (the kernel's FUSE_ROOT_ID)
 # The workspace marker, a read-only file in the root: a workspace without it cannot start, so
@@ -75,17 +79,20 @@ MARKER = b".workspace.initialized"
 
 SCHEMA = """
 CREATE TABLE inodes (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    mode     INTEGER NOT NULL,
-    uid      INTEGER NOT NULL,
-    gid      INTEGER NOT NULL,
-    size     INTEGER NOT NULL DEFAULT 0,
-    nlink    INTEGER NOT NULL,
-    rdev     INTEGER NOT NULL DEFAULT 0,
-    atime_ns INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    ctime_ns INTEGER NOT NULL,
-    target   BLOB
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    mode       INTEGER NOT NULL,
+    uid        INTEGER NOT NULL,
+    gid        INTEGER NOT NULL,
+    size       INTEGER NOT NULL DEFAULT 0,
+    nlink      INTEGER NOT NULL,
+    rdev       INTEGER NOT NULL DEFAULT 0,
+    atime_sec  INTEGER NOT NULL,
+    atime_nsec INTEGER NOT NULL,
+    mtime_sec  INTEGER NOT NULL,
+    mtime_nsec INTEGER NOT NULL,
+    ctime_sec  INTEGER NOT NULL,
+    ctime_nsec INTEGER NOT NULL,
+    target     BLOB
 );
 CREATE TABLE dentries (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -139,7 +146,8 @@ def upgrade(conn: sqlite3.Connection) -> None:
 
     Format 1 had no packs: every block was an object of its own, which is what a NULL pack
     means, so adding the column is the whole upgrade to 2. Format 2 had no `packs` table:
-    every pack in use gets a row of unknown size (the repacker asks the store).
+    every pack in use gets a row of unknown size (the repacker asks the store). Format 3 kept
+    each timestamp as nanoseconds in one column: split into seconds and nanoseconds.
     """
     # An index, not a format: blocks_by_id indexed every block by its random id, so each
     # flush cycle's inserts touched pages all over the database, and each checkpoint
@@ -159,8 +167,41 @@ def upgrade(conn: sqlite3.Connection) -> None:
                      " WITHOUT ROWID")
         conn.execute("INSERT OR IGNORE INTO packs (id) SELECT DISTINCT pack FROM blocks"
                      " WHERE pack IS NOT NULL")
-        conn.execute("UPDATE settings SET value=? WHERE key='format'", (str(FORMAT_VERSION),))
+        conn.execute("UPDATE settings SET value='3' WHERE key='format'")
         conn.commit()
+    if fmt in (1, 2, 3):
+        _split_times(conn)
+
+
+TIMES = ("atime", "mtime", "ctime")  # the timestamps of an inode, each two columns
+
+
+def _split_times(conn: sqlite3.Connection) -> None:
+    """Format 3 to 4: each `X_ns` column becomes `X_sec` and `X_nsec`, in one transaction (a
+    crash leaves format 3 whole). SQLite's `/` and `%` round towards zero: a time before 1970
+    takes the second below it, and the nanoseconds past that (never a subtraction, which
+    could leave 64 bits and turn into an inexact float)."""
+    if conn.in_transaction:
+        conn.commit()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(inodes)")}
+        if "atime_ns" in columns:  # (tests make older formats out of newer databases)
+            for t in TIMES:
+                for unit in ("sec", "nsec"):
+                    conn.execute(f"ALTER TABLE inodes ADD COLUMN {t}_{unit} INTEGER NOT NULL"
+                                 " DEFAULT 0")
+            conn.execute("UPDATE inodes SET " + ", ".join(
+                f"{t}_sec = {t}_ns / 1000000000 - ({t}_ns % 1000000000 < 0),"
+                f" {t}_nsec = {t}_ns % 1000000000 + 1000000000 * ({t}_ns % 1000000000 < 0)"
+                for t in TIMES))
+            for t in TIMES:
+                conn.execute(f"ALTER TABLE inodes DROP COLUMN {t}_ns")
+        conn.execute("UPDATE settings SET value='4' WHERE key='format'")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def referenced_objects(conn: sqlite3.Connection) -> set[str]:
