@@ -11,12 +11,14 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Workspace, wait_for, wait_pid_gone
+from faultproxy import FaultProxy
 from s3servers import S3Server
 from test_container import keyless_env, ps_lines_with, secret_rclone, write_credentials
 
@@ -381,6 +383,62 @@ def test_a_mount_started_read_only_takes_writes_after_remount_rw(
     assert run(["umount", str(ws.mnt)], env).returncode == 0
     ws.check_log()
     check_tree(ws, {"new.txt": b"yes\n"})
+
+
+def test_a_mount_waits_for_the_previous_daemon_of_its_cache_dir(
+        helpers: None, proxied: tuple[Workspace, FaultProxy]) -> None:
+    """After a plain umount the daemon goes on uploading, holding the cache dir; a mount of
+    the same cache dir failed at once ("another wsfs daemon is using the cache dir"). Now it
+    waits, saying so with the figures, up to handover_timeout; then all data is there."""
+    ws, proxy = proxied
+    env = mount_env(ws)
+    mnt = ws.mount(flush_delay=600)  # nothing uploads before the unmount
+    files = {f"f{i}.bin": os.urandom(1 << 20) for i in range(6)}
+    for name, content in files.items():
+        (mnt / name).write_bytes(content)
+    pid = ws.daemon_pid()
+    assert pid is not None
+    proxy.throttle(1 << 20)  # 1 MiB/s: the final upload takes about 6 s
+    result = run(["umount", "-i", str(mnt)], env)  # no helper: returns before the upload
+    assert result.returncode == 0, result.stderr
+    wait_for("the final upload", lambda: ws.status()["state"] == "flushing", timeout=30)
+    mount = ["mount", "-t", "fuse.wsfs", "-o", f"cache_dir={ws.cache_dir}", ws.store_url,
+             str(mnt)]
+    mount[4] += ",handover_timeout=0.5"
+    result = run(mount, env)
+    assert result.returncode == errors.MountError.exit_code, result.stderr
+    assert f"(pid {pid}) is still uploading after 0.5s" in result.stderr
+    assert pid_alive(pid) and not is_mountpoint(mnt)
+    mount[4] = mount[4].removesuffix(",handover_timeout=0.5")
+    started = time.monotonic()
+    result = run(mount, env)
+    waited = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert f"(pid {pid}) is still uploading what its mount left (" in result.stderr
+    assert " MiB left (" in result.stderr  # the figures of what is left
+    assert not pid_alive(pid), "mounted before the previous daemon was done"
+    print(f"waited {waited:.1f} s for the previous daemon")
+    proxy.throttle(None)
+    for name, content in files.items():
+        assert (mnt / name).read_bytes() == content, name
+    ws.unmount()
+    check_tree(ws, files)
+
+
+def test_a_daemon_that_serves_its_cache_dir_is_not_waited_for(
+        ws: Workspace, tmp_path: Path) -> None:
+    """Only a daemon past its unmount lets go of the cache dir by itself: while one serves,
+    a second mount of the same cache dir is refused at once, as before."""
+    ws.mount()
+    other = tmp_path / "other"
+    other.mkdir()
+    started = time.monotonic()
+    result = ws.wsfs("mount", ws.store_url, str(other), "--cache-dir", str(ws.cache_dir),
+                     check=False)
+    assert result.returncode == errors.LeaseError.exit_code, result.stderr
+    assert "is using the cache dir" in result.stderr and "waiting" not in result.stderr
+    assert time.monotonic() - started < 30 and not is_mountpoint(other)
+    ws.unmount()
 
 
 def test_helper_errors_reach_mount(helpers: None, ws: Workspace, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "flush_delay": ("2.5", 2.5),
     "fsync": ("remote", True),
     "unmount_timeout": ("30", 30.0),
+    "handover_timeout": ("45", 45.0),
     "read_timeout": ("7", 7.0),
     "enospc_timeout": ("0", 0.0),
     "read_only": ("1", True),
@@ -103,6 +104,7 @@ def test_defaults() -> None:
     cfg = parse()
     assert (cfg.cache_size, cfg.dirty_limit, cfg.flush_delay) == (10 << 30, 2 << 30, 5.0)
     assert (cfg.unmount_timeout, cfg.read_timeout, cfg.enospc_timeout) == (600, 60, 60)
+    assert cfg.handover_timeout == 600
     assert not (cfg.fsync_remote or cfg.read_only or cfg.init or cfg.force or cfg.nonempty)
     assert (cfg.cache_dir, cfg.endpoint_url, cfg.metrics, cfg.credentials_file) == (None,) * 4
     assert cfg.labels == {}

@@ -30,6 +30,7 @@ class MountConfig:
     flush_delay: float
     fsync_remote: bool
     unmount_timeout: float
+    handover_timeout: float
     read_timeout: float
     enospc_timeout: float
     read_only: bool

@@ -25,6 +25,7 @@ from ..daemon.serve import run_daemon
 from ..errors import MountError, WsfsError
 from ..runtime import canonical_mountpoint, is_mountpoint
 from ..store import open_store
+from .handover import wait_for_previous_daemon
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def prepare(cfg: MountConfig) -> tuple[Path, bool]:
     """Every local check that can fail before a daemon starts, so errors reach the terminal;
     the cache dir (and whether this mount made it) once all have passed.
 
-    The cache dir is made last, when nothing else is left to refuse. The store is only
+    The cache dir is made last, when nothing else is left to refuse; a previous daemon still
+    uploading from it is waited for (handover.py). The store is only
     checked for a well-formed URL here; the daemon reaches it (the store answers, the
     workspace exists) before it takes the lease or writes into the cache dir, and reports any
     failure over the ready pipe with its exit code, as one sentence like these. Reaching it
@@ -126,7 +128,9 @@ def prepare(cfg: MountConfig) -> tuple[Path, bool]:
     check_fuse()
     cfg.mountpoint = canonical_mountpoint(cfg.mountpoint)
     check_mountpoint(cfg)
-    return check_cache_dir(cfg)
+    cache_dir, made = check_cache_dir(cfg)
+    wait_for_previous_daemon(cache_dir, cfg.handover_timeout)
+    return cache_dir, made
 
 
 def mount(cfg: MountConfig) -> None:

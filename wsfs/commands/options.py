@@ -186,6 +186,9 @@ OPTIONS = (
            field_name="fsync_remote"),
     Option("unmount_timeout", "seconds the final flush retries an unreachable store",
            "SECONDS", parse=parse_seconds, default="600"),
+    Option("handover_timeout", "seconds a mount waits for the previous daemon of its cache "
+           "dir to finish the upload it began at its unmount", "SECONDS", parse=parse_seconds,
+           default="600"),
     Option("read_timeout", "seconds a read of uncached data waits for an unreachable store "
            "before it fails with EIO", "SECONDS", parse=parse_timeout, default="60"),
     Option("enospc_timeout", "seconds a writer waits on a full cache disk, with no space "
