@@ -155,19 +155,11 @@ def force_unmount(path: Path, *, timeout: float = 30) -> None:
                         result.stderr.strip())
 
 
-def wsfs_mount_options(path: str | Path) -> tuple[set[str], set[str]] | None:
-    """The per-mount and the superblock options (mountinfo's two lists) of the wsfs mount on
-    `path`, the last one stacked there; None if there is none. A `mount -o remount,ro`
-    shows as `ro` in both."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if (len(fields) > 5 and len(tail) > 2 and tail[0] == "fuse.wsfs"
-                    and mount_field(fields[4]) == str(path)):
-                found = set(fields[5].split(",")), set(tail[2].split(","))
-    return found
+def wsfs_mount_options(path: str | Path) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The per-mount and the superblock options of the wsfs mount on `path`, the last one
+    stacked there; None if there is none. A `mount -o remount,ro` shows as `ro` in both."""
+    found = [m for m in mounts() if m.fstype == "fuse.wsfs" and str(m.mountpoint) == str(path)]
+    return (found[-1].options, found[-1].super_options) if found else None
 
 
 def mounted_read_only(path: str | Path) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Set as AbstractSet
 
 from ..errors import MountError, UsageError
 from ..runtime import wsfs_mount_options
@@ -41,8 +42,8 @@ FUSE_MOUNT_OPTIONS = ("user_id=", "group_id=", "rootmode=", "max_read=", "blksiz
                       "default_permissions", "allow_other", "allow_root", "auto_unmount")
 
 
-def remount_flags(opts: list[str], request: list[str], mounted: tuple[set[str], set[str]]
-                  ) -> int:
+def remount_flags(opts: list[str], request: list[str],
+                  mounted: tuple[AbstractSet[str], AbstractSet[str]]) -> int:
     """The mount(2) flags for remounting with `opts` (the helper's), `request` (what mount(8)
     was asked, for the options it hides) and `mounted` (the current per-mount and superblock
     options). Refused and unknown options raise UsageError."""
