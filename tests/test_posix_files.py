@@ -148,6 +148,54 @@ def test_sparse_100_gib_file_costs_nothing(mounted: Workspace) -> None:
     mounted.unmount()
 
 
+MAX_SIZE = 2**63 - 1  # a FUSE mount's largest file (the kernel's MAX_LFS_FILESIZE)
+
+
+@pytest.mark.timeout(120)
+def test_the_largest_files_and_the_offsets_around_their_end(mounted: Workspace) -> None:
+    """Files of the largest size a FUSE mount takes, 2^63 - 1 bytes: sparse, written at their
+    last byte, refused past it (the kernel refuses an offset and count past 2^63 - 1 with
+    EINVAL, an append to a full file with EFBIG, as on ext4 past its smaller limit). Two of
+    them add up past 2^63: statfs, which sums the sizes, must still answer (an SQL sum()
+    overflowed, and df failed with EIO)."""
+    m = mounted.mnt
+    a, b = m / "a", m / "b"
+    with open(a, "wb") as fo:
+        fo.truncate(MAX_SIZE)
+    fd = os.open(b, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        assert os.pwrite(fd, b"z", MAX_SIZE - 1) == 1  # the last byte there is
+        assert os.pwrite(fd, b"xy", MAX_SIZE - 2) == 2
+        assert errno_of(os.pwrite, fd, b"z", MAX_SIZE) == errno.EINVAL
+        assert errno_of(os.pwrite, fd, b"ab", MAX_SIZE - 1) == errno.EINVAL
+        assert errno_of(os.pwrite, fd, b"z", -1) == errno.EINVAL
+        assert errno_of(os.ftruncate, fd, -1) == errno.EINVAL
+        assert os.lseek(fd, 0, os.SEEK_END) == MAX_SIZE
+        assert os.pread(fd, 3, MAX_SIZE - 3) == b"\0xy"
+        assert errno_of(os.pread, fd, 2, MAX_SIZE - 1) == errno.EINVAL  # (so reads too)
+    finally:
+        os.close(fd)
+    fd = os.open(a, os.O_WRONLY | os.O_APPEND)
+    try:
+        assert errno_of(os.write, fd, b"z") == errno.EFBIG
+    finally:
+        os.close(fd)
+    for f in (a, b):
+        assert f.stat().st_size == MAX_SIZE
+    assert a.stat().st_blocks == 0
+    assert 0 < b.stat().st_blocks * 512 <= BS
+    assert pread_all(a, MAX_SIZE - 10, 10) == bytes(10)
+    s = os.statvfs(m)  # 2 * (2^63 - 1) bytes of file sizes
+    assert 0 < s.f_bavail <= s.f_blocks
+    df = subprocess.run(["df", str(m)], capture_output=True, text=True, timeout=30)
+    assert df.returncode == 0, df.stderr
+    mounted.remount(wipe_cache=True)
+    assert [f.stat().st_size for f in (a, b)] == [MAX_SIZE, MAX_SIZE]
+    assert pread_all(b, MAX_SIZE - 3, 3) == b"\0xy"
+    assert os.statvfs(m).f_bavail > 0
+    mounted.unmount()
+
+
 def test_o_append_from_two_descriptors(d: Path) -> None:
     f = d / "log"
     f.write_bytes(b"start\n")

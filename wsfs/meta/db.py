@@ -443,9 +443,13 @@ class Metadata:
         return [r[0] for r in self.conn.execute("SELECT id FROM inodes WHERE nlink=0")]
 
     def counts(self) -> tuple[int, int, int]:
-        """(inodes, total bytes of file sizes, stored blocks): for statfs (full scans: cache)."""
+        """(inodes, total bytes of file sizes, stored blocks): for statfs (full scans: cache).
+
+        The sizes are summed with total(), a float, never sum(): two sparse files of the
+        largest size (2^63 - 1) overflow SQLite's integers, sum() fails, and so did df. The
+        total is exact to 2^53 bytes (8 PiB), past what statfs reports anyway."""
         row = self.conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0), (SELECT count(*) FROM blocks) FROM inodes"
+            "SELECT count(*), total(size), (SELECT count(*) FROM blocks) FROM inodes"
         ).fetchone()
         return int(row[0]), int(row[1]), int(row[2])
 
