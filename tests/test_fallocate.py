@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import random
 import subprocess
@@ -19,9 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
+import trio
 from conftest import Workspace, wait_for
 from faultproxy import FaultProxy
+
+from wsfs.fs import lowlevel
 
 MiB = 1 << 20
 BS = MiB  # the workspace's block size (the default of `wsfs init`)
@@ -337,3 +342,68 @@ def test_fallocated_room_stays_for_its_writes_on_a_full_disk(
     for name, content in others.items():
         assert (mnt / name).read_bytes() == content, name
     ws.unmount()
+
+
+def random_ops(rng: random.Random, count: int) -> list[Op]:
+    """fsx's mix for the modes both filesystems take: writes, truncates, punched holes,
+    zeroed and allocated ranges, at offsets and lengths aligned to a block or not."""
+    def where(limit: int) -> int:
+        return rng.randrange(limit // BS) * BS if rng.random() < 0.4 else rng.randrange(limit)
+
+    ops: list[Op] = []
+    for i in range(count):
+        off, length = where(12 * MiB), max(1, where(3 * MiB))
+        kind = rng.choice(["write", "write", "truncate", "punch", "zero", "zero_keep",
+                           "allocate", "allocate_keep"])
+        if kind == "write":
+            ops.append(write(off, payload(min(length, MiB), i)))
+        elif kind == "truncate":
+            ops.append(truncate(off))
+        elif kind == "punch":
+            ops.append(fallocate(PUNCH_HOLE | KEEP_SIZE, off, length))
+        elif kind.startswith("zero"):
+            ops.append(fallocate(ZERO_RANGE | (KEEP_SIZE if kind == "zero_keep" else 0),
+                                 off, length))
+        else:
+            ops.append(fallocate(KEEP_SIZE if kind == "allocate_keep" else 0, off, length))
+    return ops
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_operations_match_a_local_model(mounted: Workspace, model: Path,
+                                               seed: int) -> None:
+    """300 random operations, checked against ext4 every 50, and after a remount on an
+    empty cache."""
+    rng = random.Random(seed)
+    f, m = mounted.mnt / "fsx", model / "fsx"
+    for _ in range(6):
+        apply(random_ops(rng, 50), f, m)
+        check_against_model(f, m)
+    mounted.remount(wipe_cache=True)
+    check_against_model(f, m)
+    mounted.unmount()
+
+
+class _NoHandlers:
+    nursery: trio.Nursery | None = None
+
+    async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        raise AssertionError("never called")
+
+    async def lseek(self, inode: int, offset: int, whence: int) -> int:
+        raise AssertionError("never called")
+
+
+@pytest.mark.ops
+def test_libfuse_gets_the_handlers_only_from_a_session_it_can_find(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What fs/lowlevel.py relies on is there (pyfuse3's module keeps its symbol table, and
+    its handler table has the slots of libfuse 3.8 and later); without a session (before
+    pyfuse3.init) it writes nothing and says why: the mount goes on without them."""
+    symbols = lowlevel.elf_symbols(pyfuse3.__file__, {lowlevel.SESSION_SYMBOL,
+                                                      lowlevel.OPS_SYMBOL})
+    assert set(symbols) == {lowlevel.SESSION_SYMBOL, lowlevel.OPS_SYMBOL}
+    assert symbols[lowlevel.OPS_SYMBOL][1] > lowlevel.LSEEK_SLOT * ctypes.sizeof(ctypes.c_void_p)
+    with caplog.at_level(logging.WARNING, logger="wsfs.fs.lowlevel"):
+        assert lowlevel.add_handlers(_NoHandlers()) is False
+    assert "stay unsupported: pyfuse3 has no session yet" in caplog.text

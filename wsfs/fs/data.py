@@ -342,7 +342,9 @@ class DataOps(Base):
         """Cut or extend a file to `size` bytes; the bytes past the old end read as zeros.
 
         A cut block is copied, never cut in place: until the new size is committed, the old
-        metadata must still find the old bytes (a crash in between comes back to them).
+        metadata must still find the old bytes (a crash in between comes back to them). Its
+        copy ends at its last non-zero byte (a short block reads as if padded with zeros),
+        and a cut block left with zeros only becomes a hole: SEEK_HOLE sees it as ext4 does.
         """
         if size < node.size:
             first_gone = (size + self.bs - 1) // self.bs
@@ -350,13 +352,18 @@ class DataOps(Base):
             tail_ref = self.meta.get_block(node.id, size // self.bs) if tail else None
             content = b""
             if tail_ref is not None:
-                content = await self._read_block(node.id, tail_ref, 0, tail)
-            new_id = None if tail_ref is None else await self.blocks.create_synced(content)
+                content = (await self._read_block(node.id, tail_ref, 0, tail)).rstrip(b"\0")
+                # as it is now (see RangeOps._zero_in_block)
+                tail_ref = self.meta.get_block(node.id, size // self.bs) or tail_ref
+            new_id = await self.blocks.create_synced(content) if content else None
             try:
                 with self._txn():
                     self._drop_blocks(self.meta.remove_blocks_from(node.id, first_gone))
-                    if tail_ref is not None and new_id is not None:
-                        self.meta.set_block(node.id, size // self.bs, new_id)
+                    if tail_ref is not None:
+                        if new_id is None:
+                            self.meta.remove_block(node.id, size // self.bs)
+                        else:
+                            self.meta.set_block(node.id, size // self.bs, new_id)
                         self._drop_blocks([tail_ref])
                     node.size = size
                     self.meta.save_inode(node)
