@@ -37,3 +37,10 @@ for name in $LINKS; do
     ln -sfn "$target" "$SBIN_DIR/$name"
 done
 echo "installed $SBIN_DIR/{mount.fuse.wsfs,mount.wsfs,umount.fuse.wsfs} -> $target"
+# mount(8) and umount(8) run helpers from /sbin only (util-linux 2.38 on Debian 12, 2.41 on 13;
+# /sbin is /usr/sbin on a merged /usr). They also look in /sbin/fs.d and /sbin/fs, but only after
+# /sbin/mount.fuse, which fuse3 installs and which would take a fuse.wsfs mount there first.
+if [ "$(cd "$SBIN_DIR" && pwd -P)" != "$(cd /sbin && pwd -P)" ]; then
+    echo "install-mount-helper: warning: mount(8) runs helpers from /sbin only, not from" \
+         "$SBIN_DIR: fstab lines and \`mount -t fuse.wsfs\` will not find these" >&2
+fi

@@ -130,6 +130,50 @@ def test_install_into_a_prefix_is_whole_and_rerunning_upgrades(tmp_path: Path) -
     assert [p for p in left if not p.startswith(("tree/", "dist/"))] == []
 
 
+def test_the_default_install_puts_the_helpers_where_mount8_runs_them(tmp_path: Path) -> None:
+    """mount(8) runs helpers from /sbin only (/usr/sbin on a merged /usr; its /sbin/fs.d comes
+    after fuse3's /sbin/mount.fuse): install.sh's default puts them there, and mount(8) runs
+    them (the refusal of an unknown option is the helper's sentence). The links an earlier
+    install made are put back afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("install.sh runs as root (or re-runs itself through sudo)")
+    sbin = Path("/sbin")
+    before = {name: os.readlink(sbin / name) for name in HELPERS if (sbin / name).is_symlink()}
+    env = {**os.environ, "PYTHON": sys.executable, "WSFS_PREFIX": str(tmp_path / "prefix"),
+           "WSFS_BIN_DIR": str(tmp_path / "bin"), "WSFS_UNIT_DIR": str(tmp_path / "units")}
+    env.pop("WSFS_SBIN_DIR", None)
+    try:
+        result = subprocess.run(["bash", str(INSTALL)], capture_output=True, text=True, env=env,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "runs helpers from /sbin only" not in result.stderr
+        script = tmp_path / "prefix" / "bin" / "mount.wsfs"
+        for name in HELPERS:
+            assert (sbin / name).resolve() == script.resolve(), name
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        mount = subprocess.run(["mount", "-t", "fuse.wsfs", "-o", "no_such_option",
+                                "file:///nowhere", str(mnt)], capture_output=True, text=True,
+                               timeout=120)
+        assert "unknown mount option 'no_such_option'" in mount.stderr, mount.stderr
+    finally:
+        for name in HELPERS:
+            (sbin / name).unlink(missing_ok=True)
+            if name in before:
+                (sbin / name).symlink_to(before[name])
+
+
+def test_helpers_installed_where_mount8_does_not_look_are_reported(tmp_path: Path) -> None:
+    """A WSFS_SBIN_DIR (or SBIN_DIR) other than /sbin installs helpers nobody runs: said."""
+    sbin = tmp_path / "usr-local-sbin"
+    sbin.mkdir()
+    result = subprocess.run(["sh", str(ROOT / "packaging" / "install-mount-helper.sh")],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHON": sys.executable, "SBIN_DIR": str(sbin)})
+    assert result.returncode == 0, result.stderr
+    assert f"mount(8) runs helpers from /sbin only, not from {sbin}" in result.stderr
+
+
 def test_without_root_or_sudo_install_says_so_in_one_line() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to run the script as another user")
