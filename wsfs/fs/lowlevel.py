@@ -178,7 +178,10 @@ def add_handlers(ops: RangeHandlers) -> bool:
                 err = 0
             except pyfuse3.FUSEError as e:
                 err = e.errno
-            except BaseException:  # cancelled at unmount, or a bug _guarded let through
+            except trio.Cancelled:  # the unmount: the kernel has given up on it already
+                err = errno.EINTR
+                raise
+            except BaseException:  # a bug that fs's _guarded let through
                 log.exception("a fallocate or lseek request failed")
                 raise
             finally:
