@@ -92,6 +92,40 @@ class KernelAio:
         self._buf.close()
 
 
+MAX_HANDLE_SZ = 128
+
+
+class FileHandle(ctypes.Structure):
+    """struct file_handle of <fcntl.h>, with room for the largest handle."""
+
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def name_to_handle_at(path: Path) -> FileHandle:
+    """The handle of the file `path` names (name_to_handle_at(2)); raises OSError."""
+    handle = FileHandle(handle_bytes=MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), ctypes.byref(handle),
+                               ctypes.byref(mount_id), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return handle
+
+
+def open_by_handle_at(mount: Path, handle: FileHandle, flags: int) -> int:
+    """open_by_handle_at(2) on the filesystem mounted at `mount`: a descriptor, or OSError."""
+    mount_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = int(_libc.open_by_handle_at(mount_fd, ctypes.byref(handle), flags))
+    finally:
+        os.close(mount_fd)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
 @pytest.fixture(scope="module", name="shared")
 def shared_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     """One workspace mounted for a whole test module (allow_other: some tests drop root)."""

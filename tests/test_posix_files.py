@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 from conftest import Workspace, wait_for
-from posix_util import d_fixture, errno_of, meta_rows, run_py, shared_fixture  # noqa: F401
+from posix_util import (  # noqa: F401
+    FileHandle,
+    d_fixture,
+    errno_of,
+    meta_rows,
+    name_to_handle_at,
+    open_by_handle_at,
+    run_py,
+    shared_fixture,
+)
 
 MiB = 1 << 20
 BS = MiB  # the workspace's block size (the default of `wsfs init`)
@@ -246,6 +255,44 @@ def test_unlinked_open_file_lives_until_close(shared: Workspace, d: Path) -> Non
              lambda: not meta_rows(shared, "SELECT id FROM inodes WHERE id=?", ino), timeout=10)
     assert meta_rows(shared, "SELECT count(*) FROM blocks WHERE inode=?", ino) == [(0,)]
     assert os.statvfs(shared.mnt).f_ffree == files_before + 1
+
+
+def open_handle_and_close(mount: Path, handle: FileHandle) -> None:
+    os.close(open_by_handle_at(mount, handle, os.O_RDONLY))
+
+
+def test_an_unlinked_file_is_found_by_handle_only_while_open(ws: Workspace) -> None:
+    """open_by_handle_at(2) finds a file whose last name is gone while it is still open (as
+    ext4 does); once its last descriptor is closed, the handle is stale (ESTALE). The kernel
+    forgets the closed inode and asks wsfs for it by its number (a LOOKUP of "."), which
+    answered with the inode as long as its deletion had not run yet (REAP_DELAY, held open
+    here): the deleted file came back."""
+    ws.env["WSFS_REAP_DELAY"] = "600"
+    m = ws.mount(flush_delay=3600)  # (a flush cycle deletes the pending inodes first)
+    f, kept = m / "f", m / "kept"
+    f.write_bytes(b"unlinked but open")
+    kept.write_bytes(b"named")
+    handle, kept_handle = name_to_handle_at(f), name_to_handle_at(kept)
+    fd = os.open(f, os.O_RDONLY)
+    ino = os.fstat(fd).st_ino
+    os.unlink(f)
+    again = open_by_handle_at(m, handle, os.O_RDONLY)  # still open: allowed
+    try:
+        assert os.fstat(again).st_ino == ino
+        assert os.pread(again, 100, 0) == b"unlinked but open"
+    finally:
+        os.close(again)
+    wait_for("the unlink to be committed",
+             lambda: meta_rows(ws, "SELECT nlink FROM inodes WHERE id=?", ino) == [(0,)])
+    os.close(fd)  # the kernel forgets an inode without a name at its last close
+    assert errno_of(open_handle_and_close, m, handle) == errno.ESTALE
+    kept_fd = open_by_handle_at(m, kept_handle, os.O_RDONLY)  # a file with a name: found
+    try:
+        assert os.read(kept_fd, 100) == b"named"
+    finally:
+        os.close(kept_fd)
+    assert meta_rows(ws, "SELECT nlink FROM inodes WHERE id=?", ino) == [(0,)]  # still pending
+    ws.unmount()
 
 
 def test_shared_writable_mmap(mounted: Workspace) -> None:

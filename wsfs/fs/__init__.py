@@ -66,8 +66,16 @@ class Operations(NameOps, RangeOps):
     ) -> pyfuse3.EntryAttributes:
         parent = int(parent_inode)
         self._check_name(name)
-        if name == b"." or name == b"..":
-            found = self.meta.get_inode_blocks(parent if name == b"." else self._parent_dir(parent))
+        if name == b".":
+            # The kernel looks "." up only to find an inode by its number when it holds it no
+            # more (open_by_handle_at(2), an NFS export): then nothing has the inode open,
+            # and one without a name is deleted (its deletion may still be pending: see
+            # REAP_DELAY), its handles stale, as on ext4. Found, it came back to life.
+            found = self.meta.get_inode_blocks(parent)
+            if found is None or not found[0].nlink:
+                raise FUSEError(errno.ENOENT)  # the kernel says ESTALE
+        elif name == b"..":
+            found = self.meta.get_inode_blocks(self._parent_dir(parent))
         else:
             found = self.meta.lookup_inode(parent, name)
         if found is None:
