@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsfs"
 # other; fs/ and sync/ meet only in the daemon).
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("wsfs", "wsfs.errors", "wsfs.config", "wsfs.logs", "wsfs.runtime", "wsfs.progress",
-     "wsfs.latency", "wsfs.backoff"),
+     "wsfs.latency", "wsfs.backoff", "wsfs.cachedir"),
     ("wsfs.store",),
     ("wsfs.blocks", "wsfs.meta"),
     ("wsfs.fs", "wsfs.sync"),

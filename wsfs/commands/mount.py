@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from ..cachedir import CacheDir
 from ..config import MountConfig, default_cache_dir
 from ..daemon.metrics import parse_address
 from ..daemon.preflight import check_cache_location, check_fuse
@@ -63,7 +64,7 @@ def check_cache_dir(cfg: MountConfig) -> tuple[Path, bool]:
     made = not cache.exists()
     try:
         cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-        probe_file = cache / ".write-test"
+        probe_file = CacheDir(cache).write_test
         probe_file.write_bytes(b"")
         probe_file.unlink()
     except OSError as e:

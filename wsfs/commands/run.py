@@ -30,6 +30,7 @@ from collections import deque
 from pathlib import Path
 from types import FrameType
 
+from ..cachedir import CacheDir
 from ..daemon.control import SyncRequest
 from ..errors import (
     CommandNotExecutable,
@@ -319,12 +320,12 @@ class Supervisor:
                 return self.child_status
             if not self.daemon_alive():
                 log.error("the wsfs daemon died; see %s; stopping the command",
-                          self.cache_dir / "wsfs.log")
+                          CacheDir(self.cache_dir).log)
                 self.stop_child(grace)
                 raise DaemonDied(
                     f"the wsfs daemon serving {self.mountpoint} died; its unsaved changes "
                     f"stay in {self.cache_dir} and the next mount with that cache dir uploads "
-                    f"them (see {self.cache_dir / 'wsfs.log'})")
+                    f"them (see {CacheDir(self.cache_dir).log})")
             self.wait_for_event(1.0)
 
     def unmount(self) -> None:
@@ -351,11 +352,11 @@ class Supervisor:
             else:
                 log.warning("files in %s are still open: asking the daemon to unmount", mp)
                 os.kill(self.daemon_pid, signal.SIGTERM)
-        status_file = self.cache_dir / "status.json"
+        layout = CacheDir(self.cache_dir)
         next_report = time.monotonic()
         status: dict[str, object] = {}
         while self.daemon_alive():
-            status = read_status(status_file) or status
+            status = layout.read_status() or status
             if time.monotonic() >= next_report and status:
                 log.info("flushing: %s in %s blocks left, %s blocks uploaded, "
                          "checkpoint %s", human_bytes(int(str(status.get("dirty_bytes", 0)))),
@@ -364,18 +365,11 @@ class Supervisor:
                 next_report = time.monotonic() + PROGRESS_EVERY
             self.pending.clear()  # further SIGTERMs: the flush goes on
             self.wait_for_event(0.2)
-        status = read_status(status_file) or status
+        status = layout.read_status() or status
         if status.get("state") != "done":
             raise FlushError.stopped_early(status, self.cache_dir)
         log.info("every block is in the store (checkpoint %s); %s is unmounted",
                  status.get("checkpoint"), mp)
-
-
-def read_status(path: Path) -> dict[str, object]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return {}
 
 
 def child_env(keep_credentials: bool) -> dict[str, str]:

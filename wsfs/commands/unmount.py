@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cachedir import CacheDir
 from ..daemon.status import entry_of, read_status
 from ..errors import DaemonGoneError, FlushError, MountError
 from ..progress import Progress, closing
@@ -50,7 +51,7 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
         raise MountError(f"{mp} is not a wsfs mount of this machine (no {reg_path}); "
                          "unmount it with `fusermount3 -u`")
     cache_dir = Path(reg["cache_dir"])
-    uploaded_before = int(_read_status(cache_dir).get("uploaded_bytes", 0))
+    uploaded_before = int(CacheDir(cache_dir).read_status().get("uploaded_bytes", 0))
     try:
         syncfs(mp)
     except OSError as e:
@@ -81,13 +82,6 @@ def clear_dead_mount(mp: Path, reg_path: Path, reg: dict[str, object]) -> None:
         "mount uploads the data the daemon had not saved")
 
 
-def _read_status(cache_dir: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((cache_dir / "status.json").read_text()))
-    except (OSError, ValueError):
-        return {}
-
-
 def wait_for_daemon(pid: int, cache_dir: Path, *, display: Progress, timeout: float | None,
                     pid_start: object = None) -> dict[str, Any]:
     """Wait for the daemon to exit, showing what is left on `display`; return its last
@@ -97,12 +91,12 @@ def wait_for_daemon(pid: int, cache_dir: Path, *, display: Progress, timeout: fl
         if timeout is not None and time.monotonic() - start > timeout:
             raise FlushError(f"the wsfs daemon (pid {pid}) is still flushing after "
                              f"{timeout:.0f}s; it goes on alone")
-        st = _read_status(cache_dir)
+        st = CacheDir(cache_dir).read_status()
         if st:
             display.update(int(st.get("dirty_bytes", 0)), float(st.get("upload_rate", 0)),
                            int(st.get("dirty_blocks", 0)), note=st.get("last_error"))
         time.sleep(0.2)
-    st = _read_status(cache_dir)
+    st = CacheDir(cache_dir).read_status()
     if st.get("state") != "done":
         raise FlushError.stopped_early(st, cache_dir)
     return st

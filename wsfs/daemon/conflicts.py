@@ -28,8 +28,8 @@ from ..blocks import pack as packs
 from ..blocks.clean import open_clean_cache
 from ..blocks.files import object_key
 from ..blocks.journal import Journal
+from ..cachedir import CacheDir
 from ..meta import Metadata
-from ..meta.checkpoint import PUBLISHED
 from ..meta.db import NS, Inode
 from ..meta.schema import MARKER, ROOT, upgrade
 from ..store import NoSuchKey, ObjectStore
@@ -54,7 +54,7 @@ SELECT i.id FROM inodes i WHERE i.nlink > 0 AND i.id != ? AND (
 
 def changed_inodes(cache_dir: Path, meta: Metadata) -> list[int]:
     """The inodes of `meta` (the cache dir's) that no checkpoint it published holds."""
-    published = cache_dir / PUBLISHED
+    published = CacheDir(cache_dir).published
     if published.exists():
         conn = sqlite3.connect(published)  # a copy of ours: one of an older format is
         try:                               # upgraded in place, as meta.db was
@@ -96,13 +96,14 @@ class _Blocks:
     """Reads a set-aside cache dir's blocks: its dirty files, its clean cache, the store."""
 
     def __init__(self, cache_dir: Path, store: ObjectStore | None, meta: Metadata) -> None:
-        self.dirty = cache_dir / "dirty"
+        layout = CacheDir(cache_dir)
+        self.dirty = layout.dirty
         self.store = store
         self.meta = meta
         self.clean = None
-        if (cache_dir / "clean").is_dir():
+        if layout.clean.is_dir():
             try:
-                self.clean = open_clean_cache(cache_dir / "clean", 1 << 40)
+                self.clean = open_clean_cache(layout.clean, 1 << 40)
             except Exception as e:  # a damaged cache: the store has those blocks
                 log.warning("cannot read the clean cache of %s: %s", cache_dir, e)
         self.packs: dict[str, dict[str, tuple[str, bytes]]] = {}
@@ -136,14 +137,14 @@ def export(cache_dir: Path, store: ObjectStore | None, block_size: int, into: Pa
     """Write the files of `cache_dir` that the store never got under `into` (blocking);
     return how many paths were written. `store` (None: none at hand) serves the blocks
     that were uploaded but never published; a block found nowhere reads as zeros, loudly."""
-    meta = Metadata(cache_dir / "meta.db")
+    layout = CacheDir(cache_dir)
+    meta = Metadata(layout.meta_db)
     blocks = None
     try:
-        journal = cache_dir / "journal"
-        if journal.exists():  # a machine crash: the journal holds acknowledged bytes
-            j = Journal(journal)
+        if layout.journal.exists():  # a machine crash: the journal holds acknowledged bytes
+            j = Journal(layout.journal)
             try:
-                j.replay(cache_dir / "dirty", meta.awaits_upload)
+                j.replay(layout.dirty, meta.awaits_upload)
             finally:
                 j.close()
         blocks = _Blocks(cache_dir, store, meta)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from ..cachedir import CacheDir
+
 log = logging.getLogger(__name__)
 
 SYNC_SIGNAL = signal.SIGUSR1
@@ -26,7 +28,7 @@ STALE_ANSWER = 3600.0  # answers nobody collected are removed after this many se
 
 
 def sync_dir(cache_dir: Path) -> Path:
-    return cache_dir / "sync"
+    return CacheDir(cache_dir).sync_requests
 
 
 # -- the daemon's side ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cachedir import CacheDir
 from ..errors import DaemonGoneError, FlushError, MountError
 from ..progress import Progress, closing, human_bytes, human_seconds
 from ..runtime import (
@@ -94,12 +95,7 @@ def read_status(entry: MountEntry) -> dict[str, Any]:
     killed or crashed: its `state` becomes "dead", whatever it last wrote (kept as
     `last_state`), and its figures are those of its last moment.
     """
-    st: dict[str, Any] = {}
-    if entry.cache_dir is not None:
-        try:
-            st = dict(json.loads((Path(entry.cache_dir) / "status.json").read_text()))
-        except (OSError, ValueError):
-            st = {}
+    st = {} if entry.cache_dir is None else CacheDir(Path(entry.cache_dir)).read_status()
     st.setdefault("mountpoint", entry.mountpoint)
     st.setdefault("store", entry.store)
     st.setdefault("cache_dir", entry.cache_dir)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ...cachedir import CacheDir
 from ...errors import UsageError, WsfsError
 from ...store import ObjectStore
 from .. import options
@@ -174,15 +175,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from ...meta.superblock import DEFAULT_BLOCK_SIZE, read_superblock
 
     cache_dir: Path = args.cache_dir
-    if not (cache_dir / "meta.db").is_file():
+    layout = CacheDir(cache_dir)
+    if not layout.meta_db.is_file():
         raise UsageError(f"{cache_dir} holds no wsfs metadata (meta.db): give a cache dir, "
                          "e.g. one moved aside as CACHE_DIR.stale-TIME")
     url = args.store
     if url is None:
-        try:
-            url = json.loads((cache_dir / "status.json").read_text()).get("store")
-        except (OSError, ValueError):
-            url = None
+        url = layout.read_status().get("store")
     store = None
     block_size = DEFAULT_BLOCK_SIZE
     if url:
