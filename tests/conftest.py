@@ -25,6 +25,7 @@ from faultproxy import FaultProxy
 from s3servers import S3Server, start_moto, start_rclone
 
 from wsfs.blocks.journal import Journal
+from wsfs.cachedir import CacheDir
 from wsfs.runtime import force_unmount, is_mountpoint, mounts, pid_alive
 
 WSFS = [sys.executable, "-m", "wsfs"]
@@ -87,6 +88,11 @@ class Workspace:
         assert is_mountpoint(self.mnt)
         return self.mnt
 
+    @property
+    def cache(self) -> CacheDir:
+        """The paths in the cache dir of the current (or last) mount."""
+        return CacheDir(self.cache_dir)
+
     def fresh_cache(self) -> Path:
         """A new, empty cache dir: the next mount behaves like one on a fresh machine."""
         self._caches += 1
@@ -106,7 +112,7 @@ class Workspace:
 
     def status(self) -> dict[str, Any]:
         """The daemon's status.json, as parsed: its values are whatever JSON holds."""
-        return dict(json.loads((self.cache_dir / "status.json").read_text()))
+        return dict(json.loads(self.cache.status.read_text()))
 
     def daemon_pid(self) -> int | None:
         try:
@@ -124,7 +130,7 @@ class Workspace:
             force_unmount(self.mnt)
 
     def check_log(self) -> None:
-        log = self.cache_dir / "wsfs.log"
+        log = self.cache.log
         if not log.exists():
             return
         bad = [line for line in log.read_text().splitlines()
@@ -149,13 +155,13 @@ def lose_unsynced_writes(cache_dir: Path, *, delete_new: frozenset[str] = frozen
                          ) -> list[tuple[str, int, bytes]]:
     """What a machine crash does to the writes the journal covers: zero each record's bytes
     in its block's file (the files in `delete_new` disappear whole). Returns the records."""
-    j = Journal(cache_dir / "journal")
+    j = Journal(CacheDir(cache_dir).journal)
     try:
         records = j.records()
     finally:
         j.close()
     for block_id, offset, data in records:
-        path = cache_dir / "dirty" / block_id
+        path = CacheDir(cache_dir).dirty / block_id
         if block_id in delete_new:
             path.unlink(missing_ok=True)
         elif path.exists():

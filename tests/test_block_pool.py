@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import Workspace, wait_for
 
+from wsfs.cachedir import CacheDir
+
 
 def dirty_files(cache_dir: Path) -> dict[int, int]:
     """st_ino -> size of every file in the cache's dirty dir."""
     found = {}
-    for entry in os.scandir(cache_dir / "dirty"):
+    for entry in os.scandir(CacheDir(cache_dir).dirty):
         try:
             st = entry.stat()
         except FileNotFoundError:  # deleted while we looked

@@ -15,6 +15,7 @@ from conftest import Workspace, wait_for
 from wsfs.blocks import object_key
 from wsfs.blocks import pack as packs
 from wsfs.blocks.clean import CleanCache
+from wsfs.cachedir import CacheDir
 from wsfs.store import LocalStore
 
 FILE_SIZE = 200_000  # above diskcache's inline limit: each clean copy is a file of its own
@@ -23,7 +24,7 @@ FILE_SIZE = 200_000  # above diskcache's inline limit: each clean copy is a file
 def clean_copy_files(cache_dir: Path) -> int:
     """How many clean copies the clean cache holds as files of their own (os.walk: diskcache
     removes a directory it emptied while this walks, which made rglob fail)."""
-    return sum(name.endswith(".val") for _, _, names in os.walk(cache_dir / "clean")
+    return sum(name.endswith(".val") for _, _, names in os.walk(CacheDir(cache_dir).clean)
                for name in names)
 
 

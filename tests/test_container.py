@@ -442,7 +442,7 @@ def test_entrypoint_script_on_s3_with_a_credentials_file(
         assert ep.proc is not None
         ep.proc.send_signal(signal.SIGTERM)
         assert ep.wait() == 0, ep.output()
-        for text in (ep.output(), (ws.cache_dir / "wsfs.log").read_text()):
+        for text in (ep.output(), ws.cache.log.read_text()):
             assert secret not in text
             assert secret_rclone.access_key not in text
         assert "every block is in the store" in ep.output()

@@ -19,6 +19,7 @@ from conftest import Workspace
 
 import wsfs
 from wsfs import errors
+from wsfs.cachedir import CacheDir
 from wsfs.runtime import is_mountpoint
 
 MARKER = ".workspace.initialized"
@@ -124,7 +125,7 @@ def test_mount_without_workspace_on_s3_is_refused_with_exit_4(
 
 def remove_marker_from_metadata(cache_dir: Path) -> None:
     """Craft the state a mount cannot produce: the workspace's metadata without the marker."""
-    db = sqlite3.connect(cache_dir / "meta.db")
+    db = sqlite3.connect(CacheDir(cache_dir).meta_db)
     try:
         cur = db.execute("DELETE FROM dentries WHERE parent = 1 AND name = ?",
                          (MARKER.encode(),))
@@ -228,7 +229,7 @@ def test_env_credentials_never_show_in_ps_or_logs(secret_rclone: S3Server,
         assert ps_lines_with(secret, secret_rclone) == []
         ws.unmount()
         assert secret not in init.stdout + init.stderr
-        assert secret not in (ws.cache_dir / "wsfs.log").read_text()
+        assert secret not in ws.cache.log.read_text()
         # A wrong secret: refused (exit 3) without echoing it.
         wrong = f"wrong-{uuid.uuid4().hex}"
         bad = Workspace(tmp_path / "bad", ws.store_url,

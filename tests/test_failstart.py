@@ -26,6 +26,7 @@ import pytest
 from conftest import WSFS, Workspace, run_wsfs, wait_for, wait_pid_gone
 from test_badinput import attempt, check_refused, mount_args
 
+from wsfs.cachedir import CacheDir
 from wsfs.config import default_cache_dir
 from wsfs.daemon import preflight
 from wsfs.daemon.preflight import in_container
@@ -297,7 +298,7 @@ def test_kernel_refusing_the_mount_gives_the_lease_back(ws: Workspace, cache_kin
         assert stopped_cleanly(cache)
         ws.check_log()
     ws.mount(cache_dir=cache)  # at once: no lease to wait out, no recovery
-    assert "unclean stop" not in (cache / "wsfs.log").read_text()
+    assert "unclean stop" not in CacheDir(cache).log.read_text()
     ws.unmount()
     ws.wsfs("gc", ws.store_url)
 
@@ -357,11 +358,11 @@ def test_an_open_cache_dir_is_made_private(ws: Workspace) -> None:
     ws.mount()
     ws.unmount()
     ws.cache_dir.chmod(0o755)
-    (ws.cache_dir / "wsfs.log").chmod(0o644)
+    ws.cache.log.chmod(0o644)
     r = ws.wsfs("mount", *mount_args(ws)[1:])
     assert "made it 0700" in r.stderr
     assert stat.S_IMODE(ws.cache_dir.stat().st_mode) == 0o700
-    assert stat.S_IMODE((ws.cache_dir / "wsfs.log").stat().st_mode) == 0o600
+    assert stat.S_IMODE(ws.cache.log.stat().st_mode) == 0o600
     ws.unmount()
 
 
@@ -427,5 +428,5 @@ def user_mount(ws: Workspace, top: Path) -> None:
     cache = next(c for c in caches.iterdir() if c.name != "run")
     assert cache.stat().st_uid == 65534
     assert not {n: f"{m:04o}" for n, m in modes(cache).items() if m & 0o077}
-    assert (cache / "wsfs.log").exists()
+    assert CacheDir(cache).log.exists()
     run_wsfs("gc", url)

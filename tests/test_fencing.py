@@ -216,7 +216,7 @@ def takeover(p: Pair, lose_a: Callable[[], None], give_back: Callable[[], None],
     b.unmount()
     # The next mount from A's cache dir sets it aside and brings back what A accepted.
     a.mount()
-    log = a.cache_dir / "wsfs.log"
+    log = a.cache.log
     wait_for("the conflict export", lambda: log.exists() and (
         "files the store never got" in log.read_text()
         or "holds nothing the store lacks" in log.read_text()), timeout=60)
@@ -370,7 +370,7 @@ def test_recover_by_hand_what_a_forced_out_mount_never_published(tmp_path: Path)
         a.unmount()
         # A fresh cache dir, fetched: from here on it publishes only at its unmount.
         mnt = a.mount(flush_delay=3600, cache_dir=a.fresh_cache())
-        assert not (a.cache_dir / "published.db").exists()
+        assert not a.cache.published.exists()
         big = os.urandom(3 * (1 << 20) + 12345)
         (mnt / "d" / "sub").mkdir(parents=True)
         (mnt / "d" / "sub" / "big").write_bytes(big)
@@ -415,7 +415,7 @@ def test_a_store_that_ignores_the_conditions_says_so(kind: str, tmp_path: Path,
         assert w.status()["fencing"] is (kind == "moto")
         text = w.wsfs("status", str(w.mnt)).stdout
         assert ("fencing:     off" in text) is (kind == "rclone"), text
-        warnings = [ln for ln in (w.cache_dir / "wsfs.log").read_text().splitlines()
+        warnings = [ln for ln in w.cache.log.read_text().splitlines()
                     if "cannot fence a paused or cut-off writer" in ln]
         assert len(warnings) == (1 if kind == "rclone" else 0), warnings
         w.unmount()

@@ -144,7 +144,7 @@ def test_fstab_on_s3_with_endpoint_and_credentials_file(
         assert not is_mountpoint(ws.mnt)
         wait_pid_gone(pid, timeout=60)
         assert ws.status()["state"] == "done"
-        log = (ws.cache_dir / "wsfs.log").read_text()
+        log = ws.cache.log.read_text()
         assert secret_rclone.secret_key not in log
         ws.check_log()
         check_tree(ws, files)  # the CLI mount takes the keys from the environment

@@ -30,6 +30,7 @@ from posix_util import meta_rows
 from s3servers import S3Server
 
 from wsfs.blocks import BlockCache
+from wsfs.cachedir import CacheDir
 from wsfs.fs import Operations
 from wsfs.meta import Metadata
 from wsfs.store import LocalStore
@@ -102,7 +103,7 @@ def check(mnt: Path, expected: dict[str, bytes]) -> None:
 def test_local_fsync_survives_a_daemon_kill(ws: Workspace) -> None:
     mnt = ws.mount(flush_delay=NEVER)
     expected = scenario(mnt)
-    assert any((ws.cache_dir / "dirty").iterdir()), "nothing dirty: the test proves nothing"
+    assert any(ws.cache.dirty.iterdir()), "nothing dirty: the test proves nothing"
     kill_now(ws)
     mnt = ws.mount(flush_delay=NEVER)  # the same cache dir
     check(mnt, expected)
@@ -166,7 +167,7 @@ def test_local_fsync_does_not_reach_the_store(ws: Workspace) -> None:
     # deletes it, so the fsynced bytes can still be recovered by hand.
     ws.mount(cache_dir=old_cache, flush_delay=NEVER)
     stale = list(old_cache.parent.glob(f"{old_cache.name}.stale-*"))
-    assert len(stale) == 1 and list((stale[0] / "dirty").iterdir())
+    assert len(stale) == 1 and list(CacheDir(stale[0]).dirty.iterdir())
     ws.unmount()
 
 
@@ -196,7 +197,7 @@ def test_a_checkpoint_published_just_before_a_crash_is_recognised_as_ours(
     mnt = ws.mount(flush_delay=NEVER)
     (mnt / "published").write_bytes(b"in the last checkpoint")
     ws.unmount()
-    conn = sqlite3.connect(ws.cache_dir / "meta.db")
+    conn = sqlite3.connect(ws.cache.meta_db)
     with conn:
         (seq,) = conn.execute("SELECT value FROM settings WHERE key='checkpoint_seq'").fetchone()
         conn.execute("UPDATE settings SET value=? WHERE key='checkpoint_seq'", (int(seq) - 1,))
@@ -334,7 +335,7 @@ def make_ops(tmp_path: Path) -> tuple[Operations, int]:
     """The assembled handlers over a fresh cache dir, and an open handle of an empty file."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    meta = Metadata(cache / "meta.db")
+    meta = Metadata(CacheDir(cache).meta_db)
     blocks = BlockCache(cache, LocalStore(tmp_path / "store"), block_size=BS,
                         cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=trio.CapacityLimiter(4))
@@ -405,7 +406,7 @@ def test_fsync_leaves_uploaded_blocks_to_the_store_and_syncs_their_checksums(
         ops.meta.set_uploaded({ids[0]: hashlib.sha256(b"whatever").hexdigest()})
         await ops.fsync(fh_, True)
         assert sorted(recorder.take()) == sorted([ids[1], ids[2], "meta.db-wal"])
-        durable = Metadata(tmp_path / "cache" / "meta.db")  # what a crash would find
+        durable = Metadata(CacheDir(tmp_path / "cache").meta_db)  # what a crash would find
         try:
             assert not durable.awaits_upload(ids[0]) and durable.awaits_upload(ids[1])
         finally:
@@ -652,7 +653,7 @@ def test_a_let_go_block_file_stays_until_its_commit_is_synced(tmp_path: Path) ->
         blocks, meta = ops.blocks, ops.meta
         await ops.write(pyfuse3.FileHandleT(fh), 0, payload(3, BS + 10))
         uploaded, dropped = blocks_of(ops)[0], blocks_of(ops)[1]
-        files = [tmp_path / "cache" / "dirty" / b for b in (uploaded, dropped)]
+        files = [CacheDir(tmp_path / "cache").dirty / b for b in (uploaded, dropped)]
         meta.flush()
         await ops.fsync(pyfuse3.FileHandleT(fh), False)
         for ref in meta.remove_blocks_from(2, 1):  # a truncate to one block
@@ -687,7 +688,7 @@ def test_a_read_of_a_block_dropped_while_it_waited_reads_the_hole(tmp_path: Path
         ops.meta.flush()
         ops.meta.sync()
         await maintain_until(ops.blocks, "the dropped block's file to go",
-                             lambda: not (tmp_path / "cache" / "dirty" / ref.id).exists())
+                             lambda: not (CacheDir(tmp_path / "cache").dirty / ref.id).exists())
         assert await ops._read_block(2, ref, 0, 100) == b""
 
     trio.run(main)

@@ -83,10 +83,10 @@ def test_writers_wait_for_uploads_and_eviction(ws: Workspace, small_disk: Path) 
     print(f"wrote {total >> 20} MiB through a {DISK >> 20} MiB cache disk in {took:.1f}s; "
           f"lowest free space {lowest >> 20} MiB")
     assert lowest < 24 << 20, "the disk never filled up: the test proves nothing"
-    log = (ws.cache_dir / "wsfs.log").read_text()
+    log = ws.cache.log.read_text()
     assert "cache disk is full" in log, "writers never had to wait"
     ws.unmount()
-    assert integrity(ws.cache_dir / "meta.db") == "ok"
+    assert integrity(ws.cache.meta_db) == "ok"
     ws.fresh_cache()
     mnt = ws.mount()
     for name, data in files.items():
@@ -138,7 +138,7 @@ def test_enospc_only_when_full_of_dirty_data(proxied: tuple[Workspace, FaultProx
     (mnt / "dir").mkdir()
     os.rename(mnt / "late00.bin", mnt / "dir" / "late00.bin")
     acked["dir/late00.bin"] = acked.pop("late00.bin")
-    assert integrity(ws.cache_dir / "meta.db") == "ok"
+    assert integrity(ws.cache.meta_db) == "ok"
     # deleting dirty data frees space at once, without the store
     victim = "late01.bin"
     dirty = int(ws.status()["dirty_bytes"])
@@ -152,7 +152,7 @@ def test_enospc_only_when_full_of_dirty_data(proxied: tuple[Workspace, FaultProx
     proxy.pass_through()
     wait_for("everything to drain", lambda: ws.status()["dirty_bytes"] == 0, timeout=120)
     ws.unmount()
-    assert integrity(ws.cache_dir / "meta.db") == "ok"
+    assert integrity(ws.cache.meta_db) == "ok"
     ws.fresh_cache()
     mnt = ws.mount()
     for name, data in acked.items():

@@ -166,7 +166,7 @@ def test_damaged_blocks_give_eio_for_that_file_only(ws: Workspace,
     (mnt / "new.txt").write_text("still here\n")
     assert sorted(p.name for p in mnt.iterdir()) == sorted(
         [".workspace.initialized", "a.bin", "b.bin", "c.bin", "d", "new.txt"])
-    log = (ws.cache_dir / "wsfs.log").read_text()
+    log = ws.cache.log.read_text()
     assert f"block {a_ids[1]} does not match its checksum" in log
     assert f"block {b_keys[0].rsplit('/', 1)[1]} is missing from the store" in log
     ws.unmount()

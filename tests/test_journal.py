@@ -24,6 +24,7 @@ from conftest import Workspace, lose_unsynced_writes
 from wsfs.blocks import BlockCache
 from wsfs.blocks import journal as journal_module
 from wsfs.blocks.journal import FSYNC_MAX, Journal
+from wsfs.cachedir import CacheDir
 from wsfs.store import LocalStore
 
 BS = 1 << 20
@@ -68,13 +69,13 @@ def test_replay_restores_what_small_fsyncs_acknowledged(tmp_path: Path) -> None:
     records = lose_unsynced_writes(cache, delete_new=frozenset({a}))
     assert {r[0] for r in records} == {a, b_id}
     assert sum(len(r[2]) for r in records) == 10_000 + 4096 + 100  # the ranges, not blocks
-    assert not (cache / "dirty" / a).exists()
+    assert not (CacheDir(cache).dirty / a).exists()
 
     blocks = open_blocks(cache, store)
     try:
-        assert (cache / "dirty" / a).read_bytes() == expected_a
-        assert (cache / "dirty" / b_id).read_bytes() == expected_b
-        assert Journal(cache / "journal").records() == []  # a new epoch: replayed once
+        assert (CacheDir(cache).dirty / a).read_bytes() == expected_a
+        assert (CacheDir(cache).dirty / b_id).read_bytes() == expected_b
+        assert Journal(CacheDir(cache).journal).records() == []  # a new epoch: replayed once
     finally:
         blocks.close()
 
@@ -102,7 +103,7 @@ def test_a_block_synced_through_its_file_is_never_reverted_by_an_older_record(
     assert lose_unsynced_writes(cache) == []
     blocks = open_blocks(cache, store)
     try:
-        assert (cache / "dirty" / block).read_bytes()[:4] == b"new!"
+        assert (CacheDir(cache).dirty / block).read_bytes()[:4] == b"new!"
     finally:
         blocks.close()
 
@@ -124,17 +125,17 @@ def test_a_torn_record_ends_the_replay(tmp_path: Path) -> None:
         return block, end
 
     block, end = trio.run(main)
-    with open(cache / "journal", "r+b") as f:  # the last record's checksum no longer matches
+    with open(CacheDir(cache).journal, "r+b") as f:  # the last record's checksum no longer matches
         f.seek(end - 2)
         f.write(b"\xff")
     records = lose_unsynced_writes(cache)
     assert [(r[1], len(r[2])) for r in records] == [(0, 100)]
-    with open(cache / "dirty" / block, "r+b") as f:  # the torn record's write is lost too
+    with open(CacheDir(cache).dirty / block, "r+b") as f:  # the torn record's write is lost too
         f.seek(100)
         f.write(bytes(100))
     blocks = open_blocks(cache, store)
     try:
-        assert (cache / "dirty" / block).read_bytes()[:200] == b"1" * 100 + bytes(100)
+        assert (CacheDir(cache).dirty / block).read_bytes()[:200] == b"1" * 100 + bytes(100)
     finally:
         blocks.close()
 
@@ -170,7 +171,7 @@ def test_an_epoch_ends_once_no_block_it_holds_is_dirty_after_the_metadata_sync(
 
     trio.run(main)
     assert {r[0] for r in lose_unsynced_writes(cache)} != set()
-    assert len(Journal(cache / "journal").records()) == 1
+    assert len(Journal(CacheDir(cache).journal).records()) == 1
 
 
 @pytest.mark.timeout(240)
@@ -233,8 +234,8 @@ def test_replay_leaves_out_blocks_no_longer_awaiting_upload(tmp_path: Path) -> N
     blocks = open_blocks(cache, store, wanted=lambda block_id: block_id == kept)
     try:
         assert blocks.dirty_count == 1
-        assert (cache / "dirty" / kept).read_bytes() == b"k" * 100
-        assert not (cache / "dirty" / gone).exists()
+        assert (CacheDir(cache).dirty / kept).read_bytes() == b"k" * 100
+        assert not (CacheDir(cache).dirty / gone).exists()
     finally:
         blocks.close()
 
@@ -282,8 +283,8 @@ def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
     assert other not in {r[0] for r in lose_unsynced_writes(cache)}
     blocks = open_blocks(cache, store)
     try:
-        assert (cache / "dirty" / block).read_bytes() == content
-        assert (cache / "dirty" / other).read_bytes() == b"o" * 100
+        assert (CacheDir(cache).dirty / block).read_bytes() == content
+        assert (CacheDir(cache).dirty / other).read_bytes() == b"o" * 100
     finally:
         blocks.close()
 

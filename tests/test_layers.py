@@ -17,6 +17,7 @@ from conftest import trio_wait_for
 from wsfs.backoff import Backoff
 from wsfs.blocks import BlockCache, object_key
 from wsfs.blocks import pack as packs
+from wsfs.cachedir import CacheDir
 from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
@@ -77,7 +78,7 @@ def make(tmp_path: Path) -> tuple[RecordingStore, Metadata, BlockCache, Flusher]
     store = RecordingStore(tmp_path / "store")
     cache = tmp_path / "cache"
     cache.mkdir()
-    meta = Metadata(cache / "meta.db")
+    meta = Metadata(CacheDir(cache).meta_db)
     limiter = trio.CapacityLimiter(4)
     blocks = BlockCache(cache, store, block_size=BS, cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=limiter)
@@ -284,7 +285,7 @@ def test_recovery_reuploads_or_drops_a_block_with_no_checksum_and_no_local_copy(
     blocks.clean.keep({packed.id: b"x" * BS})  # uploaded in a pack: only its clean copy
     for ref in (alone, packed, lost):  # none has a local copy any more
         blocks.retire(ref.id, uploaded_at=0)
-        (tmp_path / "cache" / "dirty" / ref.id).unlink()
+        (CacheDir(tmp_path / "cache").dirty / ref.id).unlink()
     trio.run(recover, meta, blocks)
     again = [meta.get_block(ino, i) for i in range(2)]
     assert all(r is not None and r.id not in (alone.id, packed.id) for r in again)

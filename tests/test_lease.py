@@ -22,6 +22,7 @@ from conftest import Workspace, s3_workspace, wait_for, wait_pid_gone
 from s3servers import S3Server
 from test_failstart import gated_head, start_mount
 
+from wsfs.cachedir import CacheDir
 from wsfs.daemon.lease import Holder, Lease, read_holder
 from wsfs.errors import LeaseError, MountError
 from wsfs.runtime import is_mountpoint
@@ -99,7 +100,7 @@ def test_second_mount_same_cache_dir_refused(lws: Workspace, other: Workspace) -
     err = mount_refused(other)
     assert f"pid {pid}" in err and str(lws.cache_dir) in err
     # The refused daemon must not have erased the holder's pid from the lock file.
-    assert (lws.cache_dir / "lock").read_text().strip() == str(pid)
+    assert lws.cache.lock.read_text().strip() == str(pid)
     lws.unmount()
 
 
@@ -114,7 +115,7 @@ def test_dead_holder_on_this_host_taken_over_at_once(lws: Workspace, other: Work
     lws.mount()  # same cache dir, same host: the dead pid is detected, no wait for expiry
     assert time.monotonic() - start < float(TTL)
     assert (lws.mnt / "f").read_bytes() == b"x" * 1000
-    assert "taking over the lease" in (lws.cache_dir / "wsfs.log").read_text()
+    assert "taking over the lease" in lws.cache.log.read_text()
     lws.unmount()
 
 
@@ -138,7 +139,7 @@ def test_force_takes_over_a_live_foreign_lease(lws: Workspace) -> None:
     lease = lease_of(lws)
     assert lease is not None and lease["pid"] == lws.daemon_pid()
     assert "taking over the lease of host notebook-7.elsewhere" in (
-        lws.cache_dir / "wsfs.log").read_text()
+        lws.cache.log).read_text()
     lws.unmount()
 
 
@@ -149,7 +150,7 @@ def test_force_against_a_live_mount_the_old_one_yields(lws: Workspace,
     other.mount("--force")
     new_pid = other.daemon_pid()
     lws.allowed_log_errors.append("another mount took over this workspace's lease")
-    log = lws.cache_dir / "wsfs.log"
+    log = lws.cache.log
     wait_for("the old holder to notice the takeover",
              lambda: "another mount took over" in log.read_text(), timeout=10)
     time.sleep(float(TTL))  # several renewal periods: the old mount must not steal it back
@@ -226,7 +227,7 @@ def head_of(ws: Workspace) -> int:
 
 
 def setting_of(cache_dir: Path, key: str) -> str | None:
-    conn = sqlite3.connect(cache_dir / "meta.db")
+    conn = sqlite3.connect(CacheDir(cache_dir).meta_db)
     try:
         row = conn.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
     finally:

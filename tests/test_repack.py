@@ -24,6 +24,7 @@ from s3servers import S3Server
 from test_layers import BS, RecordingStore, add_file, make
 
 from wsfs.blocks import BlockCache, object_key
+from wsfs.cachedir import CacheDir
 from wsfs.fs import Operations
 from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata, schema
@@ -231,7 +232,7 @@ def test_a_format_2_database_is_upgraded(tmp_path: Path) -> None:
     repacker learns from the store before it judges the pack."""
     store, meta, _blocks, _flusher, _inos = one_pack_thinned(tmp_path)
     meta.close()
-    conn = sqlite3.connect(tmp_path / "cache" / "meta.db")
+    conn = sqlite3.connect(CacheDir(tmp_path / "cache").meta_db)
     conn.execute("DROP TABLE packs")
     conn.execute("UPDATE settings SET value='2' WHERE key='format'")
     conn.commit()
@@ -254,7 +255,7 @@ def test_a_format_2_database_is_upgraded(tmp_path: Path) -> None:
 def reopen(tmp_path: Path, store: LocalStore
            ) -> tuple[LocalStore, Metadata, BlockCache, Flusher]:
     cache = tmp_path / "cache"
-    meta = Metadata(cache / "meta.db")
+    meta = Metadata(CacheDir(cache).meta_db)
     limiter = trio.CapacityLimiter(4)
     blocks = BlockCache(cache, store, block_size=BS, cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=limiter)

@@ -22,6 +22,7 @@ from conftest import Workspace, wait_for
 from treecompare import Snapshot, assert_same, snapshot
 
 from wsfs.blocks.pack import PACK_TARGET
+from wsfs.cachedir import CacheDir
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -134,7 +135,7 @@ def downloads(w: Workspace) -> int:
 
 def block_bytes(cache_dir: Path) -> int:
     """Bytes of downloaded block data in a cache dir: the clean cache's files and database."""
-    clean = cache_dir / "clean"
+    clean = CacheDir(cache_dir).clean
     if not clean.exists():
         return 0
     return sum(p.stat().st_size for p in clean.rglob("*") if p.is_file())

@@ -209,9 +209,9 @@ def test_unmount_during_outage_keeps_dirty_data(proxied: tuple[Workspace, FaultP
     assert 4 <= took <= 30, f"unmount took {took:.1f}s with --unmount-timeout 5"
     assert not is_mountpoint(mnt)
     assert not pid_alive(pid)
-    st = json.loads((ws.cache_dir / "status.json").read_text())
+    st = json.loads(ws.cache.status.read_text())
     assert st["state"] == "failed" and st["dirty_bytes"] > 0, st
-    assert any((ws.cache_dir / "dirty").iterdir()), "the dirty blocks left the cache dir"
+    assert any(ws.cache.dirty.iterdir()), "the dirty blocks left the cache dir"
     print(f"unmount during outage: exit 7 after {took:.1f}s, {st['dirty_bytes']} bytes kept")
     proxy.pass_through()
     ws.mount(cache_dir=ws.cache_dir)  # the same cache dir: it uploads what was left
@@ -237,11 +237,11 @@ def test_an_interrupted_mount_leaves_no_mount_behind(
     cmd.send_signal(signal.SIGINT)
     _, err = cmd.communicate(timeout=30)
     assert cmd.returncode == 130, err
-    status = ws.cache_dir / "status.json"
+    status = ws.cache.status
     wait_for("the daemon to mount, then end", lambda: status.exists()
              and not pid_alive(int(str(ws.status()["pid"]))), timeout=90)
     assert not is_mountpoint(ws.mnt)
-    assert "interrupted while starting" in (ws.cache_dir / "wsfs.log").read_text()
+    assert "interrupted while starting" in ws.cache.log.read_text()
     assert os.listdir(ws.mnt) == []  # a plain directory again, not a dead mount
     (ws.mount() / "after").write_text("the workspace mounts again")
     ws.unmount()

@@ -20,6 +20,7 @@ import trio
 from conftest import Workspace
 
 from wsfs.blocks.clean import CLEAN_DB_CACHE_PAGES, open_clean_cache
+from wsfs.cachedir import CacheDir
 from wsfs.daemon.workspace import prefetch, prepare_cache
 from wsfs.errors import MountError
 from wsfs.meta import Metadata
@@ -155,9 +156,9 @@ def test_unmount_bundles_and_an_empty_cache_mount_uses_it(ws: Workspace) -> None
     assert manifest.bundle is not None and store.head(ckpt.bundle_key(seq)) is not None
 
     mnt = ws.mount(cache_dir=ws.fresh_cache())
-    log = (ws.cache_dir / "wsfs.log").read_text()
+    log = ws.cache.log.read_text()
     assert "fetched while taking the lease" in log and "unusable" not in log
-    assert not (ws.cache_dir / "prefetch.db").exists()
+    assert not ws.cache.prefetch.exists()
     assert len(os.listdir(mnt)) == 60 + 1  # and the marker
     assert len(os.getxattr(mnt / "f059", "user.pad")) == 12000
     ws.unmount()
@@ -218,13 +219,13 @@ def test_a_prefetch_overtaken_by_a_newer_checkpoint_is_not_used(ws: Workspace,
     assert newest is not None and newest > guessed
 
     trio.run(prepare_cache, store, sb, cache, limiter, guessed)
-    meta = Metadata(cache / "meta.db")
+    meta = Metadata(CacheDir(cache).meta_db)
     try:
         assert meta.get_setting("checkpoint_seq") == str(newest)
         assert meta.lookup(1, b"newer") is not None
     finally:
         meta.close()
-    assert not (cache / "prefetch.db").exists()
+    assert not CacheDir(cache).prefetch.exists()
 
 
 def test_a_prefetched_mount_clears_what_an_earlier_run_left(ws: Workspace) -> None:
@@ -232,13 +233,13 @@ def test_a_prefetched_mount_clears_what_an_earlier_run_left(ws: Workspace) -> No
     clean blocks): a mount that uses its prefetched checkpoint clears them like one that
     fetches after the lease."""
     ws.cache_dir.mkdir(parents=True)
-    (ws.cache_dir / "clean").mkdir()
-    (ws.cache_dir / "clean" / "stale").write_text("x")
-    (ws.cache_dir / "pages.json").write_text('{"seq": 1, "pages": ["0" ]}')
+    ws.cache.clean.mkdir()
+    (ws.cache.clean / "stale").write_text("x")
+    ws.cache.pages.write_text('{"seq": 1, "pages": ["0" ]}')
     ws.mount()
-    assert "fetched while taking the lease" in (ws.cache_dir / "wsfs.log").read_text()
-    assert not (ws.cache_dir / "clean" / "stale").exists()
-    pages = ws.cache_dir / "pages.json"
+    assert "fetched while taking the lease" in ws.cache.log.read_text()
+    assert not (ws.cache.clean / "stale").exists()
+    pages = ws.cache.pages
     assert not pages.exists() or '"0"' not in pages.read_text()
     ws.unmount()
 
@@ -248,12 +249,12 @@ def test_a_daemon_that_fails_while_starting_is_reported(ws: Workspace) -> None:
     sentence naming the reason, with the mount error's exit code, no traceback on the
     terminal, and nothing mounted."""
     ws.cache_dir.mkdir(parents=True)
-    (ws.cache_dir / "wsfs.log").mkdir()  # opening the log fails
+    ws.cache.log.mkdir()  # opening the log fails
     result = ws.wsfs("mount", ws.store_url, str(ws.mnt), "--cache-dir", str(ws.cache_dir),
                      check=False, timeout=60)
     assert result.returncode == MountError.exit_code, result.stderr
     assert "daemon failed while starting" in result.stderr
-    assert str(ws.cache_dir / "wsfs.log") in result.stderr
+    assert str(ws.cache.log) in result.stderr
     assert "Traceback" not in result.stderr
     assert not is_mountpoint(ws.mnt)
 

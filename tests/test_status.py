@@ -195,7 +195,7 @@ def test_status_of_a_mount_whose_daemon_was_killed(ws: Workspace) -> None:
     # the dead daemon's pid, taken by another process (a container's pids are few)
     other = subprocess.Popen(["sleep", "300"])
     try:
-        for path in (ws.cache_dir / "status.json", *(ws.root / "run").glob("*.json")):
+        for path in (ws.cache.status, *(ws.root / "run").glob("*.json")):
             record = json.loads(path.read_text())
             record["pid"] = other.pid
             path.write_text(json.dumps(record))
@@ -423,7 +423,7 @@ def test_unmount_progress_at_a_terminal_and_in_the_log(ws: Workspace) -> None:
     assert "flushing" in text and "left" in text, text
     assert "\r" in text  # redrawn in place, then cleared
     assert not is_mountpoint(mnt)
-    log = (ws.cache_dir / "wsfs.log").read_text()
+    log = ws.cache.log.read_text()
     assert "progress what='flushing" in log and "every block is in" in log
 
     # not a terminal: nothing on stderr, still logged
@@ -431,7 +431,7 @@ def test_unmount_progress_at_a_terminal_and_in_the_log(ws: Workspace) -> None:
     (mnt / "b.bin").write_bytes(os.urandom(MiB))
     r = ws.wsfs("unmount", str(mnt))
     assert r.stderr == "" and r.stdout == ""
-    assert (ws.cache_dir / "wsfs.log").read_text().count("progress what='flushing") >= 2
+    assert ws.cache.log.read_text().count("progress what='flushing") >= 2
     ws.check_log()
 
 
@@ -489,7 +489,7 @@ def test_json_log_format(ws: Workspace) -> None:
             str(ws.cache_dir))
     (ws.mnt / "x").write_text("x")
     ws.unmount()
-    lines = (ws.cache_dir / "wsfs.log").read_text().splitlines()
+    lines = ws.cache.log.read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert any(r["msg"].startswith("mounted ") and r["level"] == "info" for r in records)
     assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)

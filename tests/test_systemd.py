@@ -266,7 +266,7 @@ def test_sigterm_with_dirty_pages_in_an_open_file(ws: Workspace, notify: NotifyS
         assert writer.stdout is not None and writer.stdout.readline() == "written\n"
         proc.send_signal(signal.SIGTERM)
         # syncfs done, the daemon tries to unmount: busy while the file is open
-        log = ws.cache_dir / "wsfs.log"
+        log = ws.cache.log
         wait_for("the daemon's first unmount attempt after syncfs",
                  lambda: "fusermount3 -u" in log.read_text(), timeout=30)
         assert writer.stdin is not None
