@@ -245,6 +245,22 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 # -- servers (started once per session, stopped at its end) -------------------------------
 
+SMALL_DISK = 64 << 20
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A SMALL_DISK tmpfs (for a cache dir that fills up), unmounted at the end (lazily if a
+    daemon still holds it)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK}", "tmpfs", str(d)],
+                   check=True)
+    yield d
+    if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[S3Server]:
     server = start_moto()

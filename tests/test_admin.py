@@ -54,6 +54,18 @@ def tree(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+def check_intact(ws: Workspace, mnt: Path) -> None:
+    """After a collection: unmounted, the store misses no object, and a mount from an empty
+    cache dir shows the tree as it was."""
+    expected = tree(mnt)
+    ws.unmount()
+    du = as_json(ws, "du", ws.store_url)
+    assert isinstance(du, dict) and du["missing_objects"] == 0
+    ws.fresh_cache()
+    assert tree(ws.mount()) == expected
+    ws.unmount()
+
+
 def test_du_sizes_and_largest_directories(fm_ws: Workspace, request: pytest.FixtureRequest
                                           ) -> None:
     mnt = fm_ws.mount()
@@ -170,14 +182,7 @@ def test_gc_deletes_only_old_unreferenced_objects(ws: Workspace) -> None:
     after = set(store_files(ws))
     assert after == before - set(old)
     assert set(young) <= after
-    expected = tree(mnt)
-    ws.unmount()
-    du = as_json(ws, "du", ws.store_url)
-    assert isinstance(du, dict) and du["missing_objects"] == 0
-    ws.fresh_cache()
-    mnt = ws.mount()
-    assert tree(mnt) == expected
-    ws.unmount()
+    check_intact(ws, mnt)
 
 
 @pytest.mark.timeout(240)
@@ -241,14 +246,7 @@ def test_gc_while_mounted_and_writing_loses_nothing(ws: Workspace) -> None:
     assert len(runs) >= 2
     assert sum(r["objects_deleted"] for r in runs) >= 3  # type: ignore[index]
     assert not any((root / k).exists() for k in orphans)
-    expected = tree(mnt)
-    ws.unmount()
-    du = as_json(ws, "du", ws.store_url)
-    assert isinstance(du, dict) and du["missing_objects"] == 0
-    ws.fresh_cache()
-    mnt = ws.mount()
-    assert tree(mnt) == expected
-    ws.unmount()
+    check_intact(ws, mnt)
 
 
 def test_gc_refuses_after_an_unclean_stop(ws: Workspace) -> None:

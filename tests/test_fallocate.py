@@ -15,7 +15,6 @@ import errno
 import logging
 import os
 import random
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,17 +134,6 @@ def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) 
 
 def payload(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs for the cache dir, unmounted at the end (lazily if still held)."""
-    d = tmp_path / "small"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(d)], check=True)
-    yield d
-    if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 @pytest.fixture

@@ -12,32 +12,19 @@ import errno
 import os
 import random
 import sqlite3
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, wait_for
+from conftest import SMALL_DISK, Workspace, wait_for
 from faultproxy import FaultProxy
 
-DISK = 64 << 20
+DISK = SMALL_DISK  # the small_disk fixture's size
 FILE = 4 << 20
 
 
 def payload(name: str, size: int) -> bytes:
     return random.Random(name).randbytes(size)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs, unmounted at the end (lazily if a daemon still holds it)."""
-    d = tmp_path / "small"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(d)], check=True)
-    yield d
-    if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def write_synced(path: Path, data: bytes) -> None:

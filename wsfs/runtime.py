@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,14 @@ def write_registry(mountpoint: Path, cache_dir: Path, store_url: str) -> None:
         f.write(json.dumps({"pid": os.getpid(), "pid_start": process_start(os.getpid()),
                             "mountpoint": str(mountpoint), "cache_dir": str(cache_dir),
                             "store": store_url}))
+
+
+def read_registry(path: Path) -> dict[str, Any] | None:
+    """One record `write_registry` wrote; None if it is not there or cannot be read."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def mount_field(field: str) -> str:

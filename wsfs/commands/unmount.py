@@ -7,7 +7,6 @@ for the daemon's exit and reads its final state from its status file.
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import time
@@ -23,6 +22,7 @@ from ..runtime import (
     daemon_alive,
     force_unmount,
     is_mountpoint,
+    read_registry,
     registry_path,
     syncfs,
 )
@@ -39,10 +39,7 @@ def unmount(mountpoint: Path, *, progress: bool, timeout: float | None = None) -
     start = time.monotonic()
     mp = canonical_mountpoint(mountpoint)
     reg_path = registry_path(mp)
-    try:
-        reg = json.loads(reg_path.read_text())
-    except (OSError, ValueError):
-        reg = None
+    reg = read_registry(reg_path)
     if reg is not None and read_status(entry_of(reg))["state"] == "dead":
         clear_dead_mount(mp, reg_path, reg)
     if not is_mountpoint(mp):

@@ -23,6 +23,7 @@ from ..runtime import (
     daemon_alive,
     is_mountpoint,
     mounts,
+    read_registry,
     registry_path,
 )
 from .control import SyncRequest
@@ -56,9 +57,7 @@ def list_mounts() -> list[MountEntry]:
     except OSError:
         files = []
     for p in files:
-        try:
-            reg = json.loads(p.read_text())
-        except (OSError, ValueError):
+        if (reg := read_registry(p)) is None:
             continue
         entries[reg["mountpoint"]] = entry_of(reg)
     for mp, source in _proc_wsfs_mounts().items():
@@ -69,11 +68,7 @@ def list_mounts() -> list[MountEntry]:
 def registry_entry(mountpoint: Path) -> MountEntry:
     """The registry entry of a mounted wsfs, or a MountError that says what is wrong."""
     mp = canonical_mountpoint(mountpoint)
-    path = registry_path(mp)
-    try:
-        reg = json.loads(path.read_text())
-    except (OSError, ValueError):
-        reg = None
+    reg = read_registry(registry_path(mp))
     if reg is None:
         if is_mountpoint(mp):
             raise MountError(f"{mp} is mounted but not registered in {RUN_DIR}; set "
