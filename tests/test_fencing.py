@@ -434,7 +434,7 @@ def test_recover_from_a_cache_dir_of_format_3(tmp_path: Path) -> None:
         mnt = a.mount(flush_delay=3600)
         (mnt / "old").write_text("published")
         a.wsfs("sync", str(mnt))
-        assert (a.cache_dir / "published.db").exists()
+        assert a.cache.published.exists()
         (mnt / "new").write_text("never published")
         os.utime(mnt / "new", ns=(-1, 1_500_000_000_000_000_001))
         b.mount("--force")
@@ -442,8 +442,8 @@ def test_recover_from_a_cache_dir_of_format_3(tmp_path: Path) -> None:
         a.allowed_log_errors.append("this mount is fenced")
         r = a.wsfs("unmount", str(mnt), check=False, timeout=120)
         assert r.returncode == 7, r.stderr
-        for db in ("meta.db", "published.db"):
-            conn = sqlite3.connect(a.cache_dir / db)
+        for db in (a.cache.meta_db, a.cache.published):
+            conn = sqlite3.connect(db)
             to_format_3(conn)
             conn.commit()
             conn.close()

@@ -38,9 +38,12 @@ them. Inside `dirty/`, `clean/`, `sync/` and the journal, the modules named own 
                             lease is taken; daemon/workspace.py        is still the newest
     lock                    flock(2)ed by the one daemon serving this  released by the kernel
                             cache dir, holding its pid; daemon/serve.py
+                            (a mount waits for a finishing holder:
+                            commands/handover.py)
     status.json (.tmp)      the daemon's state, rewritten every half   stale: its pid is dead
                             second; read by `wsfs status`, `unmount`,  (daemon/status.py says
-                            `run`, `recover`; daemon/serve.py          so)
+                            `run`, `recover`, a waiting mount;         so)
+                            daemon/serve.py
     wsfs.log (.1, .2, ...)  the daemon's log, rotated (logs.py)        kept
     sync/<token>.req        `wsfs sync`'s requests and the daemon's    answers nobody reads
       .ok, .err             answers (daemon/control.py)                expire after an hour

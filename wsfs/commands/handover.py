@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from ..cachedir import CacheDir
 from ..errors import LeaseError, MountError
 from ..progress import Progress, describe
 from ..runtime import is_mountpoint, sd_notify
@@ -33,7 +33,7 @@ def lock_holder(cache_dir: Path) -> str | None:
     """The pid (as the lock file has it) of the process holding the cache dir's lock, None
     when it is free (looked at by taking and dropping it at once)."""
     try:
-        f = open(cache_dir / "lock", "a+")  # noqa: SIM115 - closed below, lock and all
+        f = open(CacheDir(cache_dir).lock, "a+")  # noqa: SIM115 - closed below, lock and all
     except FileNotFoundError:
         return None
     with f:
@@ -43,13 +43,6 @@ def lock_holder(cache_dir: Path) -> str | None:
             f.seek(0)
             return f.read().strip() or "unknown"
         return None  # closing drops the lock
-
-
-def read_status(cache_dir: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((cache_dir / "status.json").read_text()))
-    except (OSError, ValueError):
-        return {}
 
 
 def finishing(st: dict[str, Any], holder: str) -> bool:
@@ -69,7 +62,7 @@ def wait_for_previous_daemon(cache_dir: Path, timeout: float) -> None:
     holder = lock_holder(cache_dir)
     if holder is None:
         return
-    if not finishing(read_status(cache_dir), holder):
+    if not finishing(CacheDir(cache_dir).read_status(), holder):
         raise LeaseError(
             f"another wsfs daemon (pid {holder} on this host) is using the cache dir "
             f"{cache_dir}; unmount it first or choose another --cache-dir")
@@ -84,7 +77,7 @@ def wait_for_previous_daemon(cache_dir: Path, timeout: float) -> None:
                     f"the previous daemon of the cache dir {cache_dir} (pid {holder}) is "
                     f"still uploading after {timeout:g}s; mount again once it is done "
                     "(`wsfs status` shows it), or wait longer with -o handover_timeout=SECONDS")
-            st = read_status(cache_dir)
+            st = CacheDir(cache_dir).read_status()
             left, rate = int(st.get("dirty_bytes", 0)), float(st.get("upload_rate", 0))
             figures = describe(left, rate, int(st.get("dirty_blocks", 0)))
             if said < 0 or (not tty and time.monotonic() - said >= SAY_EVERY):
