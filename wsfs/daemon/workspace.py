@@ -19,6 +19,7 @@ import trio
 
 from .. import __version__
 from ..blocks import BlockCache
+from ..cachedir import CacheDir
 from ..errors import (
     DamageError,
     MountError,
@@ -87,9 +88,6 @@ async def create(
     return sb
 
 
-PREFETCH = "prefetch.db"
-
-
 async def prefetch(
     store: ObjectStore, sb: Superblock, cache_dir: Path, limiter: trio.CapacityLimiter
 ) -> int:
@@ -100,14 +98,15 @@ async def prefetch(
     `prepare_cache` reads HEAD again once it is, and uses this copy only if it is still the
     newest. An empty cache dir then pays the lease's round trips and the download at once.
     """
-    if (cache_dir / "meta.db").exists():
+    layout = CacheDir(cache_dir)
+    if layout.meta_db.exists():
         return 0
     try:
         head = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
         if head is None:
             return 0
-        await ckpt.fetch(store, head, cache_dir / PREFETCH, limiter)
-        await trio.to_thread.run_sync(_adopt, cache_dir / PREFETCH, sb, limiter=limiter)
+        await ckpt.fetch(store, head, layout.prefetch, limiter)
+        await trio.to_thread.run_sync(_adopt, layout.prefetch, sb, limiter=limiter)
     except Exception as e:  # prepare_cache fetches again, and reports the error
         log.debug("prefetching the checkpoint failed: %s", e)
         return 0
@@ -116,8 +115,9 @@ async def prefetch(
 
 def drop_prefetched(cache_dir: Path) -> None:
     """Remove what `prefetch` fetched, for a mount that did not get the lease."""
-    for name in (PREFETCH, "prefetch.part"):
-        (cache_dir / name).unlink(missing_ok=True)
+    layout = CacheDir(cache_dir)
+    for path in (layout.prefetch, layout.prefetch_part):
+        path.unlink(missing_ok=True)
 
 
 async def prepare_cache(
@@ -134,7 +134,8 @@ async def prepare_cache(
     files the store never got come back as conflict copies (conflicts.py).
     """
     aside: Path | None = None
-    db = cache_dir / "meta.db"
+    layout = CacheDir(cache_dir)
+    db = layout.meta_db
     if head is None:  # (else: read, and claimed, by the caller)
         head = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
     if head is None:
@@ -161,7 +162,7 @@ async def prepare_cache(
             log.info("using the metadata in %s (checkpoint %d)", cache_dir,
                      max(published, pending))
             return None
-        aside = cache_dir.with_name(f"{cache_dir.name}.stale-{int(time.time())}")
+        aside = layout.set_aside(int(time.time()))
         log.warning(
             "the cache dir %s is behind the store (its checkpoint %d; the store's newest, %d, "
             "was published by another mount): moving it to %s",
@@ -169,13 +170,10 @@ async def prepare_cache(
         )
         shutil.move(str(cache_dir), aside)
         cache_dir.mkdir(mode=0o700, parents=True)
-    fetched = cache_dir / PREFETCH
+    fetched = layout.prefetch
     use_prefetched = prefetched == head and fetched.exists()
     # What an earlier run left beside a missing database belongs to no checkpoint we know.
-    for leftover in ("dirty", "journal", "clean", "pages.json", "checkpoint.db", ckpt.PUBLISHED,
-                     "prefetch.part",
-                     *(() if use_prefetched else (PREFETCH,))):
-        p = cache_dir / leftover
+    for p in (*layout.of_the_metadata(), *(() if use_prefetched else (fetched,))):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
@@ -254,7 +252,7 @@ def _adopt(db: Path, sb: Superblock) -> None:
 def stopped_cleanly(cache_dir: Path) -> bool:
     """Whether the cache dir holds nothing unpublished: no metadata yet, or metadata that
     records a clean stop (or a checkpoint fetched as it is). Unreadable metadata may."""
-    db = cache_dir / "meta.db"
+    db = CacheDir(cache_dir).meta_db
     if not db.exists():
         return True
     try:
