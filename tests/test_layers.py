@@ -21,6 +21,7 @@ from wsfs.cachedir import CacheDir
 from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
+from wsfs.meta.retention import Schedule
 from wsfs.store import LocalStore, NoSuchKey, ObjectStore, TransientStoreError
 from wsfs.sync.flusher import Flusher
 
@@ -74,7 +75,10 @@ def fetched_checkpoint(store: ObjectStore, seq: int, target: Path) -> Metadata:
     return Metadata(target)
 
 
-def make(tmp_path: Path) -> tuple[RecordingStore, Metadata, BlockCache, Flusher]:
+def make(tmp_path: Path, keep: str = "0"
+         ) -> tuple[RecordingStore, Metadata, BlockCache, Flusher]:
+    """A flusher over a directory store, keeping only the newest checkpoint (`keep`) and
+    thinning at every publication, unless told otherwise."""
     store = RecordingStore(tmp_path / "store")
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -83,7 +87,9 @@ def make(tmp_path: Path) -> tuple[RecordingStore, Metadata, BlockCache, Flusher]
     blocks = BlockCache(cache, store, block_size=BS, cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=limiter)
     meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, time.time_ns(), nlink=2, ino=1)
-    flusher = Flusher(meta, blocks, store, cache, flush_delay=0, limiter=limiter)
+    flusher = Flusher(meta, blocks, store, cache, flush_delay=0, limiter=limiter,
+                      keep=Schedule.parse(keep))
+    flusher.retention.interval = 0
     return store, meta, blocks, flusher
 
 
@@ -418,7 +424,8 @@ def test_a_remount_after_a_kill_between_manifest_and_head_publishes_its_newer_sn
     store.put_if_match = real_replace  # type: ignore[method-assign]
 
     remount = Flusher(meta, blocks, store, tmp_path / "cache", flush_delay=0,
-                      limiter=trio.CapacityLimiter(4))
+                      limiter=trio.CapacityLimiter(4), keep=Schedule.parse("0"))
+    remount.retention.interval = 0
     add_file(meta, blocks, b"third", b"3")  # written through the remount
     trio.run(remount.cycle)
     assert ckpt.read_head(store) == 2

@@ -49,6 +49,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "handover_timeout": ("45", 45.0),
     "read_timeout": ("7", 7.0),
     "enospc_timeout": ("0", 0.0),
+    "keep": ("1h+30d:1d", "1h+30d:1d"),
     "read_only": ("1", True),
     "nonempty": ("1", True),
     "metrics": ("127.0.0.1:9100", "127.0.0.1:9100"),

@@ -65,6 +65,7 @@ def test_small_files_travel_as_packs_over_s3(moto_server: S3Server, tmp_path: Pa
 
 
 def test_a_pack_lives_while_any_of_its_blocks_does(ws: Workspace) -> None:
+    ws.env.update(WSFS_KEEP="0", WSFS_THIN_INTERVAL="0")  # no older checkpoint holds it
     mnt = ws.mount()
     (mnt / "d").mkdir()
     for i in range(20):
@@ -177,7 +178,7 @@ def test_a_format_2_workspace_is_upgraded_and_repacked(ws: Workspace) -> None:
     rewrite_newest_checkpoint(ws, to_format_2)
 
     ws.fresh_cache()
-    ws.env["WSFS_REPACK_INTERVAL"] = "0.5"
+    ws.env.update(WSFS_REPACK_INTERVAL="0.5", WSFS_KEEP="0", WSFS_THIN_INTERVAL="0")
     mnt = ws.mount(flush_delay=0.3)
     wait_for("the old pack to be repacked", lambda: old_pack not in data_objects(ws))
     for name, content in files.items():

@@ -30,12 +30,17 @@ from wsfs.fs.base import drop_blocks
 from wsfs.meta import Metadata, schema
 from wsfs.meta import packs as packs_usage
 from wsfs.meta.packs import PackUsage, pack_usage
+from wsfs.meta.retention import Schedule
 from wsfs.store import LocalStore
 from wsfs.sync import repack
 from wsfs.sync.flusher import Flusher
 from wsfs.sync.repack import FETCH_BUDGET, Repacker, choose, chunks
 
 INTERVAL = "0.5"  # seconds between repack passes in the mounted tests
+# The mounted tests measure what repacking frees when no older checkpoint holds the old pack:
+# only the newest is kept, and thinned at every publication (test_retention.py and
+# test_snapshots.py repack beside kept checkpoints).
+NO_RETENTION = {"WSFS_KEEP": "0", "WSFS_THIN_INTERVAL": "0"}
 
 
 # -- without the kernel -----------------------------------------------------------------------
@@ -259,8 +264,10 @@ def reopen(tmp_path: Path, store: LocalStore
     limiter = trio.CapacityLimiter(4)
     blocks = BlockCache(cache, store, block_size=BS, cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=limiter)
-    return store, meta, blocks, Flusher(meta, blocks, store, cache, flush_delay=0,
-                                        limiter=limiter)
+    flusher = Flusher(meta, blocks, store, cache, flush_delay=0, limiter=limiter,
+                      keep=Schedule.parse("0"))
+    flusher.retention.interval = 0
+    return store, meta, blocks, flusher
 
 
 # -- through real mounts ----------------------------------------------------------------------
@@ -346,7 +353,7 @@ def setup_thinned(ws: Workspace, server: S3Server, *, flush_delay: float = 2.0
 
 def repack_ws(server: S3Server, tmp_path: Path) -> Workspace:
     ws = s3_workspace(server, tmp_path)
-    ws.env["WSFS_REPACK_INTERVAL"] = INTERVAL
+    ws.env.update(NO_RETENTION, WSFS_REPACK_INTERVAL=INTERVAL)
     ws.init()
     return ws
 
@@ -388,7 +395,7 @@ def test_repacking_shrinks_the_store_to_the_live_data(moto_server: S3Server,
 def test_du_shows_the_dead_bytes_inside_live_packs(moto_server: S3Server,
                                                    tmp_path: Path) -> None:
     ws = s3_workspace(moto_server, tmp_path)
-    ws.env["WSFS_REPACK_INTERVAL"] = "0"  # repacking off: the dead bytes stay
+    ws.env.update(NO_RETENTION, WSFS_REPACK_INTERVAL="0")  # repacking off: dead bytes stay
     ws.init()
     try:
         _mnt, left, old_pack = setup_thinned(ws, moto_server)
@@ -413,7 +420,7 @@ def test_du_shows_the_dead_bytes_inside_live_packs(moto_server: S3Server,
 def test_a_crash_in_the_middle_of_a_repack_loses_nothing(
         proxied: tuple[Workspace, FaultProxy], moto_server: S3Server, when: str) -> None:
     ws, proxy = proxied
-    ws.env["WSFS_REPACK_INTERVAL"] = INTERVAL
+    ws.env.update(NO_RETENTION, WSFS_REPACK_INTERVAL=INTERVAL)
     if when == "during_upload":
         mnt = ws.mount(flush_delay=2)
         files, old_pack = write_one_pack(ws, moto_server, mnt, "crash")
@@ -449,7 +456,7 @@ def test_a_crash_in_the_middle_of_a_repack_loses_nothing(
 def test_an_outage_during_repacking_delays_it_and_loses_nothing(
         proxied: tuple[Workspace, FaultProxy], moto_server: S3Server) -> None:
     ws, proxy = proxied
-    ws.env["WSFS_REPACK_INTERVAL"] = INTERVAL
+    ws.env.update(NO_RETENTION, WSFS_REPACK_INTERVAL=INTERVAL)
     mnt = ws.mount(flush_delay=2)
     files, old_pack = write_one_pack(ws, moto_server, mnt, "outage")
     ws.unmount()

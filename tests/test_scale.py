@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ from wsfs.errors import MountError
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
 from wsfs.meta.db import INODE_CACHE_MAX
+from wsfs.meta.history import History
+from wsfs.meta.retention import Schedule
 from wsfs.meta.superblock import read_superblock
 from wsfs.runtime import is_mountpoint
 from wsfs.store import LocalStore, open_store
@@ -122,15 +125,15 @@ def test_fsck_reads_the_pages_not_the_bundle(store: LocalStore, tmp_path: Path) 
 
 
 @pytest.mark.layers
-def test_prune_deletes_a_bundle_with_its_manifest(store: LocalStore, tmp_path: Path) -> None:
+def test_thinning_deletes_a_bundle_with_its_manifest(store: LocalStore, tmp_path: Path) -> None:
     make_db(tmp_path / "src.db", 10)
     publish(store, tmp_path / "src.db", 1, bundle=True)
-    for seq in range(2, 2 + ckpt.KEEP_MANIFESTS):
+    for seq in range(2, 7):
         publish(store, tmp_path / "src.db", seq, bundle=False)
-    ckpt.prune(store, 1 + ckpt.KEEP_MANIFESTS)
+    History().thin(store, Schedule.parse("0"), time.time())  # keeps only the newest
     assert store.head(ckpt.manifest_key(1)) is None
     assert store.head(ckpt.bundle_key(1)) is None
-    assert fetch(store, 1 + ckpt.KEEP_MANIFESTS, tmp_path / "out.db")
+    assert fetch(store, 6, tmp_path / "out.db")
 
 
 def big_metadata(mnt: Path, files: int = 60) -> None:

@@ -41,6 +41,7 @@ class MountConfig:
     framework: str | None
     labels: dict[str, str]
     owner: tuple[int, int] | None  # with init: of the root directory (None: ours)
+    keep: str  # the retention schedule, checked (meta/retention.py parses it)
     foreground: bool = False
     fuse_options: set[str] = field(default_factory=set)
     cache_timeout: float = 300.0

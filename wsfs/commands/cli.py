@@ -210,8 +210,9 @@ VERBS: dict[str, Verb] = {
                "mount needed)", admin.du_arguments, admin.cmd_du, epilog=STORE_EPILOG),
     "ls": Verb("every workspace under s3://BUCKET[/PREFIX], its size and last use",
                admin.ls_arguments, admin.cmd_ls, epilog=STORE_EPILOG),
-    "gc": Verb("delete objects no kept checkpoint references (safe while mounted)",
-               admin.gc_arguments, admin.cmd_gc, epilog=STORE_EPILOG),
+    "gc": Verb("thin the checkpoints on the schedule and delete objects no kept checkpoint "
+               "references (safe while mounted)", admin.gc_arguments, admin.cmd_gc,
+               epilog=options.variables_help(admin.GC_OPTIONS)),
     "destroy": Verb("delete a workspace and all its objects (asks for its id)",
                     admin.destroy_arguments, admin.cmd_destroy, epilog=STORE_EPILOG),
     "recover": Verb("copy the files a cache dir holds that the store never got (a stale or "

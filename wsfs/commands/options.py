@@ -94,6 +94,16 @@ def parse_fsync(text: str, what: str) -> bool:
     return text == "remote"
 
 
+def parse_keep(text: str, what: str) -> str:
+    """A retention schedule (wsfs/meta/retention.py), checked and written the canonical way."""
+    from ..meta.retention import BadSchedule, Schedule
+
+    try:
+        return str(Schedule.parse(text))
+    except BadSchedule as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
 def parse_switch(text: str, what: str) -> bool:
     try:
         return SWITCH_VALUES[text.strip().lower()]
@@ -193,6 +203,10 @@ OPTIONS = (
            "before it fails with EIO", "SECONDS", parse=parse_timeout, default="60"),
     Option("enospc_timeout", "seconds a writer waits on a full cache disk, with no space "
            "freed, before it gets ENOSPC", "SECONDS", parse=parse_seconds, default="60"),
+    Option("keep", "which checkpoints stay in the store, to go back to: every one younger "
+           "than AGE, or AGE:EVERY the newest of each EVERY-long period younger than AGE, "
+           "terms joined by + (units s m h d w; 0: only the newest); named snapshots stay "
+           "too", "SCHEDULE", parse=parse_keep, default="15m+48h:1h+30d:1d"),
     Option("read_only", "mount read-only", None, o_key="ro", o_off="rw"),
     Option("nonempty", "mount over a non-empty MOUNTPOINT, hiding its files", None),
     Option("metrics", "serve Prometheus metrics on http://ADDR:PORT/metrics", "ADDR:PORT",

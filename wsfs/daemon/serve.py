@@ -37,6 +37,7 @@ from ..fs.base import drop_blocks
 from ..latency import Latencies, SharedLatencies
 from ..meta import Metadata
 from ..meta import checkpoint as ckpt
+from ..meta.retention import Schedule
 from ..meta.superblock import Superblock, read_superblock
 from ..progress import Progress
 from ..runtime import (
@@ -218,7 +219,8 @@ class Daemon:
         )
         await recover(meta, blocks)
         flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
-                                         flush_delay=cfg.flush_delay, limiter=limiter)
+                                         flush_delay=cfg.flush_delay, limiter=limiter,
+                                         keep=Schedule.parse(cfg.keep))
         flusher.before_publish = lease.check
         flusher.head_etag, flusher.mount_id = self.head_etag, lease.mount_id
         flusher.on_fenced = self.fence
@@ -450,6 +452,7 @@ class Daemon:
             "fenced": self.fenced, "conflicts": self.conflicts,
             "fencing": getattr(self.store, "conditional_writes", None),
             **(f.repacker.figures() if f else {}),
+            **(f.retention.figures() if f else {}),
         }
 
     def write_status(self) -> None:

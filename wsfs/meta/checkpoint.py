@@ -51,7 +51,6 @@ HEAD_KEY = "meta/HEAD"
 MANIFEST_PREFIX = "meta/manifests/"
 PAGE_PREFIX = "meta/pages/"
 BUNDLE_PREFIX = "meta/bundles/"
-KEEP_MANIFESTS = 5
 BUNDLE_MIN_PAGES = 8  # a smaller database is fetched page by page about as fast
 BUNDLE_PART = 4 << 20  # compressed bytes per ranged GET of a bundle (they run in parallel)
 
@@ -124,6 +123,10 @@ class Manifest:
     # The compressed size of each distinct page (first-appearance order) in this checkpoint's
     # bundle, or None if it has none. Readers that predate bundles ignore the field.
     bundle: tuple[int, ...] | None = None
+    # Published by a version that keeps the objects of every kept checkpoint (retention.py):
+    # an older version deleted garbage right after the next checkpoint, so its checkpoints
+    # but the newest may lack objects, and the schedule does not keep them.
+    whole: bool = True
 
     def encode(self) -> bytes:
         d: dict[str, object] = {
@@ -131,6 +134,8 @@ class Manifest:
             "page_size": PAGE_SIZE, "pages": list(self.pages)}
         if self.bundle is not None:
             d["bundle"] = list(self.bundle)
+        if self.whole:
+            d["whole"] = True
         return json.dumps(d).encode()
 
     @classmethod
@@ -140,7 +145,8 @@ class Manifest:
             raise CorruptCheckpoint(f"manifest page size {d.get('page_size')} is not supported")
         bundle = d.get("bundle")
         return cls(int(d["seq"]), int(d["created_ns"]), int(d["size"]), tuple(d["pages"]),
-                   None if bundle is None else tuple(int(n) for n in bundle))
+                   None if bundle is None else tuple(int(n) for n in bundle),
+                   bool(d.get("whole", False)))
 
     def distinct_pages(self) -> list[str]:
         """The page digests without repeats, in order of first appearance (the bundle's)."""
@@ -177,13 +183,17 @@ class PinnedSnapshot:
         self.conn.close()
 
 
-def finalize(path: Path, uploaded: dict[str, tuple[str, str | None]], seq: int) -> list[str]:
+def finalize(path: Path, uploaded: dict[str, tuple[str, str | None]], seq: int
+             ) -> list[tuple[str, int | None]]:
     """Fill in the checksums and packs (block id -> (checksum, pack)) of the blocks uploaded
-    for this checkpoint and empty its garbage.
+    for this checkpoint, and their objects' birth (this checkpoint, the first to name them).
 
-    Returns the garbage ids: objects the checkpoint no longer references, safe to delete from
-    the store once it is published. Raises if any referenced block still lacks a checksum,
-    which would mean a block the store may not hold (the invariant, checked not assumed).
+    Returns (id, born) of the garbage this checkpoint is the first to leave out: objects the
+    tree stopped referencing since the previous checkpoint, whose run of naming checkpoints
+    therefore ends at `seq - 1` (set here in the copy; the caller sets it in the live database once
+    this checkpoint is published). Whether they may leave the store is retention's question
+    (meta/retention.py). Raises if any referenced block still lacks a checksum, which would
+    mean a block the store may not hold (the invariant, checked not assumed).
     """
     conn = sqlite3.connect(path, isolation_level=None)
     try:
@@ -196,8 +206,11 @@ def finalize(path: Path, uploaded: dict[str, tuple[str, str | None]], seq: int) 
         if missing:
             conn.execute("ROLLBACK")
             raise RuntimeError(f"checkpoint would reference {missing} blocks not in the store")
-        garbage = [r[0] for r in conn.execute("SELECT id FROM garbage")]
-        conn.execute("DELETE FROM garbage")
+        conn.executemany("INSERT OR IGNORE INTO objects (id, born) VALUES (?, ?)",
+                         [(p or i, seq) for i, (_c, p) in uploaded.items()])
+        garbage = [(str(r[0]), r[1]) for r in conn.execute(
+            "SELECT id, born FROM garbage WHERE died IS NULL")]
+        conn.execute("UPDATE garbage SET died=? WHERE died IS NULL", (seq - 1,))
         conn.execute(
             "INSERT OR REPLACE INTO settings (key, value) VALUES ('checkpoint_seq', ?)",
             (str(seq),),
@@ -414,33 +427,3 @@ async def _fetch_bundle(
         for offset, pages in parts:
             nursery.start_soon(partial(trio.to_thread.run_sync, work, offset, pages,
                                        limiter=limiter))
-
-
-def prune(store: ObjectStore, newest: int) -> None:
-    """Delete manifests older than the last KEEP_MANIFESTS and pages only they used (blocking).
-
-    Older checkpoints are kept so that an operator can roll back a few steps; the block
-    objects they reference may already be gone (garbage is collected against the newest).
-    """
-    keys = [k for k, _ in store.list(MANIFEST_PREFIX)]
-    old = [k for k in keys
-           if int(k[len(MANIFEST_PREFIX):].split(".")[0]) <= newest - KEEP_MANIFESTS]
-    if not old:
-        return
-    kept = [k for k in keys if k not in old]
-    live: set[str] = set()
-    for k in kept:
-        live.update(Manifest.decode(store.get(k)).pages)
-    dead: set[str] = set()
-    bundles: list[str] = []
-    for k in old:
-        try:
-            manifest = Manifest.decode(store.get(k))
-        except NoSuchKey:
-            continue
-        dead.update(manifest.pages)
-        if manifest.bundle is not None:
-            bundles.append(bundle_key(manifest.seq))
-    store.delete_many([page_key(d) for d in dead - live] + bundles)
-    store.delete_many(old)
-    log.debug("pruned %d manifests and %d pages", len(old), len(dead - live))

@@ -668,13 +668,23 @@ class Metadata:
     def set_uploaded(self, csums: dict[str, str], pack: str | None = None,
                      pack_size: int | None = None) -> None:
         """Record blocks as uploaded: their checksums, and the pack they went up in (holding
-        `pack_size` bytes of block data, for the repacker)."""
-        self.conn.executemany(
-            "UPDATE blocks SET csum=?, pack=? WHERE id=? AND csum IS NULL",
-            [(c, pack, i) for i, c in csums.items()]
-        )
+        `pack_size` bytes of block data, for the repacker); and each new object's birth."""
+        born = self.next_checkpoint()
+        named: list[str] = []
+        for block_id, csum in csums.items():
+            if self.conn.execute("UPDATE blocks SET csum=?, pack=? WHERE id=? AND csum IS NULL",
+                                 (csum, pack, block_id)).rowcount and pack is None:
+                named.append(block_id)  # (one deleted meanwhile is garbage already)
         if pack is not None:
+            named.append(pack)  # (the caller makes it garbage if no member is left)
             self.set_pack_size(pack, pack_size)
+        self.conn.executemany("INSERT OR IGNORE INTO objects (id, born) VALUES (?, ?)",
+                              [(o, born) for o in named])
+
+    def next_checkpoint(self) -> int:
+        """The number after the newest checkpoint published from this database: no
+        checkpoint published before now has a lower one (retention.py's `born`)."""
+        return int(self.get_setting("checkpoint_seq") or 0) + 1
 
     def set_pack_size(self, pack: str, size: int | None) -> None:
         self.conn.execute("INSERT OR REPLACE INTO packs (id, size) VALUES (?, ?)", (pack, size))
@@ -692,6 +702,9 @@ class Metadata:
             moved += self.conn.execute(
                 "UPDATE blocks SET pack=? WHERE pack=? AND id=? AND csum=?",
                 (pack, old, block_id, csum)).rowcount
+        if moved:
+            self.conn.execute("INSERT OR IGNORE INTO objects (id, born) VALUES (?, ?)",
+                              (pack, self.next_checkpoint()))
         return moved
 
     def pack_in_use(self, pack: str) -> bool:
@@ -710,17 +723,55 @@ class Metadata:
 
     def add_garbage_of(self, refs: Iterable[BlockRef]) -> None:
         """Record the objects the dropped blocks `refs` leave unreferenced (call after their
-        rows are gone): a single block's own object, a pack once no block lives in it."""
+        rows are gone): a single block's own object, a pack once no block lives in it.
+
+        A block without a checksum whose object the store may hold is in the upload of the
+        running flush cycle: no checkpoint before the next one names it (its birth)."""
         ids = {r.id for r in refs if r.pack is None}
         ids |= {r.pack for r in refs if r.pack is not None and not self.pack_in_use(r.pack)}
         if ids:
-            self.add_garbage(sorted(ids))
+            uploading = {r.id for r in refs if r.pack is None and r.csum is None}
+            born = self.next_checkpoint() if uploading else 0
+            self.add_garbage(sorted(ids), dict.fromkeys(uploading, born))
 
-    def add_garbage(self, ids: list[str]) -> None:
+    def add_garbage(self, ids: list[str], born: dict[str, int] | None = None) -> None:
+        """Objects leave the tree: each goes into `garbage` with its birth (its `objects`
+        row's, else `born`'s, else unknown), and its rows in `objects` and `packs` go."""
+        known = born or {}
+        rows = []
+        for object_id in ids:
+            row = self.conn.execute("SELECT born FROM objects WHERE id=?",
+                                    (object_id,)).fetchone()
+            rows.append((object_id, row[0] if row else known.get(object_id)))
         self.conn.executemany(
-            "INSERT OR IGNORE INTO garbage (id) VALUES (?)", [(i,) for i in ids]
+            "INSERT OR IGNORE INTO garbage (id, born) VALUES (?, ?)", rows
         )
+        self.conn.executemany("DELETE FROM objects WHERE id=?", [(i,) for i in ids])
         self.conn.executemany("DELETE FROM packs WHERE id=?", [(i,) for i in ids])
+
+    def mark_dead(self, ids: Iterable[str], died: int) -> None:
+        """Close the run of checkpoints that may name these garbage objects at `died` (the
+        number before the first published checkpoint without them)."""
+        self.conn.executemany("UPDATE garbage SET died=? WHERE id=? AND died IS NULL",
+                              [(died, i) for i in ids])
 
     def remove_garbage(self, ids: list[str]) -> None:
         self.conn.executemany("DELETE FROM garbage WHERE id=?", [(i,) for i in ids])
+
+
+def garbage_runs(db_path: Path, low: int | None = None, high: int | None = None
+                 ) -> list[tuple[str, int | None, int]]:
+    """(id, born, died) of the garbage objects whose run of naming checkpoints is closed,
+    read from the committed state on a connection of its own (blocking: a worker thread's
+    job while the trio thread keeps writing). With `low`..`high`, only the runs that may
+    hold a checkpoint between the two: the ones a thinning pass of those numbers may free."""
+    conn = connect(db_path)
+    try:
+        if low is None or high is None:
+            rows = conn.execute("SELECT id, born, died FROM garbage WHERE died IS NOT NULL")
+        else:
+            rows = conn.execute("SELECT id, born, died FROM garbage WHERE died >= ?"
+                                " AND coalesce(born, 0) <= ?", (low, high))
+        return [(str(r[0]), r[1], int(r[2])) for r in rows]
+    finally:
+        conn.close()

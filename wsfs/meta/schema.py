@@ -49,10 +49,24 @@ blocks      the block map: file data, one row per non-hole block
               with csum. Index blocks_by_pack: dropping a packed block asks whether any other
               block still keeps its pack.
 
-garbage     objects in the store that nothing references any more (single blocks, and packs
-            none of whose blocks is referenced); deleted from the store only after a
-            checkpoint that no longer references them has been published
+garbage     objects in the store that the tree no longer references (single blocks, and packs
+            none of whose blocks is referenced), each with the run of checkpoints that may
+            name it; deleted from the store once no kept checkpoint is in that run
+            (meta/retention.py `may_delete`). A checkpoint carries the rows, so a mount from
+            it on another machine goes on collecting them.
   id          object id (a block id or a pack id)
+  born        the first checkpoint that may name it (from its `objects` row); NULL: unknown,
+              which counts as the first checkpoint there is
+  died        the last checkpoint that may name it: set to the number before the first
+              published checkpoint whose snapshot holds the row; NULL until then
+
+objects     every data object the block map names (a single block, or a pack) uploaded since
+            format 5, with `born`: the number after the newest published checkpoint at its
+            upload (or its repack switch), a lower bound of the first checkpoint that names
+            it. Moved into `garbage` when the object leaves the tree. An object without a row
+            (uploaded by an older version) counts as born with the first checkpoint.
+  id          object id
+  born        checkpoint number
 
 packs       the size of each pack object that blocks may live in, so the repacker (repack.py)
             can tell how much of a pack is dead: the pack's live bytes are its members' in the
@@ -70,7 +84,8 @@ settings    key/value facts about this database (format version, the checkpoint 
 
 import sqlite3
 
-FORMAT_VERSION = 4  # 2: blocks.pack; 3: packs; 4: timestamps as seconds and nanoseconds
+FORMAT_VERSION = 5  # 2: blocks.pack; 3: packs; 4: timestamps as seconds and nanoseconds;
+# 5: objects, garbage.born/died (retention)
 
 ROOT = 1  # the root directory's inode (the kernel's FUSE_ROOT_ID)
 # The workspace marker, a read-only file in the root: a workspace without it cannot start, so
@@ -120,7 +135,13 @@ CREATE TABLE blocks (
 CREATE INDEX blocks_to_upload ON blocks (id) WHERE csum IS NULL;
 CREATE INDEX blocks_by_pack ON blocks (pack);
 CREATE TABLE garbage (
-    id TEXT PRIMARY KEY
+    id   TEXT PRIMARY KEY,
+    born INTEGER,
+    died INTEGER
+) WITHOUT ROWID;
+CREATE TABLE objects (
+    id   TEXT PRIMARY KEY,
+    born INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE packs (
     id   TEXT PRIMARY KEY,
@@ -147,7 +168,9 @@ def upgrade(conn: sqlite3.Connection) -> None:
     Format 1 had no packs: every block was an object of its own, which is what a NULL pack
     means, so adding the column is the whole upgrade to 2. Format 2 had no `packs` table:
     every pack in use gets a row of unknown size (the repacker asks the store). Format 3 kept
-    each timestamp as nanoseconds in one column: split into seconds and nanoseconds.
+    each timestamp as nanoseconds in one column: split into seconds and nanoseconds. Format 4
+    had no `objects` table and no runs in `garbage`: its objects are of unknown birth (NULL,
+    the first checkpoint), and its garbage rows die with the next checkpoint.
     """
     # An index, not a format: blocks_by_id indexed every block by its random id, so each
     # flush cycle's inserts touched pages all over the database, and each checkpoint
@@ -171,6 +194,17 @@ def upgrade(conn: sqlite3.Connection) -> None:
         conn.commit()
     if fmt in (1, 2, 3):
         _split_times(conn)
+    if fmt in (1, 2, 3, 4):
+        # Each statement commits by itself, and each is skipped once done: a crash between
+        # them leaves a database this can still upgrade.
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(garbage)")}
+        for column in ("born", "died"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE garbage ADD COLUMN {column} INTEGER")
+        conn.execute("CREATE TABLE IF NOT EXISTS objects (id TEXT PRIMARY KEY,"
+                     " born INTEGER NOT NULL) WITHOUT ROWID")
+        conn.execute("UPDATE settings SET value='5' WHERE key='format'")
+        conn.commit()
 
 
 TIMES = ("atime", "mtime", "ctime")  # the timestamps of an inode, each two columns

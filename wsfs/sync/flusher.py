@@ -10,7 +10,8 @@ A flush cycle, in order:
    cycle);
 4. fill the checksums into the copy, refuse to go on if any referenced block still lacks one,
    and publish it (pages, manifest, then HEAD);
-5. only then delete the objects that the snapshot listed as garbage.
+5. then let the garbage the snapshot left out go, once no kept checkpoint names it
+   (retain.py: the checkpoints are thinned on the schedule, `--keep`).
 
 Invariant: the store always holds a consistent filesystem as of its newest checkpoint.
 """
@@ -36,13 +37,14 @@ from ..blocks.cache import MIN_RESERVE
 from ..errors import FlushError, LeaseError
 from ..meta import Metadata
 from ..meta import checkpoint as ckpt
+from ..meta.retention import Schedule
 from ..store import NoSuchKey, ObjectStore
 from .repack import Repacker
+from .retain import Retention
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-PRUNE_EVERY = 20
 COMMIT_INTERVAL = 0.5  # seconds of un-fsynced metadata a daemon crash can lose
 
 
@@ -58,6 +60,7 @@ class Flusher:
         *,
         flush_delay: float,
         limiter: trio.CapacityLimiter,
+        keep: Schedule | None = None,
     ) -> None:
         self.meta = meta
         self.blocks = blocks
@@ -92,6 +95,8 @@ class Flusher:
         # (made before the count of published changes: it may record pack sizes).
         self.repacker = Repacker(meta, blocks, store,
                                  busy=lambda: blocks.dirty_bytes > blocks.dirty_limit // 4)
+        # Which checkpoints stay, and so which garbage may go (the default schedule: None).
+        self.retention = Retention(meta, store, limiter, keep)
         self._published_changes = -1  # unknown at start: publish once to be sure
         if meta.get_setting("clean_unmount") == "1" and blocks.dirty_count == 0:
             # The last run published everything and stopped cleanly: nothing is pending.
@@ -369,16 +374,16 @@ class Flusher:
         # What the store got from this cache dir, should it ever be set aside (conflicts.py)
         await trio.to_thread.run_sync(copy.replace, self.cache_dir / ckpt.PUBLISHED)
         self._own(self.meta.set_setting, "checkpoint_seq", str(seq))
+        self._own(self.meta.mark_dead, [i for i, _born in garbage], seq - 1)
         self._save_pages()
         self.last_publish_time = time.time()
-        if garbage:
-            await self._collect(garbage)
+        doomed = await self.retention.after_publish(manifest, garbage)
+        if doomed and not await self._collect(doomed):
+            self.retention.delete_failed()
         self._published_changes = changes_at_pin + self._own_changes
         self.last_error = None
-        log.debug("published checkpoint %d: %d blocks, %d garbage", seq, len(sealed),
-                  len(garbage))
-        if seq % PRUNE_EVERY == 0:
-            await self._retry(lambda: ckpt.prune(self.store, seq), "prune checkpoints")
+        log.debug("published checkpoint %d: %d blocks, %d garbage, %d deleted", seq,
+                  len(sealed), len(garbage), len(doomed))
 
     def _after_commit(self) -> None:
         """After every metadata commit: let go of the blocks whose state it made durable.
@@ -472,14 +477,17 @@ class Flusher:
         self.uploaded_blocks += len(block_ids)
         self.uploaded_bytes += length
 
-    async def _collect(self, garbage: list[str]) -> None:
+    async def _collect(self, garbage: list[str]) -> bool:
+        """Delete garbage that no kept checkpoint names (retain.py says which); False if the
+        store refused (the rows stay for a later pass)."""
         keys = [object_key(b) for b in garbage]
         try:
             await self._retry(lambda: self.store.delete_many(keys), "delete garbage", tries=3)
-        except Exception as e:  # the rows stay: a later checkpoint deletes them
+        except Exception as e:
             log.warning("could not delete %d unreferenced blocks: %s", len(keys), e)
-            return
+            return False
         self._own(self.meta.remove_garbage, garbage)
+        return True
 
     async def _retry(self, fn: Callable[[], T], what: str, tries: int | None = None) -> T:
         async def run() -> T:

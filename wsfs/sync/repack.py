@@ -25,23 +25,24 @@ One pass, every `interval` seconds (WSFS_REPACK_INTERVAL, default 60; 0 turns it
 
 Durability is the flusher's own order, unchanged: the new pack is in the store before any
 metadata names it; the next checkpoint names it (the switch is an ordinary change, so the
-next cycle publishes it); the old pack is deleted by the flusher only after a checkpoint that
-no longer references it is published, like any garbage. A crash anywhere loses nothing: before
-the switch commits, the metadata (live and published) names the old pack, which is still in
-the store, and the new one is an unreferenced object for `wsfs gc`; after it, the old pack is
-garbage that is deleted only after the checkpoint naming the new one. A failed pass (a store
-outage) is abandoned and tried again a pass later; nothing was switched.
+next cycle publishes it); the old pack is garbage like any other: its run of naming
+checkpoints ends before that checkpoint, and it leaves the store only once no kept
+checkpoint is in the run (sync/retain.py), so repacking never breaks a kept checkpoint: the
+old ones read their blocks from the old pack, the new ones from the new. A crash anywhere
+loses nothing: before the switch commits, the metadata (live and published) names the old
+pack, which is still in the store, and the new one is an unreferenced object for `wsfs gc`;
+after it, the old pack is garbage. A failed pass (a store outage) is abandoned and tried
+again a pass later; nothing was switched. While kept checkpoints hold the old pack, the
+store holds both copies of the survivors: repacking pays off once the schedule lets those
+checkpoints go (after 30 days at most, with the default schedule).
 
 `wsfs gc` stays safe beside a repacking writer. Its argument needs "an object no checkpoint
 references never comes back": a pack still only ever holds the blocks it was uploaded with
 (repacking writes *new* packs; no block is ever pointed at an existing pack), so an old pack
 that left the checkpoints never comes back, and a new pack is a young upload that the grace
 period protects until the checkpoint naming it is published (within a cycle, like a flush).
-What repacking changes is that a block can move from one pack to another: a kept older
-checkpoint (KEEP_MANIFESTS) may name a repacked-away pack that the flusher has deleted. That
-was already so for the blocks of deleted files (the flusher deletes garbage right after the
-next checkpoint; docs/design.md), so older manifests stay what they were, metadata for
-forensics, not full snapshots; only the newest checkpoint is promised whole.
+What repacking changes is that a block can move from one pack to another, so two kept
+checkpoints may find the same block in two packs; each keeps the one it names.
 
 Work is bounded so that user writes and their durability come first: a pass moves at most
 BUDGET bytes, one upload at a time, is skipped while dirty data is piling up, and is given up

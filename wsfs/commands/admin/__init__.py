@@ -33,16 +33,6 @@ def list_detailed(store: ObjectStore, prefix: str = "") -> Iterator[tuple[str, i
         yield key, size, None
 
 
-def manifest_seqs(store: ObjectStore) -> list[int]:
-    """Sequence numbers of the checkpoints whose manifests are in the store, oldest first."""
-    seqs = []
-    for key, _ in store.list(ckpt.MANIFEST_PREFIX):
-        name = key[len(ckpt.MANIFEST_PREFIX):]
-        if name.endswith(".json") and name[:-5].isdigit():
-            seqs.append(int(name[:-5]))
-    return sorted(seqs)
-
-
 def fetch_databases(store: ObjectStore, seqs: list[int], directory: Path
                     ) -> dict[int, tuple[ckpt.Manifest, Path]]:
     """Download checkpoints `seqs` into `directory` as SQLite files, each page fetched once.
@@ -92,6 +82,55 @@ async def _fetch_databases(store: ObjectStore, seqs: list[int], directory: Path
                 f.write(pages[digest])
         out[seq] = (manifest, path)
     return out
+
+
+def each_database(store: ObjectStore, manifests: list[ckpt.Manifest], directory: Path
+                  ) -> Iterator[tuple[ckpt.Manifest, Path | None]]:
+    """Each checkpoint of `manifests` as a SQLite file in `directory`, one at a time (the
+    file is overwritten by the next): the kept checkpoints of a month are hundreds of
+    databases, too many to hold at once, but neighbours share most pages, so the pages of the
+    previous one are kept and only the others fetched (in parallel, each verified). None for
+    a checkpoint thinned while it was read (a page, or its manifest, gone)."""
+    cache: dict[str, bytes] = {}
+    path = directory / "checkpoint.db"
+    for manifest in sorted(manifests, key=lambda m: m.seq):
+        wanted = set(manifest.pages)
+        cache = {d: data for d, data in cache.items() if d in wanted}
+        lost = False
+        try:
+            cache.update(trio.run(_fetch_pages, store, sorted(wanted - set(cache))))
+        except* NoSuchKey:
+            if store.head(ckpt.manifest_key(manifest.seq)) is not None:
+                raise StoreError(f"a metadata page of checkpoint {manifest.seq} is missing "
+                                 f"from {store.url}; run wsfs fsck") from None
+            lost = True
+        if lost:
+            yield manifest, None
+            continue
+        with open(path, "wb") as f:
+            for digest in manifest.pages:
+                f.write(cache[digest])
+        yield manifest, path
+
+
+async def _fetch_pages(store: ObjectStore, digests: list[str]) -> dict[str, bytes]:
+    limiter = trio.CapacityLimiter(FETCH_THREADS)
+    pages: dict[str, bytes] = {}
+
+    async def get_page(digest: str) -> None:
+        def work() -> bytes:
+            data = zlib.decompress(store.get(ckpt.page_key(digest)))
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise StoreError(f"metadata page {digest} in {store.url} is corrupt; "
+                                 "restore it from a backup of the bucket")
+            return data
+
+        pages[digest] = await trio.to_thread.run_sync(work, limiter=limiter)
+
+    async with trio.open_nursery() as nursery:
+        for digest in digests:
+            nursery.start_soon(get_page, digest)
+    return pages
 
 
 def data_objects(db: Path) -> set[str]:

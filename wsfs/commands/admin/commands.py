@@ -62,8 +62,11 @@ def ls_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+GC_OPTIONS = (*options.STORE, "keep")
+
+
 def gc_arguments(sp: argparse.ArgumentParser) -> None:
-    options.add_store(sp)
+    options.add_store(sp, GC_OPTIONS)
     sp.add_argument("--min-age", default="3600", metavar="SECONDS",
                     help="seconds an unreferenced object must have existed before it is "
                     "deleted: a mounted writer's uploads are unreferenced until it publishes")
@@ -135,10 +138,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from ...meta.retention import Schedule
     from .gc import format_report, gc
 
     report = gc(_open(args), min_age=parse_seconds(args.min_age, "--min-age"),
-                dry_run=args.dry_run, force=args.force)
+                dry_run=args.dry_run, force=args.force, keep=Schedule.parse(args.keep))
     if args.json:
         _print_json(report.to_json())
     else:

@@ -1,12 +1,17 @@
-"""`wsfs gc STORE`: delete objects that no checkpoint references, safely beside a writer.
+"""`wsfs gc STORE`: thin the checkpoints on the schedule, then delete the objects no kept
+checkpoint references, safely beside a writer.
 
-What is live (never deleted):
-- every data object (a block, or a pack of small blocks) referenced by any checkpoint whose
-  manifest is kept (the newest `KEEP_MANIFESTS`, and any newer one), so the kept checkpoints
-  stay restorable;
-- every metadata page those manifests name;
+What is kept (never deleted):
+- the checkpoints the schedule (`--keep`, the same as the mounts': meta/retention.py) and the
+  named snapshots keep, and the newest; the others' manifests go first, with the same
+  protocol as the daemon's thinning (meta/history.py), so a name given meanwhile is honoured;
+- every data object (a block, or a pack of small blocks) any kept checkpoint references, so
+  each kept checkpoint stays whole (retention.py `may_delete`, the rule the daemon's garbage
+  follows too);
+- every metadata page those manifests name, and their bundles;
 - every object younger than `min_age` (default one hour), whatever references it;
-- everything that is not a block, page or old manifest (superblock, HEAD, lease, unknown keys).
+- everything that is not a block, page, bundle or manifest (superblock, HEAD, lease, names,
+  unknown keys).
 
 Why the grace period makes gc safe while a writer is mounted: a mounted writer uploads a
 cycle's blocks and pages *before* it publishes the checkpoint that references them, so for a
@@ -15,22 +20,20 @@ last upload is in (the flusher retries without end): within the grace period as 
 is longer than the dirty limit (or an unmount's backlog) takes to upload, which
 docs/operations.md asks of `--min-age`.
 And a block a new checkpoint references is either one of those young uploads, or was already
-referenced by the checkpoint gc read: block ids are never reused, so a block that left the
-tree never comes back, and a pack only ever holds the blocks it was uploaded with, so a pack
-no checkpoint references never comes back either. The same holds for pages (a manifest
-reuses only pages of the previous manifest, which gc keeps). Object ages come from the
-store's clock (LastModified).
+referenced by the newest checkpoint gc read: block ids are never reused, so a block that left
+the tree never comes back, and a pack only ever holds the blocks it was uploaded with, so a
+pack no checkpoint references never comes back either. The same holds for pages (a manifest
+reuses only pages of the previous manifest, the newest, which gc keeps). Object ages come
+from the store's clock (LastModified).
 
 Repacking (wsfs/sync/repack.py) keeps this true: it moves live blocks out of mostly dead packs
 into *new* packs, uploaded (young) before the checkpoint that names them, and never points
 a block at an existing pack, so a pack still only ever holds the blocks it was uploaded
-with and a pack that left the checkpoints never comes back. A block now may live in another
-object than the one an older checkpoint names; gc keeps every object a kept checkpoint
-names, so it deletes nothing a kept checkpoint needs (the flusher, not gc, deletes a
-repacked-away pack right after the next checkpoint, as it does any garbage: older manifests
-are not promised whole). Repacking needs the metadata authority (the lease) and publishes
-checkpoints, so gc, which runs beside a writer without a lease, never repacks; a workspace
-that is not mounted does not change, and its next mount repacks it.
+with and a pack that left the checkpoints never comes back. A block may live in another
+object in an older kept checkpoint than in the newest; gc keeps every object any kept
+checkpoint names, so each stays whole. Repacking needs the metadata authority (the lease) and
+publishes checkpoints, so gc, which runs beside a writer without a lease, never repacks; a
+workspace that is not mounted does not change, and its next mount repacks it.
 
 The one writer the grace period cannot protect is one that crashed (or failed its final
 flush) after uploading blocks it never published: its cache dir still references them and
@@ -50,10 +53,13 @@ from pathlib import Path
 from ...daemon.lease import read_holder
 from ...errors import LeaseError, NoWorkspaceError, WsfsError
 from ...meta import checkpoint as ckpt
+from ...meta import retention
+from ...meta.history import History, read_snapshots
+from ...meta.retention import Schedule
 from ...meta.superblock import read_superblock
 from ...progress import human_bytes, human_seconds
 from ...store import ObjectStore
-from . import data_objects, fetch_databases, list_detailed, manifest_seqs
+from . import data_objects, each_database, list_detailed
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +73,9 @@ class GcReport:
     store: str
     dry_run: bool
     min_age: float
+    keep: str = retention.DEFAULT_KEEP
     checkpoints_kept: list[int] = field(default_factory=list)
+    snapshots: dict[str, int] = field(default_factory=dict)  # name -> checkpoint
     live_objects: int = 0
     objects_deleted: int = 0
     object_bytes_deleted: int = 0
@@ -82,8 +90,10 @@ class GcReport:
 
 
 def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = False,
-       force: bool = False) -> GcReport:
-    """Collect the garbage of the workspace in `store` (blocking)."""
+       force: bool = False, keep: Schedule | None = None, now: float | None = None
+       ) -> GcReport:
+    """Thin the checkpoints of the workspace in `store` on the schedule `keep` (default: the
+    default schedule) as of `now`, and collect its garbage (blocking)."""
     read_superblock(store)
     holder = read_holder(store)
     if holder is not None and not force and (holder.expires < time.time()
@@ -97,33 +107,46 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
         raise WsfsError(f"the store {store.url} cannot tell object ages, so gc cannot leave a "
                         "mounted writer's fresh uploads alone; pass --min-age 0 if no one "
                         "mounts the workspace")
+    schedule = keep if keep is not None else Schedule.parse(retention.DEFAULT_KEEP)
     start = time.time()
-    report = GcReport(store.url, dry_run, min_age)
-    head = ckpt.read_head(store)
-    if head is None:
+    now = start if now is None else now
+    report = GcReport(store.url, dry_run, min_age, keep=str(schedule))
+    if ckpt.read_head(store) is None:
         raise NoWorkspaceError(f"{store.url} has a superblock but no checkpoint; nothing to "
                                "collect")
     for _attempt in range(READ_ATTEMPTS):
-        seqs = manifest_seqs(store)
-        kept = [s for s in seqs if s > head - ckpt.KEEP_MANIFESTS]
-        old = [s for s in seqs if s <= head - ckpt.KEEP_MANIFESTS]
-        live_objects: set[str] = set()
+        history = History()
+        history.refresh(store)
+        names = read_snapshots(store)
+        if dry_run:
+            kept = sorted(history.keep(schedule, [n.seq for n in names.values()], now))
+            report.manifests_deleted = len(history.manifests) - len(kept)
+        else:
+            thinned = history.thin(store, schedule, now, delete_pages=False)
+            kept = thinned.kept
+            report.manifests_deleted += len(thinned.deleted)
+        # object -> the newest kept checkpoint that names it: its run holds a kept one
+        runs: dict[str, tuple[int, int]] = {}
         live_pages: set[str] = set()
+        read: set[int] = set()
         with tempfile.TemporaryDirectory(prefix="wsfs-gc-") as tmp:
-            fetched = fetch_databases(store, kept, Path(tmp))
-            for manifest, db in fetched.values():
+            for manifest, db in each_database(store, [history.manifests[s] for s in kept],
+                                              Path(tmp)):
+                if db is None:
+                    continue  # thinned by a mount meanwhile: it keeps nothing
+                read.add(manifest.seq)
                 live_pages.update(manifest.pages)
-                live_objects |= data_objects(db)
-        if head in fetched:
+                runs.update((o, (manifest.seq, manifest.seq)) for o in data_objects(db))
+        if kept and kept[-1] in read:
             break
-        # a busy writer published and pruned past `head` while we read: start over from its
-        # new HEAD (the pages and blocks read so far prove nothing about the newer manifests)
-        head = ckpt.read_head(store) or head
+        # a busy writer published and thinned past the newest while we read: start over
+        # (the pages and blocks read so far prove nothing about the newer manifests)
     else:
         raise WsfsError(f"the checkpoints of {store.url} changed faster than gc could read "
                         "them; run gc again")
-    report.checkpoints_kept = sorted(fetched)
-    report.live_objects = len(live_objects)
+    report.checkpoints_kept = sorted(read)
+    report.snapshots = {n.name: n.seq for n in names.values()}
+    report.live_objects = len(runs)
 
     def old_enough(mtime: float | None) -> bool:
         return min_age <= 0 or (mtime is not None and start - mtime >= min_age)
@@ -143,20 +166,22 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
             doomed_bytes += size
         return doomed, doomed_bytes
 
-    doomed_objects, report.object_bytes_deleted = sweep(
-        BLOCK_PREFIX, lambda rest: rest.rsplit("/", 1)[-1] in live_objects)
+    def object_stays(rest: str) -> bool:
+        object_id = rest.rsplit("/", 1)[-1]
+        return not retention.may_delete(*runs.get(object_id, retention.UNNAMED), kept)
+
+    doomed_objects, report.object_bytes_deleted = sweep(BLOCK_PREFIX, object_stays)
     doomed_pages, page_bytes = sweep(ckpt.PAGE_PREFIX, live_pages.__contains__)
     # A bundle goes with its manifest; one whose manifest never came (its writer crashed
     # between the two uploads) is deleted once it is old enough.
     doomed_bundles, bundle_bytes = sweep(
-        ckpt.BUNDLE_PREFIX, lambda name: name.isdigit() and int(name) in kept)
+        ckpt.BUNDLE_PREFIX, lambda name: name.isdigit() and int(name) in read)
     report.objects_deleted = len(doomed_objects)
     report.pages_deleted = len(doomed_pages) + len(doomed_bundles)
     report.page_bytes_deleted = page_bytes + bundle_bytes
-    report.manifests_deleted = len(old)
     if not dry_run:
-        # manifests first: a page is only ever deleted once no kept manifest names it
-        store.delete_many([ckpt.manifest_key(s) for s in old])
+        # (the thinned manifests went first: a page is only ever deleted once no kept
+        # manifest names it)
         store.delete_many(doomed_bundles)
         store.delete_many(doomed_pages)
         store.delete_many(doomed_objects)
@@ -168,12 +193,15 @@ def gc(store: ObjectStore, *, min_age: float = DEFAULT_MIN_AGE, dry_run: bool = 
 
 def format_report(r: GcReport) -> str:
     verb = "would delete" if r.dry_run else "deleted"
+    kept = retention.span(dict.fromkeys(r.checkpoints_kept, 0.0)) if r.checkpoints_kept else "none"
+    named = ", ".join(f"{n} (#{s})" for n, s in sorted(r.snapshots.items()))
     lines = [
         f"{r.store}: {verb} {r.objects_deleted} unreferenced data objects "
         f"({human_bytes(r.object_bytes_deleted)}), {r.pages_deleted} metadata pages "
-        f"({human_bytes(r.page_bytes_deleted)}) and {r.manifests_deleted} old manifests",
-        f"  kept checkpoints {', '.join(f'#{s}' for s in r.checkpoints_kept)} and the "
-        f"{r.live_objects} data objects (blocks and packs) they reference",
+        f"({human_bytes(r.page_bytes_deleted)}) and {r.manifests_deleted} checkpoints the "
+        f"schedule ({r.keep}) lets go",
+        f"  kept checkpoints {kept} and the {r.live_objects} data objects (blocks and "
+        "packs) they reference" + (f"; named snapshots: {named}" if named else ""),
     ]
     if r.young_kept:
         lines.append(f"  kept {r.young_kept} unreferenced objects "
