@@ -19,7 +19,7 @@ import trio
 
 from .. import __version__
 from ..errors import UsageError, WsfsError
-from . import options, run
+from . import options, run, snapshot
 from .admin import commands as admin
 from .options import parse_seconds
 
@@ -135,6 +135,12 @@ def fsck_arguments(sp: argparse.ArgumentParser) -> None:
     options.add_store(sp)
     sp.add_argument("--verify-data", action="store_true",
                     help="also download every block and check its checksum")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--at", metavar="WHEN", default=None,
+                       help="check only this kept checkpoint: a number, a snapshot name, a "
+                       "time (2024-05-01T14:30, 2h ago: the checkpoint before it)")
+    which.add_argument("--all", action="store_true",
+                       help="check every kept checkpoint (see `wsfs snapshot list`)")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -177,12 +183,17 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
     store = open_store(args.store, endpoint_url=args.endpoint_url, region=args.region)
     probe(store)
-    report = trio.run(lambda: check(store, verify_data=args.verify_data))
-    print(report.render())
-    if not report.clean:
-        raise DamageError(f"{store.url} is damaged ({len(report.damage)} problems, "
-                          f"{len(report.damaged_paths)} files): restore the damaged files "
-                          "from elsewhere, or delete them to silence their EIO")
+    reports = trio.run(lambda: check(store, verify_data=args.verify_data, at=args.at,
+                                     every=args.all))
+    print("\n\n".join(r.render() for r in reports))
+    damaged = [r for r in reports if not r.clean]
+    if damaged:
+        which = ", ".join(r.title() for r in damaged)
+        problems = sum(len(r.damage) for r in damaged)
+        files = sum(len(r.damaged_paths) for r in damaged)
+        raise DamageError(f"{store.url} is damaged in {which} ({problems} problems, {files} "
+                          "files): restore the damaged files from elsewhere, or delete them "
+                          "to silence their EIO")
     return 0
 
 
@@ -197,8 +208,8 @@ VERBS: dict[str, Verb] = {
                   epilog=MOUNT_EPILOG + options.environment_help(options.MOUNT)),
     "unmount": Verb("flush everything, unmount, wait for the daemon", unmount_arguments,
                     cmd_unmount),
-    "fsck": Verb("check STORE's newest checkpoint against its objects (no mount needed)",
-                 fsck_arguments, cmd_fsck, epilog=STORE_EPILOG),
+    "fsck": Verb("check STORE's newest checkpoint and its named snapshots against its "
+                 "objects (no mount needed)", fsck_arguments, cmd_fsck, epilog=STORE_EPILOG),
     "run": Verb("container entrypoint: mount, run COMMAND, flush and unmount when it ends or "
                 "on SIGTERM", run.arguments, run.run, usage=run.USAGE,
                 epilog=options.environment_help(options.MOUNT)),
@@ -218,6 +229,8 @@ VERBS: dict[str, Verb] = {
     "recover": Verb("copy the files a cache dir holds that the store never got (a stale or "
                     "fenced mount's) into DIR", admin.recover_arguments, admin.cmd_recover,
                     epilog=STORE_EPILOG),
+    "snapshot": Verb("name a checkpoint so that it stays, or list the kept ones",
+                     snapshot.arguments, snapshot.run, epilog=STORE_EPILOG),
 }
 
 

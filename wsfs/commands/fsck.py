@@ -1,8 +1,10 @@
-"""`wsfs fsck STORE`: check the newest checkpoint against the store, without a mount.
+"""`wsfs fsck STORE`: check the kept checkpoints against the store, without a mount.
 
-It fetches the newest checkpoint (the one the next mount would use) into a temporary
-directory and checks it read-only, so it is safe to run while the workspace is mounted
-elsewhere (objects uploaded since that checkpoint then show up as unreferenced):
+By default it checks the newest checkpoint (the one the next mount would use) and the one
+each named snapshot pins; `--at WHEN|NAME` checks one kept checkpoint, `--all` every kept one
+(meta/retention.py). Each is fetched into a temporary directory and checked read-only, so it
+is safe to run while the workspace is mounted elsewhere (objects uploaded since then, or
+kept for other checkpoints, show up as unreferenced):
 
 - the database itself (SQLite integrity_check), the root directory and the marker;
 - every directory entry names an inode that exists, inside a directory that exists;
@@ -13,9 +15,11 @@ elsewhere (objects uploaded since that checkpoint then show up as unreferenced):
   allows; with `verify_data`, its content matches the checksum (this downloads every
   object, each pack once).
 
-Damage (what makes reads fail or the tree wrong) is reported per file, by path, and makes
-`wsfs fsck` exit with `DamageError.exit_code`. Objects that no block references and inodes
-unlinked while open (orphans, removed by the next mount) are garbage, not damage.
+Damage (what makes reads fail or the tree wrong) is reported per file, by path, under the
+checkpoint's number and the names that pin it, and makes `wsfs fsck` exit with
+`DamageError.exit_code`. Objects that no block references and inodes unlinked while open
+(orphans, removed by the next mount) are garbage, not damage. With `verify_data`, an object
+several checkpoints name is downloaded once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import sqlite3
 import stat
 import tempfile
+import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,8 +40,10 @@ import trio
 
 from ..blocks import object_key
 from ..blocks import pack as packs
+from ..errors import UsageError
 from ..meta import checkpoint as ckpt
-from ..meta import schema
+from ..meta import retention, schema
+from ..meta.history import History, read_snapshots
 from ..meta.superblock import read_superblock
 from ..store import NoSuchKey, ObjectStore
 
@@ -53,6 +60,7 @@ class Report:
 
     store: str
     seq: int | None = None
+    names: list[str] = field(default_factory=list)  # the snapshots that pin it
     damage: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inodes: int = 0
@@ -68,8 +76,13 @@ class Report:
     def clean(self) -> bool:
         return not self.damage
 
+    def title(self) -> str:
+        """'checkpoint 12 (snapshot "before")'."""
+        pinned = ", ".join(f'"{n}"' for n in self.names)
+        return f"checkpoint {self.seq}" + (f" (snapshot {pinned})" if pinned else "")
+
     def render(self) -> str:
-        lines = [f"checkpoint {self.seq} of {self.store}: {self.inodes} inodes, "
+        lines = [f"{self.title()} of {self.store}: {self.inodes} inodes, "
                  f"{self.blocks} blocks ({self.block_bytes} bytes in the store"
                  + (f", {self.verified_bytes} verified against their checksums" if
                     self.verified_bytes else "") + ")"]
@@ -80,8 +93,9 @@ class Report:
                          "next mount removes them")
         if self.garbage_objects:
             lines.append(f"garbage: {self.garbage_objects} unreferenced data objects "
-                         f"({self.garbage_bytes} bytes): uploads newer than this checkpoint, "
-                         "or left by an interrupted flush; they harm nothing")
+                         f"({self.garbage_bytes} bytes): kept for other checkpoints, "
+                         "uploads newer than this one, or left by an interrupted flush; they "
+                         "harm nothing")
         if self.clean:
             lines.append("clean: every referenced block is in the store and the metadata is "
                          "consistent")
@@ -167,12 +181,16 @@ def _check_tree(tree: _Tree, report: Report) -> None:
             report.damage.append(f"inode {ino}: not reachable from the root directory")
 
 
+# What one download of an object found (its members' checksums and its size; None: gone),
+# shared by the checkpoints a run checks.
+Verified = dict[str, "tuple[dict[str, str], int] | None"]
+
+
 async def _check_blocks(
     store: ObjectStore, conn: sqlite3.Connection, tree: _Tree, block_size: int,
     verify_data: bool, report: Report, limiter: trio.CapacityLimiter,
+    objects: dict[str, int], verified: Verified,
 ) -> None:
-    objects = dict(await trio.to_thread.run_sync(
-        lambda: list(store.list(DATA_PREFIX)), limiter=limiter))
     referenced: set[str] = set()
     # (object key, is a pack) -> the blocks to verify in it: (inode, idx, block id, checksum)
     to_verify: dict[tuple[str, bool], list[tuple[int, int, str, str]]] = defaultdict(list)
@@ -230,7 +248,9 @@ async def _check_blocks(
                 return {}, len(data)
             return {b: c for b, (c, _) in members.items()}, len(data)
 
-        got = await trio.to_thread.run_sync(work, limiter=limiter)
+        if key not in verified:
+            verified[key] = await trio.to_thread.run_sync(work, limiter=limiter)
+        got = verified[key]
         for ino, idx, block_id, csum in wanted:
             if got is None:
                 damaged(ino, f"block {idx} ({where}) disappeared from the store")
@@ -255,41 +275,86 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def check(store: ObjectStore, *, verify_data: bool = False) -> Report:
-    """Check the newest checkpoint of `store` against the store's objects.
+async def check(store: ObjectStore, *, verify_data: bool = False, at: str | None = None,
+                every: bool = False) -> list[Report]:
+    """Check the newest checkpoint of `store` and those named snapshots pin (or the one `at`
+    names, or every kept one with `every`) against the store's objects; a report each,
+    newest first.
 
-    Beside a mount, the checkpoint being checked can be replaced meanwhile, and the objects
-    only it named deleted once its successor is published (garbage, repacked packs): damage
-    found in a checkpoint that is no longer the newest is checked again on the newest.
+    Beside a mount, the newest checkpoint can be replaced meanwhile, and the objects only it
+    named deleted once its successor is published (garbage, repacked packs): damage found in
+    a checkpoint that is no longer the newest is checked again on the newest. An older
+    checkpoint thinned while it is checked is left out.
     """
-    for _ in range(ckpt.RECHECKS):
-        report = await _check(store, verify_data)
-        if not report.damage or report.seq is None:
-            break
-        if await trio.to_thread.run_sync(ckpt.read_head, store) == report.seq:
-            break
-    return report
-
-
-async def _check(store: ObjectStore, verify_data: bool) -> Report:
     limiter = trio.CapacityLimiter(16)
     sb = await trio.to_thread.run_sync(read_superblock, store)
-    report = Report(store.url)
-    report.seq = await trio.to_thread.run_sync(ckpt.read_head, store)
-    if report.seq is None:
-        report.damage.append("the store holds no checkpoint (meta/HEAD is missing)")
-        return report
+    history = History()
+    await trio.to_thread.run_sync(history.refresh, store)
+    names = await trio.to_thread.run_sync(read_snapshots, store)
+    pins: dict[int, list[str]] = defaultdict(list)
+    for snap in sorted(names.values(), key=lambda n: n.name):
+        pins[snap.seq].append(snap.name)
+    head = await trio.to_thread.run_sync(ckpt.read_head, store)
+    if head is None:
+        return [Report(store.url, damage=["the store holds no checkpoint (meta/HEAD is "
+                                          "missing)"])]
+    if at is not None:
+        try:
+            seqs = [retention.resolve(at, history.times(),
+                                      {n: s.seq for n, s in names.items()}, time.time())]
+        except retention.BadWhen as e:
+            raise UsageError(str(e)) from None
+    elif every:
+        seqs = history.kept()
+    else:
+        seqs = [head, *pins]
+    objects: dict[str, int] = {}
+    verified: Verified = {}
+    reports = []
+    for seq in sorted(set(seqs), reverse=True):
+        report = Report(store.url, seq, pins.get(seq, []))
+        if seq not in history.manifests and seq != head:  # a name pins a missing checkpoint
+            report.damage.append(f"the manifest of checkpoint {seq} is missing: the "
+                                 "snapshot cannot be read")
+            reports.append(report)
+            continue
+        if not objects:
+            objects.update(await trio.to_thread.run_sync(
+                lambda: list(store.list(DATA_PREFIX)), limiter=limiter))
+        for _ in range(ckpt.RECHECKS):
+            report = await _check(store, sb.block_size, seq, verify_data, report.names, limiter,
+                                  objects, verified)
+            if not report.damage or seq != head:
+                break
+            now = await trio.to_thread.run_sync(ckpt.read_head, store)
+            if now == seq or now is None:
+                break
+            seq = head = now  # the newest moved on: check the new newest
+            objects = dict(await trio.to_thread.run_sync(
+                lambda: list(store.list(DATA_PREFIX)), limiter=limiter))
+            verified.clear()
+        if report.damage and seq != head and await trio.to_thread.run_sync(
+                store.head, ckpt.manifest_key(seq)) is None:
+            continue  # thinned while it was checked: nothing is kept, nothing is damaged
+        reports.append(report)
+    return reports
+
+
+async def _check(store: ObjectStore, block_size: int, seq: int, verify_data: bool,
+                 names: list[str], limiter: trio.CapacityLimiter, objects: dict[str, int],
+                 verified: Verified) -> Report:
+    report = Report(store.url, seq, names)
     with tempfile.TemporaryDirectory(prefix="wsfs-fsck-") as tmp:
         db = Path(tmp) / "meta.db"
         try:
-            await ckpt.fetch(store, report.seq, db, limiter, use_bundle=False)  # every page
+            await ckpt.fetch(store, seq, db, limiter, use_bundle=False)  # every page
         except Exception as e:
             leaf = _first_leaf(e)
             if not isinstance(leaf, UNREADABLE):
                 raise leaf from None  # the store failed (a StoreError says how), or a bug
-            report.damage.append(f"checkpoint {report.seq} cannot be read "
-                                 f"({type(leaf).__name__}: {leaf}); the whole workspace is "
-                                 "unreadable")
+            report.damage.append(f"checkpoint {seq} cannot be read "
+                                 f"({type(leaf).__name__}: {leaf}); none of it can be "
+                                 "mounted")
             return report
         conn = sqlite3.connect(db)  # a temporary copy: an older format is upgraded in it
         try:
@@ -301,7 +366,8 @@ async def _check(store: ObjectStore, verify_data: bool) -> Report:
             tree = _Tree(conn)
             report.inodes = len(tree.inodes)
             _check_tree(tree, report)
-            await _check_blocks(store, conn, tree, sb.block_size, verify_data, report, limiter)
+            await _check_blocks(store, conn, tree, block_size, verify_data, report, limiter,
+                                objects, verified)
         finally:
             conn.close()
     return report

@@ -54,6 +54,9 @@ def sync_arguments(sp: argparse.ArgumentParser) -> None:
 def du_arguments(sp: argparse.ArgumentParser) -> None:
     options.add_store(sp)
     sp.add_argument("--top", type=int, default=15, metavar="N", help="how many directories to show")
+    sp.add_argument("--newest-only", action="store_true",
+                    help="measure the newest checkpoint only, not what the older kept ones and "
+                    "the named snapshots hold (which reads each of them)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -118,7 +121,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_du(args: argparse.Namespace) -> int:
     from .du import du, format_report
 
-    report = du(_open(args), top=args.top)
+    report = du(_open(args), top=args.top, newest_only=args.newest_only)
     if args.json:
         _print_json(report.to_json())
     else:

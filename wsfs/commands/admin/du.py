@@ -4,6 +4,11 @@ Logical sizes come from the newest checkpoint (fetched into a temporary director
 needed); stored sizes from one listing of the store. The largest directories include hidden
 ones: caches such as `.cache/pip` or `.conda/pkgs` often take most of a workspace.
 
+What the other kept checkpoints hold (the schedule's and the named snapshots', see
+commands/admin/holdings.py): the data objects only older checkpoints name, the bytes each
+named snapshot alone holds, and what no kept checkpoint names (what `wsfs gc` reclaims). That
+part reads every kept checkpoint once; `newest_only` skips it.
+
 The dead bytes inside live packs (members whose files were deleted or rewritten, kept by the
 pack's survivors) are what the store bills beyond the live data until the mounted daemon
 repacks them (wsfs/sync/repack.py): each referenced pack's stored size less its live members'
@@ -23,11 +28,13 @@ from pathlib import Path
 from ...blocks import object_key
 from ...errors import NoWorkspaceError
 from ...meta import checkpoint as ckpt
+from ...meta.history import History, read_snapshots
 from ...meta.packs import pack_usage
 from ...meta.superblock import read_superblock
 from ...progress import human_bytes, human_seconds
 from ...store import ObjectStore
 from . import data_objects, fetch_databases, list_detailed
+from .holdings import holdings
 
 ROOT = 1
 
@@ -55,8 +62,16 @@ class DuReport:
     stored_bytes: int = 0  # everything under the store's prefix
     objects: int = 0
     areas: dict[str, dict[str, int]] = field(default_factory=dict)  # data/meta/other
-    unreferenced_objects: int = 0  # what `wsfs gc` could reclaim (subject to its grace period)
+    # not referenced by the newest: what `wsfs gc` could reclaim (subject to its grace period)
+    # and, unless newest_only, what the older kept checkpoints hold
+    unreferenced_objects: int = 0
     unreferenced_bytes: int = 0
+    kept_checkpoints: int = 0
+    snapshots: dict[str, int] = field(default_factory=dict)  # name -> checkpoint
+    older_objects: int = 0  # data objects only older kept checkpoints name
+    older_bytes: int = 0
+    snapshot_only_bytes: dict[str, int] = field(default_factory=dict)  # name -> only it holds
+    history_seconds: float = 0.0  # the time it took to read the kept checkpoints
     pack_objects: int = 0  # referenced packs
     pack_bytes: int = 0  # their stored size
     pack_live_bytes: int = 0  # the bytes of their live members
@@ -67,20 +82,40 @@ class DuReport:
         return asdict(self)
 
 
-def du(store: ObjectStore, *, top: int = 15) -> DuReport:
-    """Measure the workspace in `store` (blocking; fetches the newest checkpoint).
+def du(store: ObjectStore, *, top: int = 15, newest_only: bool = False) -> DuReport:
+    """Measure the workspace in `store` (blocking; fetches the newest checkpoint, and unless
+    `newest_only` every kept one).
 
     Measured again if a mount published a newer checkpoint meanwhile and objects the measured
     one named are gone (deleted as garbage after it): those are not missing.
     """
     for _ in range(ckpt.RECHECKS):
-        report = _du(store, top)
+        report, sizes = _du(store, top)
         if not report.missing_objects or ckpt.read_head(store) == report.checkpoint:
             break
+    if not newest_only:
+        _history(store, report, sizes)
     return report
 
 
-def _du(store: ObjectStore, top: int) -> DuReport:
+def _history(store: ObjectStore, report: DuReport, sizes: dict[str, int]) -> None:
+    """What the kept checkpoints other than the newest hold (see holdings.py)."""
+    history = History()
+    history.refresh(store)
+    names = read_snapshots(store)
+    held = holdings(store, history, names.values(), sizes)
+    report.kept_checkpoints = len(held.checkpoints)
+    report.snapshots = {n.name: n.seq for n in names.values()}
+    report.older_objects, report.older_bytes = held.older_objects, held.older_bytes
+    report.unreferenced_objects = held.unreferenced_objects
+    report.unreferenced_bytes = held.unreferenced_bytes
+    for h in held.checkpoints:
+        for name in h.names:
+            report.snapshot_only_bytes[name] = h.only_bytes
+    report.history_seconds = held.seconds
+
+
+def _du(store: ObjectStore, top: int) -> tuple[DuReport, dict[str, int]]:
     sb = read_superblock(store)
     head = ckpt.read_head(store)
     if head is None:
@@ -101,6 +136,7 @@ def _du(store: ObjectStore, top: int) -> DuReport:
         finally:
             conn.close()
     sizes: dict[str, int] = {}
+    listed: dict[str, int] = {}  # data objects and metadata pages, for holdings.py
     for key, size, _ in list_detailed(store):
         report.objects += 1
         report.stored_bytes += size
@@ -110,6 +146,8 @@ def _du(store: ObjectStore, top: int) -> DuReport:
         a["bytes"] += size
         if area == "data":
             sizes[key] = size
+        if area == "data" or key.startswith(ckpt.PAGE_PREFIX):
+            listed[key] = size
     report.referenced_objects = len(live)
     for object_id in live:
         key = object_key(object_id)
@@ -125,7 +163,7 @@ def _du(store: ObjectStore, top: int) -> DuReport:
             report.missing_objects += 1
     report.unreferenced_objects = len(sizes)
     report.unreferenced_bytes = sum(sizes.values())
-    return report
+    return report, listed
 
 
 def _measure_tree(db: Path, report: DuReport, top: int) -> None:
@@ -202,8 +240,16 @@ def format_report(r: DuReport) -> str:
         lines.append(f"  dead inside packs: {human_bytes(r.pack_dead_bytes)} of the "
                      f"{human_bytes(r.pack_bytes)} in {r.pack_objects} packs ({share:.0%} of the "
                      "referenced data; a mounted daemon repacks them)")
+    if r.kept_checkpoints:
+        named = "".join(f"\n    snapshot {n} (#{r.snapshots[n]}) alone holds "
+                        f"{human_bytes(r.snapshot_only_bytes.get(n, 0))}"
+                        for n in sorted(r.snapshots))
+        lines.append(f"  kept checkpoints: {r.kept_checkpoints} ({len(r.snapshots)} named); "
+                     f"the older ones alone hold {human_bytes(r.older_bytes)} in "
+                     f"{r.older_objects} objects (read in {r.history_seconds:.1f}s)" + named)
     if r.unreferenced_objects:
-        lines.append(f"  not referenced (see `wsfs gc`): {human_bytes(r.unreferenced_bytes)} in "
+        what = "no kept checkpoint references" if r.kept_checkpoints else "not referenced"
+        lines.append(f"  {what} (see `wsfs gc`): {human_bytes(r.unreferenced_bytes)} in "
                      f"{r.unreferenced_objects} objects")
     if r.missing_objects:
         lines.append(f"  MISSING from the store: {r.missing_objects} referenced objects")
