@@ -112,6 +112,9 @@ def test_a_snapshot_survives_deletes_gc_and_repacking(ws: Workspace) -> None:
     ws.wsfs("sync", str(mnt))
     wait_for("a repack pass to move the survivors", lambda: ws.status()["repacked_packs"] >= 1)
     ws.wsfs("sync", str(mnt))  # publishes the switch; the old pack is garbage now
+    st = ws.status()
+    assert st["keep"] == "0" and st["thinned_checkpoints"] >= 1 and st["thin_errors"] == 0, st
+    assert st["kept_checkpoints"] == 2, st  # the newest and the named one
     ws.unmount()
     gc = json.loads(ws.wsfs("gc", ws.store_url, "--min-age", "0", "--keep", "0",
                             "--json").stdout)

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TypeVar
 
@@ -139,6 +140,14 @@ def manifest_seqs(store: ObjectStore) -> list[int]:
     return sorted(seqs)
 
 
+def _interned(manifest: ckpt.Manifest) -> ckpt.Manifest:
+    """The manifest with its page digests shared with the other manifests held: a daemon
+    holds every kept one (hundreds), and neighbours name mostly the same pages (each digest
+    once, not once per manifest: 250 checkpoints of 550 pages, 30 new in each, held 16.7 MB,
+    2.0 MB interned)."""
+    return replace(manifest, pages=tuple(sys.intern(d) for d in manifest.pages))
+
+
 @dataclass
 class Thinned:
     """What one thinning pass did."""
@@ -174,13 +183,13 @@ class History:
         found = {s: self.manifests[s] for s in seqs if s in self.manifests}
         for m in _parallel(get, [s for s in seqs if s not in found]):
             if m is not None:
-                found[m.seq] = m
+                found[m.seq] = _interned(m)
         self.manifests = found
         self.listed = True
 
     def add(self, manifest: ckpt.Manifest) -> None:
         """A checkpoint this process published."""
-        self.manifests[manifest.seq] = manifest
+        self.manifests[manifest.seq] = _interned(manifest)
 
     def times(self) -> dict[int, float]:
         """Checkpoint number -> creation time (seconds since the epoch)."""
