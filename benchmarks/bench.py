@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import json
@@ -36,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -49,7 +50,7 @@ from wsfs.runtime import is_mountpoint, pid_alive  # noqa: E402
 
 SYSTEMS = ["local", "floor", "s3fs", "rclone", "wsfs"]
 PEERS = ["s3fs", "rclone"]
-WORKLOADS = "abcdefg"
+WORKLOADS = "abcdefgh"
 MiB = 1 << 20
 # Packages whose installed files make the small-file tree (a real, import-heavy package).
 PACKAGES = ["botocore", "boto3", "s3transfer", "jmespath", "dateutil", "urllib3", "six.py"]
@@ -75,15 +76,93 @@ def force_unmount(path: Path) -> None:
 
 def wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while pid_alive(pid):
+    while not reap(pid):
         if time.monotonic() > deadline:
             return False
-        proc = _live_procs.get(pid)
-        if proc is not None:
-            proc.poll()  # reap our own child so it stops being a zombie
         time.sleep(0.05)
     _live_procs.pop(pid, None)
     return True
+
+
+# -- the daemons' CPU time ----------------------------------------------------------------------
+
+# A filesystem's CPU is taken from the user's work on a notebook's 2 cores: every row also
+# reports the user + system CPU seconds its daemon(s) spent meanwhile, from /proc/PID/stat
+# while a daemon runs and from wait4(2) once it has exited (the last moments of an unmount
+# included). The wsfs daemon is forked by `wsfs mount`, which exits: as a child subreaper
+# this process inherits it, and reaps it like the peers' daemons it started itself.
+PR_SET_CHILD_SUBREAPER = 36
+_final_cpu: dict[int, float] = {}  # pid -> CPU seconds of a daemon we reaped
+
+
+def become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        print("warning: not a child subreaper: the wsfs daemon's CPU seconds miss its exit",
+              file=sys.stderr)
+
+
+def reap(pid: int) -> bool:
+    """Whether process `pid` is gone; an exited child of ours is reaped, its CPU time kept."""
+    try:
+        got, status, usage = os.wait4(pid, os.WNOHANG)
+    except ChildProcessError:  # not ours (or reaped already)
+        return not pid_alive(pid)
+    if got != pid:
+        return False
+    _final_cpu[pid] = usage.ru_utime + usage.ru_stime
+    proc = _live_procs.get(pid)
+    if proc is not None and proc.returncode is None:
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return True
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (all its threads) so far."""
+    if pid in _final_cpu:
+        return _final_cpu[pid]
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+class CpuMeter:
+    """The daemon CPU seconds of each timed command of the system being measured: `run`,
+    `op` and `measured` note (seconds taken, CPU seconds) pairs, and the row that reports a
+    time takes the CPU of the command that took it (best-of steps: the fastest run's)."""
+
+    def __init__(self) -> None:
+        self.system: System | None = None
+        self.samples: list[tuple[float, float]] = []
+
+    def now(self) -> float | None:
+        return self.system.cpu() if self.system is not None else None
+
+    def note(self, took: float, before: float | None) -> None:
+        after = self.now()
+        if before is not None and after is not None:
+            self.samples.append((took, after - before))
+
+    def take(self, took: float) -> float | None:
+        """The CPU seconds of the command that took `took` seconds; forget the others."""
+        cpu = next((c for t, c in reversed(self.samples) if t == took), None)
+        self.samples.clear()
+        return cpu
+
+
+METER = CpuMeter()
+
+
+def measured(fn: Callable[[], float | None]) -> float | None:
+    """`fn()`, a step that times itself (a durable step, a mount and its first ls), metered."""
+    before = METER.now()
+    took = fn()
+    if took is not None:
+        METER.note(took, before)
+    return took
 
 
 def kill_pid(pid: int) -> None:
@@ -107,6 +186,7 @@ def cleanup_all() -> None:
 def run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
         cwd: Path | None = None, stdout: Any = subprocess.DEVNULL) -> float:
     """Run a command; return its wall time; raise StepError on failure or timeout."""
+    before = METER.now()
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, timeout=timeout,
@@ -117,12 +197,14 @@ def run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         raise StepError(f"exit {proc.returncode}: {err[-1][:160] if err else ''}")
+    METER.note(elapsed, before)
     return elapsed
 
 
 def op(name: str, *args: object, timeout: float) -> float:
     """Run one benchmarks/ops.py operation; return the time it measured itself."""
     cmd = [sys.executable, str(HERE / "ops.py"), name, *map(str, args)]
+    before = METER.now()
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
@@ -131,7 +213,9 @@ def op(name: str, *args: object, timeout: float) -> float:
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         raise StepError(f"{name} failed: {err[-1][:160] if err else proc.returncode}")
-    return float(proc.stdout.split()[-1])
+    took = float(proc.stdout.split()[-1])
+    METER.note(took, before)  # (the daemon's CPU over the whole process: it idles meanwhile)
+    return took
 
 
 # Steps that leave the tree as they found it (warm reads, ls, git status, a rename and its
@@ -209,6 +293,9 @@ class Config:
     rename_files: int
     scale_files: int
     scale_dirs: int
+    fio_bytes: int
+    fio_fsync_every: int
+    fio_seconds: int
     profile: bool = False
     wsfs_args: list[str] = field(default_factory=list)
 
@@ -230,6 +317,7 @@ class System:
         self.bucket = f"b-{self.name}-{tag}-{uuid.uuid4().hex[:8]}".lower()
         self.caches = 0
         self.pids_seen: list[int] = []
+        self._cpu_seen: dict[int, float] = {}  # pid -> its CPU seconds when last read
         self.rss_peak: float | None = None
         if self.s3:
             assert cfg.server is not None
@@ -251,6 +339,16 @@ class System:
         rss = peak_rss_mb(self.daemon_pid())
         if rss is not None:
             self.rss_peak = max(self.rss_peak or 0.0, rss)
+
+    def cpu(self) -> float | None:
+        """CPU seconds of every daemon this column has started so far (None: it has none)."""
+        if not self.pids_seen:
+            return None
+        for pid in self.pids_seen:
+            seconds = cpu_seconds(pid)
+            if seconds is not None:
+                self._cpu_seen[pid] = seconds
+        return sum(self._cpu_seen.values())
 
     def durable(self, expected: dict[str, int | None]) -> float | None:
         """Make everything durable and stop; return the seconds it took (None: not applicable)."""
@@ -565,17 +663,24 @@ def step(key: str, label: str) -> str:
 class Results:
     times: dict[str, dict[str, float | str]] = field(default_factory=dict)  # system -> step ->
     rss: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> workload -> MB
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> step -> seconds
 
     def put(self, system: str, key: str, value: float | str | None) -> None:
         if value is not None:
             self.times.setdefault(system, {})[key] = value
 
 
+class Rec(Protocol):
+    def __call__(self, key: str, value: float | None, cpu: float | None = None) -> None:
+        """Record a row's value and the daemon CPU seconds it took (by default those of the
+        timed command that took `value` seconds: CpuMeter)."""
+
+
 def expected_tree(prefix: str, files: dict[str, int]) -> dict[str, int | None]:
     return {f"{prefix}/{k}": v for k, v in files.items()}
 
 
-def wl_a(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> None:
+def wl_a(s: System, cfg: Config, rec: Rec) -> None:
     """a+b: extract a package tree, import from it warm, make it durable, import it cold."""
     n = len(cfg.tar_files)
     T = cfg.step_timeout
@@ -599,12 +704,12 @@ def wl_a(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
         best_of(WARM_RUNS, lambda: run(imp, timeout=T, env=env)))
     s.sample_rss()
     rec(step("a.durable", "a. extract: time to durable"),
-        s.durable(expected_tree("pkgs", cfg.tar_files)))
+        measured(lambda: s.durable(expected_tree("pkgs", cfg.tar_files))))
     s.remount_cold()
     rec(step("b.cold", "b. import boto3 (cold, empty cache)"), run(imp, timeout=T, env=env))
 
 
-def wl_c(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> None:
+def wl_c(s: System, cfg: Config, rec: Rec) -> None:
     """Sequential write, warm read, durable, cold read from the store."""
     T = cfg.step_timeout
     mib = cfg.seq_bytes // MiB
@@ -615,13 +720,13 @@ def wl_c(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
         best_of(WARM_RUNS, lambda: op("read_seq", path, timeout=T)))
     s.sample_rss()
     rec(step("c.durable", "c. write: time to durable"),
-        s.durable({"big.bin": cfg.seq_bytes}))
+        measured(lambda: s.durable({"big.bin": cfg.seq_bytes})))
     s.remount_cold()
     rec(step("c.read_cold", f"c. read {mib} MiB (cold, empty cache)"),
         op("read_seq", path, timeout=T))
 
 
-def wl_d(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> None:
+def wl_d(s: System, cfg: Config, rec: Rec) -> None:
     """Random 4 KiB writes with fsyncs into a big file; SQLite small transactions."""
     T = cfg.step_timeout
     s.mount()
@@ -636,7 +741,7 @@ def wl_d(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
         daemon_syncs(s, cfg))
     s.sample_rss()
     rec(step("d.durable", "d. time to durable"),
-        s.durable({"rand.bin": cfg.rand_bytes, "bench.db": None}))
+        measured(lambda: s.durable({"rand.bin": cfg.rand_bytes, "bench.db": None})))
 
 
 SYNC_CALLS = "fsync,fdatasync,sync_file_range,syncfs"
@@ -675,7 +780,7 @@ def strace_calls(path: Path) -> int:
     return total
 
 
-def wl_e(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> None:
+def wl_e(s: System, cfg: Config, rec: Rec) -> None:
     """Create, stat, ls -lR, delete many small files; rename a directory of many files."""
     T = cfg.step_timeout
     n, d = cfg.meta_files, cfg.meta_dirs
@@ -706,10 +811,10 @@ def wl_e(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
     s.sample_rss()
     expected: dict[str, int | None] = {f"ren2/f{i:06d}.txt": 100
                                        for i in range(cfg.rename_files)}
-    rec(step("e.durable", "e. time to durable"), s.durable(expected))
+    rec(step("e.durable", "e. time to durable"), measured(lambda: s.durable(expected)))
 
 
-def wl_f(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> None:
+def wl_f(s: System, cfg: Config, rec: Rec) -> None:
     """git add + commit of the package tree, then a warm git status."""
     T = cfg.step_timeout
     s.mount()
@@ -726,10 +831,11 @@ def wl_f(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
     rec(step("f.status", "f. git status (warm)"),
         best_of(WARM_RUNS, lambda: run([*git, "status", "--porcelain"], timeout=T)))
     s.sample_rss()
-    rec(step("f.durable", "f. time to durable"), s.durable(expected_tree("repo", cfg.tar_files)))
+    rec(step("f.durable", "f. time to durable"),
+        measured(lambda: s.durable(expected_tree("repo", cfg.tar_files))))
 
 
-def wl_g(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> None:
+def wl_g(s: System, cfg: Config, rec: Rec) -> None:
     """A big tree: mount it on an empty cache, time to the first ls, and a full listing."""
     T = cfg.step_timeout
     n, d = cfg.scale_files, cfg.scale_dirs
@@ -742,13 +848,19 @@ def wl_g(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
             op("create_files", s.mnt / "tree", n, d, timeout=T))
         s.sample_rss()
         if s.can_remount:
-            rec(step("g.durable", "g. create: time to durable"), s.durable({}))
-    t = time.perf_counter()
-    if s.can_remount:
-        s.remount_cold()
-    run(["ls", str(s.mnt / "tree")], timeout=T)
+            rec(step("g.durable", "g. create: time to durable"),
+                measured(lambda: s.durable({})))
+
+    def first_ls() -> float:
+        t = time.perf_counter()
+        if s.can_remount:
+            s.remount_cold()
+        run(["ls", str(s.mnt / "tree")], timeout=T)
+        return time.perf_counter() - t
+
+    took = measured(first_ls)
     if s.can_remount:  # the floor cannot mount on an empty cache: its data is its memory
-        rec(step("g.first_ls", "g. mount on empty cache + first ls"), time.perf_counter() - t)
+        rec(step("g.first_ls", "g. mount on empty cache + first ls"), took)
     rec(step("g.ls_R", f"g. ls -R {n:,} files (cold)"),
         run(["ls", "-R", str(s.mnt / "tree")], timeout=T))
     s.sample_rss()
@@ -757,10 +869,39 @@ def wl_g(s: System, cfg: Config, rec: Callable[[str, float | None], None]) -> No
         rec(step("g.rss", "g. daemon peak RSS (MB) after ls -R"), rss)
 
 
-WORKLOAD_FUNCS: dict[str, Callable[[System, Config, Callable[[str, float | None], None]], None]]
-WORKLOAD_FUNCS = {"a": wl_a, "c": wl_c, "d": wl_d, "e": wl_e, "f": wl_f, "g": wl_g}
+FIO_ROWS = ("h.iops", "h.p50", "h.p99")
+
+
+def wl_h(s: System, cfg: Config, rec: Rec) -> None:
+    """fio, as a user would try a filesystem: 4 KiB random writes into a file with an fsync
+    every few writes for a fixed time; IOPS and the fsync latency percentiles it reports."""
+    T = cfg.step_timeout
+    s.mount()
+    path = s.mnt / "fio.bin"
+    op("write_seq", path, cfg.fio_bytes, timeout=T)  # set-up: fio finds the file laid out
+    out = s.root / "fio.json"
+    before = s.cpu()
+    run(["fio", "--name=randwrite", f"--filename={path}", "--rw=randwrite", "--bs=4k",
+         f"--size={cfg.fio_bytes}", f"--fsync={cfg.fio_fsync_every}", "--time_based",
+         f"--runtime={cfg.fio_seconds}", "--ioengine=psync", "--output-format=json",
+         f"--output={out}"], timeout=T + cfg.fio_seconds)
+    after = s.cpu()
+    job = json.loads(out.read_text())["jobs"][0]
+    pct = job["sync"]["lat_ns"]["percentile"]
+    desc = (f"h. fio: 4K random writes, fsync every {cfg.fio_fsync_every} "
+            f"({cfg.fio_bytes // MiB} MiB file, {cfg.fio_seconds} s)")
+    rec(step("h.iops", f"{desc}: IOPS"), float(job["write"]["iops"]),
+        cpu=None if before is None or after is None else after - before)
+    rec(step("h.p50", "h. fio: fsync latency p50 (ms)"), pct["50.000000"] / 1e6)
+    rec(step("h.p99", "h. fio: fsync latency p99 (ms)"), pct["99.000000"] / 1e6)
+    s.sample_rss()
+    out.unlink()
+
+
+WORKLOAD_FUNCS: dict[str, Callable[[System, Config, Rec], None]]
+WORKLOAD_FUNCS = {"a": wl_a, "c": wl_c, "d": wl_d, "e": wl_e, "f": wl_f, "g": wl_g, "h": wl_h}
 WORKLOAD_NAMES = {"a": "a+b. small files + import", "c": "c. sequential", "d": "d. random/SQLite",
-                  "e": "e. metadata", "f": "f. git", "g": "g. scale"}
+                  "e": "e. metadata", "f": "f. git", "g": "g. scale", "h": "h. fio"}
 
 
 def run_workload(wl: str, name: str, cfg: Config, results: Results) -> None:
@@ -768,12 +909,19 @@ def run_workload(wl: str, name: str, cfg: Config, results: Results) -> None:
     system = CLASSES[name](cfg, f"{wl}{uuid.uuid4().hex[:4]}")
     current: list[str] = []
     _attempted.clear()
+    METER.system = system
+    METER.samples.clear()
 
-    def rec(key: str, value: float | None) -> None:
+    def rec(key: str, value: float | None, cpu: float | None = None) -> None:
         current.append(key)
         results.put(name, key, value)
+        if cpu is None and value is not None and key not in NOT_TIMES:
+            cpu = METER.take(value)
+        if cpu is not None:
+            results.cpu.setdefault(name, {})[key] = cpu
         if value is not None:
-            print(f"   {key:14s} {value:9.3f}", flush=True)
+            print(f"   {key:14s} {value:9.3f}" + (f"  cpu {cpu:7.3f}" if cpu is not None
+                                                   else ""), flush=True)
 
     try:
         if isinstance(system, Wsfs) and cfg.profile:
@@ -796,6 +944,7 @@ def run_workload(wl: str, name: str, cfg: Config, results: Results) -> None:
         traceback.print_exc()
         results.put(name, f"{wl}.error", f"error: {e}")
     finally:
+        METER.system = None
         system.teardown()
         if system.rss_peak is not None:
             results.rss.setdefault(name, {})[WORKLOAD_NAMES[wl]] = system.rss_peak
@@ -832,7 +981,7 @@ def best_peer(results: Results, key: str) -> tuple[str | None, float | None]:
 
 
 # Rows that are not times: reported in tables of their own.
-NOT_TIMES = ("g.rss", "d.syncs")
+NOT_TIMES = ("g.rss", "d.syncs", *FIO_ROWS)
 
 
 def targets(key: str) -> list[tuple[str, str, float]]:
@@ -878,6 +1027,18 @@ def report(results: Results, meta: dict[str, Any], systems: list[str]) -> str:
             cells = [ratio(_num(results.times.get(n, {}).get(s.key)), b) for n in cols]
             extra = f" | {who or '—'}" if base == "peer" else ""
             lines.append(f"| {s.label} | " + " | ".join(cells) + extra + " |")
+    daemons = [n for n in systems if results.cpu.get(n)]
+    cpu_rows = [s for s in time_rows if any(s.key in results.cpu.get(n, {}) for n in daemons)]
+    if cpu_rows:
+        lines += ["", "## Daemon CPU seconds (user + sys; lower is better)", "",
+                  "What each row's time cost the filesystem's daemon(s) in CPU, taken from the "
+                  "user's work on these 2 cores (local disk has no daemon: its cost is in the "
+                  "kernel).", "",
+                  "| step | " + " | ".join(daemons) + " |", "|---|" + "---:|" * len(daemons)]
+        for s in cpu_rows:
+            lines.append(f"| {s.label} | " + " | ".join(
+                fmt_time(results.cpu.get(n, {}).get(s.key)) for n in daemons) + " |")
+    lines += fio_report(results, systems)
     workloads = sorted({w for r in results.rss.values() for w in r})
     if workloads:
         daemons = [n for n in systems if n in results.rss]
@@ -913,6 +1074,16 @@ def report(results: Results, meta: dict[str, Any], systems: list[str]) -> str:
                     desc, b, limit = "≤1.2x floor (the floor is slower than a peer)", floor, 1.2
                 r = mine / b
                 lines.append(f"| {s.label} | {desc} | {r:.2f}x | {'yes' if r <= limit else 'NO'} |")
+        iops = _num(results.times.get("wsfs", {}).get("h.iops"))
+        rclone_iops = _num(results.times.get("rclone", {}).get("h.iops"))
+        p99 = _num(results.times.get("wsfs", {}).get("h.p99"))
+        if iops is not None and rclone_iops:
+            r = iops / rclone_iops
+            lines.append(f"| h. fio IOPS | at or above rclone's | {r:.2f}x | "
+                         f"{'yes' if r >= 1 else 'NO'} |")
+        if p99 is not None:
+            lines.append(f"| h. fio fsync p99 | within 5 ms | {p99:.2f} ms | "
+                         f"{'yes' if p99 <= 5 else 'NO'} |")
         rss = _num(results.times.get("wsfs", {}).get("g.rss"))
         first = _num(results.times.get("wsfs", {}).get("g.first_ls"))
         if rss is not None:
@@ -927,6 +1098,33 @@ def report(results: Results, meta: dict[str, Any], systems: list[str]) -> str:
         lines += ["", "## Failures", ""]
         lines += [f"- {n}, {k}: {v}" for n, k, v in errors]
     return "\n".join(lines) + "\n"
+
+
+def fio_report(results: Results, systems: list[str]) -> list[str]:
+    """The fio table: IOPS (higher is better), fsync latencies, the daemon's CPU seconds."""
+    label = next((s.label for s in STEPS if s.key == "h.iops"), None)
+    cols = [n for n in systems if "h.iops" in results.times.get(n, {})]
+    if label is None or not cols:
+        return []
+
+    def cell(n: str, key: str, digits: int) -> str:
+        v = results.times.get(n, {}).get(key)
+        return v.split(":")[0] if isinstance(v, str) else "—" if v is None else f"{v:,.{digits}f}"
+
+    lines = ["", f"## {label.removesuffix(': IOPS')}", "",
+             "IOPS: higher is better. wsfs ÷ rclone and ÷ local disk in the last columns.", "",
+             "| | " + " | ".join(cols) + " | wsfs ÷ rclone | wsfs ÷ local |",
+             "|---|" + "---:|" * (len(cols) + 2)]
+    for key, what, digits in (("h.iops", "IOPS", 0), ("h.p50", "fsync p50 (ms)", 2),
+                              ("h.p99", "fsync p99 (ms)", 2)):
+        mine = _num(results.times.get("wsfs", {}).get(key))
+        ratios = [ratio(mine, _num(results.times.get(b, {}).get(key)))
+                  for b in ("rclone", "local")]
+        lines.append(f"| {what} | " + " | ".join(cell(n, key, digits) for n in cols)
+                     + " | " + " | ".join(ratios) + " |")
+    lines.append("| daemon CPU (s) | " + " | ".join(
+        fmt_time(results.cpu.get(n, {}).get("h.iops")) for n in cols) + " | | |")
+    return lines
 
 
 def chart(results: Results, systems: list[str], path: Path) -> bool:
@@ -991,8 +1189,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the issue's sizes: 1 GiB sequential, 256 MiB random file, 5,000 "
                    "metadata files, 100,000-file scale tree")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="columns to run")
-    p.add_argument("--workloads", default="acdefg",
-                   help="letters: a (a+b: small files and import), c, d, e, f, g")
+    p.add_argument("--workloads", default="acdefgh",
+                   help="letters: a (a+b: small files and import), c, d, e, f, g, h (fio)")
     p.add_argument("--seq-mib", type=int, help="sequential file size (MiB)")
     p.add_argument("--rand-mib", type=int, help="random-write file size (MiB)")
     p.add_argument("--rand-writes", type=int, help="number of 4 KiB random writes")
@@ -1002,6 +1200,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--meta-dirs", type=int, help="directories in the metadata workload")
     p.add_argument("--rename-files", type=int, help="files in the renamed directory")
     p.add_argument("--scale-files", type=int, help="files in the scale workload")
+    p.add_argument("--fio-mib", type=int, default=256, help="fio's file size (MiB)")
+    p.add_argument("--fio-fsync-every", type=int, default=32, help="fio: fsync every N writes")
+    p.add_argument("--fio-seconds", type=int, default=20, help="fio's run time")
     p.add_argument("--step-timeout", type=float, help="seconds before a step counts as hung")
     p.add_argument("--profile", action="store_true",
                    help="record py-spy profiles of the wsfs daemon into benchmarks/results/")
@@ -1018,7 +1219,7 @@ def rerender(path: Path) -> int:
     """Write the .md and .png of a saved .json again (after a change to the report)."""
     data = json.loads(path.read_text())
     STEPS[:] = [Step(s["key"], s["label"]) for s in data["steps"]]
-    results = Results(times=data["times"], rss=data["rss_mb"])
+    results = Results(times=data["times"], rss=data["rss_mb"], cpu=data.get("cpu_s", {}))
     if "floor" in results.times:
         results.times["floor"].pop("g.first_ls", None)  # runs before the floor rule above
     md = report(results, data["meta"], data["systems"])
@@ -1049,6 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     wsfs_ver = wsfs_version()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    become_subreaper()
     try:
         tar, tar_files = make_tarball(scratch)
         if any(CLASSES[s].s3 for s in systems):
@@ -1063,6 +1265,8 @@ def main(argv: list[str] | None = None) -> int:
             meta_files=pick(args.meta_files, 1000, 5000), meta_dirs=pick(args.meta_dirs, 10, 50),
             rename_files=pick(args.rename_files, 300, 1000),
             scale_files=pick(args.scale_files, 10000, 100000), scale_dirs=100,
+            fio_bytes=args.fio_mib * MiB, fio_fsync_every=args.fio_fsync_every,
+            fio_seconds=args.fio_seconds,
             profile=args.profile, wsfs_args=args.wsfs_args.split(),
         )
         for wl in workloads:
@@ -1090,7 +1294,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"MiB; random {cfg.rand_writes:,}x4K into {cfg.rand_bytes // MiB} MiB, "
                       f"fsync every {cfg.fsync_every}; SQLite {cfg.sqlite_txns:,} txns; "
                       f"metadata {cfg.meta_files:,} files in {cfg.meta_dirs} dirs, rename "
-                      f"{cfg.rename_files:,}; scale {cfg.scale_files:,} files"),
+                      f"{cfg.rename_files:,}; scale {cfg.scale_files:,} files; fio "
+                      f"{cfg.fio_seconds} s of 4K random writes into {cfg.fio_bytes // MiB} "
+                      f"MiB, fsync every {cfg.fio_fsync_every}"),
             "wall time": f"{(time.time() - started) / 60:.1f} min",
         },
     }
@@ -1101,7 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stamp}.json").write_text(json.dumps({
         "meta": meta, "systems": systems,
         "steps": [{"key": s.key, "label": s.label} for s in STEPS],
-        "times": results.times, "rss_mb": results.rss}, indent=1))
+        "times": results.times, "rss_mb": results.rss, "cpu_s": results.cpu}, indent=1))
     has_chart = chart(results, systems, args.out / f"{stamp}.png")
     print(md)
     print(f"written: {args.out / stamp}.md, .json" + (", .png" if has_chart else ""))
