@@ -101,7 +101,7 @@ class Operations(NameOps, RangeOps):
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        found = self.meta.get_inode_blocks(int(inode))
+        found = self._meta_for(int(inode)).get_inode_blocks(int(inode))
         if found is None:
             raise FUSEError(errno.ENOENT)
         return self._attr(*found)
@@ -316,7 +316,7 @@ class Operations(NameOps, RangeOps):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        value = self.meta.get_xattr(int(inode), name)
+        value = self._meta_for(int(inode)).get_xattr(int(inode), name)
         if value is None:
             raise FUSEError(errno.ENOTSUP if _unsupported_xattr(name) else pyfuse3.ENOATTR)
         return value
@@ -324,7 +324,8 @@ class Operations(NameOps, RangeOps):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[pyfuse3.XAttrNameT]:
-        return [pyfuse3.XAttrNameT(n) for n in self.meta.list_xattrs(int(inode))]
+        meta = self._meta_for(int(inode))
+        return [pyfuse3.XAttrNameT(n) for n in meta.list_xattrs(int(inode))]
 
     async def removexattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
@@ -378,9 +379,13 @@ def _guarded(fn: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[ob
     return handler
 
 
-for _name in dir(Operations):
-    _fn = getattr(Operations, _name)
-    if _name not in ("forget",) and not _name.startswith("_") and inspect.iscoroutinefunction(
-        _fn
-    ):
-        setattr(Operations, _name, _guarded(_fn))
+def guard_handlers(cls: type[Operations], names: Iterable[str] | None = None) -> None:
+    """Wrap the handlers of `cls` in `_guarded`: every one it has (Operations, below), or
+    `names` only (a subclass's own: `vars(cls)`)."""
+    for name in dir(cls) if names is None else names:
+        fn = getattr(cls, name)
+        if name != "forget" and not name.startswith("_") and inspect.iscoroutinefunction(fn):
+            setattr(cls, name, _guarded(fn))
+
+
+guard_handlers(Operations)

@@ -216,6 +216,17 @@ class Base(pyfuse3.Operations):
         a.st_ctime_ns = node.ctime_ns
         return a
 
+    def _meta_for(self, ino: int) -> Metadata:
+        """The metadata that answers for inode `ino`'s attributes and contents: the mount's
+        (a read-only view answers for an open file from the checkpoint it was opened on:
+        fs/views.py)."""
+        return self.meta
+
+    def _block_now(self, ino: int, ref: BlockRef) -> BlockRef | None:
+        """Where block `ref.idx` of `ino` is now, when `ref` could not be read: None if the
+        file lost it meanwhile (a hole now), `ref` itself if nothing moved."""
+        return self.meta.blocks_in(ino, ref.idx, ref.idx).get(ref.idx)
+
     def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that hands the kernel a new reference to the inode."""
         self._lookups[node.id] += 1
@@ -266,6 +277,10 @@ class Base(pyfuse3.Operations):
 
     def _drop_blocks(self, refs: Sequence[BlockRef]) -> None:
         drop_blocks(self.meta, self.blocks, refs)
+
+    def _last_closed(self, ino: int) -> None:
+        """The last handle of `ino` was released."""
+        self._maybe_delete(ino)
 
     def _maybe_delete(self, ino: int) -> None:
         """Delete an inode once no entry names it, no handle holds it and the kernel forgot

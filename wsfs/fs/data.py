@@ -73,7 +73,7 @@ class DataOps(Base):
         self._open[ino] -= 1
         if self._open[ino] <= 0:
             del self._open[ino]
-            self._maybe_delete(ino)
+            self._last_closed(ino)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         """close(2) has nothing to tell this filesystem: the kernel writes the file's cached
@@ -94,7 +94,7 @@ class DataOps(Base):
         try:
             return await self.blocks.read(ref.id, ref.csum, ref.pack, offset, size)
         except BlockCorrupt as e:
-            now = self.meta.blocks_in(ino, ref.idx, ref.idx).get(ref.idx)
+            now = self._block_now(ino, ref)
             if now is None:  # dropped meanwhile: the hole the file has there now
                 return b""
             if now != ref:
@@ -118,12 +118,15 @@ class DataOps(Base):
         return data
 
     async def _read_range(self, fh: int, ino: int, off: int, size: int) -> bytes:
-        node = self._node(ino)
+        meta = self._meta_for(ino)
+        node = meta.get_inode(ino)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
         end = min(off + size, node.size)
         if off >= end:
             return b""
         first, last = off // self.bs, (end - 1) // self.bs
-        refs = self.meta.blocks_in(ino, first, last)
+        refs = meta.blocks_in(ino, first, last)
         misses = self.blocks.misses
         parts = []
         for idx in range(first, last + 1):
@@ -150,7 +153,7 @@ class DataOps(Base):
         if self.nursery is None or start >= stop:
             return
         self._ahead_to[fh] = stop
-        for ref in self.meta.blocks_in(ino, start, stop - 1).values():
+        for ref in self._meta_for(ino).blocks_in(ino, start, stop - 1).values():
             self.blocks.prefetch(self.nursery, ref.id, ref.csum, ref.pack)
 
     def _prefetch_siblings(self, ino: int) -> None:

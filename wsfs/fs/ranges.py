@@ -157,13 +157,17 @@ class RangeOps(DataOps):
             # Not under the inode's lock: the pages handed over arrive as writes, which
             # take it when it is held.
             await self.writeback()
-        size = self._node(ino).size
+        meta = self._meta_for(ino)
+        node = meta.get_inode(ino)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        size = node.size
         if offset < 0 or offset >= size:
             raise FUSEError(errno.ENXIO)
         idx = offset // self.bs
         if whence == os.SEEK_HOLE:
-            return min(size, max(offset, self.meta.next_hole(ino, idx) * self.bs))
-        found = self.meta.next_block(ino, idx)
+            return min(size, max(offset, meta.next_hole(ino, idx) * self.bs))
+        found = meta.next_block(ino, idx)
         if found is None or found * self.bs >= size:
             raise FUSEError(errno.ENXIO)
         return max(offset, found * self.bs)

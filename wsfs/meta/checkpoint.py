@@ -334,13 +334,17 @@ def read_manifest(store: ObjectStore, seq: int) -> Manifest:
 
 async def fetch(
     store: ObjectStore, seq: int, path: Path, limiter: trio.CapacityLimiter,
-    *, use_bundle: bool = True,
+    *, use_bundle: bool = True, have: tuple[Path, Manifest] | None = None,
 ) -> Manifest:
     """Download checkpoint `seq` into a database file at `path`, verifying every page.
 
     From its bundle when it has one (a few requests), else page by page; fsck passes
     `use_bundle=False`, since later checkpoints reuse the pages and so every one must be
     there. Each page is written at its offsets as it arrives, never held in memory whole.
+    `have`: a local copy of an earlier checkpoint and its manifest; the pages both share are
+    read from it (each checked against its hash: the copy may have been opened and changed
+    since) and only the others downloaded, page by page: a read-only mount that follows the
+    writer fetches what each checkpoint changed, not the whole database.
     """
     manifest = await trio.to_thread.run_sync(read_manifest, store, seq, limiter=limiter)
     order = manifest.distinct_pages()
@@ -365,6 +369,12 @@ async def fetch(
                 os.pwrite(fd, data, offset)
 
         fetched = False
+        if have is not None:
+            local = await trio.to_thread.run_sync(_copy_pages, have, order, offsets, fd,
+                                                  limiter=limiter)
+            if local:
+                order = [d for d in order if d not in local]
+                use_bundle = False  # most of it is here: the rest page by page
         if use_bundle and manifest.bundle is not None and len(manifest.bundle) == len(order):
             try:
                 await _fetch_bundle(store, seq, order, manifest.bundle, place, limiter)
@@ -394,6 +404,34 @@ async def fetch(
         os.close(fd)
     os.replace(tmp, path)
     return manifest
+
+
+def _copy_pages(have: tuple[Path, Manifest], wanted: list[str], offsets: dict[str, list[int]],
+                fd: int) -> set[str]:
+    """Write the pages of `wanted` that the local copy `have` holds intact at their
+    `offsets` in `fd`; return their digests (blocking)."""
+    path, manifest = have
+    at: dict[str, int] = {}
+    for i, digest in enumerate(manifest.pages):
+        at.setdefault(digest, i * PAGE_SIZE)
+    copied: set[str] = set()
+    try:
+        src = os.open(path, os.O_RDONLY)
+    except OSError:
+        return copied
+    try:
+        for digest in wanted:
+            if digest not in at:
+                continue
+            data = os.pread(src, PAGE_SIZE, at[digest])
+            if hashlib.sha256(data).hexdigest() != digest:
+                continue
+            for offset in offsets[digest]:
+                os.pwrite(fd, data, offset)
+            copied.add(digest)
+    finally:
+        os.close(src)
+    return copied
 
 
 async def _fetch_bundle(
