@@ -16,6 +16,7 @@ import trio
 from conftest import trio_wait_for
 
 from wsfs.blocks import BlockCache
+from wsfs.cachedir import CacheDir
 from wsfs.fs.views import View, ViewOperations
 from wsfs.meta import Metadata
 from wsfs.meta import checkpoint as ckpt
@@ -36,7 +37,7 @@ class Writer:
         self.store = CountingStore(tmp_path / "store")
         cache = tmp_path / "writer"
         cache.mkdir()
-        self.meta = Metadata(cache / "meta.db")
+        self.meta = Metadata(CacheDir(cache).meta_db)
         limiter = trio.CapacityLimiter(4)
         self.blocks = BlockCache(cache, self.store, block_size=BS, cache_size=1 << 26,
                                  dirty_limit=1 << 26, limiter=limiter)

@@ -4,7 +4,8 @@ what of it survives a crash.
 One cache dir per workspace and machine (`--cache-dir`, else config.default_cache_dir), mode
 0700, on a local filesystem (daemon/preflight.py refuses FUSE and network ones). The names
 below are the layout; `CacheDir(root)` gives each a name in code, and no other module spells
-them. Inside `dirty/`, `clean/`, `sync/` and the journal, the modules named own the format.
+them. Inside `dirty/`, `reserved/`, `clean/`, `sync/` and the journal, the modules named own the
+format.
 
     entry                   holds; written by                          after a crash
     ----------------------  -----------------------------------------  ----------------------
@@ -18,6 +19,9 @@ them. Inside `dirty/`, `clean/`, `sync/` and the journal, the modules named own 
                             ones); blocks/dirtyfiles.py, dirty.py      next mount uploads the
                                                                        ones the metadata awaits
                                                                        and deletes the others
+    reserved/<id>           disk space fallocate(2) set aside for a    deleted at the next
+                            file's holes, renamed into dirty/ by the   start
+                            first write there; blocks/reserved.py
     journal                 the bytes of small writes an fsync(2)      replayed into dirty/ at
                             covered, synced once (blocks/journal.py);  the next start
                             blocks/fsync.py
@@ -79,6 +83,10 @@ class CacheDir:
     @property
     def dirty(self) -> Path:
         return self.root / "dirty"
+
+    @property
+    def reserved(self) -> Path:
+        return self.root / "reserved"
 
     @property
     def journal(self) -> Path:
