@@ -18,7 +18,7 @@ from conftest import trio_wait_for
 from wsfs.blocks import BlockCache
 from wsfs.cachedir import CacheDir
 from wsfs.fs.views import View, ViewOperations
-from wsfs.meta import Metadata
+from wsfs.meta import Metadata, retention
 from wsfs.meta import checkpoint as ckpt
 from wsfs.meta.compare import changes
 from wsfs.meta.schema import ROOT
@@ -139,6 +139,16 @@ def test_a_newer_checkpoint_is_fetched_from_an_older_copy(tmp_path: Path) -> Non
     assert pages >= 20 and 1 <= w.store.page_gets <= 8, (pages, w.store.page_gets)
     assert path.read_bytes() == whole.read_bytes()
     w.close()
+
+
+@pytest.mark.layers
+def test_an_age_may_be_written_in_words() -> None:
+    now = 1_800_000_000.0
+    for text, seconds in (("2d ago", 2 * 86400), ("3 days ago", 3 * 86400), ("90m", 5400),
+                          ("90 minutes", 5400), ("1.5 hours ago", 5400), ("1 week", 604800),
+                          ("45 secs ago", 45)):
+        assert retention.parse_time(text, now) == now - seconds, text
+    assert retention.parse_time("3 parsecs ago", now) is None
 
 
 class Ctx:

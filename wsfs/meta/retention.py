@@ -187,16 +187,18 @@ def check_name(name: str) -> str:
     return name
 
 
+# An age in words, for --at: `3 days ago`, `90 minutes`, `1.5h`.
+_AGE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|"
+                     r"d|days?|w|weeks?)(?:\s+ago)?\s*", re.IGNORECASE)
+
+
 def parse_time(text: str, now: float) -> float | None:
     """A point in time from `text`: an ISO date or time (local time unless it says its zone:
-    `2024-05-01T14:30`, `2024-05-01 14:30:00+02:00`), or an age like `90m`, `2d ago`.
-    None if `text` is neither."""
-    m = re.fullmatch(r"\s*(\S+?)(?:\s+ago)?\s*", text)
-    if m and m.group(1) not in ("0", "forever"):
-        try:
-            return now - parse_duration(m.group(1))
-        except BadSchedule:
-            pass
+    `2024-05-01T14:30`, `2024-05-01 14:30:00+02:00`), or an age like `90m`, `2d ago`,
+    `3 days ago`. None if `text` is neither."""
+    m = _AGE_RE.fullmatch(text)
+    if m:
+        return now - float(m.group(1)) * UNITS[m.group(2)[0].lower()]
     try:
         return datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:
