@@ -51,6 +51,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "enospc_timeout": ("0", 0.0),
     "keep": ("1h+30d:1d", "1h+30d:1d"),
     "read_only": ("1", True),
+    "at": ("2h", "2h"),
+    "refresh": ("0.5", 0.5),
     "nonempty": ("1", True),
     "metrics": ("127.0.0.1:9100", "127.0.0.1:9100"),
     "force": ("1", True),

@@ -4,16 +4,25 @@ checkpoint while the view moves, without the kernel; then through real mounts.""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import os
+import random
+import shutil
 import stat
+import threading
 import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import pytest
 import trio
-from conftest import trio_wait_for
+from conftest import Workspace, trio_wait_for, wait_for
+from treecompare import assert_same, snapshot
 
 from wsfs.blocks import BlockCache
 from wsfs.cachedir import CacheDir
@@ -22,6 +31,7 @@ from wsfs.meta import Metadata, retention
 from wsfs.meta import checkpoint as ckpt
 from wsfs.meta.compare import changes
 from wsfs.meta.schema import ROOT
+from wsfs.runtime import force_unmount, is_mountpoint
 from wsfs.store import LocalStore
 from wsfs.sync.flusher import Flusher
 
@@ -230,3 +240,313 @@ def test_an_open_file_keeps_its_checkpoint_until_its_last_close(tmp_path: Path) 
     trio.run(main)
     blocks.close()
     w.close()
+
+
+# -- through real mounts ------------------------------------------------------------------
+
+def store_objects(ws: Workspace) -> dict[str, tuple[int, int, str]]:
+    """Every object of the workspace's file:// store: key -> (size, mtime, content hash)."""
+    root = ws.root / "store"
+    found = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            st = path.stat()
+            found[str(path.relative_to(root))] = (
+                st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
+@contextlib.contextmanager
+def view(ws: Workspace, name: str, *args: str, cache: Path | None = None) -> Iterator[Path]:
+    """A read-only mount of `ws`'s store on ROOT/`name` (`args`: --at, --refresh, ...), on
+    an empty cache dir of its own; unmounted (and its log checked) at the end."""
+    mnt = ws.root / name
+    mnt.mkdir(exist_ok=True)
+    cache = cache or ws.root / f"{name}-cache"
+    ws.wsfs("mount", ws.store_url, str(mnt), "-o", "ro", "--cache-dir", str(cache), *args)
+    try:
+        yield mnt
+        ws.wsfs("unmount", str(mnt))
+        assert not is_mountpoint(mnt)
+        bad = [line for line in CacheDir(cache).log.read_text().splitlines()
+               if " ERROR " in line or "Traceback" in line]
+        assert not bad, "the read-only mount logged errors:\n" + "\n".join(bad[:20])
+    finally:
+        force_unmount(mnt)
+
+
+def view_status(cache: Path) -> dict[str, Any]:
+    return CacheDir(cache).read_status()
+
+
+def refused(path: Path) -> list[str]:
+    """The writes at `path` (a directory holding the file `f`) that were not refused with
+    EROFS."""
+    attempts: dict[str, Callable[[], object]] = {
+        "create": lambda: (path / "new").write_bytes(b"x"),
+        "open for writing": lambda: os.close(os.open(path / "f", os.O_WRONLY)),
+        "truncate": lambda: os.truncate(path / "f", 0),
+        "unlink": lambda: (path / "f").unlink(),
+        "mkdir": lambda: (path / "dir").mkdir(),
+        "rename": lambda: (path / "f").rename(path / "g"),
+        "chmod": lambda: (path / "f").chmod(0o600),
+        "utime": lambda: os.utime(path / "f", (1, 1)),
+        "setxattr": lambda: os.setxattr(path / "f", "user.x", b"1"),
+        "symlink": lambda: (path / "new-link").symlink_to("f"),
+    }
+    let_through = []
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                continue
+        let_through.append(what)
+    return let_through
+
+
+def build(mnt: Path) -> None:
+    """A small tree with every kind of thing a checkpoint holds."""
+    d = mnt / "tree"
+    (d / "sub").mkdir(parents=True)
+    (d / "f").write_bytes(b"first\n")
+    (d / "big.bin").write_bytes(os.urandom(3 * BS + 123))
+    (d / "sub" / "script.sh").write_text("#!/bin/sh\necho hi\n")
+    (d / "sub" / "script.sh").chmod(0o750)
+    (d / "private").write_text("secret\n")
+    (d / "private").chmod(0o600)
+    os.utime(d / "private", ns=(1_500_000_000_123_456_789, 1_400_000_000_987_654_321))
+    (d / "link").symlink_to("sub/script.sh")
+    os.link(d / "f", d / "hardlink")
+    os.setxattr(d / "f", "user.note", b"kept")
+    with open(d / "sparse", "wb") as out:
+        out.truncate(5 * BS)
+        out.seek(2 * BS)
+        out.write(b"middle")
+
+
+@pytest.mark.timeout(300)
+def test_a_past_checkpoint_mounts_read_only_on_an_empty_cache(ws: Workspace) -> None:
+    """`-o ro --at WHEN` shows the checkpoint WHEN names, exactly, on an empty cache, with
+    no lease, beside the writer (which keeps its lease and goes on publishing); writes get
+    EROFS. WHEN as a number, a snapshot name and a time between two checkpoints."""
+    mnt = ws.mount()
+    build(mnt)
+    ws.wsfs("sync", str(mnt))
+    past = ws.status()["checkpoint"]
+    expected = snapshot(mnt / "tree")
+    between = datetime.now().isoformat(timespec="microseconds")
+    ws.wsfs("snapshot", "create", str(mnt), "before-cleanup")
+    shutil.rmtree(mnt / "tree" / "sub")
+    (mnt / "tree" / "f").write_bytes(b"changed\n")
+    (mnt / "tree" / "added").write_text("later\n")
+    ws.wsfs("sync", str(mnt))
+    assert ws.status()["checkpoint"] > past
+    lease = (ws.root / "store" / "lease").read_bytes()
+    for n, when in enumerate((str(past), "before-cleanup", between)):
+        start = time.monotonic()
+        with view(ws, f"past-{n}", "--at", when) as old:
+            mounted = time.monotonic() - start
+            assert view_status(ws.root / f"past-{n}-cache")["view"]["checkpoint"] == past
+            assert_same(expected, snapshot(old / "tree"), what=f"--at {when}",
+                        ignore=("atime_ns",))  # (the writer's reads since may set atimes)
+            assert refused(old / "tree") == []
+            print(f"--at {when}: mounted in {mounted:.2f}s, read in "
+                  f"{time.monotonic() - start - mounted:.2f}s")
+    assert (ws.root / "store" / "lease").read_bytes() == lease  # the writer's, untouched
+    (mnt / "tree" / "after").write_text("the writer goes on\n")
+    ws.wsfs("sync", str(mnt))
+    assert not ws.status()["fenced"]
+    ws.unmount()
+
+
+def test_a_read_only_mount_writes_nothing_to_the_store(ws: Workspace) -> None:
+    """No lease, no manifest, no HEAD, no repack, no thinning: the store's objects are the
+    same, byte for byte and by mtime, after a read-only mount that read everything, with
+    short repack and refresh intervals."""
+    mnt = ws.mount()
+    build(mnt)
+    for i in range(200):  # packs, most of them then dead: a writer would repack them
+        (mnt / "tree" / f"small-{i}").write_bytes(os.urandom(2000))
+    ws.wsfs("sync", str(mnt))
+    for i in range(190):
+        (mnt / "tree" / f"small-{i}").unlink()
+    ws.unmount()
+    before = store_objects(ws)
+    assert "lease" not in before
+    saved, ws.env = ws.env, {**ws.env, "WSFS_REPACK_INTERVAL": "0.1"}
+    try:
+        with view(ws, "reader", "--refresh", "0.1") as ro:
+            snapshot(ro)  # every byte read
+            ws.wsfs("sync", str(ro))  # a look at meta/HEAD, at once
+    finally:
+        ws.env = saved
+    assert store_objects(ws) == before
+
+
+def test_bad_whens_mount_nothing(ws: Workspace) -> None:
+    mnt = ws.mount()
+    (mnt / "f").write_text("x")
+    ws.unmount()
+    target = ws.root / "ro"
+    target.mkdir()
+    cache = ws.root / "ro-cache"
+    for when, said in (("999", "checkpoint 999 is not kept"),
+                       ("2h ago", "before the first kept checkpoint"),
+                       ("2999-01-01T00:00", "is in the future"),
+                       ("no-such-snapshot", "there is no snapshot named"),
+                       ("yesterday-ish!", "is neither a checkpoint number")):
+        result = ws.wsfs("mount", ws.store_url, str(target), "--at", when,
+                         "--cache-dir", str(cache), check=False)
+        assert result.returncode == 2, (when, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and said in lines[0], (when, result.stderr)
+        assert not is_mountpoint(target) and not cache.exists()
+    before = store_objects(ws)
+    result = ws.wsfs("mount", ws.store_url, str(target), "-o", "ro", "--init", check=False)
+    assert result.returncode == 2 and "--init" in result.stderr
+    assert store_objects(ws) == before
+
+
+def test_a_read_only_mount_and_a_writer_never_share_a_cache_dir(ws: Workspace) -> None:
+    mnt = ws.mount()
+    target = ws.root / "ro"
+    target.mkdir()
+    result = ws.wsfs("mount", ws.store_url, str(target), "-o", "ro", "--cache-dir",
+                     str(ws.cache_dir), check=False)
+    assert result.returncode == 6 and "read-write mount's" in result.stderr, result.stderr
+    ws.unmount()
+    with view(ws, "ro"):
+        pass
+    result = ws.wsfs("mount", ws.store_url, str(mnt), "--cache-dir",
+                     str(ws.root / "ro-cache"), check=False)
+    assert result.returncode == 6 and "read-only mount's" in result.stderr, result.stderr
+
+
+def test_an_open_file_keeps_its_checkpoint_through_a_real_mount(ws: Workspace) -> None:
+    """A follower moves names, listings and closed files to each newer checkpoint (the
+    kernel's cached entries, misses and pages dropped), while a file open on the older one
+    reads that version, through any handle, until its last close."""
+    mnt = ws.mount()
+    (mnt / "f").write_bytes(b"A" * (BS + BS // 2))
+    (mnt / "g").write_text("old g\n")
+    ws.wsfs("sync", str(mnt))
+    with view(ws, "follower", "--refresh", "0") as ro:  # it moves at `wsfs sync` only
+        cache = ws.root / "follower-cache"
+        assert not (ro / "new").exists()  # a miss the kernel caches
+        assert (ro / "g").read_text() == "old g\n"  # pages the kernel caches
+        first = open(ro / "f", "rb")  # noqa: SIM115 - held across the move
+        assert first.read(BS) == b"A" * BS
+        with open(mnt / "f", "r+b") as w:  # rewritten in place: the same inode, longer
+            w.write(b"B" * 2 * BS)
+        (mnt / "g").write_text("new g\n")
+        (mnt / "new").write_text("new\n")
+        ws.wsfs("sync", str(mnt))
+        seq = ws.status()["checkpoint"]
+        ws.wsfs("sync", str(ro))
+        assert view_status(cache)["view"]["checkpoint"] == seq
+        said = ws.wsfs("status", str(ro)).stdout
+        assert f"read-only:   checkpoint #{seq}" in said and "no lease" in said, said
+        assert (ro / "new").read_text() == "new\n"
+        assert (ro / "g").read_text() == "new g\n"
+        assert first.read() == b"A" * (BS // 2)  # the rest, as it was
+        assert os.fstat(first.fileno()).st_size == os.stat(ro / "f").st_size == BS + BS // 2
+        with open(ro / "f", "rb") as second:  # opened meanwhile: the same version
+            assert second.read() == b"A" * (BS + BS // 2)
+        first.close()  # (the kernel sends its release after close(2) returns)
+        wait_for("the last close", lambda: view_status(cache)["view"]["older_open"] == 0)
+        assert (ro / "f").stat().st_size == 2 * BS
+        assert (ro / "f").read_bytes() == b"B" * 2 * BS
+    ws.unmount()
+
+
+GROUP = 6  # files per generation
+TOTAL = 6000  # what each generation's files sum to
+
+
+def write_generations(mnt: Path, stop: threading.Event, done: list[int]) -> None:
+    """The writer's invariant, kept across files as a local filesystem keeps it: each
+    generation is a new directory of GROUP files summing to TOTAL, every file fsynced, then
+    made current by one atomic rename of a symlink; the oldest generations are deleted."""
+    rng = random.Random(7)
+    g = 0
+    while not stop.is_set():
+        g += 1
+        d = mnt / f"gen-{g}"
+        d.mkdir()
+        cuts = sorted(rng.randrange(TOTAL + 1) for _ in range(GROUP - 1))
+        values = [b - a for a, b in zip([0, *cuts], [*cuts, TOTAL], strict=True)]
+        for i, value in enumerate(values):
+            with open(d / f"part-{i}", "wb") as f:
+                f.write(f"{g} {value}\n".encode() + os.urandom(rng.randrange(1, 200_000)))
+                os.fsync(f.fileno())
+        (mnt / "current.tmp").symlink_to(d.name)
+        os.rename(mnt / "current.tmp", mnt / "current")
+        done.append(g)
+        if g > 8:
+            shutil.rmtree(mnt / f"gen-{g - 8}")
+
+
+def read_generation(ro: Path) -> int | None:
+    """The generation `current` names, its files all opened before any is read, checked
+    against the writer's invariant; None if it was deleted meanwhile (the view moved on)."""
+    try:
+        gen = int(os.readlink(ro / "current").removeprefix("gen-"))
+        files = [open(ro / f"gen-{gen}" / f"part-{i}", "rb") for i in range(GROUP)]  # noqa: SIM115
+    except FileNotFoundError:
+        return None
+    try:
+        heads = [f.readline().split() for f in files]
+        rests = [f.read() for f in files]
+    finally:
+        for f in files:
+            f.close()
+    assert all(int(h[0]) == gen for h in heads), f"generation {gen} shows {heads}"
+    assert sum(int(h[1]) for h in heads) == TOTAL, f"generation {gen} is torn: {heads}"
+    assert all(rests), f"generation {gen} has an empty file"
+    return gen
+
+
+@pytest.mark.timeout(300)
+def test_a_follower_beside_a_busy_writer_never_shows_a_torn_state(ws: Workspace) -> None:
+    """The follower reads what the writer keeps true across files (each generation sums to
+    TOTAL) while the writer works flat out, for 20 s: never a torn generation, never a step
+    back, and it moves to new data within its refresh period."""
+    mnt = ws.mount(flush_delay=0.5)
+    stop, done = threading.Event(), list[int]()
+    writer = threading.Thread(target=write_generations, args=(mnt, stop, done))
+    writer.start()
+    refresh = 1.0
+    try:
+        wait_for("a first generation", lambda: len(done) >= 1)
+        ws.wsfs("sync", str(mnt))
+        with view(ws, "follower", "--refresh", str(refresh)) as ro:
+            seen: list[int] = []
+            gone = 0
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                gen = read_generation(ro)
+                if gen is None:
+                    gone += 1
+                    continue
+                assert not seen or gen >= seen[-1], f"back from {seen[-1]} to {gen}"
+                seen.append(gen)
+            stop.set()
+            writer.join()
+            ws.wsfs("sync", str(mnt))
+            last, published = done[-1], time.monotonic()
+            wait_for("the follower at the last generation",
+                     lambda: read_generation(ro) == last, timeout=refresh + 10)
+            lag = time.monotonic() - published
+            moves = view_status(ws.root / "follower-cache")["view"]["moves"]
+            print(f"{len(seen)} consistent reads of {len(set(seen))} generations "
+                  f"({gone} gone while opened) out of {last} written; {moves} moves; "
+                  f"the last one shown {lag:.2f}s after its sync returned")
+            assert len(set(seen)) >= 5 and moves >= 5
+            assert lag < refresh + 5
+    finally:
+        stop.set()
+        writer.join()
+    assert not ws.status()["fenced"]
+    ws.unmount()

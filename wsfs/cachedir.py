@@ -58,6 +58,14 @@ Beside it, `<root>.stale-<time>`: a cache dir moved aside whole because the stor
 on without it (daemon/workspace.py); its files the store never got come back as conflict
 copies (daemon/conflicts.py, `wsfs recover`).
 
+A read-only mount (`wsfs mount -o ro`, daemon/view.py) has a cache dir of its own kind,
+under `views/` beside the default ones: `view.json` (the store it shows, and the boot it was
+last used in) instead of meta.db, `views/<seq>.db` (each checkpoint it serves: the newest it
+fetched, and an older one while a file opened on it stays open; copies, never published),
+and `clean/`, `lock`, `status.json`, `wsfs.log`, `sync/` as above. `wsfs mount` refuses a
+writer's cache dir for a read-only mount and the reverse: a writer's holds what no
+checkpoint has yet.
+
 A missing meta.db makes everything that belonged to the metadata (`CacheDir.of_the_metadata`)
 a leftover of no checkpoint we know: it is deleted before a checkpoint is fetched.
 """
@@ -120,6 +128,15 @@ class CacheDir:
     def prefetch_part(self) -> Path:
         """What meta/checkpoint.py's fetch writes before it renames it to `prefetch`."""
         return self.root / "prefetch.part"
+
+    @property
+    def view(self) -> Path:
+        """A read-only mount's cache dir holds this instead of meta.db (daemon/view.py)."""
+        return self.root / "view.json"
+
+    @property
+    def views(self) -> Path:
+        return self.root / "views"
 
     @property
     def lock(self) -> Path:

@@ -34,6 +34,8 @@ class MountConfig:
     read_timeout: float
     enospc_timeout: float
     read_only: bool
+    at: str | None  # read-only: the past state to mount, as given (WHEN)
+    refresh: float  # read-only, following: seconds between looks for a newer checkpoint
     nonempty: bool
     metrics: str | None  # ADDR:PORT of the Prometheus endpoint, off when None
     force: bool
@@ -57,6 +59,15 @@ def default_cache_dir(store_url: str) -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
     return root / "wsfs" / key
+
+
+def default_view_cache_dir(store_url: str, mountpoint: Path) -> Path:
+    """A read-only mount's own cache dir (`wsfs mount -o ro`): `views/<hash of the store URL
+    and the mountpoint>` beside the writers' default ones, never a writer's (which holds the
+    metadata and data no checkpoint has yet), and one per mountpoint, so that views of one
+    store can be mounted side by side."""
+    key = hashlib.sha256(f"{store_url}\0{mountpoint}".encode()).hexdigest()[:16]
+    return default_cache_dir(store_url).parent / "views" / key
 
 
 def parse_seconds(text: str, *, signed: bool = False) -> float:

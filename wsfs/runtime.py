@@ -63,8 +63,10 @@ def registry_path(mountpoint: Path) -> Path:
     return RUN_DIR / f"{key}.json"
 
 
-def write_registry(mountpoint: Path, cache_dir: Path, store_url: str) -> None:
-    """Record this process as the daemon serving `mountpoint`.
+def write_registry(mountpoint: Path, cache_dir: Path, store_url: str, *,
+                   view: bool = False) -> None:
+    """Record this process as the daemon serving `mountpoint` (`view`: a read-only mount of
+    a checkpoint, which no `remount,rw` makes writable).
 
     Readable by all, unlike the daemon's other files (its umask is 077): it says no more than
     /proc/self/mounts, and lets any user's `wsfs status` list the mount."""
@@ -76,7 +78,7 @@ def write_registry(mountpoint: Path, cache_dir: Path, store_url: str) -> None:
         os.fchmod(fd, 0o644)
         f.write(json.dumps({"pid": os.getpid(), "pid_start": process_start(os.getpid()),
                             "mountpoint": str(mountpoint), "cache_dir": str(cache_dir),
-                            "store": store_url}))
+                            "store": store_url, **({"view": True} if view else {})}))
 
 
 def read_registry(path: Path) -> dict[str, Any] | None:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..cachedir import CacheDir
-from ..config import MountConfig, default_cache_dir
+from ..config import MountConfig, default_cache_dir, default_view_cache_dir
 from ..daemon.metrics import parse_address
 from ..daemon.preflight import check_cache_location, check_fuse
-from ..daemon.serve import run_daemon
-from ..errors import MountError, WsfsError
+from ..daemon.serve import Daemon, run_daemon
+from ..daemon.view import ViewDaemon
+from ..errors import MountError, UsageError, WsfsError
 from ..runtime import canonical_mountpoint, is_mountpoint
 from ..store import open_store
 from .handover import wait_for_previous_daemon
@@ -52,14 +53,27 @@ def check_mountpoint(cfg: MountConfig) -> None:
         )
 
 
+def check_read_only(cfg: MountConfig) -> None:
+    """`--at` mounts read-only; a read-only mount takes no lease and creates nothing."""
+    if cfg.at is not None:
+        cfg.read_only = True
+    if cfg.read_only and cfg.init:
+        raise UsageError("a read-only mount cannot create a workspace; drop --init (or ro)")
+    if cfg.read_only and cfg.force:
+        raise UsageError("a read-only mount takes no lease, so --force has nothing to take "
+                         "over; drop it")
+
+
 def check_cache_dir(cfg: MountConfig) -> tuple[Path, bool]:
     """The cache dir, made (0700) if missing and private if it was not; and whether this
     mount made it. Where it would live is checked before anything is created there."""
-    cache = cfg.cache_dir or default_cache_dir(cfg.store_url)
+    cache = cfg.cache_dir or (default_view_cache_dir(cfg.store_url, cfg.mountpoint)
+                              if cfg.read_only else default_cache_dir(cfg.store_url))
     cache = cache.absolute()
     mp = cfg.mountpoint
     if cache == mp or mp in cache.parents:
         raise MountError(f"the cache dir {cache} must not be inside the mountpoint {mp}")
+    check_cache_kind(cache, cfg)
     check_cache_location(cache)
     made = not cache.exists()
     try:
@@ -73,6 +87,27 @@ def check_cache_dir(cfg: MountConfig) -> tuple[Path, bool]:
         ) from None
     make_private(cache)
     return cache, made
+
+
+def check_cache_kind(cache: Path, cfg: MountConfig) -> None:
+    """A read-only mount never uses a writer's cache dir (it holds what no checkpoint has
+    yet, and the next writable mount must find it as it was), nor a writer a read-only
+    mount's (cachedir.py)."""
+    dirs = CacheDir(cache)
+    if cfg.read_only and dirs.meta_db.exists():
+        raise MountError(f"the cache dir {cache} is a read-write mount's; a read-only mount "
+                         "needs one of its own: leave --cache-dir out, or name a new directory")
+    if not cfg.read_only and dirs.view.exists():
+        raise MountError(f"the cache dir {cache} is a read-only mount's; mount read-write with "
+                         "a cache dir of its own: leave --cache-dir out, or name a new directory")
+    if cfg.read_only and dirs.view.exists():
+        try:
+            store = json.loads(dirs.view.read_text()).get("store")
+        except (OSError, ValueError):
+            store = None
+        if store is not None and store != cfg.store_url:
+            raise MountError(f"the cache dir {cache} is a read-only mount's of {store}, not "
+                             f"{cfg.store_url}; leave --cache-dir out, or name a new directory")
 
 
 def make_private(cache: Path) -> None:
@@ -123,6 +158,7 @@ def prepare(cfg: MountConfig) -> tuple[Path, bool]:
     failure over the ready pipe with its exit code, as one sentence like these. Reaching it
     here too made every mount pay twice for an S3 client and two round trips.
     """
+    check_read_only(cfg)
     if cfg.metrics:
         check_metrics_address(cfg.metrics)
     open_store(cfg.store_url, endpoint_url=cfg.endpoint_url, region=cfg.region)
@@ -134,11 +170,16 @@ def prepare(cfg: MountConfig) -> tuple[Path, bool]:
     return cache_dir, made
 
 
+def daemon_kind(cfg: MountConfig) -> type[Daemon]:
+    """A read-only mount's daemon takes no lease and serves a checkpoint (daemon/view.py)."""
+    return ViewDaemon if cfg.read_only else Daemon
+
+
 def mount(cfg: MountConfig) -> None:
     """`wsfs mount`: returns once the filesystem serves (or serves until unmounted)."""
     cache_dir, made = prepare(cfg)
     if cfg.foreground:
-        run_daemon(cfg, cache_dir, None, made)
+        run_daemon(cfg, cache_dir, None, made, kind=daemon_kind(cfg))
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -147,7 +188,7 @@ def mount(cfg: MountConfig) -> None:
         os.setsid()
         code = 0
         try:
-            run_daemon(cfg, cache_dir, write_end, made)
+            run_daemon(cfg, cache_dir, write_end, made, kind=daemon_kind(cfg))
         except SystemExit as e:
             code = int(e.code or 0)
         except BaseException:

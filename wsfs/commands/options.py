@@ -72,6 +72,14 @@ def parse_dir(text: str, what: str) -> Path:
     return Path(text)
 
 
+def parse_when(text: str, what: str) -> str:
+    """A past state, as `--at` names it (meta/retention.py resolves it against the store)."""
+    if not text.strip():
+        raise UsageError(f"{what} needs a checkpoint number, a snapshot name, a time or an "
+                         "age, not an empty value")
+    return text.strip()
+
+
 def parse_label(text: str, what: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -207,7 +215,16 @@ OPTIONS = (
            "than AGE, or AGE:EVERY the newest of each EVERY-long period younger than AGE, "
            "terms joined by + (units s m h d w; 0: only the newest); named snapshots stay "
            "too", "SCHEDULE", parse=parse_keep, default="15m+48h:1h+30d:1d"),
-    Option("read_only", "mount read-only", None, o_key="ro", o_off="rw"),
+    Option("read_only", "mount read-only, without the lease, anywhere (beside the writer "
+           "too): the newest checkpoint, followed as the writer publishes (or --at's)", None,
+           o_key="ro", o_off="rw"),
+    Option("at", "mount read-only the past state WHEN names: a checkpoint number (#12), a "
+           "snapshot name, a time (2024-05-01T14:30) or an age (90m, 2d ago), which picks the "
+           "newest checkpoint at or before it", "WHEN", parse=parse_when,
+           default_doc="the newest, followed"),
+    Option("refresh", "seconds between a read-only mount's looks for a newer checkpoint "
+           "(0: it stays on the one it mounted)", "SECONDS", parse=parse_seconds,
+           default="5"),
     Option("nonempty", "mount over a non-empty MOUNTPOINT, hiding its files", None),
     Option("metrics", "serve Prometheus metrics on http://ADDR:PORT/metrics", "ADDR:PORT",
            default_doc="off"),

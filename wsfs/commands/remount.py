@@ -7,8 +7,8 @@ with MS_REMOUNT first syncs the filesystem (the dirty pages it holds go to the d
 uploads them as usual) and then sets the flags; on a read-only superblock the VFS refuses
 every write, create, unlink, setattr, ... with EROFS before it reaches the daemon, and a
 switch to read-only is refused (EBUSY) while a file is open for writing. So the helper makes
-that mount(2) call itself, and the daemon only has to notice, at the first write that reaches
-it, that a mount it started read-only was switched to read-write (`Operations`).
+that mount(2) call itself. A mount started read-only (`-o ro`) is a view of the workspace's
+checkpoints without the lease (daemon/view.py): it is never switched to read-write.
 
 The options the helper gets are the fstab line's (when mount(8) found one) or the mount's
 current ones, plus the command line's. Each kernel flag not named keeps the mount's current
@@ -23,9 +23,10 @@ import ctypes
 import errno
 import os
 from collections.abc import Set as AbstractSet
+from pathlib import Path
 
 from ..errors import MountError, UsageError
-from ..runtime import wsfs_mount_options
+from ..runtime import read_registry, registry_path, wsfs_mount_options
 from . import options
 from .mount8 import last_of
 
@@ -83,6 +84,11 @@ def remount(target: str, opts: list[str], request: list[str]) -> None:
     if mounted is None:
         raise MountError(f"{target} is not a wsfs mount: nothing to remount")
     flags = remount_flags(opts, request, mounted)
+    reg = read_registry(registry_path(Path(target)))
+    if reg is not None and reg.get("view") and not flags & MS_RDONLY:
+        raise MountError(f"{target} is a read-only mount of the workspace's checkpoints "
+                         "(mounted with ro): it cannot be switched to read-write; unmount it "
+                         "and mount it without ro")
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(None, os.fsencode(target), None, ctypes.c_ulong(flags), None) == 0:
         return

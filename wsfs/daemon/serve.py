@@ -655,11 +655,12 @@ def fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
 
 
 def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,
-               made: bool = False) -> None:
+               made: bool = False, kind: type[Daemon] = Daemon) -> None:
     """Run the mount in this process until it is unmounted and flushed.
 
     `made`: `wsfs mount` created the cache dir for this mount; a start that fails before
-    serving removes it again, leaving nothing behind.
+    serving removes it again, leaving nothing behind. `kind`: the daemon (a read-only
+    mount's is daemon/view.py's).
     """
     # Private by default: the cache dir holds every file name, the data and the logs.
     os.umask(0o077)
@@ -667,7 +668,7 @@ def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,
     favour_the_fuse_thread()
     # `wsfs sync`'s signal must never kill the daemon, even outside the signal watcher's life.
     signal.signal(control.SYNC_SIGNAL, signal.SIG_IGN)
-    daemon = Daemon(cfg, cache_dir, ready_fd)
+    daemon = kind(cfg, cache_dir, ready_fd)
     try:
         trio.run(daemon.serve)
     except WsfsError as e:

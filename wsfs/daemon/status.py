@@ -126,6 +126,8 @@ def format_status(st: dict[str, Any]) -> str:
             head += f", up {human_seconds(now - float(st['started']))}"
         head += ")"
     lines = [head, f"  store:       {st.get('store')}", f"  cache dir:   {st.get('cache_dir')}"]
+    if st.get("view"):
+        return "\n".join(lines + _view_lines(st, st["view"], now))
     if "dirty_bytes" not in st:
         return "\n".join(lines)
     lines.append(f"  unsaved:     {human_bytes(st['dirty_bytes'])} in {st['dirty_blocks']} "
@@ -166,6 +168,34 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("metrics"):
         lines.append(f"  metrics:     http://{st['metrics']}/metrics")
     return "\n".join(lines)
+
+
+def _view_lines(st: dict[str, Any], view: dict[str, Any], now: float) -> list[str]:
+    """A read-only mount's (daemon/view.py): which checkpoint it shows, and how it follows."""
+    shown = f"  read-only:   checkpoint #{view.get('checkpoint')}"
+    if view.get("published"):
+        shown += f", published {human_seconds(now - float(view['published']))} ago"
+    if not view.get("following"):
+        shown += f" (--at {view.get('at')}); no lease"
+        lines = [shown]
+    else:
+        shown += "; follows the writer, no lease"
+        look = f"  follows:     a look every {human_seconds(float(view.get('refresh') or 0))}"
+        if not view.get("refresh"):
+            look = "  follows:     at `wsfs sync` only (--refresh 0)"
+        if view.get("looked"):
+            look += f", the last {human_seconds(now - float(view['looked']))} ago"
+        look += f"; {view.get('moves', 0)} moves"
+        if view.get("error"):
+            look += f"; failing: {view['error']}"
+        lines = [shown, look]
+    if view.get("older_open"):
+        lines.append(f"  open files:  some still read {view['older_open']} older checkpoints "
+                     "(each until it is closed)")
+    lines.append(f"  cache:       {human_bytes(st.get('cache_bytes', 0))} of "
+                 f"{human_bytes(st.get('cache_limit', 0))} "
+                 f"({st.get('cache_hits', 0)} hits, {st.get('cache_misses', 0)} misses)")
+    return lines
 
 
 def _fencing_lines(st: dict[str, Any]) -> list[str]:

@@ -188,6 +188,10 @@ class ViewOperations(Operations):
         if self.retire is not None:
             self.retire(view)
 
+    def pinned_views(self) -> list[View]:
+        """The older views files still open read (each until its last one is closed)."""
+        return [v for v in self._pins if v is not self.view]
+
     # -- moving to a newer checkpoint ------------------------------------------------------
 
     def switch(self, view: View, changes: Changes) -> None:
