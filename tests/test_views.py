@@ -22,6 +22,8 @@ import pyfuse3
 import pytest
 import trio
 from conftest import Workspace, trio_wait_for, wait_for
+from faultproxy import FaultProxy
+from s3servers import S3Server
 from treecompare import assert_same, snapshot
 
 from wsfs.blocks import BlockCache
@@ -549,4 +551,51 @@ def test_a_follower_beside_a_busy_writer_never_shows_a_torn_state(ws: Workspace)
         stop.set()
         writer.join()
     assert not ws.status()["fenced"]
+    ws.unmount()
+
+
+def test_read_only_mounts_on_every_kind_of_store(any_ws: Workspace) -> None:
+    """A past state and a follower over S3 (moto, rclone serve s3) as over file://."""
+    ws = any_ws
+    mnt = ws.mount()
+    data = os.urandom(BS + BS // 2)
+    (mnt / "f").write_bytes(data)
+    ws.wsfs("sync", str(mnt))
+    past = ws.status()["checkpoint"]
+    (mnt / "f").unlink()
+    (mnt / "g").write_text("g\n")
+    ws.wsfs("sync", str(mnt))
+    with view(ws, "past", "--at", str(past)) as old:
+        assert (old / "f").read_bytes() == data and not (old / "g").exists()
+    with view(ws, "live", "--refresh", "0") as live:
+        assert (live / "g").read_text() == "g\n" and not (live / "f").exists()
+        (mnt / "h").write_text("h\n")
+        ws.wsfs("sync", str(mnt))
+        ws.wsfs("sync", str(live))
+        assert (live / "h").read_text() == "h\n"
+    ws.unmount()
+
+
+def test_a_follower_rides_out_a_store_outage(proxied: tuple[Workspace, FaultProxy],
+                                             moto_server: S3Server) -> None:
+    """The follower's store fails: it goes on serving the checkpoint it shows (what it
+    cached reads on), says so in its status, and catches up once the store answers."""
+    ws, proxy = proxied
+    through_proxy = ws.env
+    ws.env = {**through_proxy, "AWS_ENDPOINT_URL": moto_server.endpoint_url}
+    mnt = ws.mount()  # the writer reaches the store directly
+    (mnt / "f").write_text("f\n")
+    ws.wsfs("sync", str(mnt))
+    ws.env = through_proxy
+    cache = ws.root / "live-cache"
+    with view(ws, "live", "--refresh", "0.2") as live:
+        assert (live / "f").read_text() == "f\n"
+        proxy.errors(1.0)
+        (mnt / "g").write_text("g\n")
+        ws.wsfs("sync", str(mnt))
+        wait_for("the failing look", lambda: view_status(cache)["view"]["error"] is not None)
+        assert (live / "f").read_text() == "f\n" and not (live / "g").exists()
+        proxy.pass_through()
+        wait_for("the catch-up", lambda: (live / "g").exists(), timeout=60)
+        wait_for("the status", lambda: view_status(cache)["view"]["error"] is None)
     ws.unmount()

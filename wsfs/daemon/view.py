@@ -228,12 +228,16 @@ class ViewDaemon(Daemon):
         ops = self.view_ops
         assert ops is not None
         async with self._looking:
+            failing, self.look_error = self.look_error, None
             try:
                 seq = await trio.to_thread.run_sync(ckpt.read_head, store, limiter=limiter)
-                self.looked, self.look_error = time.time(), None
+                self.looked = time.time()
+                if failing is not None:
+                    log.info("the store answers again")
                 current = ops.view
                 if seq is None or seq == current.seq:
                     return
+                start = time.monotonic()
                 view = await self._open_view(store, seq, limiter, have=current)
                 try:
                     found = await trio.to_thread.run_sync(
@@ -244,11 +248,13 @@ class ViewDaemon(Daemon):
                     raise
                 ops.switch(view, found)
                 self.moved = time.time()
-                log.info("moved to checkpoint %d (%d inodes, %d entries changed)", seq,
-                         len(found.inodes), len(found.entries))
-            except (OSError, ckpt.CorruptCheckpoint, KeyError, ValueError) as e:
-                self.look_error = str(e) or type(e).__name__
-                log.warning("cannot move to the newest checkpoint yet: %s", self.look_error)
+                log.info("moved to checkpoint %d in %.2fs (%d inodes, %d entries changed)",
+                         seq, time.monotonic() - start, len(found.inodes), len(found.entries))
+            except Exception as e:  # an outage, a checkpoint thinned meanwhile, a full disk
+                self.look_error = f"{type(e).__name__}: {e}"
+                if self.look_error != failing:  # (once, not at every look)
+                    log.warning("cannot move to the newest checkpoint yet (checkpoint %d stays "
+                                "shown): %s", ops.view.seq, self.look_error)
 
     async def _answer_sync_requests(self) -> None:
         """`wsfs sync` on a read-only mount: look for a newer checkpoint now."""
