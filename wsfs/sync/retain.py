@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 
 import trio
 
+from ..config import env_seconds
 from ..meta import Metadata
 from ..meta.checkpoint import Manifest
 from ..meta.db import garbage_runs
@@ -45,10 +45,7 @@ DEFAULT_INTERVAL = 60.0  # seconds between thinning passes, at least
 
 def default_interval() -> float:
     """$WSFS_THIN_INTERVAL (tests use 0), else DEFAULT_INTERVAL."""
-    try:
-        return max(0.0, float(os.environ.get("WSFS_THIN_INTERVAL", DEFAULT_INTERVAL)))
-    except ValueError:
-        return DEFAULT_INTERVAL
+    return env_seconds("WSFS_THIN_INTERVAL", DEFAULT_INTERVAL)
 
 
 class Retention:
