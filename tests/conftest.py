@@ -8,6 +8,7 @@ daemon logged an error or a traceback it did not expect.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -145,6 +146,20 @@ class Workspace:
             with contextlib.suppress(ProcessLookupError):
                 if not until(lambda: not pid_alive(pid), timeout=20):
                     os.kill(pid, signal.SIGKILL)
+
+
+def not_refused_as_read_only(attempts: dict[str, Callable[[], object]]) -> list[str]:
+    """The names of the `attempts` (writes tried on a read-only mount) that did not fail with
+    EROFS: [] when the mount refused them all."""
+    let_through = []
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                continue
+        let_through.append(what)
+    return let_through
 
 
 def wait_pid_gone(pid: int, timeout: float = 30) -> None:

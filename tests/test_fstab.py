@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, wait_for, wait_pid_gone
+from conftest import Workspace, not_refused_as_read_only, wait_for, wait_pid_gone
 from faultproxy import FaultProxy
 from s3servers import S3Server
 from test_container import keyless_env, ps_lines_with, secret_rclone, write_credentials
@@ -312,15 +312,7 @@ def refused_writes(mnt: Path) -> list[str]:
         "unlink": lambda: (mnt / "kept.txt").unlink(),
         "chmod": lambda: (mnt / "kept.txt").chmod(0o600),
     }
-    let_through = []
-    for what, attempt in attempts.items():
-        try:
-            attempt()
-        except OSError as e:
-            if e.errno == errno.EROFS:
-                continue
-        let_through.append(what)
-    return let_through
+    return not_refused_as_read_only(attempts)
 
 
 def test_remount_ro_and_rw_through_mount8(helpers: None, ws: Workspace) -> None:

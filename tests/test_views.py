@@ -21,7 +21,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
-from conftest import Workspace, trio_wait_for, wait_for
+from conftest import Workspace, not_refused_as_read_only, trio_wait_for, wait_for
 from faultproxy import FaultProxy
 from s3servers import S3Server
 from treecompare import assert_same, snapshot
@@ -297,15 +297,7 @@ def refused(path: Path) -> list[str]:
         "setxattr": lambda: os.setxattr(path / "f", "user.x", b"1"),
         "symlink": lambda: (path / "new-link").symlink_to("f"),
     }
-    let_through = []
-    for what, attempt in attempts.items():
-        try:
-            attempt()
-        except OSError as e:
-            if e.errno == errno.EROFS:
-                continue
-        let_through.append(what)
-    return let_through
+    return not_refused_as_read_only(attempts)
 
 
 def build(mnt: Path) -> None:

@@ -59,21 +59,7 @@ async def _fetch_databases(store: ObjectStore, seqs: list[int], directory: Path
     async with trio.open_nursery() as nursery:
         for seq in seqs:
             nursery.start_soon(get_manifest, seq)
-    pages: dict[str, bytes] = {}
-
-    async def get_page(digest: str) -> None:
-        def work() -> bytes:
-            data = zlib.decompress(store.get(ckpt.page_key(digest)))
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise StoreError(f"metadata page {digest} in {store.url} is corrupt; "
-                                 "restore it from a backup of the bucket")
-            return data
-
-        pages[digest] = await trio.to_thread.run_sync(work, limiter=limiter)
-
-    async with trio.open_nursery() as nursery:
-        for digest in sorted({d for m in manifests.values() for d in m.pages}):
-            nursery.start_soon(get_page, digest)
+    pages = await _fetch_pages(store, sorted({d for m in manifests.values() for d in m.pages}))
     out = {}
     for seq, manifest in manifests.items():
         path = directory / f"checkpoint-{seq}.db"
