@@ -35,6 +35,7 @@ from wsfs.meta.compare import changes
 from wsfs.meta.schema import ROOT
 from wsfs.runtime import force_unmount, is_mountpoint
 from wsfs.store import LocalStore
+from wsfs.store.readonly import ReadOnlyStore, ReadOnlyStoreError
 from wsfs.sync.flusher import Flusher
 
 BS = 1 << 20
@@ -161,6 +162,20 @@ def test_an_age_may_be_written_in_words() -> None:
                           ("45 secs ago", 45)):
         assert retention.parse_time(text, now) == now - seconds, text
     assert retention.parse_time("3 parsecs ago", now) is None
+
+
+@pytest.mark.layers
+def test_a_read_only_store_refuses_every_write(tmp_path: Path) -> None:
+    inner = LocalStore(tmp_path / "store")
+    inner.put("k", b"v")
+    store = ReadOnlyStore(inner)
+    assert store.get("k") == b"v" and store.head("k") == 1 and list(store.list()) == [("k", 1)]
+    for write in (lambda: store.put("k", b"w"), lambda: store.put_if_absent("n", b"w"),
+                  lambda: store.put_if_match("k", b"w", store.get_tagged("k")[1]),
+                  lambda: store.delete("k"), lambda: store.delete_many(["k"])):
+        with pytest.raises(ReadOnlyStoreError):
+            write()
+    assert inner.get("k") == b"v" and inner.head("n") is None
 
 
 class Ctx:
