@@ -14,6 +14,8 @@ import contextlib
 import errno
 import os
 import random
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import trio
 from conftest import Workspace, lose_unsynced_writes
 
 from wsfs.blocks import BlockCache
+from wsfs.blocks import fsync as fsync_module
 from wsfs.blocks import journal as journal_module
 from wsfs.blocks.journal import FSYNC_MAX, Journal
 from wsfs.cachedir import CacheDir
@@ -307,3 +310,61 @@ def test_a_block_taken_back_after_a_rollback_stays_in_the_journal(tmp_path: Path
         blocks.close()
 
     trio.run(main)
+
+
+@pytest.mark.layers
+def test_small_journal_fsyncs_sync_on_the_trio_thread_while_the_disk_is_fast(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hand-off to a worker thread and back costs more than the fdatasync(2) of a few
+    journaled pages on a fast disk: those run on the trio thread, with the metadata's sync
+    when the caller says it is small too. Bigger ones go to worker threads, and so do small
+    ones while recent syncs were slow (a busy disk would hold every other request), until
+    fast syncs bring their moving average back down."""
+    synced: list[tuple[str, bool]] = []  # (file, on the trio thread)
+    disk_time = [0.0]  # how long each fdatasync takes (none syncs: only where they run counts)
+
+    def recorded(fd: int) -> None:
+        time.sleep(disk_time[0])
+        synced.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")),
+                       threading.current_thread() is threading.main_thread()))
+
+    wal = tmp_path / "wal"
+    wal.write_bytes(b"w")
+
+    def metadata_sync() -> None:
+        fd = os.open(wal, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    async def main() -> list[list[tuple[str, bool]]]:
+        blocks = open_blocks(tmp_path / "cache", tmp_path / "store")
+        block = blocks.create()
+        monkeypatch.setattr(os, "fdatasync", recorded)
+        rounds: list[list[tuple[str, bool]]] = []
+
+        async def fsync(also_small: bool) -> list[tuple[str, bool]]:
+            blocks.write(block, 4096 * (len(rounds) % 200), b"x" * 4096)
+            await blocks.fsync([block], metadata_sync, also_small=also_small)
+            rounds.append(sorted(synced))
+            synced.clear()
+            return rounds[-1]
+
+        await fsync(also_small=True)
+        await fsync(also_small=False)  # a big metadata sync: both in workers, at once
+        disk_time[0] = fsync_module.INLINE_BELOW * 20  # the disk turns slow: ...
+        await fsync(also_small=True)  # ... the next sync runs inline, and is slow
+        await fsync(also_small=True)  # so small ones go to workers
+        disk_time[0] = 0.0
+        for _ in range(50):  # fast syncs in workers lower the average: inline again
+            if await fsync(also_small=True) == rounds[0]:
+                break
+        blocks.close()
+        return rounds
+
+    inline = [("journal", True), ("wal", True)]
+    workers = [("journal", False), ("wal", False)]
+    rounds = trio.run(main)
+    assert rounds[:4] == [inline, workers, inline, workers]
+    assert rounds[-1] == inline and all(r == workers for r in rounds[4:-1])

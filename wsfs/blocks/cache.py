@@ -173,8 +173,9 @@ class BlockCache:
     async def maintain(self) -> None:
         await self.files.maintain()
 
-    async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None) -> None:
-        await self.fsyncs.fsync(block_ids, also)
+    async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None,
+                    *, also_small: bool = False) -> None:
+        await self.fsyncs.fsync(block_ids, also, also_small=also_small)
 
     def recover(self, wanted: Callable[[str], bool] = lambda _: True) -> list[str]:
         """Replay the data journal into the blocks that are `wanted` (the metadata awaits

@@ -4,12 +4,25 @@ few, else through the blocks' own files, with the metadata's sync in the same ro
 The journal's rules (journal.py's docstring) decide when an epoch may end; this module keeps
 them: a block the journal holds is synced only through it, and an epoch ends only once every
 metadata change is durable (`durable_metadata`).
+
+Where the disk flushes run. Handing a blocking call to a worker thread and back costs two
+wake-ups, each waiting for a free core: 0.15-0.2 ms on an idle machine, a mean of ~0.8 ms
+on 2 busy cores, more than the fdatasync(2) of an fsync's journal records (at most
+FSYNC_MAX) or of a few pages of the metadata WAL on a disk that is not congested (0.1-1 ms).
+So those small syncs run on the trio thread, one after the other, while their durations
+(a moving average, wherever they ran) stay below INLINE_BELOW; every bigger sync, and small
+ones while the disk is congested, run in worker threads at once. Other requests wait for an
+inline sync: benchmarks/fsyncpath.py measured fsyncs 0.77x as long and 0.92x the CPU, and
+the wait of a request arriving during an fsync storm 0.8x at the median, 1.26x at p99
+(docs/design.md, "Speed on the hot paths"); a congested disk moves the syncs off the trio
+thread after one or two slow ones.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -20,6 +33,9 @@ from .journal import FSYNC_MAX, GROW, Journal
 from .space import DiskSpace
 
 log = logging.getLogger(__name__)
+
+INLINE_BELOW = 0.002  # seconds: small syncs run on the trio thread while they take less
+SYNC_TIME_WEIGHT = 0.2  # of the newest small sync's duration in their moving average
 
 
 class Fsync:
@@ -36,6 +52,8 @@ class Fsync:
         self._syncing: dict[str, trio.Event] = {}
         self._journal_ready = False  # appends only once `replay` has run
         self._journal_lock = trio.Lock()  # an epoch's end keeps appends out (rule 3)
+        self.sync_time = 0.0  # moving average of small syncs' durations (s), wherever they ran
+        self.inline = True  # False: every sync in a worker thread (benchmarks/fsyncpath.py)
         # Makes every metadata change durable (set by the fs layer): an epoch's end waits
         # for it. Without it fsync syncs the blocks' files.
         self.durable_metadata: Callable[[], Awaitable[None]] | None = None
@@ -46,7 +64,8 @@ class Fsync:
         self.journal.replay(self.dirty.files.dir, wanted)
         self._journal_ready = True
 
-    async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None) -> None:
+    async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None,
+                    *, also_small: bool = False) -> None:
         """Make the given dirty blocks durable on the local disk.
 
         Only blocks written since their last fsync(2) are synced again (a random writer of a
@@ -55,6 +74,8 @@ class Fsync:
         `also` is a blocking job run in parallel (the metadata's sync), so that a caller
         waits for one round of disk flushes, not two. Up to FSYNC_MAX new bytes go into the
         journal (journal.py), synced once; more, and the blocks' own files are synced.
+        `also_small`: `also` syncs a few pages at most, so it may run on the trio thread
+        with the journal's sync (see the module docstring).
         """
         while True:
             running = [self._syncing[b] for b in block_ids if b in self._syncing]
@@ -72,7 +93,7 @@ class Fsync:
             self._syncing[b] = done
         ok = False
         try:
-            if not await self._journal_fsync(todo, also):
+            if not await self._journal_fsync(todo, also, also_small):
                 await self._files_fsync(list(todo), also)
             ok = True
         finally:
@@ -83,7 +104,7 @@ class Fsync:
             done.set()
 
     async def _journal_fsync(self, todo: dict[str, list[tuple[int, int]]],
-                             also: Callable[[], None] | None) -> bool:
+                             also: Callable[[], None] | None, also_small: bool) -> bool:
         """fsync by the journal: append the written ranges, sync it (and `also`) once.
         False if this fsync is not for the journal (too big, full, not ready, a full disk)."""
         journal = self.journal
@@ -109,7 +130,13 @@ class Fsync:
             except OSError as e:
                 log.debug("cannot append to the data journal: %s", e)
                 return False
-        await self._run_parallel([journal.sync] if also is None else [journal.sync, also])
+        jobs = [journal.sync] if also is None else [journal.sync, also]
+        if also is not None and not also_small:
+            await self._run_parallel(jobs)
+        elif self.inline and self.sync_time < INLINE_BELOW:
+            self._run_inline(jobs)  # small: the records (at most FSYNC_MAX), a few pages
+        else:
+            await self._run_parallel([partial(self._timed, job) for job in jobs])
         return True
 
     async def _files_fsync(self, todo: list[str], also: Callable[[], None] | None) -> None:
@@ -154,6 +181,22 @@ class Fsync:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _run_inline(self, jobs: list[Callable[[], None]]) -> None:
+        """Run small blocking syncs on the trio thread, one after the other (a failure is
+        raised as itself: the fsync fails, and the next one syncs again)."""
+        for job in jobs:
+            self._timed(job)
+
+    def _timed(self, job: Callable[[], None]) -> None:
+        """Run a small sync, counting its duration into `sync_time` (two worker threads
+        counting at once may lose one count: harmless to an average)."""
+        start = time.monotonic()
+        try:
+            job()
+        finally:
+            took = time.monotonic() - start
+            self.sync_time += SYNC_TIME_WEIGHT * (took - self.sync_time)
 
     async def _run_parallel(self, jobs: list[Callable[[], None]]) -> None:
         """Run blocking jobs in worker threads at once; raise the first failure as itself

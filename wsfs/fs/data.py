@@ -25,6 +25,11 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
+# At most this many row changes since the last sync of the WAL make its sync a small one, a
+# few pages, that may run on the trio thread (blocks/fsync.py): an SQLite commit's setattr
+# and block map, not a `tar -x` between two fsyncs.
+WAL_SMALL_CHANGES = 32
+
 
 class _WalSync:
     """A sync of the metadata WAL in progress: the change counters it makes durable (everything
@@ -329,7 +334,9 @@ class DataOps(Base):
             self.meta.flush()
             mine = self._wal_sync = _WalSync(changes, data_changes)
             try:
-                await self.blocks.fsync(ids, also=self.meta.sync)
+                await self.blocks.fsync(
+                    ids, also=self.meta.sync,
+                    also_small=changes - self._synced_changes <= WAL_SMALL_CHANGES)
                 self._synced_changes = max(self._synced_changes, changes)
                 self._synced_data_changes = max(self._synced_data_changes, data_changes)
             finally:
