@@ -312,7 +312,9 @@ def test_the_service_makes_no_call_its_hardening_forbids(
         ws: Workspace, notify: NotifySocket, tmp_path: Path) -> None:
     """What ExecStart= and ExecStop= run, traced through a day's kinds of work: every system call
     is in SystemCallFilter=, no namespace is made (RestrictNamespaces=), every socket is of an
-    allowed family, and no memory is made writable and executable (MemoryDenyWriteExecute=)."""
+    allowed family, and no memory is made writable and executable if the unit sets
+    MemoryDenyWriteExecute= (it does not: ctypes callbacks, which fs/lowlevel.py gives libfuse
+    for lseek and fallocate, live in memory that is both)."""
     if shutil.which("strace") is None or shutil.which("systemd-analyze") is None:
         pytest.skip("needs strace and systemd-analyze (apt-get install strace systemd)")
     lines = service_settings()
@@ -350,6 +352,7 @@ def test_the_service_makes_no_call_its_hardening_forbids(
     assert [c for c in calls if c[0] in ("unshare", "setns") or "CLONE_NEW" in c[1]] == []
     used_families = {args.split(",")[0] for name, args in calls if name == "socket"}
     assert used_families <= families
-    assert [c for c in calls if c[0] in ("mmap", "mprotect", "pkey_mprotect")
-            and ("PROT_WRITE|PROT_EXEC" in c[1]
-                 or (c[0] != "mmap" and "PROT_EXEC" in c[1]))] == []
+    if lines.get("MemoryDenyWriteExecute") == "yes":
+        assert [c for c in calls if c[0] in ("mmap", "mprotect", "pkey_mprotect")
+                and ("PROT_WRITE|PROT_EXEC" in c[1]
+                     or (c[0] != "mmap" and "PROT_EXEC" in c[1]))] == []

@@ -33,7 +33,9 @@ def lock_holder(cache_dir: Path) -> str | None:
     """The pid (as the lock file has it) of the process holding the cache dir's lock, None
     when it is free (looked at by taking and dropping it at once)."""
     try:
-        f = open(CacheDir(cache_dir).lock, "a+")  # noqa: SIM115 - closed below, lock and all
+        # Opened to read: a cache dir without a lock file had no daemon, and a mount that
+        # fails later must leave nothing behind (nor a file readable by others).
+        f = open(CacheDir(cache_dir).lock)  # noqa: SIM115 - closed below, lock and all
     except FileNotFoundError:
         return None
     with f:

@@ -73,8 +73,8 @@ def check_cache_dir(cfg: MountConfig) -> tuple[Path, bool]:
     mp = cfg.mountpoint
     if cache == mp or mp in cache.parents:
         raise MountError(f"the cache dir {cache} must not be inside the mountpoint {mp}")
+    check_cache_location(cache)  # first: looking inside a dead mount fails with ENOTCONN
     check_cache_kind(cache, cfg)
-    check_cache_location(cache)
     made = not cache.exists()
     try:
         cache.mkdir(mode=0o700, parents=True, exist_ok=True)
