@@ -51,11 +51,9 @@ def make_ops(root: Path) -> tuple[Operations, int, pyfuse3.FileHandleT]:
     journal replayed, so in use), and a handle of an empty file."""
     cache = root / "cache"
     cache.mkdir()
-    meta = Metadata(CacheDir(cache).meta_db)
     blocks = BlockCache(cache, LocalStore(root / "store"), block_size=BS, cache_size=1 << 30,
                         dirty_limit=1 << 30, limiter=trio.CapacityLimiter(8))
-    meta.after_commit = lambda: blocks.release_discarded(meta.commits)
-    blocks.synced_commits = lambda: meta.synced_commits
+    meta = Metadata(CacheDir(cache).meta_db, hooks=blocks)
     blocks.recover()
     meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, time.time_ns(), nlink=2, ino=1)
     node = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())

@@ -335,12 +335,10 @@ def make_ops(tmp_path: Path) -> tuple[Operations, int]:
     """The assembled handlers over a fresh cache dir, and an open handle of an empty file."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    meta = Metadata(CacheDir(cache).meta_db)
     blocks = BlockCache(cache, LocalStore(tmp_path / "store"), block_size=BS,
                         cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=trio.CapacityLimiter(4))
-    meta.after_commit = lambda: blocks.release_discarded(meta.commits)
-    blocks.synced_commits = lambda: meta.synced_commits
+    meta = Metadata(CacheDir(cache).meta_db, hooks=blocks)
     meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, time.time_ns(), nlink=2, ino=1)
     node = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, time.time_ns())
     meta.add_entry(1, b"f", node.id)

@@ -305,7 +305,7 @@ def test_a_block_taken_back_after_a_rollback_stays_in_the_journal(tmp_path: Path
         assert blocks.journal.live == {block}
         blocks.discard(block)  # a change drops it...
         assert blocks.journal.live == set()
-        blocks.take_back(lambda b: b == block)  # ...and is rolled back
+        blocks.after_rollback(lambda b: b == block)  # ...and is rolled back
         assert blocks.journal.live == {block} and blocks.is_writable(block)
         blocks.close()
 

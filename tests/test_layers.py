@@ -82,10 +82,10 @@ def make(tmp_path: Path, keep: str = "0"
     store = RecordingStore(tmp_path / "store")
     cache = tmp_path / "cache"
     cache.mkdir()
-    meta = Metadata(CacheDir(cache).meta_db)
     limiter = trio.CapacityLimiter(4)
     blocks = BlockCache(cache, store, block_size=BS, cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=limiter)
+    meta = Metadata(CacheDir(cache).meta_db, hooks=blocks)
     meta.create_inode(stat.S_IFDIR | 0o755, 0, 0, time.time_ns(), nlink=2, ino=1)
     flusher = Flusher(meta, blocks, store, cache, flush_delay=0, limiter=limiter,
                       keep=Schedule.parse(keep))

@@ -260,10 +260,10 @@ def test_a_format_2_database_is_upgraded(tmp_path: Path) -> None:
 def reopen(tmp_path: Path, store: LocalStore
            ) -> tuple[LocalStore, Metadata, BlockCache, Flusher]:
     cache = tmp_path / "cache"
-    meta = Metadata(CacheDir(cache).meta_db)
     limiter = trio.CapacityLimiter(4)
     blocks = BlockCache(cache, store, block_size=BS, cache_size=1 << 26, dirty_limit=1 << 26,
                         limiter=limiter)
+    meta = Metadata(CacheDir(cache).meta_db, hooks=blocks)
     flusher = Flusher(meta, blocks, store, cache, flush_delay=0, limiter=limiter,
                       keep=Schedule.parse("0"))
     flusher.retention.interval = 0

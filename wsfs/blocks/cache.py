@@ -117,15 +117,6 @@ class BlockCache:
         self.space.on_full = on_full
 
     @property
-    def synced_commits(self) -> Callable[[], int] | None:
-        """The number of metadata commits made durable so far (dirtyfiles.py)."""
-        return self.files.synced_commits
-
-    @synced_commits.setter
-    def synced_commits(self, synced_commits: Callable[[], int] | None) -> None:
-        self.files.synced_commits = synced_commits
-
-    @property
     def durable_metadata(self) -> Callable[[], Awaitable[None]] | None:
         """Makes every metadata change durable (fsync.py)."""
         return self.fsyncs.durable_metadata
@@ -160,12 +151,6 @@ class BlockCache:
 
     def discard(self, block_id: str) -> bool:
         return self.dirty.discard(block_id)
-
-    def take_back(self, referenced: Callable[[str], bool]) -> None:
-        self.dirty.take_back(referenced)
-
-    def release_discarded(self, commit: int) -> None:
-        self.files.release_discarded(commit)
 
     def awaiting_sync(self) -> bool:
         return self.files.awaiting_sync()
@@ -240,8 +225,20 @@ class BlockCache:
     def room_to_keep(self, size: int) -> bool:
         return self.space.room_to_keep(size)
 
-    def make_commit_room(self) -> None:
+    # -- the metadata's commits (meta/db.py's CommitHooks) ---------------------------------
+
+    def before_commit(self) -> None:
         self.space.make_commit_room()
+
+    def after_commit(self, commit: int, awaits_upload: Callable[[str], bool]) -> None:
+        self.dirty.committed(commit, awaits_upload)
+        self.files.release_discarded(commit)
+
+    def after_rollback(self, awaits_upload: Callable[[str], bool]) -> None:
+        self.dirty.take_back(awaits_upload)
+
+    def after_sync(self, synced: int) -> None:
+        self.files.synced(synced)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -284,6 +281,13 @@ class BlockCache:
 
     def retire(self, block_id: str, uploaded_at: int | None) -> None:
         self.dirty.retire(block_id, uploaded_at)
+
+    def uploaded(self, block_ids: list[str]) -> None:
+        self.dirty.uploaded(block_ids)
+
+    def awaiting_commit(self) -> tuple[int, int]:
+        """Bytes and blocks uploaded whose checksums await their commit (still dirty)."""
+        return self.dirty.awaiting_bytes, len(self.dirty.awaiting_commit)
 
     def is_doomed(self, block_id: str) -> bool:
         return self.dirty.is_doomed(block_id)

@@ -52,6 +52,10 @@ class DirtyBlocks:
         # a whole block is allocated already, so their writes need no room.
         self._preallocated: set[str] = set()
         self._doomed: set[str] = set()  # discarded while sealed: dropped when retired
+        # Uploaded blocks whose checksums the metadata's open transaction records: each
+        # keeps its file until that is committed (`committed`), and their dirty length.
+        self.awaiting_commit: list[str] = []
+        self.awaiting_bytes = 0
         self._room = trio.Event()  # set when dirty data falls below the limit
 
     def _set_length(self, block_id: str, length: int) -> None:
@@ -270,6 +274,31 @@ class DirtyBlocks:
             self._drop(block_id)
         elif uploaded_at is not None:
             self._drop(block_id, synced_after=uploaded_at)
+
+    def uploaded(self, block_ids: list[str]) -> None:
+        """Sealed blocks are in the store, and the metadata recorded their checksums in its
+        open transaction: each is retired once that is committed (`committed`). Not before:
+        a crash in between would leave the metadata naming a block with neither a checksum
+        nor a local copy (tests/test_crash.py found it). Batched: one commit per tick."""
+        self.awaiting_commit.extend(block_ids)
+        self.awaiting_bytes += sum(self.lengths.get(b, 0) for b in block_ids)
+
+    def committed(self, commit: int, awaits_upload: Callable[[str], bool]) -> None:
+        """After metadata commit number `commit`: retire the uploaded blocks whose state it
+        made durable.
+
+        Checked, not assumed: if an earlier commit failed and SQLite rolled it back (a full
+        disk), a block's checksum may be gone (`awaits_upload(id)`), and the block must then
+        be uploaded again.
+        """
+        for block_id in self.awaiting_commit:
+            if awaits_upload(block_id):  # its checksum's commit was rolled back
+                self.clean.forget(block_id)  # written again: its copy gets stale
+                self.retire(block_id, None)
+            else:
+                self.retire(block_id, commit)
+        self.awaiting_commit.clear()
+        self.awaiting_bytes = 0
 
     def is_doomed(self, block_id: str) -> bool:
         """Whether a sealed block was discarded while its upload ran."""

@@ -64,9 +64,9 @@ class DirtyFiles:
         self._unlink_after_commit: list[tuple[str, int]] = []
         self._unlink_after_sync: list[tuple[int, str, int]] = []  # (commit, id, fd)
         self._unlink_ready: list[tuple[str, int]] = []
-        # The number of metadata commits made durable so far (set by the flusher): files
-        # waiting for a commit up to it may go.
-        self.synced_commits: Callable[[], int] | None = None
+        # The number of metadata commits made durable so far (`synced`, told by the
+        # metadata's sync): files waiting for a commit up to it may go.
+        self.synced_commits = 0
 
     # -- fds -------------------------------------------------------------------------------
 
@@ -158,19 +158,26 @@ class DirtyFiles:
         A discarded block's file outlives the transaction that dropped its reference: if the
         daemon dies before that commit, the metadata that comes back still names the block,
         and its data must still be there; if the machine dies before the commit reached the
-        disk, the same (called by the metadata's commit hook).
+        disk, the same (called after every commit: BlockCache.after_commit).
         """
         self._unlink_after_sync.extend((commit, b, fd) for b, fd in self._unlink_after_commit)
         self._unlink_after_commit.clear()
+
+    def synced(self, commits: int) -> None:
+        """The metadata commits up to number `commits` are durable (told from the worker
+        thread of the metadata's sync: a plain assignment, read by `_release_synced`). Two
+        syncs ending at once may leave the smaller number: files then wait for the next
+        sync, never the reverse."""
+        self.synced_commits = commits
 
     def _release_synced(self) -> None:
         """Move the files whose commit a metadata sync has made durable to the deletions."""
         if not self._unlink_after_sync:
             return
-        synced = self.synced_commits() if self.synced_commits is not None else None
+        synced = self.synced_commits
         keep = []
         for entry in self._unlink_after_sync:
-            if synced is None or entry[0] <= synced:
+            if entry[0] <= synced:
                 self._unlink_ready.append(entry[1:])
             else:
                 keep.append(entry)

@@ -182,13 +182,18 @@ class Daemon:
                 lock = take_cache_lock(self.cache_dir)
                 log.warning("the cache dir was behind the store: set aside as %s",
                             self.set_aside)
-            meta = Metadata(self.cache_dir / "meta.db")
+            blocks = self.blocks = BlockCache(
+                self.cache_dir, store, block_size=sb.block_size, cache_size=cfg.cache_size,
+                dirty_limit=cfg.dirty_limit, limiter=limiter, read_timeout=cfg.read_timeout,
+                full_timeout=cfg.enospc_timeout,
+            )
+            meta = Metadata(self.cache_dir / "meta.db", hooks=blocks)
             if not has_marker(meta):
                 raise NoWorkspaceError(
                     f"the workspace in {cfg.store_url} has no /.workspace.initialized marker, "
                     "so it cannot be used; restore the marker or create a new workspace"
                 )
-            await self._serve(store, sb, meta, lease, limiter)
+            await self._serve(store, sb, meta, blocks, lease, limiter)
         except FlushError:
             # Not released: the newest data is in this cache dir, and the store is likely
             # unreachable anyway. The lease expires by itself; this host retakes it at once.
@@ -208,15 +213,10 @@ class Daemon:
             lock.close()
 
     async def _serve(
-        self, store: ObjectStore, sb: Superblock, meta: Metadata, lease: Lease,
-        limiter: trio.CapacityLimiter,
+        self, store: ObjectStore, sb: Superblock, meta: Metadata, blocks: BlockCache,
+        lease: Lease, limiter: trio.CapacityLimiter,
     ) -> None:
         cfg = self.cfg
-        blocks = self.blocks = BlockCache(
-            self.cache_dir, store, block_size=sb.block_size, cache_size=cfg.cache_size,
-            dirty_limit=cfg.dirty_limit, limiter=limiter, read_timeout=cfg.read_timeout,
-            full_timeout=cfg.enospc_timeout,
-        )
         await recover(meta, blocks)
         flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
                                          flush_delay=cfg.flush_delay, limiter=limiter,

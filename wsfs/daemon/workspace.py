@@ -67,9 +67,9 @@ async def create(
     limiter = trio.CapacityLimiter(16)
     with tempfile.TemporaryDirectory(prefix="wsfs-init-") as tmp:
         cache = Path(tmp)
-        meta = Metadata(cache / "meta.db")
         blocks = BlockCache(cache, store, block_size=block_size, cache_size=1 << 26,
                             dirty_limit=1 << 26, limiter=limiter)
+        meta = Metadata(cache / "meta.db", hooks=blocks)
         try:
             now = time.time_ns()
             uid, gid = owner

@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .schema import FORMAT_VERSION, TIMES, create_schema, upgrade
 
@@ -81,6 +81,31 @@ class BlockRef:
     pack: str | None
 
 
+class CommitHooks(Protocol):
+    """What the metadata's commits mean to the layer that keeps the blocks' files (blocks/).
+
+    A block the metadata lets go of keeps its file until that change is committed and then
+    synced (a crash must never bring back metadata naming a block whose file is gone), and
+    an uploaded block keeps its file until its checksum is committed; a rollback brings
+    references back. The metadata knows no blocks: it says when, and answers through
+    `awaits_upload` (Metadata.awaits_upload) which blocks it still names without a checksum.
+    Given to the constructor; the block cache (blocks/cache.py) is the one implementer.
+    """
+
+    def before_commit(self) -> None:
+        """A commit is about to write: make room on the disk for it."""
+
+    def after_commit(self, commit: int, awaits_upload: Callable[[str], bool]) -> None:
+        """Commit number `commit` (of this process) is done, or there was nothing to commit."""
+
+    def after_rollback(self, awaits_upload: Callable[[str], bool]) -> None:
+        """A savepoint, or SQLite's own rollback of the whole group, undid changes."""
+
+    def after_sync(self, synced: int) -> None:
+        """The commits up to number `synced` are durable. Runs in the worker thread of
+        `Metadata.sync`: it records the number and does nothing else."""
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open a metadata database with the settings every connection must use."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -94,8 +119,11 @@ def connect(path: Path) -> sqlite3.Connection:
 class Metadata:
     """The filesystem's metadata: inodes, directory entries, xattrs and the block map."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, hooks: CommitHooks | None = None) -> None:
+        """`hooks`: told of every commit, rollback and sync (a database opened only to read
+        or to copy has none)."""
         self.path = path
+        self.hooks = hooks
         fresh = not path.exists()
         self.conn = connect(path)
         if fresh:
@@ -107,13 +135,6 @@ class Metadata:
         # Databases created before this index existed (schema.py) get it on open.
         self.conn.execute("CREATE INDEX IF NOT EXISTS dentries_by_parent ON dentries (parent)")
         self.conn.isolation_level = "DEFERRED"  # writes open a transaction; flush() commits
-        # Runs after every commit: the block layer deletes the files of blocks whose last
-        # reference this commit removed (set by the mount; meta itself knows no blocks).
-        self.after_commit: Callable[[], None] | None = None
-        self.before_commit: Callable[[], None] | None = None  # makes room on the disk
-        # Runs after any rollback, a savepoint's or SQLite's own of the whole group: the
-        # block layer takes back the blocks whose references came back.
-        self.after_rollback: Callable[[], None] | None = None
         # Changes that only moved an inode's timestamps: fdatasync(2) need not sync those.
         self.time_changes = 0
         # Commits made, and how many of them a finished `sync` has made durable: the block
@@ -165,9 +186,9 @@ class Metadata:
         return False
 
     def _after_rollback(self) -> None:
-        if self.after_rollback is not None:
+        if self.hooks is not None:
             try:
-                self.after_rollback()
+                self.hooks.after_rollback(self.awaits_upload)
             except Exception:  # never instead of the failure that rolled back
                 log.exception("after a rollback")
 
@@ -228,8 +249,8 @@ class Metadata:
         disk): the caller must not act as if those changes were durable.
         """
         if self.conn.in_transaction:
-            if self.before_commit is not None:
-                self.before_commit()
+            if self.hooks is not None:
+                self.hooks.before_commit()
             try:
                 self.conn.commit()
             except sqlite3.Error as e:
@@ -239,8 +260,8 @@ class Metadata:
                 raise
             self.commits += 1
         self._wrote = False
-        if self.after_commit is not None:
-            self.after_commit()
+        if self.hooks is not None:
+            self.hooks.after_commit(self.commits, self.awaits_upload)
 
     def sync(self) -> None:
         """Make every committed change durable on disk (blocking: call from a worker thread
@@ -277,6 +298,8 @@ class Metadata:
                 os.close(fd)
         if covered > self.synced_commits:
             self.synced_commits = covered
+        if self.hooks is not None:
+            self.hooks.after_sync(self.synced_commits)
 
     @property
     def total_changes(self) -> int:

@@ -81,12 +81,6 @@ class Flusher:
         # Called in the trio thread before each snapshot: the filesystem deletes the inodes
         # it queued for deletion (fs/base.py), so no checkpoint carries files deleted before it.
         self.before_pin: Callable[[], None] | None = None
-        self._awaiting_commit: list[str] = []  # uploaded; their checksums not yet committed
-        self._awaiting_bytes = 0  # their dirty length
-        meta.after_commit = self._after_commit
-        meta.before_commit = blocks.make_commit_room
-        blocks.synced_commits = lambda: meta.synced_commits
-        meta.after_rollback = lambda: blocks.take_back(meta.awaits_upload)
         self.fenced: LeaseError | None = None
         self.soft_limit = blocks.dirty_limit // 2
         self.seq = int(meta.get_setting("checkpoint_seq") or 0)
@@ -129,8 +123,9 @@ class Flusher:
         """Bytes and blocks written and not yet in the store: the dirty blocks, less those
         uploaded whose checksums await their commit. (At unmount that commit comes only at
         the end of the cycle, so the dirty figures alone never counted down.)"""
-        return (max(0, self.blocks.dirty_bytes - self._awaiting_bytes),
-                max(0, self.blocks.dirty_count - len(self._awaiting_commit)))
+        awaiting_bytes, awaiting = self.blocks.awaiting_commit()
+        return (max(0, self.blocks.dirty_bytes - awaiting_bytes),
+                max(0, self.blocks.dirty_count - awaiting))
 
     def pending(self) -> bool:
         """True while something written is not yet covered by a published checkpoint."""
@@ -385,23 +380,6 @@ class Flusher:
         log.debug("published checkpoint %d: %d blocks, %d garbage, %d deleted", seq,
                   len(sealed), len(garbage), len(doomed))
 
-    def _after_commit(self) -> None:
-        """After every metadata commit: let go of the blocks whose state it made durable.
-
-        Checked, not assumed: if an earlier commit failed and SQLite rolled it back (a full
-        disk), a block's checksum may be gone, and the block must then be uploaded again.
-        """
-        commit = self.meta.commits
-        for block_id in self._awaiting_commit:
-            if self.meta.awaits_upload(block_id):  # its checksum's commit was rolled back
-                self.blocks.clean.forget(block_id)  # written again: its copy gets stale
-                self.blocks.retire(block_id, None)
-            else:
-                self.blocks.retire(block_id, commit)
-        self._awaiting_commit.clear()
-        self._awaiting_bytes = 0
-        self.blocks.release_discarded(commit)
-
     def _own(self, write: Callable[..., None], *args: object) -> None:
         """Make a bookkeeping change and count it, so it does not look like unpublished work.
 
@@ -469,11 +447,7 @@ class Flusher:
         if pack is not None and not self.meta.pack_in_use(pack):
             # Every member was deleted during the upload: nothing will ever drop the pack.
             self._own(self.meta.add_garbage, [pack])
-        # The dirty files go only after the checksums are committed (`_after_commit`): a
-        # crash in between would leave the metadata naming a block with neither a checksum
-        # nor a local copy (tests/test_crash.py found it). Batched: one commit per tick.
-        self._awaiting_commit.extend(block_ids)
-        self._awaiting_bytes += size
+        self.blocks.uploaded(block_ids)  # their files go once the checksums are committed
         self.uploaded_blocks += len(block_ids)
         self.uploaded_bytes += length
 
