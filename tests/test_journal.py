@@ -33,8 +33,14 @@ from wsfs.store import LocalStore
 BS = 1 << 20
 
 
-async def nothing_to_sync() -> None:
-    """The metadata's sync, for a block cache without metadata."""
+class NoMetadata:
+    """The metadata's sync (blocks/fsync.py's MetadataSync), for a block cache without any."""
+
+    async def durable_metadata(self) -> None:
+        pass
+
+
+NO_METADATA = NoMetadata()
 
 
 def open_blocks(cache: Path, store: Path,
@@ -43,7 +49,6 @@ def open_blocks(cache: Path, store: Path,
     blocks = BlockCache(cache, LocalStore(store), block_size=BS, cache_size=1 << 26,
                         dirty_limit=1 << 26, limiter=trio.CapacityLimiter(4))
     blocks.recover(wanted)
-    blocks.durable_metadata = nothing_to_sync
     return blocks
 
 
@@ -56,11 +61,11 @@ def test_replay_restores_what_small_fsyncs_acknowledged(tmp_path: Path) -> None:
         a = blocks.create(b"a" * 10_000)  # a new block: all of it is unsynced
         b_id = blocks.create()
         blocks.write(b_id, 0, b"\0" * BS)
-        await blocks.fsync([b_id])  # big: its file is synced, not journaled
+        await blocks.fsync([b_id], metadata=NO_METADATA)  # big: its file is synced, not journaled
         blocks.write(b_id, 4096, b"x" * 4096)
         blocks.write(b_id, 900_000, b"y" * 100)
         blocks.write(a, 5, b"zz")
-        await blocks.fsync([a, b_id])
+        await blocks.fsync([a, b_id], metadata=NO_METADATA)
         expected_a = b"a" * 5 + b"zz" + b"a" * (10_000 - 7)
         expected_b = bytearray(BS)
         expected_b[4096:8192] = b"x" * 4096
@@ -94,10 +99,10 @@ def test_a_block_synced_through_its_file_is_never_reverted_by_an_older_record(
         blocks = open_blocks(cache, store)
         block = blocks.create()
         blocks.write(block, 0, b"old!")
-        await blocks.fsync([block])
+        await blocks.fsync([block], metadata=NO_METADATA)
         assert blocks.journal.live == {block}
         blocks.write(block, 0, b"new!" + b"n" * (FSYNC_MAX + 1))
-        await blocks.fsync([block])  # too big for the journal
+        await blocks.fsync([block], metadata=NO_METADATA)  # too big for the journal
         assert blocks.journal.live == set()
         blocks.close()
         return block
@@ -120,9 +125,9 @@ def test_a_torn_record_ends_the_replay(tmp_path: Path) -> None:
         blocks = open_blocks(cache, store)
         block = blocks.create()
         blocks.write(block, 0, b"1" * 100)
-        await blocks.fsync([block])
+        await blocks.fsync([block], metadata=NO_METADATA)
         blocks.write(block, 100, b"2" * 100)
-        await blocks.fsync([block])
+        await blocks.fsync([block], metadata=NO_METADATA)
         end = blocks.journal.end
         blocks.close()
         return block, end
@@ -155,18 +160,19 @@ def test_an_epoch_ends_once_no_block_it_holds_is_dirty_after_the_metadata_sync(
     async def main() -> None:
         blocks = open_blocks(cache, store)
 
-        async def metadata_sync() -> None:
-            order.append(f"metadata sync, epoch {blocks.journal.epoch}")
+        class MetadataSync:
+            async def durable_metadata(self) -> None:
+                order.append(f"metadata sync, epoch {blocks.journal.epoch}")
 
-        blocks.durable_metadata = metadata_sync
+        metadata = MetadataSync()
         first = blocks.create()
         blocks.write(first, 0, b"a" * 100)
-        await blocks.fsync([first])
+        await blocks.fsync([first], metadata=metadata)
         epoch = blocks.journal.epoch
         blocks.discard(first)  # the file was deleted
         second = blocks.create()
         blocks.write(second, 0, b"b" * 100)
-        await blocks.fsync([second])
+        await blocks.fsync([second], metadata=metadata)
         assert order == [f"metadata sync, epoch {epoch}"]
         assert blocks.journal.epoch == epoch + 1
         assert blocks.journal.live == {second}
@@ -227,7 +233,7 @@ def test_replay_leaves_out_blocks_no_longer_awaiting_upload(tmp_path: Path) -> N
         kept, gone = blocks.create(), blocks.create()
         blocks.write(kept, 0, b"k" * 100)
         blocks.write(gone, 0, b"g" * 100)
-        await blocks.fsync([kept, gone])
+        await blocks.fsync([kept, gone], metadata=NO_METADATA)
         blocks.close()
         return kept, gone
 
@@ -261,7 +267,7 @@ def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
             data = os.urandom(4096)
             blocks.write(block, i * 8192, data)
             content[i * 8192 : i * 8192 + 4096] = data
-            await blocks.fsync([block])
+            await blocks.fsync([block], metadata=NO_METADATA)
         assert blocks.journal.epoch > first_epoch  # the full journal ended its epoch
 
         def disk_full(records: object) -> None:
@@ -272,12 +278,12 @@ def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
         blocks.journal.size = blocks.journal.end  # the next record needs more file
         with monkeypatch.context() as m:
             m.setattr(blocks.space, "disk_free", lambda: blocks.reserve)
-            await blocks.fsync([nearly_full])
+            await blocks.fsync([nearly_full], metadata=NO_METADATA)
         assert nearly_full not in blocks.journal.live
         other = blocks.create()
         monkeypatch.setattr(blocks.journal, "append", disk_full)
         blocks.write(other, 0, b"o" * 100)
-        await blocks.fsync([other])  # synced through its file: nothing to replay
+        await blocks.fsync([other], metadata=NO_METADATA)  # through its file: nothing to replay
         assert other not in blocks.journal.live
         blocks.close()
         return block, other, bytes(content[: 39 * 8192 + 4096])  # the file's length
@@ -301,7 +307,7 @@ def test_a_block_taken_back_after_a_rollback_stays_in_the_journal(tmp_path: Path
         blocks = open_blocks(tmp_path / "cache", tmp_path / "store")
         block = blocks.create()
         blocks.write(block, 0, b"acknowledged")
-        await blocks.fsync([block])
+        await blocks.fsync([block], metadata=NO_METADATA)
         assert blocks.journal.live == {block}
         blocks.discard(block)  # a change drops it...
         assert blocks.journal.live == set()
@@ -346,7 +352,8 @@ def test_small_journal_fsyncs_sync_on_the_trio_thread_while_the_disk_is_fast(
 
         async def fsync(also_small: bool) -> list[tuple[str, bool]]:
             blocks.write(block, 4096 * (len(rounds) % 200), b"x" * 4096)
-            await blocks.fsync([block], metadata_sync, also_small=also_small)
+            await blocks.fsync([block], metadata_sync, also_small=also_small,
+                               metadata=NO_METADATA)
             rounds.append(sorted(synced))
             synced.clear()
             return rounds[-1]

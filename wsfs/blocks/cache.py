@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -32,7 +32,7 @@ from ..store import ObjectStore
 from .clean import CleanCache
 from .dirty import DirtyBlocks
 from .dirtyfiles import DirtyFiles
-from .fsync import Fsync
+from .fsync import Fsync, MetadataSync
 from .journal import Journal
 from .reserved import Reservations
 from .space import MIN_RESERVE as MIN_RESERVE  # (the sync layer's floor for `reserve`)
@@ -116,15 +116,6 @@ class BlockCache:
     def on_full(self, on_full: Callable[[], None] | None) -> None:
         self.space.on_full = on_full
 
-    @property
-    def durable_metadata(self) -> Callable[[], Awaitable[None]] | None:
-        """Makes every metadata change durable (fsync.py)."""
-        return self.fsyncs.durable_metadata
-
-    @durable_metadata.setter
-    def durable_metadata(self, durable: Callable[[], Awaitable[None]] | None) -> None:
-        self.fsyncs.durable_metadata = durable
-
     # -- dirty blocks (dirty.py) -----------------------------------------------------------
 
     def create(self, content: bytes = b"") -> str:
@@ -159,8 +150,8 @@ class BlockCache:
         await self.files.maintain()
 
     async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None,
-                    *, also_small: bool = False) -> None:
-        await self.fsyncs.fsync(block_ids, also, also_small=also_small)
+                    *, also_small: bool = False, metadata: MetadataSync | None = None) -> None:
+        await self.fsyncs.fsync(block_ids, also, also_small=also_small, metadata=metadata)
 
     def recover(self, wanted: Callable[[str], bool] = lambda _: True) -> list[str]:
         """Replay the data journal into the blocks that are `wanted` (the metadata awaits

@@ -3,7 +3,8 @@ few, else through the blocks' own files, with the metadata's sync in the same ro
 
 The journal's rules (journal.py's docstring) decide when an epoch may end; this module keeps
 them: a block the journal holds is synced only through it, and an epoch ends only once every
-metadata change is durable (`durable_metadata`).
+metadata change is durable. This layer knows no metadata: the caller of `fsync` (the fs
+layer) passes what makes it durable, a `MetadataSync`.
 
 Where the disk flushes run. Handing a blocking call to a worker thread and back costs two
 wake-ups, each waiting for a free core: 0.15-0.2 ms on an idle machine, a mean of ~0.8 ms
@@ -23,8 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
+from typing import Protocol
 
 import trio
 
@@ -36,6 +38,13 @@ log = logging.getLogger(__name__)
 
 INLINE_BELOW = 0.002  # seconds: small syncs run on the trio thread while they take less
 SYNC_TIME_WEIGHT = 0.2  # of the newest small sync's duration in their moving average
+
+
+class MetadataSync(Protocol):
+    """What an fsync through the journal needs of the metadata's owner (the fs layer)."""
+
+    async def durable_metadata(self) -> None:
+        """Make every metadata change so far durable: a journal epoch ends only after it."""
 
 
 class Fsync:
@@ -54,9 +63,6 @@ class Fsync:
         self._journal_lock = trio.Lock()  # an epoch's end keeps appends out (rule 3)
         self.sync_time = 0.0  # moving average of small syncs' durations (s), wherever they ran
         self.inline = True  # False: every sync in a worker thread (benchmarks/fsyncpath.py)
-        # Makes every metadata change durable (set by the fs layer): an epoch's end waits
-        # for it. Without it fsync syncs the blocks' files.
-        self.durable_metadata: Callable[[], Awaitable[None]] | None = None
 
     def replay(self, wanted: Callable[[str], bool]) -> None:
         """Replay the data journal into the blocks that are `wanted` (the metadata awaits
@@ -65,7 +71,7 @@ class Fsync:
         self._journal_ready = True
 
     async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None,
-                    *, also_small: bool = False) -> None:
+                    *, also_small: bool = False, metadata: MetadataSync | None = None) -> None:
         """Make the given dirty blocks durable on the local disk.
 
         Only blocks written since their last fsync(2) are synced again (a random writer of a
@@ -76,6 +82,8 @@ class Fsync:
         journal (journal.py), synced once; more, and the blocks' own files are synced.
         `also_small`: `also` syncs a few pages at most, so it may run on the trio thread
         with the journal's sync (see the module docstring).
+        `metadata` makes the metadata durable when an epoch of the journal ends; without
+        it the journal is not used.
         """
         while True:
             running = [self._syncing[b] for b in block_ids if b in self._syncing]
@@ -93,8 +101,8 @@ class Fsync:
             self._syncing[b] = done
         ok = False
         try:
-            if not await self._journal_fsync(todo, also, also_small):
-                await self._files_fsync(list(todo), also)
+            if not await self._journal_fsync(todo, also, also_small, metadata):
+                await self._files_fsync(list(todo), also, metadata)
             ok = True
         finally:
             for b, ranges in todo.items():
@@ -104,11 +112,13 @@ class Fsync:
             done.set()
 
     async def _journal_fsync(self, todo: dict[str, list[tuple[int, int]]],
-                             also: Callable[[], None] | None, also_small: bool) -> bool:
+                             also: Callable[[], None] | None, also_small: bool,
+                             metadata: MetadataSync | None) -> bool:
         """fsync by the journal: append the written ranges, sync it (and `also`) once.
-        False if this fsync is not for the journal (too big, full, not ready, a full disk)."""
+        False if this fsync is not for the journal (too big, full, not ready, a full disk,
+        no `metadata` to end an epoch with)."""
         journal = self.journal
-        if not todo or not self._journal_ready or self.durable_metadata is None:
+        if not todo or not self._journal_ready or metadata is None:
             return False
         ranges = {b: _merged(r) for b, r in todo.items()}
         size = sum(end - start for rs in ranges.values() for start, end in rs)
@@ -116,7 +126,7 @@ class Fsync:
             return False
         async with self._journal_lock:
             if journal.has_records and not journal.live:
-                await self._restart_journal()  # rule 3: none of its blocks is dirty
+                await self._restart_journal(metadata)  # rule 3: none of its blocks is dirty
             count = sum(len(rs) for rs in ranges.values())
             if not journal.fits(count, size):
                 return False
@@ -139,7 +149,8 @@ class Fsync:
             await self._run_parallel([partial(self._timed, job) for job in jobs])
         return True
 
-    async def _files_fsync(self, todo: list[str], also: Callable[[], None] | None) -> None:
+    async def _files_fsync(self, todo: list[str], also: Callable[[], None] | None,
+                           metadata: MetadataSync | None) -> None:
         """fsync by the blocks' own files, all in parallel with `also`. A block the journal
         holds ends the journal's epoch (rule 2): every block it holds is synced, then the
         new epoch is made durable."""
@@ -150,17 +161,17 @@ class Fsync:
         async with self._journal_lock:
             held = [b for b in journal.live if b not in todo]  # (all dirty: `Journal.let_go`)
             await self._sync_files(todo + held, also)
-            await self._restart_journal()
+            await self._restart_journal(metadata)
             await self._run_parallel([journal.sync])
 
-    async def _restart_journal(self) -> None:
+    async def _restart_journal(self, metadata: MetadataSync | None) -> None:
         """End the journal's epoch (holding `_journal_lock`): first every metadata change
         is made durable, so a block the journal stopped holding because it was dropped stays
         dropped after a crash (else its data would be gone and the metadata still name it)."""
-        assert self.durable_metadata is not None
+        assert metadata is not None  # (the journal holds blocks only through fsyncs with it)
         while True:
             drops = self.journal.drops
-            await self.durable_metadata()
+            await metadata.durable_metadata()
             if drops == self.journal.drops:  # no held block was dropped meanwhile
                 break
         self.journal.restart()

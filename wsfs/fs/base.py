@@ -143,7 +143,6 @@ class Base(pyfuse3.Operations):
         self.direct = DirectWrites(invalidate_pages or _invalidate_pages)
         self._prefetched_dirs: set[int] = set()
         self._synced_changes = -1  # metadata changes counted at the last completed fsync
-        blocks.durable_metadata = self._durable_metadata
         self._statfs_at = -STATFS_CACHE_SECONDS
         self._statfs_counts = (0, 0, 0)
         # Directories whose listing reached its end, by the cookie it ended at; valid while
@@ -174,9 +173,9 @@ class Base(pyfuse3.Operations):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _durable_metadata(self) -> None:
+    async def durable_metadata(self) -> None:
         """Make every metadata change so far durable (the data journal's epoch end waits for
-        it: blocks/journal.py)."""
+        it: blocks/journal.py; every `blocks.fsync` is given this object for it)."""
         changes = self.meta.total_changes
         self.meta.flush()
         await trio.to_thread.run_sync(self.meta.sync, limiter=self.blocks.local_limiter)

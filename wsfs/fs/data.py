@@ -327,7 +327,7 @@ class DataOps(Base):
                 else running.changes >= changes):
             # Group commit: a sync of the WAL that began after every change this call needs
             # was committed is running; its end makes them durable too (concurrent fsyncs).
-            await self.blocks.fsync(ids)
+            await self.blocks.fsync(ids, metadata=self)
             ids = []
             await running.done.wait()
         if wal_needed():  # (again, if the running sync failed)
@@ -335,7 +335,7 @@ class DataOps(Base):
             mine = self._wal_sync = _WalSync(changes, data_changes)
             try:
                 await self.blocks.fsync(
-                    ids, also=self.meta.sync,
+                    ids, also=self.meta.sync, metadata=self,
                     also_small=changes - self._synced_changes <= WAL_SMALL_CHANGES)
                 self._synced_changes = max(self._synced_changes, changes)
                 self._synced_data_changes = max(self._synced_data_changes, data_changes)
@@ -344,7 +344,7 @@ class DataOps(Base):
                     self._wal_sync = None
                 mine.done.set()
         elif ids:
-            await self.blocks.fsync(ids)
+            await self.blocks.fsync(ids, metadata=self)
         if self.remote_fsync is not None:
             await self.remote_fsync()
 
