@@ -107,15 +107,6 @@ class BlockCache:
     def reserve(self, reserve: int) -> None:
         self.space.reserve = reserve
 
-    @property
-    def on_full(self) -> Callable[[], None] | None:
-        """Asks the sync layer to flush now (a writer found the disk full)."""
-        return self.space.on_full
-
-    @on_full.setter
-    def on_full(self, on_full: Callable[[], None] | None) -> None:
-        self.space.on_full = on_full
-
     # -- dirty blocks (dirty.py) -----------------------------------------------------------
 
     def create(self, content: bytes = b"") -> str:
@@ -212,6 +203,10 @@ class BlockCache:
 
     def release_room(self, reserved_ids: list[str]) -> None:
         self.reservations.release(reserved_ids)
+
+    async def wait_disk_full(self) -> None:
+        """Return once a writer finds the cache disk full (`DiskSpace.wait_filled`)."""
+        await self.space.wait_filled()
 
     def room_to_keep(self, size: int) -> bool:
         return self.space.room_to_keep(size)

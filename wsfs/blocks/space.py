@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -64,7 +63,7 @@ class DiskSpace:
         self.clean = clean  # its copies are evicted for writers first
         self.full_timeout = full_timeout
         self.reserve = MIN_RESERVE
-        self.on_full: Callable[[], None] | None = None  # asks the sync layer to flush now
+        self._filled = trio.Event()  # set, and replaced, when a writer finds the disk full
         self._disk_full_since: float | None = None  # a writer got ENOSPC; no space since
         self.ballast = cache_dir / "ballast"
         # The free-space estimate of `wait_for_disk`: statvfs(2)'s answer, when it was asked
@@ -131,8 +130,8 @@ class DiskSpace:
             raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
         log.warning("the cache disk is full (%d bytes free, %d dirty): writers wait for uploads",
                     self.disk_free(), freeing.dirty_bytes)
-        if self.on_full is not None:
-            self.on_full()
+        self._filled.set()  # wakes `wait_filled`: the sync layer flushes now
+        self._filled = trio.Event()
         last_free, last_dirty = self.disk_free(), freeing.dirty_bytes
         last_progress = trio.current_time()
         while True:
@@ -154,6 +153,12 @@ class DiskSpace:
                           "deletions free space", freeing.dirty_bytes)
                 raise OSError(errno.ENOSPC, "the cache disk is full of dirty data")
             await self.clean.evict(need - free)
+
+    async def wait_filled(self) -> None:
+        """Return once a writer finds the cache disk full. Dirty blocks leave the disk only
+        by an upload: the sync layer waits on this to flush at once, not at its next due
+        time (sync/flusher.py)."""
+        await self._filled.wait()
 
     def make_commit_room(self) -> None:
         """Before a metadata commit: if the disk is nearly full, give up the ballast."""

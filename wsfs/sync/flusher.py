@@ -99,7 +99,6 @@ class Flusher:
         self._pending_since: float | None = None
         self._lock = trio.Lock()
         self._kick = trio.Event()
-        blocks.on_full = self.kick  # a full cache disk wants its dirty blocks gone now
         self._started = 0  # cycles started so far
         self._ok_upto = 0  # the start number of the newest cycle that published successfully
         self._cycle_finished = trio.Event()
@@ -147,6 +146,7 @@ class Flusher:
         """Flush continuously until cancelled; store errors are retried, never fatal."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._commit_loop)
+            nursery.start_soon(self._flush_when_full)
             nursery.start_soon(self.repacker.run)
             task_status.started()
             await self._flush_loop()
@@ -170,6 +170,13 @@ class Flusher:
                 except OSError as e:
                     log.error("cannot sync the metadata: %s", e)
             await trio.sleep(COMMIT_INTERVAL)
+
+    async def _flush_when_full(self) -> None:
+        """A writer found the cache disk full: the dirty blocks must go now, not at the next
+        due time (they leave the disk only by an upload)."""
+        while True:
+            await self.blocks.wait_disk_full()
+            self.kick()
 
     async def _flush_loop(self) -> None:
         backoff = Backoff(1.0, 30.0)
