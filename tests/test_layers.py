@@ -279,7 +279,7 @@ def test_recovery_reuploads_or_drops_a_block_with_no_checksum_and_no_local_copy(
     A block found again (its object in the store, or its clean copy: it went up in a pack,
     which only the lost commit named) is uploaded again as a new block; recording the one
     found as stored would name `data/<id>`, which a packed block never had."""
-    from wsfs.daemon.serve import boot_id, recover
+    from wsfs.daemon.recovery import boot_id, recover
     from wsfs.meta.schema import referenced_objects
 
     store, meta, blocks, flusher = make(tmp_path)
@@ -339,7 +339,7 @@ def test_the_clean_cache_is_emptied_after_a_machine_crash_only(tmp_path: Path,
     on disk without its bytes, and a hit is served unchecked. Recovery empties the cache
     then (the store holds every copy), and only then: not after a crash of the daemon
     alone (its writes were in the page cache), nor after a clean stop."""
-    from wsfs.daemon.serve import boot_id, recover
+    from wsfs.daemon.recovery import boot_id, recover
 
     _, meta, blocks, _ = make(tmp_path)
     blocks.clean.keep({"c0ffee": b"z" * 5000})

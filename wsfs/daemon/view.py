@@ -51,7 +51,8 @@ from ..store import ObjectStore
 from ..store.readonly import ReadOnlyStore
 from ..store.timed import TimedStore
 from . import control, metrics
-from .serve import Daemon, boot_id, fuse_mount, open_checked_store, take_cache_lock
+from .recovery import boot_id
+from .serve import Daemon, fuse_mount, open_checked_store, take_cache_lock
 
 log = logging.getLogger(__name__)
 
