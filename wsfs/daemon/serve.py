@@ -34,15 +34,12 @@ from ..config import MountConfig
 from ..errors import FlushError, LeaseError, MountError, NoWorkspaceError, WsfsError
 from ..fs import Operations, lowlevel
 from ..latency import Latencies, SharedLatencies
-from ..meta import Metadata
 from ..meta import checkpoint as ckpt
-from ..meta.retention import Schedule
 from ..meta.superblock import Superblock, read_superblock
 from ..progress import Progress
 from ..runtime import (
     favour_the_fuse_thread,
     limit_malloc_arenas,
-    mounted_read_only,
     process_start,
     registry_path,
     sd_notify,
@@ -53,20 +50,14 @@ from ..store import ObjectStore, open_store, probe
 from ..store.timed import KINDS as TIMED_KINDS
 from ..store.timed import TimedStore
 from ..sync.flusher import Flusher
+from ..sync.repack import Repacker
 from . import conflicts, control, metrics
 from .lease import Lease
 from .metrics import RateMeter
 from .preflight import refusal_fix
 from .readahead import set_readahead
-from .recovery import recover
-from .workspace import (
-    create,
-    drop_prefetched,
-    has_marker,
-    prefetch,
-    prepare_cache,
-    stopped_cleanly,
-)
+from .wiring import Mount, build
+from .workspace import create, drop_prefetched, prefetch, prepare_cache, stopped_cleanly
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +77,10 @@ class Daemon:
         self.ready_fd = ready_fd
         self.listeners: list[trio.SocketListener] = []  # --metrics, bound before the lease
         self.state = "starting"
+        # the parts of the mount, once built (wiring.py)
         self.flusher: Flusher | None = None
         self.blocks: BlockCache | None = None
+        self.repacker: Repacker | None = None
         self.unmounting = False
         # figures for `wsfs status` and --metrics (see status())
         self.started = time.time()
@@ -182,18 +175,13 @@ class Daemon:
                 lock = take_cache_lock(self.cache_dir)
                 log.warning("the cache dir was behind the store: set aside as %s",
                             self.set_aside)
-            blocks = self.blocks = BlockCache(
-                self.cache_dir, store, block_size=sb.block_size, cache_size=cfg.cache_size,
-                dirty_limit=cfg.dirty_limit, limiter=limiter, read_timeout=cfg.read_timeout,
-                full_timeout=cfg.enospc_timeout,
-            )
-            meta = Metadata(self.cache_dir / "meta.db", hooks=blocks)
-            if not has_marker(meta):
-                raise NoWorkspaceError(
-                    f"the workspace in {cfg.store_url} has no /.workspace.initialized marker, "
-                    "so it cannot be used; restore the marker or create a new workspace"
-                )
-            await self._serve(store, sb, meta, blocks, lease, limiter)
+            mount = await build(
+                cfg, self.cache_dir, store, block_size=sb.block_size, limiter=limiter,
+                lease=lease, mount_id=lease.mount_id, head_etag=self.head_etag, fencing=self,
+                publish=self.sync_now, writeback=self._writeback, latencies=self.fuse_latency)
+            self.blocks, self.repacker = mount.blocks, mount.repacker
+            self.ops, self.flusher = mount.ops, mount.flusher
+            await self._serve(store, sb, mount, lease)
         except FlushError:
             # Not released: the newest data is in this cache dir, and the store is likely
             # unreachable anyway. The lease expires by itself; this host retakes it at once.
@@ -212,28 +200,10 @@ class Daemon:
         finally:
             lock.close()
 
-    async def _serve(
-        self, store: ObjectStore, sb: Superblock, meta: Metadata, blocks: BlockCache,
-        lease: Lease, limiter: trio.CapacityLimiter,
-    ) -> None:
+    async def _serve(self, store: ObjectStore, sb: Superblock, mount: Mount,
+                     lease: Lease) -> None:
         cfg = self.cfg
-        await recover(meta, blocks)
-        flusher = self.flusher = Flusher(meta, blocks, store, self.cache_dir,
-                                         flush_delay=cfg.flush_delay, limiter=limiter,
-                                         keep=Schedule.parse(cfg.keep))
-        flusher.before_publish = lease.check
-        flusher.head_etag, flusher.mount_id = self.head_etag, lease.mount_id
-        flusher.on_fenced = self.fence
-        if cfg.read_only:
-            flusher.repacker.interval = 0  # a read-only mount rewrites nothing in the store
-        ops = Operations(meta, blocks, cache_timeout=cfg.cache_timeout,
-                         read_only=cfg.read_only,
-                         remote_fsync=flusher.sync_now if cfg.fsync_remote else None,
-                         latencies=self.fuse_latency, writeback=self._writeback,
-                         still_read_only=partial(mounted_read_only,
-                                                 os.path.realpath(cfg.mountpoint)))
-        flusher.before_pin = ops.reap
-        self.ops = ops
+        meta, blocks, ops, flusher = mount.meta, mount.blocks, mount.ops, mount.flusher
         options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",
                    "default_permissions", *cfg.fuse_options}
         if cfg.read_only:
@@ -259,6 +229,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 ops.nursery = nursery
                 nursery.start_soon(flusher.run)
+                nursery.start_soon(mount.repacker.run)
                 nursery.start_soon(blocks.maintain)
                 nursery.start_soon(self._write_status)
                 nursery.start_soon(self._watch_signals, nursery)
@@ -381,6 +352,12 @@ class Daemon:
         else:
             log.info("%s holds nothing the store lacks", aside)
 
+    async def sync_now(self) -> None:
+        """Publish every change made so far: what an fsync(2) waits for under -o
+        fsync_remote. (Given to the filesystem, which is built before the flusher.)"""
+        assert self.flusher is not None  # built before the mount serves any request
+        await self.flusher.sync_now()
+
     def fence(self, reason: str) -> None:
         """This mount learned that another one holds the workspace (its lease renewal was
         refused, a conditional write was, or the lease read back names another mount):
@@ -394,6 +371,8 @@ class Daemon:
             self.ops.fence(reason)
         if self.flusher is not None:
             self.flusher.fence(LeaseError(reason))
+        if self.repacker is not None:
+            self.repacker.fence()  # its new packs could never be published
 
     async def _write_status(self) -> None:
         while True:
@@ -451,7 +430,7 @@ class Daemon:
             "syncs": self.syncs, "metrics": self.cfg.metrics,
             "fenced": self.fenced, "conflicts": self.conflicts,
             "fencing": getattr(self.store, "conditional_writes", None),
-            **(f.repacker.figures() if f else {}),
+            **(self.repacker.figures() if self.repacker else {}),
             **(f.retention.figures() if f else {}),
         }
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import trio
 
 from .. import __version__
-from ..blocks import BlockCache
 from ..cachedir import CacheDir
 from ..errors import (
     DamageError,
@@ -39,6 +38,7 @@ from ..meta.superblock import (
 from ..meta.times import now_ns
 from ..store import NoSuchKey, ObjectStore
 from ..sync.flusher import Flusher
+from .wiring import open_cache
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ async def create(
     limiter = trio.CapacityLimiter(16)
     with tempfile.TemporaryDirectory(prefix="wsfs-init-") as tmp:
         cache = Path(tmp)
-        blocks = BlockCache(cache, store, block_size=block_size, cache_size=1 << 26,
-                            dirty_limit=1 << 26, limiter=limiter)
-        meta = Metadata(cache / "meta.db", hooks=blocks)
+        blocks, meta = open_cache(cache, store, block_size=block_size, limiter=limiter)
         try:
             now = time.time_ns()
             uid, gid = owner
@@ -260,12 +258,3 @@ def stopped_cleanly(cache_dir: Path) -> bool:
     except Exception:
         return False
     return clean == "1"
-
-
-def has_marker(meta: Metadata) -> bool:
-    """Whether the root holds a usable marker: a non-empty regular file with its data block."""
-    ino = meta.lookup(ROOT, MARKER)
-    node = None if ino is None else meta.get_inode(ino)
-    if node is None or not stat.S_ISREG(node.mode) or node.size == 0:
-        return False
-    return meta.get_block(node.id, 0) is not None

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -39,13 +39,35 @@ from ..meta import Metadata
 from ..meta import checkpoint as ckpt
 from ..meta.retention import Schedule
 from ..store import NoSuchKey, ObjectStore
-from .repack import Repacker
 from .retain import Retention
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 COMMIT_INTERVAL = 0.5  # seconds of un-fsynced metadata a daemon crash can lose
+
+
+class Filesystem(Protocol):
+    """What a cycle asks of the filesystem above (fs/base.py's Operations)."""
+
+    def reap(self) -> None:
+        """Delete the inodes queued for deletion (in the trio thread, before each snapshot),
+        so that no checkpoint carries files deleted before it."""
+
+
+class LeaseCheck(Protocol):
+    """The single-writer lease (daemon/lease.py), checked before each publication."""
+
+    def check(self) -> None:
+        """Raise LeaseError once another mount holds the workspace (blocking: a worker
+        thread). That fences this mount off for good."""
+
+
+class Fencing(Protocol):
+    """Who must know that this mount is fenced off (the daemon, daemon/serve.py)."""
+
+    def fence(self, reason: str) -> None:
+        """Told once, in the trio thread: a conditional write was refused, or the lease."""
 
 
 class Flusher:
@@ -61,34 +83,33 @@ class Flusher:
         flush_delay: float,
         limiter: trio.CapacityLimiter,
         keep: Schedule | None = None,
+        filesystem: Filesystem | None = None,
+        lease: LeaseCheck | None = None,
+        fencing: Fencing | None = None,
+        head_etag: str | None = None,
+        mount_id: str | None = None,
     ) -> None:
+        """A mount's flusher is given its collaborators by daemon/wiring.py (a workspace's
+        creation and the tests go without them). `keep`: which checkpoints stay (None: the
+        default schedule). `head_etag` and `mount_id`: meta/HEAD's ETag as the daemon
+        claimed it at the start, and the mount id HEAD names."""
         self.meta = meta
         self.blocks = blocks
         self.store = store
         self.cache_dir = cache_dir
         self.flush_delay = flush_delay
         self.limiter = limiter
-        # Called (in a worker thread) before each publish; raises LeaseError once another
-        # mount holds the workspace, which fences this one off for good.
-        self.before_publish: Callable[[], None] | None = None
-        # Called (in the trio thread) once, when this mount learns it is fenced: a
-        # conditional write refused, or the lease check above.
-        self.on_fenced: Callable[[str], None] | None = None
+        self.filesystem = filesystem
+        self.lease = lease
+        self.fencing = fencing
         # meta/HEAD's ETag as this mount last wrote or read it (checkpoint.claim_head), and
         # the mount id HEAD names: a publication replaces HEAD only if it is unchanged since.
-        self.head_etag: str | None = None
-        self.mount_id = uuid.uuid4().hex
-        # Called in the trio thread before each snapshot: the filesystem deletes the inodes
-        # it queued for deletion (fs/base.py), so no checkpoint carries files deleted before it.
-        self.before_pin: Callable[[], None] | None = None
+        self.head_etag = head_etag
+        self.mount_id = mount_id or uuid.uuid4().hex
         self.fenced: LeaseError | None = None
         self.soft_limit = blocks.dirty_limit // 2
         self.seq = int(meta.get_setting("checkpoint_seq") or 0)
         self.known_pages = self._load_pages()
-        # Reclaims the dead space inside packs, while writers leave the store time for it
-        # (made before the count of published changes: it may record pack sizes).
-        self.repacker = Repacker(meta, blocks, store,
-                                 busy=lambda: blocks.dirty_bytes > blocks.dirty_limit // 4)
         # Which checkpoints stay, and so which garbage may go (the default schedule: None).
         self.retention = Retention(meta, store, limiter, keep)
         self._published_changes = -1  # unknown at start: publish once to be sure
@@ -147,7 +168,6 @@ class Flusher:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._commit_loop)
             nursery.start_soon(self._flush_when_full)
-            nursery.start_soon(self.repacker.run)
             task_status.started()
             await self._flush_loop()
 
@@ -237,12 +257,11 @@ class Flusher:
     # -- one cycle -------------------------------------------------------------------------
 
     def fence(self, error: LeaseError) -> None:
-        """Stop publishing for good: another mount holds the workspace (see `on_fenced`)."""
+        """Stop publishing for good: another mount holds the workspace (`fencing` is told)."""
         if self.fenced is None:
             self.fenced = error
-            self.repacker.busy = lambda: True  # its new packs could never be published
-            if self.on_fenced is not None:
-                self.on_fenced(str(error))
+            if self.fencing is not None:
+                self.fencing.fence(str(error))
 
     def _claim_head(self) -> None:
         """Learn HEAD's ETag by rewriting it (blocking): for a flusher whose daemon did not
@@ -313,8 +332,8 @@ class Flusher:
         if self.fenced is not None:  # nothing it uploads could ever be published
             raise self.fenced
         self._update_reserve()
-        if self.before_pin is not None:
-            self.before_pin()
+        if self.filesystem is not None:
+            self.filesystem.reap()
         self.meta.flush()
         sealed = self.blocks.seal_all()
         snapshot = ckpt.PinnedSnapshot(self.meta.path)
@@ -354,8 +373,8 @@ class Flusher:
             ckpt.finalize, copy, uploaded, seq, limiter=self.limiter
         )
         try:
-            if self.before_publish is not None:
-                await trio.to_thread.run_sync(self.before_publish, limiter=self.limiter)
+            if self.lease is not None:
+                await trio.to_thread.run_sync(self.lease.check, limiter=self.limiter)
             if self.head_etag is None and self.seq > 0:
                 await trio.to_thread.run_sync(self._claim_head, limiter=self.limiter)
             try:

@@ -57,7 +57,6 @@ import hashlib
 import logging
 import secrets
 import sqlite3
-from collections.abc import Callable
 
 import trio
 
@@ -130,13 +129,14 @@ class Repacker:
     """Moves the survivors of mostly dead packs into new packs (see the module docstring)."""
 
     def __init__(self, meta: Metadata, blocks: BlockCache, store: ObjectStore, *,
-                 interval: float | None = None,
-                 busy: Callable[[], bool] | None = None) -> None:
+                 interval: float | None = None) -> None:
+        """`interval`: seconds between passes (None: `default_interval()`; 0: no pass runs,
+        as on a read-only mount, which rewrites nothing in the store)."""
         self.meta = meta
         self.blocks = blocks
         self.store = store
         self.interval = default_interval() if interval is None else interval
-        self.busy = busy  # True while user data should have the store to itself
+        self.fenced = False  # another mount holds the workspace (`fence`)
         self._previous: dict[str, tuple[int, int]] = {}
         # The database's change count at the last scan, and whether that scan found anything
         # worth another look: an idle workspace is not scanned again and again (a scan of
@@ -163,6 +163,16 @@ class Repacker:
                 "repack_uploading_bytes": self.uploading_bytes,
                 "repack_errors": self.errors, "repack_last_error": self.last_error}
 
+    def fence(self) -> None:
+        """Another mount holds the workspace: no new pack of this one could ever be
+        published, so no pass runs again."""
+        self.fenced = True
+
+    def busy(self) -> bool:
+        """Whether user data should have the store to itself (dirty data is piling up:
+        over a quarter of the dirty limit), or the mount is fenced off."""
+        return self.fenced or self.blocks.dirty_bytes > self.blocks.dirty_limit // 4
+
     async def run(self) -> None:
         """A pass every `interval` seconds until cancelled; a failed pass is tried again at
         the next one (nothing was switched)."""
@@ -170,7 +180,7 @@ class Repacker:
             return
         while True:
             await trio.sleep(self.interval)
-            if self.busy is not None and self.busy():
+            if self.busy():
                 continue
             try:
                 with trio.move_on_after(PASS_TIMEOUT) as scope:
