@@ -1,16 +1,19 @@
-"""The running daemon: lease, recovery, serving, signals, and the final flush.
+"""The running daemon: from the lease to the final flush, serving, signals and status.
 
 One trio run owns one nursery: the FUSE loop, the flusher, the lease renewer, the status
 writer and the signal watcher. Whatever ends the FUSE loop — `wsfs unmount`, `umount`,
 `fusermount3 -u`, SIGTERM or SIGINT — the same sequence follows: every dirty block uploaded, the
 final checkpoint published, the lease released, exit 0. On SIGTERM the daemon keeps serving
 while it unmounts itself, so the kernel can hand over the dirty pages it still holds.
+
+The steps before serving are startup.py's (the store, the cache dir's lock, the lease, the
+kernel's mount), the mount's parts are built by wiring.py, and recovery.py picks up after an
+unclean stop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -18,12 +21,9 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import IO
 
 import pyfuse3
 import trio
@@ -46,7 +46,7 @@ from ..runtime import (
     syncfs,
     write_registry,
 )
-from ..store import ObjectStore, open_store, probe
+from ..store import ObjectStore
 from ..store.timed import KINDS as TIMED_KINDS
 from ..store.timed import TimedStore
 from ..sync.flusher import Flusher
@@ -54,18 +54,12 @@ from ..sync.repack import Repacker
 from . import conflicts, control, metrics
 from .lease import Lease
 from .metrics import RateMeter
-from .preflight import refusal_fix
 from .readahead import set_readahead
+from .startup import Renewal, fuse_mount, open_checked_store, take_cache_lock, take_lease
 from .wiring import Mount, build
 from .workspace import create, drop_prefetched, prefetch, prepare_cache, stopped_cleanly
 
 log = logging.getLogger(__name__)
-
-
-def open_checked_store(cfg: MountConfig) -> ObjectStore:
-    store = open_store(cfg.store_url, endpoint_url=cfg.endpoint_url, region=cfg.region)
-    probe(store)
-    return store
 
 
 class Daemon:
@@ -89,8 +83,7 @@ class Daemon:
         self.upload_rate = 0.0
         self.cache_bytes = 0
         self.lease: Lease | None = None
-        self.lease_renewed: float | None = None
-        self.lease_error: str | None = None
+        self.renewal: Renewal | None = None  # keeps the lease from its taking to its release
         self.store: ObjectStore | None = None
         self.ops: Operations | None = None
         self.fenced: str | None = None  # why this mount takes no more writes (fence())
@@ -156,8 +149,8 @@ class Daemon:
             drop_prefetched(self.cache_dir)  # a guess fetched for a mount that cannot be
             lock.close()
             raise
-        self.lease, self.lease_renewed, self.store = lease, time.time(), store
-        self._keep_renewing(lease)
+        self.lease, self.store = lease, store
+        renewal = self.renewal = Renewal(lease, self)
         try:
             # From here on an earlier holder's publication fails (checkpoint.claim_head),
             # so the checkpoint fetched next is the last one it will ever have published.
@@ -181,7 +174,7 @@ class Daemon:
                 publish=self.sync_now, writeback=self._writeback, latencies=self.fuse_latency)
             self.blocks, self.repacker = mount.blocks, mount.repacker
             self.ops, self.flusher = mount.ops, mount.flusher
-            await self._serve(store, sb, mount, lease)
+            await self._serve(store, sb, mount, renewal)
         except FlushError:
             # Not released: the newest data is in this cache dir, and the store is likely
             # unreachable anyway. The lease expires by itself; this host retakes it at once.
@@ -195,13 +188,13 @@ class Daemon:
                 log.error("the lease stays in the store until a mount from %s publishes "
                           "what it holds", self.cache_dir)
                 raise
-            await self._release(lease)
+            await renewal.release()
             raise
         finally:
             lock.close()
 
     async def _serve(self, store: ObjectStore, sb: Superblock, mount: Mount,
-                     lease: Lease) -> None:
+                     renewal: Renewal) -> None:
         cfg = self.cfg
         meta, blocks, ops, flusher = mount.meta, mount.blocks, mount.ops, mount.flusher
         options = {"fsname=" + cfg.store_url.replace(",", "_"), "subtype=wsfs",
@@ -276,52 +269,10 @@ class Daemon:
             finally:
                 blocks.close()
             registry_path(cfg.mountpoint).unlink(missing_ok=True)
-        await self._release(lease)  # a failure leaves the unmount a success: all is stored
+        await renewal.release()  # a failure leaves the unmount a success: all is stored
         self.state = "done"
         self.write_status()
         log.info("every block is in %s; done", cfg.store_url)
-
-    def _keep_renewing(self, lease: Lease) -> None:
-        """Renew the lease from its taking until `_stop_renewing`, whatever the daemon does
-        meanwhile: fetching the metadata at the start, or the final flush of a large backlog,
-        can each outlast its TTL, and another host would then take the workspace over from
-        under a mount still uploading. (A system task: it outlives the serving nursery.)"""
-        self._renewing = trio.CancelScope()
-        self._renew_stopped = trio.Event()
-        trio.lowlevel.spawn_system_task(self._renew_lease, lease)
-
-    async def _release(self, lease: Lease) -> None:
-        """Stop renewing the lease and release it; a store that refuses (an outage) only
-        leaves it to expire by itself."""
-        await self._stop_renewing()
-        try:
-            await trio.to_thread.run_sync(lease.release)
-        except Exception as e:
-            log.warning("could not release the lease (it expires by itself): %s", e)
-
-    async def _stop_renewing(self) -> None:
-        """Stop renewing, and wait for a renewal in flight: one landing after the release
-        would leave the lease behind."""
-        self._renewing.cancel()
-        await self._renew_stopped.wait()
-
-    async def _renew_lease(self, lease: Lease) -> None:
-        try:
-            with self._renewing:
-                while True:
-                    await trio.sleep(lease.ttl / 3)
-                    try:
-                        await trio.to_thread.run_sync(lease.renew)
-                        if lease.lost:
-                            self.fence(f"another mount took over this workspace's lease "
-                                       f"({lease.usurper}); {ckpt.FENCED_FIX}")
-                            continue
-                        self.lease_renewed, self.lease_error = time.time(), None
-                    except Exception as e:
-                        self.lease_error = str(e)
-                        log.warning("could not renew the lease: %s", e)
-        finally:
-            self._renew_stopped.set()
 
     async def _export_conflicts(self, ops: Operations, store: ObjectStore, mountpoint: str,
                                 block_size: int) -> None:
@@ -401,7 +352,7 @@ class Daemon:
     def status(self) -> dict[str, object]:
         """The daemon's figures, for `wsfs status`, `wsfs unmount`'s progress and --metrics."""
         f, b = self.flusher, self.blocks
-        lease = self.lease
+        lease, renewal = self.lease, self.renewal
         left = (f.not_uploaded() if f else (b.dirty_bytes, b.dirty_count) if b else (0, 0))
         return {
             "pid": os.getpid(), "pid_start": self.pid_start, "state": self.state,
@@ -426,7 +377,8 @@ class Daemon:
             "last_error": f.last_error if f else None,
             "lease": None if lease is None else {
                 "host": socket.gethostname(), "pid": os.getpid(), "mount_id": lease.mount_id,
-                "renewed": self.lease_renewed, "ttl": lease.ttl, "error": self.lease_error},
+                "renewed": renewal.renewed if renewal else None, "ttl": lease.ttl,
+                "error": renewal.error if renewal else None},
             "syncs": self.syncs, "metrics": self.cfg.metrics,
             "fenced": self.fenced, "conflicts": self.conflicts,
             "fencing": getattr(self.store, "conditional_writes", None),
@@ -496,77 +448,6 @@ class Daemon:
             await trio.sleep(1)
         log.warning("unmounting %s lazily: processes still hold files open", mp)
         await trio.run_process(["fusermount3", "-uz", mp], check=False)
-
-
-async def take_lease(
-    lease: Lease, force: bool, meanwhile: Callable[[], Awaitable[int]]
-) -> int:
-    """Take the lease (or raise LeaseError) while `meanwhile` runs; return its result.
-
-    The lease costs several round trips (a conditional write, and on first use the check
-    that the server honours it); the checkpoint download needs none of them to start.
-    """
-    result = 0
-
-    async def other() -> None:
-        nonlocal result
-        result = await meanwhile()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(other)
-            await trio.to_thread.run_sync(lease.acquire, force)
-    except BaseExceptionGroup as group:  # the lease's own error, not a group of one
-        raise group.exceptions[0] from None
-    return result
-
-
-def take_cache_lock(cache_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the cache dir: one daemon per cache dir, on any host."""
-    # "a+", not "w": truncating before the lock is ours would erase the holder's pid.
-    f = open(cache_dir / "lock", "a+")  # noqa: SIM115 - held for the daemon's lifetime
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise LeaseError(
-            f"another wsfs daemon (pid {holder} on this host) is using the cache dir "
-            f"{cache_dir}; unmount it first or choose another --cache-dir"
-        ) from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-def fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
-    """Mount, or raise MountError saying why the kernel (or fusermount3) refused.
-
-    libfuse says why on stderr only, and only its message names the cause (`mount failed:
-    Operation not permitted`): it is caught in a file, to become part of the one sentence
-    (a file, not a pipe: an `auto_unmount` fusermount3 keeps it open for the mount's life).
-    """
-    with tempfile.TemporaryFile() as said:
-        saved = os.dup(2)
-        os.dup2(said.fileno(), 2)
-        try:
-            pyfuse3.init(ops, str(mountpoint), options)
-            error = None
-        except RuntimeError as e:
-            error = e
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        said.seek(0)
-        why = " ".join(said.read().decode(errors="replace").split())
-    if error is None:
-        if why:
-            log.warning("libfuse: %s", why)
-        return
-    raise MountError(f"the kernel refused to mount {mountpoint} ({why or error})"
-                     f"{refusal_fix(why)}")
 
 
 def run_daemon(cfg: MountConfig, cache_dir: Path, ready_fd: int | None,

@@ -52,7 +52,8 @@ from ..store.readonly import ReadOnlyStore
 from ..store.timed import TimedStore
 from . import control, metrics
 from .recovery import boot_id
-from .serve import Daemon, fuse_mount, open_checked_store, take_cache_lock
+from .serve import Daemon
+from .startup import fuse_mount, open_checked_store, take_cache_lock
 
 log = logging.getLogger(__name__)
 
