@@ -211,7 +211,7 @@ class BlockCache:
     def room_to_keep(self, size: int) -> bool:
         return self.space.room_to_keep(size)
 
-    # -- the metadata's commits (meta/db.py's CommitHooks) ---------------------------------
+    # -- the metadata's commits (meta/commits.py's CommitHooks) -----------------------------
 
     def before_commit(self) -> None:
         self.space.make_commit_room()

@@ -5,9 +5,9 @@ made: nothing is assigned onto an object from outside afterwards. The order belo
 possible, since every collaborator exists before the object that needs it:
 
 1. the block cache (blocks/), which needs nothing above it;
-2. the metadata (meta/), given the block cache as its CommitHooks (meta/db.py): a commit lets
-   the files of dropped or uploaded blocks go, a rollback takes them back, a sync says which
-   commits are durable;
+2. the metadata (meta/), given the block cache as its CommitHooks (meta/commits.py): a
+   commit lets the files of dropped or uploaded blocks go, a rollback takes them back, a
+   sync says which commits are durable;
 3. recovery (recovery.py), once, on both;
 4. the repacker, before the flusher counts what is published (it may record pack sizes);
 5. the filesystem (fs/), whose fsync(2) under -o fsync_remote waits for a publication through

@@ -1,5 +1,6 @@
 """Metadata: the SQLite schema, typed access to it, and its checkpoints in the store."""
 
-from .db import BlockRef, Inode, Metadata
+from .blockmap import BlockRef
+from .db import Inode, Metadata
 
 __all__ = ["BlockRef", "Inode", "Metadata"]
