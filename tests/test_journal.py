@@ -275,7 +275,8 @@ def test_a_full_journal_or_disk_falls_back_to_syncing_the_blocks(
 
         nearly_full = blocks.create()  # the journal may not grow into the reserve
         blocks.write(nearly_full, 0, b"n" * 100)
-        blocks.journal.size = blocks.journal.end  # the next record needs more file
+        journal = blocks.journal
+        journal.written[journal.current.half] = journal.end  # the next record needs more file
         with monkeypatch.context() as m:
             m.setattr(blocks.space, "disk_free", lambda: blocks.reserve)
             await blocks.fsync([nearly_full], metadata=NO_METADATA)
@@ -375,3 +376,147 @@ def test_small_journal_fsyncs_sync_on_the_trio_thread_while_the_disk_is_fast(
     rounds = trio.run(main)
     assert rounds[:4] == [inline, workers, inline, workers]
     assert rounds[-1] == inline and all(r == workers for r in rounds[4:-1])
+
+
+def record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files fdatasync(2) syncs from now on."""
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def recorded(fd: int) -> None:
+        real(fd)
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "fdatasync", recorded)
+    return synced
+
+
+@pytest.mark.layers
+@pytest.mark.parametrize("retired", [False, True])
+def test_a_full_half_hands_over_to_the_other_without_syncing_blocks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retired: bool) -> None:
+    """An fsync that finds the journal's half full starts the next epoch in the other half
+    and syncs only the journal (syncing every block the full half held took it 50-250 ms);
+    the full half is retired in the background (`BlockCache.maintain`) by syncing those
+    blocks. A crash before the retirement replays both halves, older first (a range written
+    again in the newer keeps its newer bytes); after it, the newer half alone."""
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    monkeypatch.setattr(journal_module, "JOURNAL_MAX", 64 << 10)  # ~14 fsyncs of 4 KiB
+    synced = record_syncs(monkeypatch)
+
+    async def main() -> tuple[list[str], dict[str, bytes]]:
+        blocks = open_blocks(cache, store)
+        a, b = blocks.create(), blocks.create()
+        content = {a: bytearray(BS), b: bytearray(BS)}
+        journal = blocks.journal
+        first = journal.current
+        i = 0
+        while journal.current is first:  # fill the first half: a and b take turns
+            block = (a, b)[i % 2]
+            data = os.urandom(4096)
+            offset = (i // 2) * 4096 % (BS // 2)
+            blocks.write(block, offset, data)
+            content[block][offset : offset + 4096] = data
+            synced.clear()
+            await blocks.fsync([block], metadata=NO_METADATA)
+            i += 1
+        handed_over = list(synced)  # the fsync that found the half full
+        assert journal.older is first and journal.current.half != first.half
+        again = b"n" * 4096  # the newer half writes a range the older one holds again
+        blocks.write(a, 0, again)
+        content[a][0:4096] = again
+        await blocks.fsync([a], metadata=NO_METADATA)
+        if retired:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocks.maintain)
+                while journal.older is not None:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        else:
+            assert journal.older is first
+        blocks.close()
+        return handed_over, {k: bytes(v.rstrip(b"\0")) for k, v in content.items()}
+
+    handed_over, expected = trio.run(main)
+    assert handed_over == ["journal"]  # no block's file
+    records = lose_unsynced_writes(cache)
+    # the newer half holds two records: the fsync that found the other full, and `again`
+    assert len(records) == 2 if retired else len(records) > 2
+    blocks = open_blocks(cache, store)
+    try:
+        for block, data in expected.items():
+            assert (CacheDir(cache).dirty / block).read_bytes() == data, block
+    finally:
+        blocks.close()
+
+
+@pytest.mark.layers
+def test_a_block_the_older_half_holds_synced_through_its_file_retires_that_half_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rule 2 for the older half: a big fsync syncs a block it holds through the block's
+    own file only after retiring it, so its older record cannot put older bytes back."""
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    monkeypatch.setattr(journal_module, "JOURNAL_MAX", 64 << 10)
+
+    async def main() -> str:
+        blocks = open_blocks(cache, store)
+        block, filler = blocks.create(), blocks.create()
+        blocks.write(block, 0, b"old!")
+        await blocks.fsync([block], metadata=NO_METADATA)
+        journal = blocks.journal
+        first = journal.current
+        while journal.current is first:
+            blocks.write(filler, 0, os.urandom(4096))
+            await blocks.fsync([filler], metadata=NO_METADATA)
+        assert journal.older is first and block in first.live
+        blocks.write(block, 0, b"new!" + b"n" * (FSYNC_MAX + 1))
+        await blocks.fsync([block], metadata=NO_METADATA)  # too big for the journal
+        assert journal.older is None
+        blocks.close()
+        return block
+
+    block = trio.run(main)
+    assert block not in {r[0] for r in lose_unsynced_writes(cache)}
+    blocks = open_blocks(cache, store)
+    try:
+        assert (CacheDir(cache).dirty / block).read_bytes()[:4] == b"new!"
+    finally:
+        blocks.close()
+
+
+@pytest.mark.layers
+def test_a_failed_retirement_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A block's sync failing (EIO) during the background retirement of a full half is
+    logged and retried, not fatal to the block cache's upkeep."""
+    monkeypatch.setattr(journal_module, "JOURNAL_MAX", 64 << 10)
+    monkeypatch.setattr(fsync_module, "RETIRE_RETRY", 0.05)
+    failing: list[str] = []  # the block whose next sync fails
+    real = os.fdatasync
+
+    def fail_once(fd: int) -> None:
+        if failing and os.readlink(f"/proc/self/fd/{fd}").endswith(failing[0]):
+            failing.clear()
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    async def main() -> None:
+        blocks = open_blocks(tmp_path / "cache", tmp_path / "store")
+        block = blocks.create()
+        journal = blocks.journal
+        first = journal.current
+        while journal.current is first:
+            blocks.write(block, 0, os.urandom(4096))
+            await blocks.fsync([block], metadata=NO_METADATA)
+        failing.append(block)
+        monkeypatch.setattr(os, "fdatasync", fail_once)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocks.maintain)
+            while journal.older is not None:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert not failing  # it failed once, and the retry went through
+        blocks.close()
+
+    trio.run(main)
+    assert "cannot retire the full half of the data journal" in caplog.text

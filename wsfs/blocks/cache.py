@@ -138,7 +138,11 @@ class BlockCache:
         return self.files.awaiting_sync()
 
     async def maintain(self) -> None:
-        await self.files.maintain()
+        """Background upkeep, for good: the dirty files' pool, and the retirement of a full
+        half of the data journal (fsync.py)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.files.maintain)
+            nursery.start_soon(self.fsyncs.retire_older_epochs)
 
     async def fsync(self, block_ids: list[str], also: Callable[[], None] | None = None,
                     *, also_small: bool = False, metadata: MetadataSync | None = None) -> None:

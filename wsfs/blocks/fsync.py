@@ -4,7 +4,10 @@ few, else through the blocks' own files, with the metadata's sync in the same ro
 The journal's rules (journal.py's docstring) decide when an epoch may end; this module keeps
 them: a block the journal holds is synced only through it, and an epoch ends only once every
 metadata change is durable. This layer knows no metadata: the caller of `fsync` (the fs
-layer) passes what makes it durable, a `MetadataSync`.
+layer) passes what makes it durable, a `MetadataSync`. When a half of the journal is full, the
+next epoch starts in the other half and the full one is retired in the background
+(`retire_older_epochs`, run by the block cache's upkeep): syncing the blocks it holds took
+the fsync that found it full 50-250 ms.
 
 Where the disk flushes run. Handing a blocking call to a worker thread and back costs two
 wake-ups, each waiting for a free core: 0.15-0.2 ms on an idle machine, a mean of ~0.8 ms
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 INLINE_BELOW = 0.002  # seconds: small syncs run on the trio thread while they take less
 SYNC_TIME_WEIGHT = 0.2  # of the newest small sync's duration in their moving average
+RETIRE_RETRY = 1.0  # seconds before a failed retirement of the journal's full half is retried
 
 
 class MetadataSync(Protocol):
@@ -61,8 +65,13 @@ class Fsync:
         self._syncing: dict[str, trio.Event] = {}
         self._journal_ready = False  # appends only once `replay` has run
         self._journal_lock = trio.Lock()  # an epoch's end keeps appends out (rule 3)
+        self._retire_lock = trio.Lock()  # one retirement of the older epoch at a time
+        self._retire_due = trio.Event()  # the journal switched halves: retire the older one
         self.sync_time = 0.0  # moving average of small syncs' durations (s), wherever they ran
         self.inline = True  # False: every sync in a worker thread (benchmarks/fsyncpath.py)
+        # What makes the metadata durable for the background retirement of the older
+        # epoch: that of the fsync that started the newer one.
+        self._retire_with: MetadataSync | None = None
 
     def replay(self, wanted: Callable[[str], bool]) -> None:
         """Replay the data journal into the blocks that are `wanted` (the metadata awaits
@@ -81,9 +90,8 @@ class Fsync:
         waits for one round of disk flushes, not two. Up to FSYNC_MAX new bytes go into the
         journal (journal.py), synced once; more, and the blocks' own files are synced.
         `also_small`: `also` syncs a few pages at most, so it may run on the trio thread
-        with the journal's sync (see the module docstring).
-        `metadata` makes the metadata durable when an epoch of the journal ends; without
-        it the journal is not used.
+        with the journal's sync (see the module docstring). `metadata` makes the metadata
+        durable when an epoch of the journal ends; without it the journal is not used.
         """
         while True:
             running = [self._syncing[b] for b in block_ids if b in self._syncing]
@@ -129,7 +137,13 @@ class Fsync:
                 await self._restart_journal(metadata)  # rule 3: none of its blocks is dirty
             count = sum(len(rs) for rs in ranges.values())
             if not journal.fits(count, size):
-                return False
+                if journal.older is not None:  # the other half is not free yet: wait for it
+                    await self._retire_older(metadata)
+                journal.switch()  # the next epoch in the other half; this one retires later
+                self._retire_with = metadata
+                self._retire_due.set()
+                if not journal.fits(count, size):
+                    return False
             if journal.grows(count, size) and self.space.disk_free() < self.space.reserve + GROW:
                 return False  # its growth would eat the metadata's reserve on the cache disk
             files = self.dirty.files
@@ -151,14 +165,19 @@ class Fsync:
 
     async def _files_fsync(self, todo: list[str], also: Callable[[], None] | None,
                            metadata: MetadataSync | None) -> None:
-        """fsync by the blocks' own files, all in parallel with `also`. A block the journal
-        holds ends the journal's epoch (rule 2): every block it holds is synced, then the
-        new epoch is made durable."""
+        """fsync by the blocks' own files, all in parallel with `also`. A block an epoch of
+        the journal holds ends that epoch first (rule 2): the older one is retired, or every
+        block the current one holds is synced, then the new epoch is made durable."""
         journal = self.journal
-        if not journal.live.intersection(todo):
+        if not journal.holds(todo):
             await self._sync_files(todo, also)
             return
         async with self._journal_lock:
+            if journal.older is not None and not journal.older.live.isdisjoint(todo):
+                await self._retire_older(metadata)
+            if journal.live.isdisjoint(todo):
+                await self._sync_files(todo, also)
+                return
             held = [b for b in journal.live if b not in todo]  # (all dirty: `Journal.let_go`)
             await self._sync_files(todo + held, also)
             await self._restart_journal(metadata)
@@ -175,6 +194,43 @@ class Fsync:
             if drops == self.journal.drops:  # no held block was dropped meanwhile
                 break
         self.journal.restart()
+
+    async def retire_older_epochs(self) -> None:
+        """Retire the older epoch whenever the journal switched halves (runs for good): off
+        the path of any fsync, which waits for it only when the current half fills first."""
+        while True:
+            await self._retire_due.wait()
+            self._retire_due = trio.Event()
+            try:
+                await self._retire_older(self._retire_with)
+            except Exception as e:  # a failing disk: fsyncs report it; try again later
+                log.warning("cannot retire the full half of the data journal: %s", e)
+                await trio.sleep(RETIRE_RETRY)
+                self._retire_due.set()
+
+    async def _retire_older(self, metadata: MetadataSync | None) -> None:
+        """Retire the older epoch (rule 3): sync the files of the blocks it holds (their
+        bytes since its records included, so the records are no longer needed), make every
+        metadata change durable (a block it held that was dropped stays dropped), then zero
+        its header and sync that. Appends to the current epoch go on meanwhile."""
+        async with self._retire_lock:
+            older = self.journal.older
+            if older is None:
+                return
+            assert metadata is not None  # (the journal holds blocks only through fsyncs with it)
+            synced: set[str] = set()
+            while True:
+                todo = [b for b in older.live if b not in synced]  # (all dirty: `let_go`)
+                if todo:
+                    await self._sync_files(todo, None)
+                    synced.update(todo)
+                    continue
+                drops = self.journal.drops
+                await metadata.durable_metadata()
+                if drops == self.journal.drops and older.live <= synced:
+                    break
+            self.journal.retire_older()
+            await self._run_parallel([self.journal.sync])
 
     async def _sync_files(self, block_ids: list[str], also: Callable[[], None] | None) -> None:
         # Duplicates: the trio thread may close a block's fd while the worker fsyncs it (an
