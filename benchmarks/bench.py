@@ -306,6 +306,7 @@ class System:
     name = ""
     s3 = False
     can_remount = True  # False: its data lives only as long as the mount (floor) or the disk
+    has_daemon = True  # False: no process of its own serves it (local disk)
 
     def __init__(self, cfg: Config, tag: str) -> None:
         self.cfg = cfg
@@ -341,8 +342,9 @@ class System:
             self.rss_peak = max(self.rss_peak or 0.0, rss)
 
     def cpu(self) -> float | None:
-        """CPU seconds of every daemon this column has started so far (None: it has none)."""
-        if not self.pids_seen:
+        """CPU seconds of every daemon this column has started so far (None: it never has
+        one; 0 before its first mount)."""
+        if not self.has_daemon:
             return None
         for pid in self.pids_seen:
             seconds = cpu_seconds(pid)
@@ -375,6 +377,7 @@ class System:
 
 class Local(System):
     name = "local"
+    has_daemon = False
 
     def __init__(self, cfg: Config, tag: str) -> None:
         super().__init__(cfg, tag)
